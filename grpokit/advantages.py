@@ -1,0 +1,68 @@
+"""Rewards -> advantages, as pure functions of tensors.
+
+Per completion, the K reward columns are combined as a weighted sum; NaN marks "not applicable"
+and is left out of the sum, and a completion with no applicable reward at all has NaN total.
+Group statistics ignore NaN totals. The advantage is (r - group mean), divided by the group
+std (`scale_rewards="group"`, unbiased std as in TRL), by the std of the whole batch ("batch"),
+or not divided ("none"); 1e-4 is added to the std as in TRL.
+
+Departures: a group with zero spread (all totals equal, or fewer than two applicable) gets an
+advantage of exactly 0 rather than (r - mean) rounding noise, and a completion whose total is NaN
+gets 0, so neither pushes the policy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+STD_EPS = 1e-4
+
+
+def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[N, K] rewards (NaN = not applicable), [K] weights -> [N] totals, NaN where no reward applies."""
+    applicable = ~torch.isnan(rewards)  # [N, K]
+    total = torch.where(applicable, rewards * weights, torch.zeros_like(rewards)).sum(dim=1)  # [N]
+    return torch.where(applicable.any(dim=1), total, torch.full_like(total, float("nan")))
+
+
+def group_stats(totals: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NaN-aware per-group (mean, unbiased std, zero_spread), each [N // group_size]."""
+    grouped = totals.view(-1, group_size)  # [B, G]
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(dim=1)  # [B]
+    filled = torch.where(valid, grouped, torch.zeros_like(grouped))
+    mean = filled.sum(dim=1) / count.clamp(min=1)
+    sq = torch.where(valid, (grouped - mean[:, None]) ** 2, torch.zeros_like(grouped)).sum(dim=1)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    hi = torch.where(valid, grouped, torch.full_like(grouped, -torch.inf)).amax(dim=1)
+    lo = torch.where(valid, grouped, torch.full_like(grouped, torch.inf)).amin(dim=1)
+    zero_spread = (count < 2) | (hi == lo)
+    return mean, std, zero_spread
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    weights: torch.Tensor,
+    group_size: int,
+    scale_rewards: Literal["group", "batch", "none"] = "group",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] rewards -> ([N] advantages, [N] combined totals). N must be a multiple of group_size."""
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} completions do not split into groups of {group_size}")
+    totals = combine_rewards(rewards, weights)  # [N]
+    mean, std, zero_spread = group_stats(totals, group_size)  # [B] each
+    centred = totals - mean.repeat_interleave(group_size)  # [N]
+    if scale_rewards == "group":
+        advantages = centred / (std.repeat_interleave(group_size) + STD_EPS)
+    elif scale_rewards == "batch":
+        valid = totals[~torch.isnan(totals)]
+        batch_std = valid.std() if valid.numel() > 1 else torch.zeros((), dtype=totals.dtype)
+        advantages = centred / (batch_std + STD_EPS)
+    elif scale_rewards == "none":
+        advantages = centred
+    else:
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    silent = zero_spread.repeat_interleave(group_size) | torch.isnan(totals)
+    return torch.where(silent, torch.zeros_like(advantages), advantages), totals

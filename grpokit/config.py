@@ -1,0 +1,169 @@
+"""The run configuration: one typed schema, loaded from YAML or TOML, validated once.
+
+Option names follow TRL's `GRPOConfig` wherever TRL has the option. Unknown keys are an error
+with a did-you-mean; cross-field checks (batch geometry) run at load, before any model is loaded.
+`--set key=value` overrides are parsed as YAML values, so numbers, booleans and lists work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grpokit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class GRPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # model and data
+    model: str = Field("smollm2-135m-instruct", description="Hub id, local HF directory, or 'smollm2-135m-instruct' (embedded, no download).")
+    dataset: str = Field("arithmetic", description="Train data: a built-in task name ('arithmetic[?key=value&...]') or a .jsonl/.json/.csv/.parquet file.")
+    eval_dataset: str | None = Field(None, description="Held-out data, same forms as `dataset`; 'arithmetic:held_out' is the built-in task's fixed held-out split.")
+    eval_limit: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts.")
+    prompt_column: str = Field("prompt", description="Column holding the prompt: a string, or a list of chat messages.")
+    system_prompt: str | None = Field(None, description="System message prepended to conversational prompts that have none.")
+    max_prompt_length: int | None = Field(512, gt=0, description="Prompts longer than this many tokens are dropped (counted and logged).")
+    output_dir: str = Field("outputs/grpo", description="Run directory: config.yaml, metrics.jsonl, final_model/.")
+
+    # rewards
+    reward_funcs: list[str] = Field(default_factory=lambda: ["number_correct", "answer_format"], min_length=1,
+                                    description="Reward functions: built-in names, dotted paths ('pkg.module.fn') or 'file.py:fn'.")
+    reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1.0).")
+    eval_accuracy_reward: str | None = Field(None, description="Reward whose mean is reported as eval/accuracy (default: the first).")
+
+    # GRPO
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size G).")
+    max_completion_length: int = Field(256, gt=0, description="Most tokens generated per completion.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    beta: float = Field(0.0, ge=0.0, description="KL coefficient to the reference policy (k3 estimator); 0 loads no reference.")
+    epsilon: float = Field(0.2, gt=0.0, description="Lower clip range of the importance ratio (and upper, unless epsilon_high).")
+    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range (DAPO clip-higher); default: epsilon.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss normalisation: grpo (per-sequence mean), bnpo/dapo (per token over the batch), dr_grpo (by batch x max_completion_length).")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by the reward std of the group, of the batch, or not at all.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generation (mu in the paper).")
+
+    # optimisation
+    learning_rate: float = Field(1e-6, gt=0.0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Completions per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step; one generation fills them all.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps to run.")
+    bf16: bool = Field(False, description="bf16 autocast for generation and the update (fp32 master weights); fast on CPUs with avx512_bf16/AMX and on recent GPUs.")
+    logprob_chunk_size: int = Field(128, gt=0, description="Tokens per chunk when computing log-probs, so [B, T, V] logits are never materialised.")
+    seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available).")
+
+    # evaluation and logging
+    eval_on_start: bool = Field(False, description="Evaluate before the first step.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps (and always at the end when eval_dataset is set).")
+    eval_max_completion_length: int | None = Field(None, gt=0, description="Token limit for evaluation (default: max_completion_length).")
+    logging_steps: int = Field(1, gt=0, description="Print metrics to the console every this many steps (metrics.jsonl gets every step).")
+
+    @property
+    def generation_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.generation_batch_size // self.num_generations
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> GRPOConfig:
+        gbs = self.generation_batch_size
+        if gbs % self.num_generations:
+            valid = [g for g in range(2, gbs + 1) if gbs % g == 0]
+            raise ValueError(
+                f"per_device_train_batch_size x gradient_accumulation_steps = {gbs} completions per step is not "
+                f"divisible by num_generations = {self.num_generations}; with this batch, num_generations can be {valid}, "
+                f"or make the batch a multiple of {self.num_generations}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values but reward_funcs has "
+                             f"{len(self.reward_funcs)} functions; give one weight per function")
+        if self.eval_accuracy_reward is not None and self.eval_accuracy_reward not in self.reward_funcs:
+            raise ValueError(f"eval_accuracy_reward '{self.eval_accuracy_reward}' is not one of reward_funcs {self.reward_funcs}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> GRPOConfig:
+    """Read a YAML/TOML file (or nothing), apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_file(Path(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set learning_rate=1e-6")
+        try:
+            data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse '{raw}' as a value ({exc.problem})") from None
+    return validate_config(data, source=str(path) if path else "--set")
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> GRPOConfig:
+    unknown = [k for k in data if k not in GRPOConfig.model_fields]
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, GRPOConfig.model_fields, n=1, cutoff=0.6)
+            lines.append(f"  {key}: unknown key" + (f"; did you mean '{close[0]}'?" if close else ""))
+        raise ConfigError(f"{source}: unknown config key(s):\n" + "\n".join(lines) + "\n  (`grpokit check --help-config` lists every key)")
+    try:
+        return GRPOConfig(**data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg}" + (f" (got {err['input']!r})" if err["loc"] else ""))
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file '{path}': expected a .yaml, .yml or .toml file")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file '{path}' is not valid {path.suffix[1:].upper()}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping of keys to values at the top level")
+    return data
+
+
+def describe_fields() -> str:
+    """Every key with its type, default and help, for `grpokit check --help-config`."""
+    rows = []
+    for name, field in GRPOConfig.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append(f"{name} (default {default!r}): {field.description}")
+    return "\n".join(rows)

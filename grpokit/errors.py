@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message and exits non-zero without a traceback."""
+
+
+class GrpokitError(Exception):
+    """Base class: the message says what was wrong, where, and what to do."""
+
+
+class ConfigError(GrpokitError):
+    """A config key, value or file is wrong."""
+
+
+class DataError(GrpokitError):
+    """A dataset is missing, empty or lacks a column the run needs."""
+
+
+class RewardError(GrpokitError):
+    """A reward function failed or returned something unusable."""

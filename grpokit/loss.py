@@ -1,0 +1,96 @@
+"""The GRPO policy loss as a pure function: log-probs + advantages -> (loss, metrics).
+
+Per token t of completion i, with ratio r = exp(policy_logp - old_logp):
+    loss_it = -min(r * A_i, clip(r, 1 - epsilon, 1 + epsilon_high) * A_i) + beta * kl_it
+    kl_it   = exp(ref - policy) - (ref - policy) - 1          (the k3 estimator, >= 0)
+
+`normalise` owns the aggregation for every loss_type. Its denominators are those of the whole
+optimizer step (all micro-batches), passed in as `StepTotals`, so summing micro-batch losses
+gives the same loss and gradient whatever the micro-batch / accumulation split:
+    grpo     sum_i mean_t(loss_it) / num_sequences
+    bnpo     sum_it loss_it / num_tokens      (tokens of this process's batch)
+    dapo     sum_it loss_it / num_tokens      (tokens of the global batch; equal to bnpo on one process)
+    dr_grpo  sum_it loss_it / (num_sequences * max_completion_length)
+No .item() here: metrics are returned as tensors and reduced by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+@dataclass(slots=True, kw_only=True)
+class LossSettings:
+    loss_type: LossType = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    max_completion_length: int = 256
+
+
+@dataclass(slots=True, kw_only=True)
+class StepTotals:
+    """Denominators over everything that goes into one optimizer step."""
+
+    num_sequences: int
+    num_tokens: int
+
+
+def normalise(per_token: torch.Tensor, mask: torch.Tensor, settings: LossSettings, totals: StepTotals) -> torch.Tensor:
+    """[B, T] values, [B, T] 0/1 mask -> this micro-batch's share of the step's scalar."""
+    masked = per_token * mask
+    if settings.loss_type == "grpo":
+        per_seq = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
+        return per_seq.sum() / totals.num_sequences
+    if settings.loss_type in ("bnpo", "dapo"):
+        return masked.sum() / max(totals.num_tokens, 1)
+    if settings.loss_type == "dr_grpo":
+        return masked.sum() / (totals.num_sequences * settings.max_completion_length)
+    raise ValueError(f"unknown loss_type {settings.loss_type!r}")
+
+
+def grpo_loss(
+    policy_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: LossSettings,
+    totals: StepTotals,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """policy/old/ref logps [B, T], advantages [B], mask [B, T] -> (scalar loss, metric tensors).
+
+    Metrics are token means over this micro-batch: kl, clip_ratio/low_mean, clip_ratio/high_mean,
+    clip_ratio/region_mean.
+    """
+    mask = mask.to(policy_logps.dtype)
+    eps_low = settings.epsilon
+    eps_high = settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon
+    ratio = torch.exp(policy_logps - old_logps)  # [B, T]
+    adv = advantages[:, None]  # [B, 1]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+
+    n_tok = mask.sum().clamp(min=1)
+    metrics: dict[str, torch.Tensor] = {}
+    if settings.beta > 0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs ref_logps")
+        delta = ref_logps - policy_logps
+        kl = torch.exp(delta) - delta - 1  # [B, T]
+        per_token = per_token + settings.beta * kl
+        metrics["kl"] = (kl * mask).sum().detach() / n_tok
+
+    with torch.no_grad():
+        low = ((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
+        metrics["clip_ratio/low_mean"] = (low * mask).sum() / n_tok
+        metrics["clip_ratio/high_mean"] = (high * mask).sum() / n_tok
+        metrics["clip_ratio/region_mean"] = ((low + high) * mask).sum() / n_tok
+    return normalise(per_token, mask, settings, totals), metrics

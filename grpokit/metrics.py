@@ -1,0 +1,67 @@
+"""Metric sinks: every step to OUTPUT_DIR/metrics.jsonl, a short line to the console.
+
+Names follow TRL (`reward`, `reward_std`, `rewards/{name}/mean`, `kl`, `entropy`, ...), so
+dashboards built for TRL read grpokit's runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+_CONSOLE_KEYS = (("reward", "reward"), ("reward_std", "std"), ("kl", "kl"), ("entropy", "ent"), ("loss", "loss"),
+                 ("grad_norm", "gnorm"), ("completions/mean_length", "len"), ("step_time", "s/step"))
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, total_steps: int, logging_steps: int = 1, echo=print):
+        self.path = output_dir / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.logging_steps = logging_steps
+        self.echo = echo
+        self._file = self.path.open("a")
+
+    def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if echo and (step % self.logging_steps == 0 or step == self.total_steps):
+            shown = " | ".join(f"{label} {metrics[key]:.4g}" for key, label in _CONSOLE_KEYS if key in metrics)
+            self.echo(f"step {step}/{self.total_steps} | {shown}")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def nanmean(values) -> float:
+    """Mean of the non-NaN entries of a tensor; NaN when there are none."""
+    valid = values[~values.isnan()]
+    return float(valid.mean()) if valid.numel() else math.nan
+
+
+def _jsonable(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class Timers:
+    """Named wall-clock timers whose totals become `time/{name}` metrics."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.totals.items()}
+        self.totals = {}
+        return out

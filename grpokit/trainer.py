@@ -1,0 +1,300 @@
+"""The GRPO loop: rollout -> rewards -> advantages -> policy update, one optimizer step at a time.
+
+Each generation samples `prompts_per_step` prompts x `num_generations` completions with the
+in-process sampler, scores them, and feeds `num_iterations` optimizer steps, each accumulated
+over micro-batches of `per_device_train_batch_size` completions. Old log-probs are computed once
+per generation when `num_iterations > 1`; otherwise the detached policy log-probs stand in (the
+ratio is then exactly 1 and only its gradient matters). Reference log-probs come from a frozen
+copy of the starting policy, and only when `beta > 0`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grpokit import data as data_mod
+from grpokit.advantages import compute_advantages, group_stats
+from grpokit.config import GRPOConfig
+from grpokit.evaluate import columns_of, decode_completions, evaluate
+from grpokit.logprobs import completion_logps
+from grpokit.loss import LossSettings, StepTotals, grpo_loss
+from grpokit.metrics import MetricsLogger, Timers, nanmean
+from grpokit.models import frozen_copy, load_policy, load_tokenizer, resolve_model_path
+from grpokit.rewards import RewardFunction, resolve_reward, score
+from grpokit.rollout.base import Rollout, SamplingParams
+from grpokit.rollout.torch_engine import TorchEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, kw_only=True)
+class MicroBatch:
+    input_ids: torch.Tensor  # [M, P + T]
+    attention_mask: torch.Tensor  # [M, P + T]
+    completion_mask: torch.Tensor  # [M, T]
+    advantages: torch.Tensor  # [M]
+    old_logps: torch.Tensor | None = None  # [M, T]
+    ref_logps: torch.Tensor | None = None  # [M, T]
+
+
+@dataclass(slots=True, kw_only=True)
+class TrainResult:
+    output_dir: Path
+    steps: int
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Left-pad prompts and right-pad completions -> input_ids, attention_mask [M, P + T], completion_mask [M, T]."""
+    width_p = max(len(p) for p in prompt_ids)
+    width_c = max(1, max(len(c) for c in completion_ids))
+    rows = len(prompt_ids)
+    input_ids = torch.full((rows, width_p + width_c), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, width_p + width_c), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        input_ids[i, width_p - len(p):width_p] = torch.tensor(p)
+        input_ids[i, width_p:width_p + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention[i, width_p - len(p):width_p + len(c)] = 1
+    return input_ids.to(device), attention.to(device), attention[:, width_p:].to(device)
+
+
+class Trainer:
+    def __init__(self, cfg: GRPOConfig, echo=None):
+        self.cfg = cfg
+        self.echo = echo or (lambda line: print(line, flush=True))
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        # data and rewards first: their errors must come before the (slow) model load
+        self.reward_funcs: list[RewardFunction] = [resolve_reward(name) for name in cfg.reward_funcs]
+        self.train_records = data_mod.load_records(cfg.dataset, cfg.prompt_column, cfg.system_prompt)
+        self.eval_records = None
+        if cfg.eval_dataset:
+            self.eval_records = data_mod.load_records(cfg.eval_dataset, cfg.prompt_column, cfg.system_prompt)
+            self.eval_records = self.eval_records[:cfg.eval_limit] if cfg.eval_limit else self.eval_records
+
+        model_path = resolve_model_path(cfg.model)
+        self.tokenizer = load_tokenizer(model_path)
+        self.policy = load_policy(model_path).to(self.device)
+        self.policy.train()
+        self.reference = frozen_copy(self.policy) if cfg.beta > 0 else None
+        self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id)
+        self.train_data = data_mod.tokenise_prompts(self.train_records, self.tokenizer, cfg.max_prompt_length, cfg.dataset)
+        self.eval_data = (data_mod.tokenise_prompts(self.eval_records, self.tokenizer, cfg.max_prompt_length, cfg.eval_dataset)
+                          if self.eval_records else None)
+        self.stop_ids = sorted({self.tokenizer.eos_token_id, *self._generation_eos()})
+
+        from transformers import get_scheduler
+
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=cfg.max_steps)
+        self.loss_settings = LossSettings(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                          beta=cfg.beta, max_completion_length=cfg.max_completion_length)
+        self.accuracy_reward = cfg.eval_accuracy_reward or self.reward_funcs[0].name
+        self.timers = Timers()
+        self._order: list[int] = []
+        self._order_rng = random.Random(cfg.seed)
+        self.num_tokens = 0
+        self.generations = 0  # seeds each generation's sampler, so a run is reproducible
+
+    def _generation_eos(self) -> list[int]:
+        eos = getattr(self.policy.generation_config, "eos_token_id", None)
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        handler = logging.FileHandler(out / "training_log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("grpokit").addHandler(handler)
+        metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=self._say)
+        self._summary()
+        eval_before = eval_after = None
+        try:
+            if self.eval_data and cfg.eval_on_start:
+                eval_before = self._evaluate(metrics_log, step=0, label="before training")
+            step = 0
+            while step < cfg.max_steps:
+                started = time.perf_counter()
+                batch, gen_metrics = self._generate_and_score()
+                for _ in range(cfg.num_iterations):
+                    step += 1
+                    with self.timers("update"):
+                        update_metrics = self._update(batch)
+                    metrics = {**gen_metrics, **update_metrics, **self.timers.pop(),
+                               "learning_rate": self.scheduler.get_last_lr()[0], "num_tokens": float(self.num_tokens),
+                               "step_time": time.perf_counter() - started}
+                    gen_metrics = {k: v for k, v in gen_metrics.items() if not k.startswith("time/")}
+                    metrics_log.log(step, metrics)
+                    started = time.perf_counter()
+                    if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+                        self._evaluate(metrics_log, step=step, label=f"at step {step}")
+                    if step >= cfg.max_steps:
+                        break
+            if self.eval_data:
+                eval_after = self._evaluate(metrics_log, step=step, label="after training")
+            self._save(out / "final_model")
+        finally:
+            metrics_log.close()
+            logging.getLogger("grpokit").removeHandler(handler)
+            handler.close()
+        if eval_before and eval_after:
+            self._say(f"held-out accuracy: {_pct(eval_before)} before -> {_pct(eval_after)} after "
+                      f"({eval_after['eval/accuracy'] - eval_before['eval/accuracy']:+.1%})")
+        self._say(f"saved {out / 'final_model'}")
+        return TrainResult(output_dir=out, steps=step, eval_before=eval_before, eval_after=eval_after)
+
+    # -- phases --------------------------------------------------------------------------------
+    def _next_prompts(self, count: int) -> list[int]:
+        picked = []
+        while len(picked) < count:
+            if not self._order:
+                self._order = list(range(len(self.train_data.prompt_ids)))
+                self._order_rng.shuffle(self._order)
+            picked.append(self._order.pop())
+        return picked
+
+    def _generate_and_score(self) -> tuple[list[MicroBatch], dict[str, float]]:
+        cfg, g = self.cfg, self.cfg.num_generations
+        indices = self._next_prompts(cfg.prompts_per_step)
+        self.generations += 1
+        prompt_ids = [self.train_data.prompt_ids[i] for i in indices]
+        records = [self.train_data.records[i] for i in indices]
+        params = SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k, stop_token_ids=self.stop_ids, seed=cfg.seed * 1_000_003 + self.generations)
+        with self.timers("generate"), self.autocast():
+            rollout = self.engine.generate(prompt_ids, g, params)
+        with self.timers("rewards"):
+            conversational = isinstance(records[0]["prompt"], list)
+            completions = decode_completions(self.tokenizer, rollout.completion_ids, conversational)
+            prompts = [r["prompt"] for r in records for _ in range(g)]
+            rewards = score(self.reward_funcs, prompts, completions, rollout.completion_ids, columns_of(records, g))
+        weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
+        advantages, totals = compute_advantages(rewards, weights, g, cfg.scale_rewards)
+        all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
+        with self.timers("logprobs"):
+            batch = self._micro_batches(all_prompt_ids, rollout, advantages)
+        n_generated = sum(len(c) for c in rollout.completion_ids)
+        self.num_tokens += n_generated + sum(len(p) for p in all_prompt_ids)
+        return batch, self._generation_metrics(rewards, totals, rollout, n_generated)
+
+    def _micro_batches(self, prompt_ids: list[list[int]], rollout: Rollout, advantages: torch.Tensor) -> list[MicroBatch]:
+        size = self.cfg.per_device_train_batch_size
+        batches = []
+        for start in range(0, len(prompt_ids), size):
+            sl = slice(start, start + size)
+            input_ids, attention, cmask = pack(prompt_ids[sl], rollout.completion_ids[sl], self.tokenizer.pad_token_id, self.device)
+            mb = MicroBatch(input_ids=input_ids, attention_mask=attention, completion_mask=cmask,
+                            advantages=advantages[sl].to(self.device, torch.float32))
+            with torch.no_grad(), self.autocast():
+                if self.cfg.num_iterations > 1:
+                    mb.old_logps, _ = self._logps(self.policy, mb)
+                if self.reference is not None:
+                    mb.ref_logps, _ = self._logps(self.reference, mb)
+            batches.append(mb)
+        return batches
+
+    def _logps(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logps(model, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1],
+                                self.cfg.temperature, self.cfg.logprob_chunk_size)
+
+    def _update(self, batch: list[MicroBatch]) -> dict[str, float]:
+        totals = StepTotals(num_sequences=sum(len(mb.advantages) for mb in batch),
+                            num_tokens=int(sum(mb.completion_mask.sum() for mb in batch)))
+        sums: dict[str, float] = {}
+        loss_total = 0.0
+        for mb in batch:
+            with self.autocast():
+                policy_logps, entropy = self._logps(self.policy, mb)
+            old = mb.old_logps if mb.old_logps is not None else policy_logps.detach()
+            loss, metrics = grpo_loss(policy_logps, old, mb.ref_logps, mb.advantages, mb.completion_mask,
+                                      self.loss_settings, totals)
+            loss.backward()
+            loss_total += float(loss.detach())
+            n_tok = float(mb.completion_mask.sum())
+            metrics["entropy"] = (entropy * mb.completion_mask).sum() / max(n_tok, 1.0)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * n_tok
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        if math.isfinite(grad_norm) and math.isfinite(loss_total):
+            self.optimizer.step()
+        else:
+            log.warning("non-finite loss (%s) or gradient norm (%s): optimizer step skipped", loss_total, grad_norm)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {key: value / max(totals.num_tokens, 1) for key, value in sums.items()}
+        out.update(loss=loss_total, grad_norm=grad_norm)
+        return out
+
+    def _generation_metrics(self, rewards: torch.Tensor, totals: torch.Tensor, rollout: Rollout,
+                            n_generated: int) -> dict[str, float]:
+        g = self.cfg.num_generations
+        _, group_std, zero_spread = group_stats(totals, g)
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float64)
+        terminated = torch.tensor([r == "stop" for r in rollout.finish_reasons])
+        m = {"reward": nanmean(totals), "reward_std": nanmean(group_std),
+             "frac_reward_zero_std": float(zero_spread.double().mean()),
+             "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+             "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~terminated).double().mean()),
+             "completions/mean_terminated_length": float(lengths[terminated].mean()) if terminated.any() else 0.0}
+        for k, f in enumerate(self.reward_funcs):
+            column = rewards[:, k]
+            valid = column[~torch.isnan(column)]
+            m[f"rewards/{f.name}/mean"] = float(valid.mean()) if valid.numel() else math.nan
+            m[f"rewards/{f.name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+        m["tokens_per_second"] = n_generated / max(self.timers.totals.get("generate", 0.0), 1e-9)
+        return m
+
+    def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
+        limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
+        started = time.perf_counter()
+        result = evaluate(self.engine, self.tokenizer, self.eval_data, self.reward_funcs, self.accuracy_reward, limit,
+                          autocast=self.autocast)
+        result["eval/time"] = time.perf_counter() - started
+        metrics_log.log(step, result, echo=False)
+        self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
+        return result
+
+    def _save(self, path: Path) -> None:
+        self.policy.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def _summary(self) -> None:
+        cfg = self.cfg
+        total = sum(p.numel() for p in self.policy.parameters())
+        trainable = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
+        self._say(f"model {cfg.model}: {trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M parameters on {self.device}"
+                  f"{' (bf16 autocast)' if cfg.bf16 else ''}")
+        self._say(f"data: {len(self.train_data.prompt_ids)} train prompts"
+                  + (f", {len(self.eval_data.prompt_ids)} held-out" if self.eval_data else "")
+                  + f"; per step: {cfg.prompts_per_step} prompts x {cfg.num_generations} completions, "
+                  f"{cfg.gradient_accumulation_steps} micro-batch(es) of {cfg.per_device_train_batch_size}, "
+                  f"{cfg.num_iterations} optimizer step(s) per generation, loss_type {cfg.loss_type}")
+
+    def _say(self, line: str) -> None:
+        log.info(line)
+        self.echo(line)
+
+
+
+def _pct(result: dict[str, float]) -> str:
+    return f"{result['eval/accuracy']:.1%} ({int(result.get('eval/num_correct', 0))}/{int(result['eval/num_prompts'])})"
+

@@ -1,0 +1,110 @@
+"""`grpokit train` through the real CLI on a tiny random model built by the test (no download)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli, write_jsonl
+
+REWARDS = '''
+def length_reward(completions, **kwargs):
+    """Varies across completions of a random model, so every group has a spread."""
+    return [len(c) / 10.0 for c in completions]
+'''
+
+
+def _setup(tmp_path, tiny_model_dir, **overrides):
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(4)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "held.jsonl", rows[:6])
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    config = {
+        "model": str(tiny_model_dir), "dataset": "train.jsonl", "eval_dataset": "held.jsonl", "eval_on_start": True,
+        "output_dir": "run", "reward_funcs": ["my_rewards.length_reward", "number_correct"],
+        "reward_weights": [1.0, 1.0], "num_generations": 4, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2, "max_completion_length": 12, "learning_rate": 1e-2, "max_steps": 3,
+        "beta": 0.1, "seed": 1, "device": "cpu", **overrides,
+    }
+    import yaml
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "cfg.yaml"
+
+
+def test_train_changes_every_parameter_and_writes_the_run(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir)
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    run = tmp_path / "run"
+
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(run / "final_model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        for key in ("reward", "reward_std", "kl", "completions/mean_length", "loss", "grad_norm", "entropy",
+                    "rewards/length_reward/mean", "rewards/number_correct/mean", "frac_reward_zero_std",
+                    "clip_ratio/region_mean", "time/generate", "time/update", "learning_rate"):
+            assert key in m and m[key] is not None, key
+        assert m["reward_std"] > 0 and m["grad_norm"] > 0
+    evals = [m for m in lines if "eval/accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 3] and evals[0]["eval/num_prompts"] == 6
+
+    assert "held-out accuracy" in result.stdout
+    resolved = (run / "config.yaml").read_text()
+    assert "beta: 0.1" in resolved and "max_steps: 3" in resolved
+    assert (run / "training_log.txt").read_text()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final_model")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final_model")
+    assert model(torch.tensor([tokenizer("1 + 1")["input_ids"]])).logits.isfinite().all()
+
+
+def test_no_kl_metric_and_no_reference_when_beta_is_zero(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, beta=0.0, max_steps=1, eval_dataset=None)
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert "kl" not in json.loads(line)
+
+
+def test_unknown_key_exits_nonzero_naming_it(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, num_generatons=4)
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "num_generatons: unknown key; did you mean 'num_generations'?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("field", ["dataset", "eval_dataset"])
+def test_missing_dataset_file_exits_nonzero_naming_it(tmp_path, tiny_model_dir, field):
+    cfg = _setup(tmp_path, tiny_model_dir, **{field: "data/nowhere.jsonl"})
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "dataset file 'data/nowhere.jsonl' does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_bad_geometry_is_rejected_before_loading(tmp_path, tiny_model_dir):
+    result = run_cli("train", "--set", "num_generations=3", "--set", "per_device_train_batch_size=8",
+                     "--set", "model=/does/not/exist", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not divisible by num_generations = 3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dry_run_validates_without_training(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir)
+    result = run_cli("train", str(cfg), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "dry run: 20 train prompts, 6 held-out" in result.stdout
+    assert not (tmp_path / "run").exists()

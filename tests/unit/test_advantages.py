@@ -1,0 +1,90 @@
+import math
+import random
+
+import pytest
+import torch
+
+from grpokit.advantages import STD_EPS, compute_advantages
+
+
+def reference_advantages(rewards: list[list[float]], weights: list[float], group_size: int, scale: str) -> list[float]:
+    """Plain-Python float64 reference: loops, no tensors."""
+    totals = []
+    for row in rewards:
+        applicable = [r * w for r, w in zip(row, weights) if not math.isnan(r)]
+        totals.append(sum(applicable) if applicable else math.nan)
+    valid_all = [t for t in totals if not math.isnan(t)]
+    if len(valid_all) > 1:
+        mu = sum(valid_all) / len(valid_all)
+        batch_std = math.sqrt(sum((t - mu) ** 2 for t in valid_all) / (len(valid_all) - 1))
+    else:
+        batch_std = 0.0
+    out = []
+    for g in range(0, len(totals), group_size):
+        group = totals[g:g + group_size]
+        valid = [t for t in group if not math.isnan(t)]
+        for t in group:
+            if math.isnan(t) or len(valid) < 2 or max(valid) == min(valid):
+                out.append(0.0)
+                continue
+            mean = sum(valid) / len(valid)
+            std = math.sqrt(sum((v - mean) ** 2 for v in valid) / (len(valid) - 1))
+            if scale == "group":
+                out.append((t - mean) / (std + STD_EPS))
+            elif scale == "batch":
+                out.append((t - mean) / (batch_std + STD_EPS))
+            else:
+                out.append(t - mean)
+    return out
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("seed", range(8))
+def test_matches_float64_reference(scale, seed):
+    rng = random.Random(seed)
+    group_size = rng.randint(2, 6)
+    n_groups = rng.randint(1, 5)
+    k = rng.randint(1, 3)
+    rewards = [[rng.choice([math.nan, rng.random(), float(rng.randint(0, 2))]) if rng.random() < 0.3 else rng.gauss(0, 2)
+                for _ in range(k)] for _ in range(group_size * n_groups)]
+    weights = [rng.uniform(0.1, 2.0) for _ in range(k)]
+    expected = reference_advantages(rewards, weights, group_size, scale)
+    got, _ = compute_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64),
+                                group_size, scale)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_all_equal_group_is_exactly_zero():
+    # 0.1 * 3 / 3 != 0.1 in floating point: the mean subtraction alone would leave noise
+    rewards = torch.tensor([[0.1], [0.1], [0.1], [1.0], [0.0], [0.2]], dtype=torch.float64)
+    adv, _ = compute_advantages(rewards, torch.ones(1, dtype=torch.float64), 3, "group")
+    assert torch.equal(adv[:3], torch.zeros(3, dtype=torch.float64))
+    assert (adv[3:] != 0).all()
+
+
+def test_not_applicable_rewards_are_excluded_not_zero():
+    nan = math.nan
+    rewards = torch.tensor([[1.0], [nan], [0.0], [nan]], dtype=torch.float64)
+    adv, totals = compute_advantages(rewards, torch.ones(1, dtype=torch.float64), 4, "none")
+    # mean over the two applicable rewards is 0.5 (had None counted as 0, it would be 0.25)
+    assert adv.tolist() == [0.5, 0.0, -0.5, 0.0]
+    assert math.isnan(totals[1])
+
+
+def test_group_with_one_applicable_reward_gives_zero():
+    nan = math.nan
+    rewards = torch.tensor([[1.0], [nan], [nan], [nan]], dtype=torch.float64)
+    adv, _ = compute_advantages(rewards, torch.ones(1, dtype=torch.float64), 4, "group")
+    assert torch.equal(adv, torch.zeros(4, dtype=torch.float64))
+
+
+def test_group_advantages_sum_to_zero():
+    rewards = torch.rand(24, 2, dtype=torch.float64)
+    adv, _ = compute_advantages(rewards, torch.tensor([1.0, 0.5], dtype=torch.float64), 8, "group")
+    torch.testing.assert_close(adv.view(3, 8).sum(1), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_batch_not_multiple_of_group_is_rejected():
+    with pytest.raises(ValueError, match="groups of 4"):
+        compute_advantages(torch.zeros(6, 1), torch.ones(1), 4)

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from grpokit.config import GRPOConfig, load_config, validate_config
+from grpokit.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"learning_rat": 1e-6, "num_generation": 4, "zzz": 1})
+    text = str(err.value)
+    assert "learning_rat: unknown key; did you mean 'learning_rate'?" in text
+    assert "num_generation: unknown key; did you mean 'num_generations'?" in text
+    assert "zzz: unknown key" in text
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"num_generations": 3, "per_device_train_batch_size": 8}, "num_generations can be [2, 4, 8]"),
+    ({"num_generations": 1}, "num_generations"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"loss_type": "ppo"}, "loss_type"),
+    ({"reward_weights": [1.0]}, "one weight per function"),
+])
+def test_impossible_values_are_rejected_at_load(overrides, fragment):
+    with pytest.raises(ConfigError, match="invalid config") as err:
+        validate_config(overrides)
+    assert fragment in str(err.value)
+
+
+def test_set_values_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(None, ["learning_rate=3e-6", "bf16=true", "reward_funcs=[number_correct]", "eval_limit=5",
+                             "epsilon_high=0.28"])
+    assert cfg.learning_rate == 3e-6 and cfg.bf16 is True and cfg.reward_funcs == ["number_correct"]
+    assert cfg.eval_limit == 5 and cfg.epsilon_high == 0.28
+
+
+def test_set_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["learning_rate"])
+
+
+def test_yaml_and_toml_load_the_same_config(tmp_path):
+    (tmp_path / "a.yaml").write_text("max_steps: 7\nreward_funcs: [answer_format]\nbeta: 0.1\n")
+    (tmp_path / "a.toml").write_text('max_steps = 7\nreward_funcs = ["answer_format"]\nbeta = 0.1\n')
+    assert load_config(tmp_path / "a.yaml") == load_config(tmp_path / "a.toml")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("max_steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_every_shipped_example_config_loads():
+    configs = sorted(p for p in (REPO / "examples").rglob("*") if p.suffix in (".yaml", ".yml", ".toml"))
+    assert configs, "no example configs found"
+    for path in configs:
+        assert isinstance(load_config(path), GRPOConfig), path
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["max_steps=3", "beta=0.04"])
+    (tmp_path / "resolved.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "resolved.yaml") == cfg

@@ -1,0 +1,104 @@
+"""The sampler and the log-prob path: each checked against plain transformers on a tiny model."""
+
+import pytest
+import torch
+
+from grpokit.logprobs import completion_logps, positions_from_mask
+from grpokit.rollout.base import SamplingParams
+from grpokit.rollout.torch_engine import TorchEngine
+from grpokit.trainer import pack
+
+
+def _prompts(tokenizer):
+    texts = ["What is 2 + 3?", "Hi", "A much longer prompt about 17 - 4 and more words."]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_greedy_matches_transformers_generate(tiny_model):
+    model, tokenizer = tiny_model
+    prompts = _prompts(tokenizer)
+    eos = tokenizer.eos_token_id
+    engine = TorchEngine(model, 0)
+    rollout = engine.generate(prompts, 1, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[eos]))
+    for ids, got, reason in zip(prompts, rollout.completion_ids, rollout.finish_reasons, strict=True):
+        # one prompt at a time: no padding involved in the reference
+        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        assert got == want
+        assert reason == ("stop" if got[-1] == eos else "length")
+
+
+def test_sampler_logps_equal_trainer_logps(tiny_model):
+    """The ids the engine generated are the ids the trainer scores, with the same log-probs."""
+    model, tokenizer = tiny_model
+    prompts = _prompts(tokenizer)
+    engine = TorchEngine(model, 0)
+    params = SamplingParams(max_tokens=10, temperature=0.7, seed=3, stop_token_ids=[5, 9])
+    rollout = engine.generate(prompts, 4, params)
+    prompt_rows = [p for p in prompts for _ in range(4)]
+    input_ids, attention, cmask = pack(prompt_rows, rollout.completion_ids, 0, "cpu")
+    with torch.no_grad():
+        logps, entropy = completion_logps(model, input_ids, attention, cmask.shape[1], temperature=0.7, chunk_size=7)
+    for i, sampled in enumerate(rollout.sampler_logps):
+        n = len(sampled)
+        torch.testing.assert_close(logps[i, :n], torch.tensor(sampled), rtol=1e-4, atol=1e-5)
+        assert cmask[i].sum() == n
+    assert (entropy >= 0).all()
+
+
+def test_stop_tokens_end_rows_and_set_finish_reason(tiny_model):
+    model, tokenizer = tiny_model
+    engine = TorchEngine(model, 0)
+    rollout = engine.generate(_prompts(tokenizer), 8, SamplingParams(max_tokens=30, temperature=1.0, seed=0,
+                                                                      stop_token_ids=list(range(10, 60))))
+    assert len(rollout.completion_ids) == 24
+    for ids, reason in zip(rollout.completion_ids, rollout.finish_reasons, strict=True):
+        stopped_on = [i for i, tok in enumerate(ids) if 10 <= tok < 60]
+        if reason == "stop":
+            assert stopped_on == [len(ids) - 1]  # the stop token is last and appears once
+        else:
+            assert not stopped_on and len(ids) == 30
+    assert "stop" in rollout.finish_reasons
+
+
+def test_same_seed_same_samples_other_seed_differs(tiny_model):
+    model, tokenizer = tiny_model
+    engine = TorchEngine(model, 0)
+    prompts = _prompts(tokenizer)
+    a = engine.generate(prompts, 4, SamplingParams(max_tokens=8, temperature=1.0, seed=7)).completion_ids
+    b = engine.generate(prompts, 4, SamplingParams(max_tokens=8, temperature=1.0, seed=7)).completion_ids
+    c = engine.generate(prompts, 4, SamplingParams(max_tokens=8, temperature=1.0, seed=8)).completion_ids
+    assert a == b and a != c
+
+
+def test_top_k_one_is_greedy(tiny_model):
+    model, tokenizer = tiny_model
+    engine = TorchEngine(model, 0)
+    prompts = _prompts(tokenizer)
+    greedy = engine.generate(prompts, 1, SamplingParams(max_tokens=8, temperature=0.0)).completion_ids
+    top1 = engine.generate(prompts, 1, SamplingParams(max_tokens=8, temperature=1.3, top_k=1, seed=1)).completion_ids
+    tiny_p = engine.generate(prompts, 1, SamplingParams(max_tokens=8, temperature=1.3, top_p=1e-6, seed=1)).completion_ids
+    assert greedy == top1 == tiny_p
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 4096])
+def test_chunked_logps_and_gradients_match_full_logits(tiny_model, chunk_size):
+    model, tokenizer = tiny_model
+    model = model.double()
+    prompts = _prompts(tokenizer)
+    completions = [[7, 8, 9], [10], [11, 12, 13, 14, 15]]
+    input_ids, attention, cmask = pack(prompts, completions, 0, "cpu")
+    t = cmask.shape[1]
+
+    model.zero_grad()
+    logps, _ = completion_logps(model, input_ids, attention, t, temperature=0.9, chunk_size=chunk_size)
+    (logps * cmask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions_from_mask(attention)).logits
+    full = torch.log_softmax(logits[:, -t - 1:-1] / 0.9, dim=-1).gather(-1, input_ids[:, -t:, None]).squeeze(-1)
+    (full * cmask).sum().backward()
+    torch.testing.assert_close(logps * cmask, full * cmask, rtol=1e-10, atol=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-8, atol=1e-12, msg=name)
