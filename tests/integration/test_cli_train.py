@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from tests.conftest import run_cli, write_jsonl
 
 REWARDS = '''
-def length_reward(completions, **kwargs):
-    """Varies across completions of a random model, so every group has a spread."""
-    return [len(c) / 10.0 for c in completions]
+def text_hash_reward(completions, **kwargs):
+    """Differs between any two different completions (almost surely), so every group has a spread."""
+    return [sum(i * ord(ch) for i, ch in enumerate(c, 1)) % 997 / 997 for c in completions]
 '''
 
 
@@ -22,7 +22,7 @@ def _setup(tmp_path, tiny_model_dir, **overrides):
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     config = {
         "model": str(tiny_model_dir), "dataset": "train.jsonl", "eval_dataset": "held.jsonl", "eval_on_start": True,
-        "output_dir": "run", "reward_funcs": ["my_rewards.length_reward", "number_correct"],
+        "output_dir": "run", "reward_funcs": ["my_rewards.text_hash_reward", "number_correct"],
         "reward_weights": [1.0, 1.0], "num_generations": 4, "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 2, "max_completion_length": 12, "learning_rate": 1e-2, "max_steps": 3,
         "beta": 0.1, "seed": 1, "device": "cpu", **overrides,
@@ -50,7 +50,7 @@ def test_train_changes_every_parameter_and_writes_the_run(tmp_path, tiny_model_d
     assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
         for key in ("reward", "reward_std", "kl", "completions/mean_length", "loss", "grad_norm", "entropy",
-                    "rewards/length_reward/mean", "rewards/number_correct/mean", "frac_reward_zero_std",
+                    "rewards/text_hash_reward/mean", "rewards/number_correct/mean", "frac_reward_zero_std",
                     "clip_ratio/region_mean", "time/generate", "time/update", "learning_rate"):
             assert key in m and m[key] is not None, key
         assert m["reward_std"] > 0 and m["grad_norm"] > 0
