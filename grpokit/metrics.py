@@ -22,7 +22,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.logging_steps = logging_steps
         self.echo = echo
-        self._file = self.path.open("a")
+        self._file = self.path.open("w")  # a new run starts a new file
 
     def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}

@@ -89,10 +89,18 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
         raise
 
 
+def _load_error(path: str, exc: Exception) -> ConfigError:
+    return ConfigError(f"model: cannot load '{path}': {exc}\n  Offline, give a local model directory or "
+                       f"'{DEFAULT_MODEL}' (embedded, no download).")
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:  # hub id not reachable / not found: say so instead of a traceback
+        raise _load_error(path, exc) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer of '{path}' has neither a pad nor an eos token; set one in its tokenizer_config.json")
@@ -105,7 +113,10 @@ def load_tokenizer(path: str):
 def load_policy(path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise _load_error(path, exc) from None
     model.config.use_cache = True
     return model
 

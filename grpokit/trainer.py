@@ -157,7 +157,7 @@ class Trainer:
             handler.close()
         if eval_before and eval_after:
             self._say(f"held-out accuracy: {_pct(eval_before)} before -> {_pct(eval_after)} after "
-                      f"({eval_after['eval/accuracy'] - eval_before['eval/accuracy']:+.1%})")
+                      f"({100 * (eval_after['eval/accuracy'] - eval_before['eval/accuracy']):+.1f} points)")
         self._say(f"saved {out / 'final_model'}")
         return TrainResult(output_dir=out, steps=step, eval_before=eval_before, eval_after=eval_after)
 

@@ -43,7 +43,10 @@ class TorchEngine:
             raise ValueError("generate() needs at least one prompt, each with at least one token")
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        if params.seed is None:
+            generator.seed()  # non-deterministic, and leaves torch's global RNG alone
+        else:
+            generator.manual_seed(params.seed)
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)
 
         width = max(len(p) for p in prompt_ids)

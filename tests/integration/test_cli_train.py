@@ -108,3 +108,16 @@ def test_dry_run_validates_without_training(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr
     assert "dry run: 20 train prompts, 6 held-out" in result.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_unreachable_model_is_a_clear_error(tmp_path):
+    result = run_cli("train", "--set", "model=no-such-org/no-such-model", "--set", "max_steps=1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot load 'no-such-org/no-such-model'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_prints_every_key_with_its_help(tmp_path):
+    result = run_cli("check", "--set", "beta=0.3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "beta: 0.3  # KL coefficient" in result.stdout
+    assert "num_generations: 8  # Completions sampled per prompt" in result.stdout
