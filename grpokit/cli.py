@@ -51,15 +51,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _setup_logging() -> None:
+    """Progress lines to stdout as plain text; warnings and errors to stderr, prefixed."""
     logger = logging.getLogger("grpokit")
     logger.setLevel(logging.INFO)
     if not logger.handlers:
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(logging.WARNING)
-        console.setFormatter(logging.Formatter("grpokit: %(levelname)s: %(message)s"))
-        logger.addHandler(console)
+        out = logging.StreamHandler(sys.stdout)
+        out.setLevel(logging.INFO)
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        out.setFormatter(logging.Formatter("%(message)s"))
+        err = logging.StreamHandler(sys.stderr)
+        err.setLevel(logging.WARNING)
+        err.setFormatter(logging.Formatter("grpokit: %(levelname)s: %(message)s"))
+        logger.addHandler(out)
+        logger.addHandler(err)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # weight-loading bars drown the run's own lines
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _train(args) -> int:

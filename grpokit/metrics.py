@@ -24,11 +24,11 @@ class MetricsLogger:
         self.echo = echo
         self._file = self.path.open("w")  # a new run starts a new file
 
-    def log(self, step: int, metrics: dict[str, float], echo: bool = True) -> None:
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if echo and (step % self.logging_steps == 0 or step == self.total_steps):
+        if show and (step % self.logging_steps == 0 or step == self.total_steps):
             shown = " | ".join(f"{label} {metrics[key]:.4g}" for key, label in _CONSOLE_KEYS if key in metrics)
             self.echo(f"step {step}/{self.total_steps} | {shown}")
 

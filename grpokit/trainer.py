@@ -67,9 +67,8 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
 
 
 class Trainer:
-    def __init__(self, cfg: GRPOConfig, echo=None):
+    def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
-        self.echo = echo or (lambda line: print(line, flush=True))
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -269,7 +268,7 @@ class Trainer:
         result = evaluate(self.engine, self.tokenizer, self.eval_data, self.reward_funcs, self.accuracy_reward, limit,
                           autocast=self.autocast)
         result["eval/time"] = time.perf_counter() - started
-        metrics_log.log(step, result, echo=False)
+        metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
         return result
 
@@ -290,8 +289,7 @@ class Trainer:
                   f"{cfg.num_iterations} optimizer step(s) per generation, loss_type {cfg.loss_type}")
 
     def _say(self, line: str) -> None:
-        log.info(line)
-        self.echo(line)
+        log.info(line)  # the CLI shows grpokit's info lines on stdout; the run's log file gets them too
 
 
 

@@ -1,10 +1,12 @@
 """Built-in rewards for tasks whose answer is a number.
 
 `number_correct` parses the completion's final answer: the last 'Answer: N' line when there is
-one, else the last number in the text. `answer_format` rewards a completion that ends with its
-answer (an 'Answer: N' line, or a final number such as "7 + 5 = 12."), i.e. one that commits to a
-result instead of trailing off. Weight the format reward well below correctness: on its own any
-number satisfies it, which a policy will learn to exploit.
+one, else the last number in the text. `answer_format` rewards ending with an 'Answer: N' line,
+the form the built-in task's system prompt asks for. Weight it well below correctness.
+
+Measured (README): a looser format reward that also accepted any trailing number ("7 + 5 = 12")
+was hacked in the demo: with group-scaled advantages, groups that differ only in format get
+full-size advantages, entropy fell from 0.8 to 0.3, and held-out accuracy reached 29% instead of 47%.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _ANSWER_LINE = re.compile(rf"answer\s*[:=]\s*\**\s*({_NUMBER})", re.IGNORECASE)
 _ANY_NUMBER = re.compile(_NUMBER)
-_ENDS_WITH_ANSWER = re.compile(rf"{_NUMBER}\s*\**\.?\s*$")
+_FINAL_ANSWER_LINE = re.compile(rf"(?:^|\n)\s*\**answer\s*[:=]\s*\**\s*{_NUMBER}\s*\**\.?\s*$", re.IGNORECASE)
 
 
 def completion_text(completion: Any) -> str:
@@ -62,8 +64,8 @@ def number_correct(completions: list, answer: list, **kwargs) -> list[float | No
 
 
 def answer_format(completions: list, **kwargs) -> list[float]:
-    """1.0 when the completion ends with its answer: a number, optionally '**'-bolded and followed by '.'."""
-    return [1.0 if _ENDS_WITH_ANSWER.search(completion_text(c)) else 0.0 for c in completions]
+    """1.0 when the completion's last line is 'Answer: <number>' (bold and a final '.' allowed), else 0.0."""
+    return [1.0 if _FINAL_ANSWER_LINE.search(completion_text(c).strip()) else 0.0 for c in completions]
 
 
 BUILTIN_REWARDS = {"number_correct": number_correct, "answer_format": answer_format}

@@ -33,8 +33,7 @@ def test_number_correct_is_not_applicable_without_numeric_reference():
     ("3 + 4 = 7\nAnswer: 7", 1.0),
     ("Answer: 7.", 1.0),
     ("**Answer:** 7", 1.0),
-    ("So 3 + 4 is **7**.\n", 1.0),
-    ("3 + 4 = -1,000", 1.0),
+    ("So 3 + 4 is 7.", 0.0),  # a bare final number is not the asked-for form (see builtin.py)
     ("Answer: 7\nand then more text", 0.0),
     ("The answer is 7. This is a classic example of addition.", 0.0),
     ("", 0.0),
@@ -126,4 +125,4 @@ def test_unknown_reward_suggests_a_builtin():
 def test_score_matrix_shape_and_order():
     funcs = [resolve_reward("number_correct"), resolve_reward("answer_format")]
     matrix = score(funcs, ["p", "p"], ["Answer: 3", "4"], [[1], [2]], {"prompt": ["p", "p"], "answer": ["3", "3"]})
-    assert matrix.tolist() == [[1.0, 1.0], [0.0, 1.0]]
+    assert matrix.tolist() == [[1.0, 1.0], [0.0, 0.0]]
