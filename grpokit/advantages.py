@@ -6,6 +6,12 @@ Group statistics ignore NaN totals. The advantage is (r - group mean), divided b
 std (`scale_rewards="group"`, unbiased std as in TRL), by the std of the whole batch ("batch"),
 or not divided ("none"); 1e-4 is added to the std as in TRL.
 
+`aggregation="normalize_then_sum"` (GDPO, as TRL): each reward function is z-scored within its
+group first (NaN-aware), the weighted z-scores are summed, and the sums are divided by their
+batch std. TRL also subtracts the batch mean of the sums; that mean is zero by construction
+(every group's z-scores sum to zero), so it is not subtracted here, which keeps silent groups at
+exactly 0 instead of floating-point residue.
+
 Departures: a group with zero spread (all totals equal, or fewer than two applicable) gets an
 advantage of exactly 0 rather than (r - mean) rounding noise, and a completion whose total is NaN
 gets 0, so neither pushes the policy.
@@ -47,11 +53,16 @@ def compute_advantages(
     weights: torch.Tensor,
     group_size: int,
     scale_rewards: Literal["group", "batch", "none"] = "group",
+    aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] rewards -> ([N] advantages, [N] combined totals). N must be a multiple of group_size."""
     if rewards.shape[0] % group_size:
         raise ValueError(f"{rewards.shape[0]} completions do not split into groups of {group_size}")
     totals = combine_rewards(rewards, weights)  # [N]
+    if aggregation == "normalize_then_sum":
+        return _normalize_then_sum(rewards, weights, group_size), totals
+    if aggregation != "sum_then_normalize":
+        raise ValueError(f"aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}")
     mean, std, zero_spread = group_stats(totals, group_size)  # [B] each
     centred = totals - mean.repeat_interleave(group_size)  # [N]
     if scale_rewards == "group":
@@ -66,3 +77,16 @@ def compute_advantages(
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     silent = zero_spread.repeat_interleave(group_size) | torch.isnan(totals)
     return torch.where(silent, torch.zeros_like(advantages), advantages), totals
+
+
+def _normalize_then_sum(rewards: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    columns = []
+    for k in range(rewards.shape[1]):
+        column = rewards[:, k]  # [N]
+        mean, std, zero_spread = group_stats(column, group_size)
+        z = (column - mean.repeat_interleave(group_size)) / (std.repeat_interleave(group_size) + STD_EPS)
+        silent = zero_spread.repeat_interleave(group_size) | torch.isnan(column)
+        columns.append(torch.where(silent, torch.zeros_like(z), z) * weights[k])
+    summed = torch.stack(columns, dim=1).sum(dim=1)  # [N]; group sums are zero by construction
+    scale = summed.std() if summed.numel() > 1 else torch.zeros((), dtype=summed.dtype)
+    return summed / (scale + STD_EPS)

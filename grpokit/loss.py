@@ -1,8 +1,13 @@
 """The GRPO policy loss as a pure function: log-probs + advantages -> (loss, metrics).
 
 Per token t of completion i, with ratio r = exp(policy_logp - old_logp):
-    loss_it = -min(r * A_i, clip(r, 1 - epsilon, 1 + epsilon_high) * A_i) + beta * kl_it
+    loss_it = -min(min(r, delta) * A_i, clip(r, 1 - epsilon, 1 + epsilon_high) * A_i) * e_it + beta * kl_it
     kl_it   = exp(ref - policy) - (ref - policy) - 1          (the k3 estimator, >= 0)
+`importance_sampling_level="sequence"` (GSPO) replaces r by one ratio per completion,
+exp(mean_t(policy_logp - old_logp)), shared by its tokens. `delta` (two-sided clipping) caps the
+unclipped ratio; None leaves it uncapped. e_it is 1, or with `top_entropy_quantile < 1` it keeps
+only tokens whose entropy is in that top fraction of the micro-batch's tokens (TRL computes the
+threshold over its local batch too); the KL term is not masked.
 
 `normalise` owns the aggregation for every loss_type. Its denominators are those of the whole
 optimizer step (all micro-batches), passed in as `StepTotals`, so summing micro-batch losses
@@ -27,9 +32,12 @@ LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 @dataclass(slots=True, kw_only=True)
 class LossSettings:
     loss_type: LossType = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    delta: float | None = None
     beta: float = 0.0
+    top_entropy_quantile: float = 1.0
     max_completion_length: int = 256
 
 
@@ -54,6 +62,15 @@ def normalise(per_token: torch.Tensor, mask: torch.Tensor, settings: LossSetting
     raise ValueError(f"unknown loss_type {settings.loss_type!r}")
 
 
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """[B, T] 0/1: tokens whose entropy is at or above the (1 - top_quantile) quantile of the real tokens."""
+    real = entropy[mask.bool()]
+    if top_quantile >= 1.0 or real.numel() == 0:
+        return torch.ones_like(mask)
+    threshold = torch.quantile(real.double(), 1.0 - top_quantile).to(entropy.dtype)
+    return (entropy >= threshold).to(mask.dtype)
+
+
 def grpo_loss(
     policy_logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -62,8 +79,9 @@ def grpo_loss(
     mask: torch.Tensor,
     settings: LossSettings,
     totals: StepTotals,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """policy/old/ref logps [B, T], advantages [B], mask [B, T] -> (scalar loss, metric tensors).
+    """policy/old/ref logps [B, T], advantages [B], mask [B, T], entropy [B, T] -> (scalar loss, metric tensors).
 
     Metrics are token means over this micro-batch: kl, clip_ratio/low_mean, clip_ratio/high_mean,
     clip_ratio/region_mean.
@@ -71,11 +89,20 @@ def grpo_loss(
     mask = mask.to(policy_logps.dtype)
     eps_low = settings.epsilon
     eps_high = settings.epsilon_high if settings.epsilon_high is not None else settings.epsilon
-    ratio = torch.exp(policy_logps - old_logps)  # [B, T]
+    log_ratio = policy_logps - old_logps  # [B, T]
+    if settings.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1))[:, None]  # [B, 1]
+    elif settings.importance_sampling_level != "token":
+        raise ValueError(f"unknown importance_sampling_level {settings.importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
     adv = advantages[:, None]  # [B, 1]
-    unclipped = ratio * adv
+    capped = ratio if settings.delta is None else torch.clamp(ratio, max=settings.delta)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+    per_token = -torch.minimum(capped * adv, clipped).expand_as(mask)  # [B, T]
+    if settings.top_entropy_quantile < 1.0:
+        if entropy is None:
+            raise ValueError("top_entropy_quantile < 1 needs the token entropies")
+        per_token = per_token * high_entropy_mask(entropy.detach(), mask, settings.top_entropy_quantile)
 
     n_tok = mask.sum().clamp(min=1)
     metrics: dict[str, torch.Tensor] = {}
@@ -88,8 +115,8 @@ def grpo_loss(
         metrics["kl"] = (kl * mask).sum().detach() / n_tok
 
     with torch.no_grad():
-        low = ((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype)
-        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
+        low = ((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype).expand_as(mask)
+        high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype).expand_as(mask)
         metrics["clip_ratio/low_mean"] = (low * mask).sum() / n_tok
         metrics["clip_ratio/high_mean"] = (high * mask).sum() / n_tok
         metrics["clip_ratio/region_mean"] = ((low + high) * mask).sum() / n_tok

@@ -38,9 +38,25 @@ def reference_advantages(rewards: list[list[float]], weights: list[float], group
     return out
 
 
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
-@pytest.mark.parametrize("seed", range(8))
-def test_matches_float64_reference(scale, seed):
+def reference_normalize_then_sum(rewards: list[list[float]], weights: list[float], group_size: int) -> list[float]:
+    summed = [0.0] * len(rewards)
+    for k, w in enumerate(weights):
+        for g in range(0, len(rewards), group_size):
+            values = [rewards[i][k] for i in range(g, g + group_size)]
+            valid = [v for v in values if not math.isnan(v)]
+            if len(valid) < 2 or max(valid) == min(valid):
+                continue
+            mean = sum(valid) / len(valid)
+            std = math.sqrt(sum((v - mean) ** 2 for v in valid) / (len(valid) - 1))
+            for i, v in zip(range(g, g + group_size), values):
+                if not math.isnan(v):
+                    summed[i] += w * (v - mean) / (std + STD_EPS)
+    mean = sum(summed) / len(summed)
+    std = math.sqrt(sum((x - mean) ** 2 for x in summed) / (len(summed) - 1)) if len(summed) > 1 else 0.0
+    return [x / (std + STD_EPS) for x in summed]
+
+
+def random_rewards(seed):
     rng = random.Random(seed)
     group_size = rng.randint(2, 6)
     n_groups = rng.randint(1, 5)
@@ -48,6 +64,22 @@ def test_matches_float64_reference(scale, seed):
     rewards = [[rng.choice([math.nan, rng.random(), float(rng.randint(0, 2))]) if rng.random() < 0.3 else rng.gauss(0, 2)
                 for _ in range(k)] for _ in range(group_size * n_groups)]
     weights = [rng.uniform(0.1, 2.0) for _ in range(k)]
+    return rewards, weights, group_size
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_normalize_then_sum_matches_float64_reference(seed):
+    rewards, weights, group_size = random_rewards(seed)
+    got, _ = compute_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64),
+                                group_size, aggregation="normalize_then_sum")
+    want = torch.tensor(reference_normalize_then_sum(rewards, weights, group_size), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("seed", range(8))
+def test_matches_float64_reference(scale, seed):
+    rewards, weights, group_size = random_rewards(seed)
     expected = reference_advantages(rewards, weights, group_size, scale)
     got, _ = compute_advantages(torch.tensor(rewards, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64),
                                 group_size, scale)
@@ -88,3 +120,30 @@ def test_group_advantages_sum_to_zero():
 def test_batch_not_multiple_of_group_is_rejected():
     with pytest.raises(ValueError, match="groups of 4"):
         compute_advantages(torch.zeros(6, 1), torch.ones(1), 4)
+
+
+def test_normalize_then_sum_hand_computed():
+    # two functions, one group of 3: z-score each within the group, weight, sum, divide by the batch std
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    adv, _ = compute_advantages(rewards, weights, 3, aggregation="normalize_then_sum")
+    # column 1: mean 1/3, std sqrt(1/3); column 2: mean 1, std sqrt(3)
+    z1 = [(1 - 1 / 3) / (math.sqrt(1 / 3) + STD_EPS), (-1 / 3) / (math.sqrt(1 / 3) + STD_EPS), (-1 / 3) / (math.sqrt(1 / 3) + STD_EPS)]
+    z2 = [(-1) / (math.sqrt(3) + STD_EPS), (-1) / (math.sqrt(3) + STD_EPS), 2 / (math.sqrt(3) + STD_EPS)]
+    summed = [a + 0.5 * b for a, b in zip(z1, z2)]
+    mean = sum(summed) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in summed) / 2)
+    torch.testing.assert_close(adv, torch.tensor([x / (std + STD_EPS) for x in summed], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_normalize_then_sum_keeps_silent_groups_at_zero_and_differs_from_sum_first():
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0],    # silent group
+                            [1.0, 0.0], [0.0, 10.0], [0.0, 0.0]], dtype=torch.float64)
+    weights = torch.ones(2, dtype=torch.float64)
+    nts, _ = compute_advantages(rewards, weights, 3, aggregation="normalize_then_sum")
+    stn, _ = compute_advantages(rewards, weights, 3)
+    assert torch.equal(nts[:3], torch.zeros(3, dtype=torch.float64))
+    # summing first lets the 10-point reward dominate; normalising first gives both functions equal say
+    assert stn[4] > 0 and stn[3] < 0
+    assert not torch.allclose(nts[3:], stn[3:])
