@@ -31,6 +31,7 @@ class GRPOConfig(BaseModel):
     dataset: str = Field("arithmetic", description="Train data: a built-in task name ('arithmetic[?key=value&...]') or a .jsonl/.json/.csv/.parquet file.")
     eval_dataset: str | None = Field(None, description="Held-out data, same forms as `dataset`; 'arithmetic:held_out' is the built-in task's fixed held-out split.")
     eval_limit: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts.")
+    torch_dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description="dtype the policy's weights are loaded and trained in (bf16: see also `bf16` for autocast with fp32 weights).")
     prompt_column: str = Field("prompt", description="Column holding the prompt: a string, or a list of chat messages.")
     system_prompt: str | None = Field(None, description="System message prepended to conversational prompts that have none.")
     max_prompt_length: int | None = Field(512, gt=0, description="Prompts longer than this many tokens are dropped (counted and logged).")
@@ -51,9 +52,17 @@ class GRPOConfig(BaseModel):
     beta: float = Field(0.0, ge=0.0, description="KL coefficient to the reference policy (k3 estimator); 0 loads no reference.")
     epsilon: float = Field(0.2, gt=0.0, description="Lower clip range of the importance ratio (and upper, unless epsilon_high).")
     epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range (DAPO clip-higher); default: epsilon.")
+    delta: float | None = Field(None, gt=1.0, description="Two-sided clipping: cap on the unclipped importance ratio (INTELLECT-2); None: no cap.")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="Importance ratio per token (GRPO) or one per completion from its mean log-ratio (GSPO).")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss normalisation: grpo (per-sequence mean), bnpo/dapo (per token over the batch), dr_grpo (by batch x max_completion_length).")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by the reward std of the group, of the batch, or not at all.")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="Weighted-sum the rewards then normalise, or z-score each reward in its group first (GDPO).")
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generation (mu in the paper).")
+    steps_per_generation: int | None = Field(None, gt=0, description="Micro-batches each generation fills (default: gradient_accumulation_steps); more gives several optimizer steps per generation.")
+    mask_truncated_completions: bool = Field(False, description="Leave completions cut off at max_completion_length out of the loss (DAPO).")
+    top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0, description="Train only on this top fraction of tokens by entropy (per micro-batch); 1.0: all tokens.")
+    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop groups whose rewards have zero spread and refill from fresh prompts.")
+    max_resample_rounds: int = Field(3, ge=0, description="With dynamic_sampling: at most this many refill rounds per generation; then zero-spread groups fill the rest (and a warning says so).")
 
     # optimisation
     learning_rate: float = Field(1e-6, gt=0.0, description="AdamW peak learning rate.")
@@ -78,22 +87,29 @@ class GRPOConfig(BaseModel):
     logging_steps: int = Field(1, gt=0, description="Print metrics to the console every this many steps (metrics.jsonl gets every step).")
 
     @property
-    def generation_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+    def micro_batches_per_generation(self) -> int:
+        return self.steps_per_generation or self.gradient_accumulation_steps
 
     @property
-    def prompts_per_step(self) -> int:
+    def generation_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.micro_batches_per_generation
+
+    @property
+    def prompts_per_generation(self) -> int:
         return self.generation_batch_size // self.num_generations
 
     @model_validator(mode="after")
     def _check_geometry(self) -> GRPOConfig:
         gbs = self.generation_batch_size
+        if self.micro_batches_per_generation % self.gradient_accumulation_steps:
+            raise ValueError(f"steps_per_generation = {self.steps_per_generation} must be a multiple of "
+                             f"gradient_accumulation_steps = {self.gradient_accumulation_steps}")
         if gbs % self.num_generations:
             valid = [g for g in range(2, gbs + 1) if gbs % g == 0]
             raise ValueError(
-                f"per_device_train_batch_size x gradient_accumulation_steps = {gbs} completions per step is not "
-                f"divisible by num_generations = {self.num_generations}; with this batch, num_generations can be {valid}, "
-                f"or make the batch a multiple of {self.num_generations}")
+                f"per_device_train_batch_size x steps_per_generation (default gradient_accumulation_steps) = {gbs} "
+                f"completions per generation is not divisible by num_generations = {self.num_generations}; with this "
+                f"batch, num_generations can be {valid}, or make the batch a multiple of {self.num_generations}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values but reward_funcs has "
                              f"{len(self.reward_funcs)} functions; give one weight per function")

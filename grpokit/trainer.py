@@ -1,11 +1,14 @@
 """The GRPO loop: rollout -> rewards -> advantages -> policy update, one optimizer step at a time.
 
-Each generation samples `prompts_per_step` prompts x `num_generations` completions with the
-in-process sampler, scores them, and feeds `num_iterations` optimizer steps, each accumulated
-over micro-batches of `per_device_train_batch_size` completions. Old log-probs are computed once
-per generation when `num_iterations > 1`; otherwise the detached policy log-probs stand in (the
-ratio is then exactly 1 and only its gradient matters). Reference log-probs come from a frozen
-copy of the starting policy, and only when `beta > 0`.
+Each generation samples `prompts_per_generation` prompts x `num_generations` completions with
+the in-process sampler and scores them; with `dynamic_sampling`, groups whose rewards have zero
+spread are dropped and refilled from fresh prompts (DAPO). The generation is cut into
+`steps_per_generation` micro-batches of `per_device_train_batch_size` completions; every
+`gradient_accumulation_steps` of them make one optimizer step, and the whole pass repeats
+`num_iterations` times. Old log-probs are computed once per generation when the policy moves
+before a micro-batch is used (num_iterations > 1 or several steps per generation); otherwise the
+detached policy log-probs stand in (the ratio is then exactly 1 and only its gradient matters).
+Reference log-probs come from a frozen copy of the starting policy, and only when `beta > 0`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 from grpokit import data as data_mod
-from grpokit.advantages import compute_advantages, group_stats
+from grpokit.advantages import combine_rewards, compute_advantages, group_stats
 from grpokit.config import GRPOConfig
 from grpokit.evaluate import columns_of, decode_completions, evaluate
 from grpokit.logprobs import completion_logps
@@ -28,7 +31,7 @@ from grpokit.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, Timers, nanmean
 from grpokit.models import frozen_copy, load_policy, load_tokenizer, resolve_model_path
 from grpokit.rewards import RewardFunction, resolve_reward, score
-from grpokit.rollout.base import Rollout, SamplingParams
+from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,28 @@ class MicroBatch:
     advantages: torch.Tensor  # [M]
     old_logps: torch.Tensor | None = None  # [M, T]
     ref_logps: torch.Tensor | None = None  # [M, T]
+
+
+@dataclass(slots=True, kw_only=True)
+class Generation:
+    """Scored completions of whole groups, prompt-major: rows i*G .. i*G+G-1 share a prompt."""
+
+    prompt_ids: list[list[int]]  # [N], one per completion
+    completion_ids: list[list[int]]  # [N]
+    finish_reasons: list[str]  # [N]
+    rewards: torch.Tensor  # [N, K], NaN = not applicable
+
+    def groups(self, keep: list[int], group_size: int) -> Generation:
+        rows = [g * group_size + j for g in keep for j in range(group_size)]
+        return Generation(prompt_ids=[self.prompt_ids[r] for r in rows], completion_ids=[self.completion_ids[r] for r in rows],
+                          finish_reasons=[self.finish_reasons[r] for r in rows], rewards=self.rewards[rows])
+
+    @staticmethod
+    def concat(parts: list[Generation]) -> Generation:
+        return Generation(prompt_ids=[p for g in parts for p in g.prompt_ids],
+                          completion_ids=[c for g in parts for c in g.completion_ids],
+                          finish_reasons=[f for g in parts for f in g.finish_reasons],
+                          rewards=torch.cat([g.rewards for g in parts]))
 
 
 @dataclass(slots=True, kw_only=True)
@@ -82,7 +107,7 @@ class Trainer:
 
         model_path = resolve_model_path(cfg.model)
         self.tokenizer = load_tokenizer(model_path)
-        self.policy = load_policy(model_path).to(self.device)
+        self.policy = load_policy(model_path, getattr(torch, cfg.torch_dtype)).to(self.device)
         self.policy.train()
         self.reference = frozen_copy(self.policy) if cfg.beta > 0 else None
         self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id)
@@ -98,8 +123,12 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.max_steps)
-        self.loss_settings = LossSettings(loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                          beta=cfg.beta, max_completion_length=cfg.max_completion_length)
+        self.loss_settings = LossSettings(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+                                          epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
+                                          top_entropy_quantile=cfg.top_entropy_quantile,
+                                          max_completion_length=cfg.max_completion_length)
+        self.loss_dtype = torch.float64 if cfg.torch_dtype == "float64" else torch.float32
+        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
         self.accuracy_reward = cfg.eval_accuracy_reward or self.reward_funcs[0].name
         self.timers = Timers()
         self._order: list[int] = []
@@ -130,13 +159,15 @@ class Trainer:
             if self.eval_data and cfg.eval_on_start:
                 eval_before = self._evaluate(metrics_log, step=0, label="before training")
             step = 0
+            accum = cfg.gradient_accumulation_steps
+            windows = range(0, cfg.micro_batches_per_generation, accum)
             while step < cfg.max_steps:
                 started = time.perf_counter()
                 batch, gen_metrics = self._generate_and_score()
-                for _ in range(cfg.num_iterations):
+                for start in [w for _ in range(cfg.num_iterations) for w in windows]:
                     step += 1
                     with self.timers("update"):
-                        update_metrics = self._update(batch)
+                        update_metrics = self._update(batch[start:start + accum])
                     metrics = {**gen_metrics, **update_metrics, **self.timers.pop(),
                                "learning_rate": self.scheduler.get_last_lr()[0], "num_tokens": float(self.num_tokens),
                                "step_time": time.perf_counter() - started}
@@ -170,9 +201,9 @@ class Trainer:
             picked.append(self._order.pop())
         return picked
 
-    def _generate_and_score(self) -> tuple[list[MicroBatch], dict[str, float]]:
+    def _sample_groups(self, n_prompts: int) -> Generation:
         cfg, g = self.cfg, self.cfg.num_generations
-        indices = self._next_prompts(cfg.prompts_per_step)
+        indices = self._next_prompts(n_prompts)
         self.generations += 1
         prompt_ids = [self.train_data.prompt_ids[i] for i in indices]
         records = [self.train_data.records[i] for i in indices]
@@ -185,46 +216,90 @@ class Trainer:
             completions = decode_completions(self.tokenizer, rollout.completion_ids, conversational)
             prompts = [r["prompt"] for r in records for _ in range(g)]
             rewards = score(self.reward_funcs, prompts, completions, rollout.completion_ids, columns_of(records, g))
-        weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
-        advantages, totals = compute_advantages(rewards, weights, g, cfg.scale_rewards)
         all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
-        with self.timers("logprobs"):
-            batch = self._micro_batches(all_prompt_ids, rollout, advantages)
-        n_generated = sum(len(c) for c in rollout.completion_ids)
-        self.num_tokens += n_generated + sum(len(p) for p in all_prompt_ids)
-        return batch, self._generation_metrics(rewards, totals, rollout, n_generated)
+        self.num_tokens += sum(len(c) for c in rollout.completion_ids) + sum(len(p) for p in all_prompt_ids)
+        return Generation(prompt_ids=all_prompt_ids, completion_ids=rollout.completion_ids,
+                          finish_reasons=list(rollout.finish_reasons), rewards=rewards)
 
-    def _micro_batches(self, prompt_ids: list[list[int]], rollout: Rollout, advantages: torch.Tensor) -> list[MicroBatch]:
-        size = self.cfg.per_device_train_batch_size
-        batches = []
-        for start in range(0, len(prompt_ids), size):
+    def _generate_and_score(self) -> tuple[list[MicroBatch], dict[str, float]]:
+        cfg, g = self.cfg, self.cfg.num_generations
+        need = cfg.prompts_per_generation
+        sampled = [self._sample_groups(need)]
+        extra: dict[str, float] = {}
+        if cfg.dynamic_sampling:
+            batch, extra = self._dynamic_sampling(sampled, need)
+        else:
+            batch = sampled[0]
+        advantages, _ = compute_advantages(batch.rewards, self.reward_weights, g, cfg.scale_rewards,
+                                           cfg.multi_objective_aggregation)
+        with self.timers("logprobs"):
+            micro_batches = self._micro_batches(batch, advantages)
+        return micro_batches, {**self._generation_metrics(Generation.concat(sampled)), **extra}
+
+    def _dynamic_sampling(self, sampled: list[Generation], need: int) -> tuple[Generation, dict[str, float]]:
+        """Keep groups with reward spread; refill from fresh prompts; top up with silent groups if rounds run out."""
+        g = self.cfg.num_generations
+        kept: list[Generation] = []
+        spare: list[Generation] = []
+        rounds = dropped = 0
+        while True:
+            _, _, zero_spread = group_stats(combine_rewards(sampled[-1].rewards, self.reward_weights), g)
+            kept.append(sampled[-1].groups((~zero_spread).nonzero().flatten().tolist(), g))
+            spare.append(sampled[-1].groups(zero_spread.nonzero().flatten().tolist(), g))
+            dropped += int(zero_spread.sum())
+            have = sum(len(k.completion_ids) for k in kept) // g
+            if have >= need or rounds >= self.cfg.max_resample_rounds:
+                break
+            rounds += 1
+            sampled.append(self._sample_groups(need - have))
+        batch = Generation.concat(kept + spare)  # silent groups last: used only if the kept ones fall short
+        filled = max(0, need - have)
+        if filled:
+            log.warning("dynamic sampling: %d of %d groups still had zero reward spread after %d refill round(s); "
+                        "they fill the batch with advantage 0 (raise max_resample_rounds, or the task is too easy "
+                        "or too hard for the model)", filled, need, rounds)
+        batch = batch.groups(list(range(need)), g)
+        return batch, {"dynamic_sampling/dropped_groups": float(dropped), "dynamic_sampling/rounds": float(rounds),
+                       "dynamic_sampling/zero_spread_groups_kept": float(filled)}
+
+    def _micro_batches(self, batch: Generation, advantages: torch.Tensor) -> list[MicroBatch]:
+        cfg = self.cfg
+        size = cfg.per_device_train_batch_size
+        policy_moves = cfg.num_iterations > 1 or cfg.micro_batches_per_generation > cfg.gradient_accumulation_steps
+        micro_batches = []
+        for start in range(0, len(batch.completion_ids), size):
             sl = slice(start, start + size)
-            input_ids, attention, cmask = pack(prompt_ids[sl], rollout.completion_ids[sl], self.tokenizer.pad_token_id, self.device)
+            input_ids, attention, cmask = pack(batch.prompt_ids[sl], batch.completion_ids[sl],
+                                               self.tokenizer.pad_token_id, self.device)
+            if cfg.mask_truncated_completions:
+                finished = torch.tensor([f == "stop" for f in batch.finish_reasons[sl]], device=self.device)
+                cmask = cmask * finished[:, None]
             mb = MicroBatch(input_ids=input_ids, attention_mask=attention, completion_mask=cmask,
-                            advantages=advantages[sl].to(self.device, torch.float32))
+                            advantages=advantages[sl].to(self.device, self.loss_dtype))
             with torch.no_grad(), self.autocast():
-                if self.cfg.num_iterations > 1:
+                if policy_moves:
                     mb.old_logps, _ = self._logps(self.policy, mb)
                 if self.reference is not None:
                     mb.ref_logps, _ = self._logps(self.reference, mb)
-            batches.append(mb)
-        return batches
+            micro_batches.append(mb)
+        return micro_batches
 
     def _logps(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logps(model, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1],
                                 self.cfg.temperature, self.cfg.logprob_chunk_size)
 
-    def _update(self, batch: list[MicroBatch]) -> dict[str, float]:
-        totals = StepTotals(num_sequences=sum(len(mb.advantages) for mb in batch),
-                            num_tokens=int(sum(mb.completion_mask.sum() for mb in batch)))
+    def _update(self, window: list[MicroBatch]) -> dict[str, float]:
+        """One optimizer step over the micro-batches of one accumulation window."""
+        totals = StepTotals(num_sequences=sum(len(mb.advantages) for mb in window),
+                            num_tokens=int(sum(mb.completion_mask.sum() for mb in window)))
         sums: dict[str, float] = {}
         loss_total = 0.0
-        for mb in batch:
+        for mb in window:
             with self.autocast():
                 policy_logps, entropy = self._logps(self.policy, mb)
             old = mb.old_logps if mb.old_logps is not None else policy_logps.detach()
             loss, metrics = grpo_loss(policy_logps, old, mb.ref_logps, mb.advantages, mb.completion_mask,
-                                      self.loss_settings, totals)
+                                      self.loss_settings, totals, entropy=entropy)
             loss.backward()
             loss_total += float(loss.detach())
             n_tok = float(mb.completion_mask.sum())
@@ -243,12 +318,14 @@ class Trainer:
         out.update(loss=loss_total, grad_norm=grad_norm)
         return out
 
-    def _generation_metrics(self, rewards: torch.Tensor, totals: torch.Tensor, rollout: Rollout,
-                            n_generated: int) -> dict[str, float]:
+    def _generation_metrics(self, sampled: Generation) -> dict[str, float]:
+        """Reward and length statistics over everything sampled this step (dropped groups included)."""
         g = self.cfg.num_generations
+        rewards = sampled.rewards
+        totals = combine_rewards(rewards, self.reward_weights)
         _, group_std, zero_spread = group_stats(totals, g)
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float64)
-        terminated = torch.tensor([r == "stop" for r in rollout.finish_reasons])
+        lengths = torch.tensor([len(c) for c in sampled.completion_ids], dtype=torch.float64)
+        terminated = torch.tensor([r == "stop" for r in sampled.finish_reasons])
         m = {"reward": nanmean(totals), "reward_std": nanmean(group_std),
              "frac_reward_zero_std": float(zero_spread.double().mean()),
              "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
@@ -259,7 +336,7 @@ class Trainer:
             valid = column[~torch.isnan(column)]
             m[f"rewards/{f.name}/mean"] = float(valid.mean()) if valid.numel() else math.nan
             m[f"rewards/{f.name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
-        m["tokens_per_second"] = n_generated / max(self.timers.totals.get("generate", 0.0), 1e-9)
+        m["tokens_per_second"] = float(lengths.sum()) / max(self.timers.totals.get("generate", 0.0), 1e-9)
         return m
 
     def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
@@ -284,9 +361,11 @@ class Trainer:
                   f"{' (bf16 autocast)' if cfg.bf16 else ''}")
         self._say(f"data: {len(self.train_data.prompt_ids)} train prompts"
                   + (f", {len(self.eval_data.prompt_ids)} held-out" if self.eval_data else "")
-                  + f"; per step: {cfg.prompts_per_step} prompts x {cfg.num_generations} completions, "
-                  f"{cfg.gradient_accumulation_steps} micro-batch(es) of {cfg.per_device_train_batch_size}, "
-                  f"{cfg.num_iterations} optimizer step(s) per generation, loss_type {cfg.loss_type}")
+                  + f"; per generation: {cfg.prompts_per_generation} prompts x {cfg.num_generations} completions in "
+                  f"{cfg.micro_batches_per_generation} micro-batch(es) of {cfg.per_device_train_batch_size}, "
+                  f"{cfg.num_iterations * cfg.micro_batches_per_generation // cfg.gradient_accumulation_steps} optimizer "
+                  f"step(s) of {cfg.gradient_accumulation_steps} micro-batch(es) each; loss_type {cfg.loss_type}, "
+                  f"importance sampling per {cfg.importance_sampling_level}")
 
     def _say(self, line: str) -> None:
         log.info(line)  # the CLI shows grpokit's info lines on stdout; the run's log file gets them too

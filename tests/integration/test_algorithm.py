@@ -1,0 +1,145 @@
+"""The GRPO options as the trainer runs them, on a tiny random model (in-process and through the CLI)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from grpokit.config import validate_config
+from grpokit.trainer import Generation, Trainer
+from tests.conftest import run_cli, write_jsonl
+
+REWARDS = '''
+def digit_fraction(completions, **kwargs):
+    """Learnable by a tiny model: the share of characters that are digits."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def text_hash(completions, **kwargs):
+    return [sum(i * ord(ch) for i, ch in enumerate(c, 1)) % 997 / 997 for c in completions]
+
+
+def constant_for_c(completions, kind, **kwargs):
+    """Constant on prompts of kind C (zero spread), varying on kind V."""
+    return [1.0 if k == "C" else sum(i * ord(ch) for i, ch in enumerate(c, 1)) % 997 / 997
+            for c, k in zip(completions, kind)]
+'''
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    rows = [{"prompt": f"{kind}: what is {a} + {b}?", "answer": str(a + b), "kind": kind}
+            for a in range(6) for b in range(4) for kind in ("C", "V")]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return tmp_path
+
+
+def make_config(model_dir, **overrides):
+    base = {"model": str(model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",
+            "reward_funcs": ["my_rewards.text_hash"], "num_generations": 4, "per_device_train_batch_size": 8,
+            "max_completion_length": 10, "learning_rate": 1e-2, "max_steps": 1, "seed": 3}
+    return validate_config({**base, **overrides})
+
+
+def _state(trainer):
+    return {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_accumulation_1x8_equals_8x1(workdir, tiny_model_dir, loss_type):
+    results = []
+    for per_device, accum in ((8, 1), (1, 8)):
+        cfg = make_config(tiny_model_dir, per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
+                          torch_dtype="float64", beta=0.1, loss_type=loss_type, output_dir=f"run{per_device}")
+        trainer = Trainer(cfg)
+        batch, _ = trainer._generate_and_score()
+        metrics = trainer._update(batch)
+        results.append((_state(trainer), metrics))
+    (state_a, m_a), (state_b, m_b) = results
+    assert m_a["grad_norm"] > 0
+    assert m_a["loss"] == pytest.approx(m_b["loss"], rel=1e-10, abs=1e-12)
+    assert m_a["grad_norm"] == pytest.approx(m_b["grad_norm"], rel=1e-10)  # Adam's first step hides a scale error
+    for name in state_a:
+        torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_ratio_is_one_on_first_pass_and_moves_on_the_second(workdir, tiny_model_dir):
+    trainer = Trainer(make_config(tiny_model_dir, num_iterations=2, learning_rate=5e-2, max_steps=2))
+    batch, _ = trainer._generate_and_score()
+    assert all(mb.old_logps is not None for mb in batch)  # computed once per generation
+    first = trainer._update(batch)
+    second = trainer._update(batch)
+    assert first["clip_ratio/region_mean"] == 0.0
+    assert second["clip_ratio/region_mean"] > 0.0
+
+
+def test_steps_per_generation_gives_several_optimizer_steps_per_generation(workdir, tiny_model_dir):
+    cfg = make_config(tiny_model_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                      steps_per_generation=4, max_steps=4)
+    assert cfg.prompts_per_generation == 4 and cfg.micro_batches_per_generation == 4
+    trainer = Trainer(cfg)
+    calls = []
+    original = trainer._sample_groups
+    trainer._sample_groups = lambda n: calls.append(n) or original(n)
+    trainer.train()
+    assert calls == [4, 4]  # 4 optimizer steps, 2 per generation
+    lines = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+
+
+def test_mask_truncated_completions_leaves_cut_off_rows_out(workdir, tiny_model_dir):
+    trainer = Trainer(make_config(tiny_model_dir, mask_truncated_completions=True, per_device_train_batch_size=4))
+    generation = Generation(prompt_ids=[[5, 6]] * 4, completion_ids=[[7, 8, 1], [7, 8, 9], [7, 1], [7]],
+                            finish_reasons=["stop", "length", "stop", "length"], rewards=torch.zeros(4, 1))
+    (mb,) = trainer._micro_batches(generation, torch.ones(4))
+    assert mb.completion_mask.sum(dim=1).tolist() == [3, 0, 2, 0]
+
+
+def test_dynamic_sampling_keeps_only_groups_with_spread_and_fills_the_batch(workdir, tiny_model_dir):
+    cfg = make_config(tiny_model_dir, reward_funcs=["my_rewards.constant_for_c"], dynamic_sampling=True,
+                      max_resample_rounds=8, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    trainer = Trainer(cfg)
+    batch, metrics = trainer._generate_and_score()
+    texts = [trainer.tokenizer.decode(row) for mb in batch for row in mb.input_ids]
+    assert len(texts) == cfg.generation_batch_size == 16
+    assert all("V: what is" in t and "C: what is" not in t for t in texts)
+    assert metrics["dynamic_sampling/dropped_groups"] > 0 and metrics["dynamic_sampling/zero_spread_groups_kept"] == 0
+    assert all((mb.advantages != 0).any() for mb in batch)
+
+
+def test_dynamic_sampling_tops_up_when_rounds_run_out(workdir, tiny_model_dir, caplog):
+    cfg = make_config(tiny_model_dir, reward_funcs=["my_rewards.constant_for_c"], dynamic_sampling=True,
+                      max_resample_rounds=0, per_device_train_batch_size=16)
+    trainer = Trainer(cfg)
+    batch, metrics = trainer._generate_and_score()
+    assert sum(len(mb.advantages) for mb in batch) == 16  # still full
+    assert metrics["dynamic_sampling/zero_spread_groups_kept"] > 0  # seed 3 draws C prompts in the first round
+    assert metrics["dynamic_sampling/rounds"] == 0
+    assert "zero reward spread after 0 refill round(s)" in caplog.text
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_each_loss_type_learns_a_trivial_reward_through_the_cli(workdir, tiny_model_dir, loss_type):
+    config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",
+              "reward_funcs": ["my_rewards.digit_fraction"], "num_generations": 8, "per_device_train_batch_size": 16,
+              "max_completion_length": 8, "learning_rate": 3e-2, "max_steps": 16, "seed": 0, "loss_type": loss_type,
+              "importance_sampling_level": "sequence" if loss_type == "grpo" else "token"}
+    (workdir / "cfg.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli("train", "cfg.yaml", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    rewards = [json.loads(line)["reward"] for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.1, rewards
+
+
+def test_options_reach_the_loss(workdir, tiny_model_dir):
+    trainer = Trainer(make_config(tiny_model_dir, importance_sampling_level="sequence", delta=1.5, epsilon_high=0.28,
+                                  top_entropy_quantile=0.5, multi_objective_aggregation="normalize_then_sum"))
+    s = trainer.loss_settings
+    assert (s.importance_sampling_level, s.delta, s.epsilon_high, s.top_entropy_quantile) == ("sequence", 1.5, 0.28, 0.5)
+    batch, _ = trainer._generate_and_score()
+    assert trainer._update(batch)["grad_norm"] > 0
