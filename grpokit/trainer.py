@@ -108,6 +108,8 @@ class Trainer:
         model_path = resolve_model_path(cfg.model)
         self.tokenizer = load_tokenizer(model_path)
         self.policy = load_policy(model_path, getattr(torch, cfg.torch_dtype)).to(self.device)
+        if cfg.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.policy.train()
         self.reference = frozen_copy(self.policy) if cfg.beta > 0 else None
         self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id)
