@@ -109,10 +109,10 @@ def test_argument_matching_no_column_is_a_clear_error():
 
 def test_resolve_builtin_file_and_dotted(tmp_path, monkeypatch):
     assert resolve_reward("number_correct").fn is number_correct
-    (tmp_path / "my_rewards.py").write_text("def short(completions, **kw):\n    return [-len(c) for c in completions]\n")
-    by_file = resolve_reward(f"{tmp_path / 'my_rewards.py'}:short")
+    (tmp_path / "resolve_test_rewards.py").write_text("def short(completions, **kw):\n    return [-len(c) for c in completions]\n")
+    by_file = resolve_reward(f"{tmp_path / 'resolve_test_rewards.py'}:short")
     monkeypatch.chdir(tmp_path)
-    by_module = resolve_reward("my_rewards.short")
+    by_module = resolve_reward("resolve_test_rewards.short")
     for f in (by_file, by_module):
         assert f.name == "short" and f(["p"], ["abc"], [[1]], {"prompt": ["p"]}) == [-3.0]
 
