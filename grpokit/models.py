@@ -121,6 +121,14 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32):
     return model
 
 
+def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str] | str):
+    """Wrap `model` with trainable LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """Reference policy for the KL term: a copy that never receives gradients."""
     ref = copy.deepcopy(model)

@@ -29,7 +29,7 @@ from grpokit.evaluate import columns_of, decode_completions, evaluate
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, Timers, nanmean
-from grpokit.models import frozen_copy, load_policy, load_tokenizer, resolve_model_path
+from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, resolve_model_path
 from grpokit.rewards import RewardFunction, resolve_reward, score
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
@@ -110,8 +110,11 @@ class Trainer:
         self.policy = load_policy(model_path, getattr(torch, cfg.torch_dtype)).to(self.device)
         if cfg.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.use_peft:
+            self.policy = add_lora(self.policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         self.policy.train()
-        self.reference = frozen_copy(self.policy) if cfg.beta > 0 else None
+        # the reference policy: none at beta 0; with LoRA the same model with adapters disabled; else a frozen copy
+        self.reference = frozen_copy(self.policy) if cfg.beta > 0 and not cfg.use_peft else None
         self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id)
         self.train_data = data_mod.tokenise_prompts(self.train_records, self.tokenizer, cfg.max_prompt_length, cfg.dataset)
         self.eval_data = (data_mod.tokenise_prompts(self.eval_records, self.tokenizer, cfg.max_prompt_length, cfg.eval_dataset)
@@ -281,10 +284,17 @@ class Trainer:
             with torch.no_grad(), self.autocast():
                 if policy_moves:
                     mb.old_logps, _ = self._logps(self.policy, mb)
-                if self.reference is not None:
-                    mb.ref_logps, _ = self._logps(self.reference, mb)
+                mb.ref_logps = self._reference_logps(mb)
             micro_batches.append(mb)
         return micro_batches
+
+    def _reference_logps(self, mb: MicroBatch) -> torch.Tensor | None:
+        if self.cfg.beta == 0:
+            return None
+        if self.cfg.use_peft:
+            with self.policy.disable_adapter():
+                return self._logps(self.policy, mb)[0]
+        return self._logps(self.reference, mb)[0]
 
     def _logps(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logps(model, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1],

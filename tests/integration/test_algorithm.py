@@ -143,3 +143,47 @@ def test_options_reach_the_loss(workdir, tiny_model_dir):
     assert (s.importance_sampling_level, s.delta, s.epsilon_high, s.top_entropy_quantile) == ("sequence", 1.5, 0.28, 0.5)
     batch, _ = trainer._generate_and_score()
     assert trainer._update(batch)["grad_norm"] > 0
+
+
+def test_beta_zero_loads_no_reference_and_runs_no_reference_forward(workdir, tiny_model_dir):
+    trainer = Trainer(make_config(tiny_model_dir, beta=0.0))
+    assert trainer.reference is None
+    batch, _ = trainer._generate_and_score()
+    assert all(mb.ref_logps is None for mb in batch)
+
+
+def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(workdir, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.logprobs import completion_logps
+
+    trainer = Trainer(make_config(tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, beta=0.1,
+                                  learning_rate=5e-2))
+    assert trainer.reference is None  # no second copy: adapters are switched off instead
+    before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    batch, _ = trainer._generate_and_score()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for mb in batch:
+        with torch.no_grad():
+            want, _ = completion_logps(base, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1])
+        torch.testing.assert_close(mb.ref_logps, want, rtol=1e-5, atol=1e-6)
+    trainer._update(batch)
+    trainer._update(batch)  # LoRA starts with B = 0, so A's gradient is zero until B has moved once
+    for name, p in trainer.policy.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == ("lora_" in name), name
+    # after the update the adapters matter, but switching them off still gives the base model
+    with torch.no_grad(), trainer.policy.disable_adapter():
+        off, _ = completion_logps(trainer.policy, batch[0].input_ids, batch[0].attention_mask,
+                                  batch[0].completion_mask.shape[1])
+        want, _ = completion_logps(base, batch[0].input_ids, batch[0].attention_mask, batch[0].completion_mask.shape[1])
+    torch.testing.assert_close(off, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_run_saves_a_loadable_adapter(workdir, tiny_model_dir):
+    from peft import AutoPeftModelForCausalLM
+
+    Trainer(make_config(tiny_model_dir, use_peft=True, lora_r=4, max_steps=1)).train()
+    model = AutoPeftModelForCausalLM.from_pretrained(workdir / "run" / "final_model")
+    assert (workdir / "run" / "final_model" / "adapter_config.json").is_file()
+    assert model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()
