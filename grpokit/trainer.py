@@ -186,14 +186,14 @@ class Trainer:
             if self.eval_data:
                 eval_after = self._evaluate(metrics_log, step=step, label="after training")
             self._save(out / "final_model")
+            if eval_before and eval_after:
+                self._say(f"held-out accuracy: {_pct(eval_before)} before -> {_pct(eval_after)} after "
+                          f"({100 * (eval_after['eval/accuracy'] - eval_before['eval/accuracy']):+.1f} points)")
+            self._say(f"saved {out / 'final_model'}")
         finally:
             metrics_log.close()
             logging.getLogger("grpokit").removeHandler(handler)
             handler.close()
-        if eval_before and eval_after:
-            self._say(f"held-out accuracy: {_pct(eval_before)} before -> {_pct(eval_after)} after "
-                      f"({100 * (eval_after['eval/accuracy'] - eval_before['eval/accuracy']):+.1f} points)")
-        self._say(f"saved {out / 'final_model'}")
         return TrainResult(output_dir=out, steps=step, eval_before=eval_before, eval_after=eval_after)
 
     # -- phases --------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def test_train_changes_every_parameter_and_writes_the_run(tmp_path, tiny_model_d
     assert "held-out accuracy" in result.stdout
     resolved = (run / "config.yaml").read_text()
     assert "beta: 0.1" in resolved and "max_steps: 3" in resolved
-    assert (run / "training_log.txt").read_text()
+    log_text = (run / "training_log.txt").read_text()
+    assert "held-out accuracy before training" in log_text and "saved" in log_text
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
