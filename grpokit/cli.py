@@ -79,8 +79,11 @@ def _train(args) -> int:
         from grpokit import data
         from grpokit.rewards import resolve_reward
 
-        funcs = [resolve_reward(name).name for name in cfg.reward_funcs]
         train = data.load_records(cfg.dataset, cfg.prompt_column, cfg.system_prompt)
+        funcs = [resolve_reward(name) for name in cfg.reward_funcs]
+        for f in funcs:
+            f.check_columns(train[0].keys())
+        funcs = [f.name for f in funcs]
         held = data.load_records(cfg.eval_dataset, cfg.prompt_column, cfg.system_prompt) if cfg.eval_dataset else []
         print(cfg.to_yaml(), end="")
         print(f"dry run: {len(train)} train prompts, {len(held)} held-out, rewards {funcs}; nothing trained")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -26,10 +25,10 @@ def columns_of(records: list[dict], repeat: int) -> dict[str, list]:
 
 
 def evaluate(engine: Engine, tokenizer, data: TokenisedPrompts, reward_funcs: list[RewardFunction],
-             accuracy_reward: str, max_tokens: int, batch_size: int = 64,
+             accuracy_reward: str, max_tokens: int, stop_token_ids: list[int], batch_size: int = 64,
              autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
     """Greedy completions for every prompt; returns eval/* metrics (eval/accuracy = mean of `accuracy_reward`)."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=[tokenizer.eos_token_id])
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids)
     conversational = isinstance(data.records[0]["prompt"], list)
     rows, lengths, truncated = [], [], 0
     for start in range(0, len(data.prompt_ids), batch_size):

@@ -105,6 +105,8 @@ class Trainer:
             self.eval_records = data_mod.load_records(cfg.eval_dataset, cfg.prompt_column, cfg.system_prompt)
             self.eval_records = self.eval_records[:cfg.eval_limit] if cfg.eval_limit else self.eval_records
 
+        for f in self.reward_funcs:  # a reward argument that matches no column fails now, not at step 1
+            f.check_columns(self.train_records[0].keys())
         model_path = resolve_model_path(cfg.model)
         self.tokenizer = load_tokenizer(model_path)
         self.policy = load_policy(model_path, getattr(torch, cfg.torch_dtype)).to(self.device)
@@ -304,8 +306,8 @@ class Trainer:
         """One optimizer step over the micro-batches of one accumulation window."""
         totals = StepTotals(num_sequences=sum(len(mb.advantages) for mb in window),
                             num_tokens=int(sum(mb.completion_mask.sum() for mb in window)))
-        sums: dict[str, float] = {}
-        loss_total = 0.0
+        sums: dict[str, torch.Tensor] = {}
+        loss_total = torch.zeros((), device=self.device)
         for mb in window:
             with self.autocast():
                 policy_logps, entropy = self._logps(self.policy, mb)
@@ -313,20 +315,21 @@ class Trainer:
             loss, metrics = grpo_loss(policy_logps, old, mb.ref_logps, mb.advantages, mb.completion_mask,
                                       self.loss_settings, totals, entropy=entropy)
             loss.backward()
-            loss_total += float(loss.detach())
-            n_tok = float(mb.completion_mask.sum())
-            metrics["entropy"] = (entropy * mb.completion_mask).sum() / max(n_tok, 1.0)
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * n_tok
+            loss_total = loss_total + loss.detach()
+            n_tok = mb.completion_mask.sum()
+            metrics["entropy"] = (entropy * mb.completion_mask).sum() / n_tok.clamp(min=1)
+            for key, value in metrics.items():  # tensors until the end of the step: no device sync per micro-batch
+                sums[key] = sums.get(key, 0.0) + value.detach() * n_tok
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        loss_total = float(loss_total)
         if math.isfinite(grad_norm) and math.isfinite(loss_total):
             self.optimizer.step()
         else:
             log.warning("non-finite loss (%s) or gradient norm (%s): optimizer step skipped", loss_total, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {key: value / max(totals.num_tokens, 1) for key, value in sums.items()}
+        out = {key: float(value) / max(totals.num_tokens, 1) for key, value in sums.items()}
         out.update(loss=loss_total, grad_norm=grad_norm)
         return out
 
@@ -346,7 +349,7 @@ class Trainer:
         for k, f in enumerate(self.reward_funcs):
             column = rewards[:, k]
             valid = column[~torch.isnan(column)]
-            m[f"rewards/{f.name}/mean"] = float(valid.mean()) if valid.numel() else math.nan
+            m[f"rewards/{f.name}/mean"] = nanmean(column)
             m[f"rewards/{f.name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
         m["tokens_per_second"] = float(lengths.sum()) / max(self.timers.totals.get("generate", 0.0), 1e-9)
         return m
@@ -355,7 +358,7 @@ class Trainer:
         limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
         started = time.perf_counter()
         result = evaluate(self.engine, self.tokenizer, self.eval_data, self.reward_funcs, self.accuracy_reward, limit,
-                          autocast=self.autocast)
+                          self.stop_ids, autocast=self.autocast)
         result["eval/time"] = time.perf_counter() - started
         metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")

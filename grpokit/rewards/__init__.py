@@ -44,6 +44,10 @@ class RewardFunction:
             raise RewardError(f"reward function '{self.name}' raised {type(exc).__name__}: {exc}") from exc
         return self._check(result, len(completions))
 
+    def check_columns(self, column_names) -> None:
+        """Raise RewardError now if an argument of the function matches none of these dataset columns."""
+        self._bind([], [], [], {name: [] for name in column_names})
+
     def _bind(self, prompts, completions, completion_ids, columns) -> dict[str, Any]:
         available: dict[str, Any] = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids}
         available.update({k: v for k, v in columns.items() if k != "prompt"})

@@ -122,3 +122,15 @@ def test_check_prints_every_key_with_its_help(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "beta: 0.3  # KL coefficient" in result.stdout
     assert "num_generations: 8  # Completions sampled per prompt" in result.stdout
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_reward_argument_matching_no_column_fails_before_the_model_loads(tmp_path, tiny_model_dir, dry_run):
+    (tmp_path / "needy.py").write_text("def needs_topic(completions, topic):\n    return [0.0] * len(completions)\n")
+    # the model path does not exist: had the model been loaded first, that error would show instead
+    cfg = _setup(tmp_path, tiny_model_dir, reward_funcs=["needy.needs_topic"], reward_weights=None,
+                 model="./no-model-here")
+    result = run_cli("train", str(cfg), *(["--dry-run"] if dry_run else []), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "'needs_topic' needs argument 'topic', which matches no dataset column" in result.stderr
+    assert "Traceback" not in result.stderr
