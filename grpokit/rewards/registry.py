@@ -1,0 +1,22 @@
+"""Built-in reward names -> 'module:attribute', imported only when a config names them.
+
+An attribute is either a reward function or a reward class (constructed with the `args` of its
+`reward_funcs` entry). Heavy dependencies (math-verify, transformers models, HTTP clients) stay
+unimported until their reward is used.
+"""
+
+BUILTIN_REWARDS: dict[str, str] = {
+    "number_correct": "grpokit.rewards.builtin:number_correct",
+    "answer_format": "grpokit.rewards.text:AnswerFormat",
+    "think_format": "grpokit.rewards.text:ThinkFormat",
+    "length": "grpokit.rewards.text:Length",
+    "soft_overlong_punishment": "grpokit.rewards.text:SoftOverlongPunishment",
+    "repetition_penalty": "grpokit.rewards.text:RepetitionPenalty",
+    "math_accuracy": "grpokit.rewards.verifiers:math_accuracy",
+    "gec_f1": "grpokit.rewards.gec:gec_f1",
+    "heuristic_math_qa": "grpokit.rewards.heuristic:heuristic_math_qa",
+    "code_tests": "grpokit.rewards.code:CodeTests",
+    "llm_judge": "grpokit.rewards.judge:LLMJudge",
+    "reward_model": "grpokit.rewards.model_rewards:RewardModel",
+    "semantic_similarity": "grpokit.rewards.model_rewards:SemanticSimilarity",
+}
