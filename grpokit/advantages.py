@@ -12,6 +12,11 @@ batch std. TRL also subtracts the batch mean of the sums; that mean is zero by c
 (every group's z-scores sum to zero), so it is not subtracted here, which keeps silent groups at
 exactly 0 instead of floating-point residue.
 
+Gating (`gate_rewards`, for `reward_combination="gated"`): every reward other than the gate
+counts as 0 where the gate's reward is below its threshold, e.g. correctness only behind the
+asked-for format. A gate that is not applicable (NaN) gates nothing; a gated reward that is
+not applicable stays NaN.
+
 Departures: a group with zero spread (all totals equal, or fewer than two applicable) gets an
 advantage of exactly 0 rather than (r - mean) rounding noise, and a completion whose total is NaN
 gets 0, so neither pushes the policy.
@@ -31,6 +36,15 @@ def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
     applicable = ~torch.isnan(rewards)  # [N, K]
     total = torch.where(applicable, rewards * weights, torch.zeros_like(rewards)).sum(dim=1)  # [N]
     return torch.where(applicable.any(dim=1), total, torch.full_like(total, float("nan")))
+
+
+def gate_rewards(rewards: torch.Tensor, gate: int, threshold: float) -> torch.Tensor:
+    """[N, K] rewards -> [N, K] with every column but `gate` zeroed where rewards[:, gate] < threshold."""
+    closed = rewards[:, gate] < threshold  # [N]; NaN compares False: an inapplicable gate stays open
+    others = torch.ones(rewards.shape[1], dtype=torch.bool)
+    others[gate] = False
+    shut = closed[:, None] & others[None, :] & ~torch.isnan(rewards)  # [N, K]
+    return torch.where(shut, torch.zeros_like(rewards), rewards)
 
 
 def group_stats(totals: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,7 +67,7 @@ def compute_advantages(
     weights: torch.Tensor,
     group_size: int,
     scale_rewards: Literal["group", "batch", "none"] = "group",
-    aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+    aggregation: Literal["weighted_sum", "normalize_then_sum"] = "weighted_sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] rewards -> ([N] advantages, [N] combined totals). N must be a multiple of group_size."""
     if rewards.shape[0] % group_size:
@@ -61,8 +75,8 @@ def compute_advantages(
     totals = combine_rewards(rewards, weights)  # [N]
     if aggregation == "normalize_then_sum":
         return _normalize_then_sum(rewards, weights, group_size), totals
-    if aggregation != "sum_then_normalize":
-        raise ValueError(f"aggregation must be 'sum_then_normalize' or 'normalize_then_sum', got {aggregation!r}")
+    if aggregation != "weighted_sum":
+        raise ValueError(f"aggregation must be 'weighted_sum' or 'normalize_then_sum', got {aggregation!r}")
     mean, std, zero_spread = group_stats(totals, group_size)  # [B] each
     centred = totals - mean.repeat_interleave(group_size)  # [N]
     if scale_rewards == "group":

@@ -16,11 +16,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from grpokit.errors import ConfigError
+from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+
+
+class RewardSpec(BaseModel):
+    """A `reward_funcs` entry with settings: `{func: code_tests, args: {timeout_s: 5}, weight: 1.0}`."""
+
+    model_config = ConfigDict(extra="forbid")
+    func: str = Field(description="Built-in name, 'module.function_or_Class', or 'file.py:function_or_Class'.")
+    name: str | None = Field(None, description="Name in metrics and errors (default: the built-in or attribute name).")
+    args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of a class; fixed keyword arguments of a function.")
+    weight: float | None = Field(None, description="This reward's weight (or use reward_weights, not both).")
+    cache: bool | None = Field(None, description="Score identical (prompt, completion, row) once (default: on for expensive built-ins).")
+    isolation: Literal["process", "inline"] | None = Field(None, description="'process': a killable worker with reward_timeout (default); 'inline': in the trainer process, no timeout.")
 
 
 class GRPOConfig(BaseModel):
@@ -43,9 +56,15 @@ class GRPOConfig(BaseModel):
     output_dir: str = Field("outputs/grpo", description="Run directory: config.yaml, metrics.jsonl, final_model/.")
 
     # rewards
-    reward_funcs: list[str] = Field(default_factory=lambda: ["number_correct", "answer_format"], min_length=1,
-                                    description="Reward functions: built-in names, dotted paths ('pkg.module.fn') or 'file.py:fn'.")
+    reward_funcs: list[str | RewardSpec] = Field(default_factory=lambda: ["number_correct", "answer_format"], min_length=1,
+                                                 description="Reward functions: built-in names, dotted paths ('pkg.module.fn'), 'file.py:fn', or {func:, name:, args:, weight:} entries.")
     reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1.0).")
+    reward_combination: Literal["weighted_sum", "normalize_then_sum", "gated"] = Field(
+        "weighted_sum", description="weighted_sum: sum the weighted rewards, then normalise in the group; normalize_then_sum: z-score each reward in its group first (GDPO; TRL's multi_objective_aggregation); gated: like weighted_sum, but the other rewards count only where reward_gate passes.")
+    reward_gate: str | None = Field(None, description="With reward_combination=gated: the reward that must pass (>= reward_gate_threshold) for the others to count, e.g. a format check in front of correctness.")
+    reward_gate_threshold: float = Field(1.0, description="The gate passes where its reward is >= this.")
+    reward_timeout: float | None = Field(60.0, gt=0.0, description="Seconds one reward call may take (per completion for per-sample functions) before its worker is killed and the result counts as missing; None: no limit.")
+    reward_error_rate_limit: float = Field(0.1, ge=0.0, le=1.0, description="Stop the run when a reward function fails (raises, times out, returns inf) on more than this fraction of the completions it scored.")
     eval_accuracy_reward: str | None = Field(None, description="Reward whose mean is reported as eval/accuracy (default: the first).")
 
     # GRPO
@@ -61,7 +80,6 @@ class GRPOConfig(BaseModel):
     importance_sampling_level: Literal["token", "sequence"] = Field("token", description="Importance ratio per token (GRPO) or one per completion from its mean log-ratio (GSPO).")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss normalisation: grpo (per-sequence mean), bnpo/dapo (per token over the batch), dr_grpo (by batch x max_completion_length).")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by the reward std of the group, of the batch, or not at all.")
-    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="Weighted-sum the rewards then normalise, or z-score each reward in its group first (GDPO).")
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generation (mu in the paper).")
     steps_per_generation: int | None = Field(None, gt=0, description="Micro-batches each generation fills (default: gradient_accumulation_steps); more gives several optimizer steps per generation.")
     mask_truncated_completions: bool = Field(False, description="Leave completions cut off at max_completion_length out of the loss (DAPO).")
@@ -116,12 +134,45 @@ class GRPOConfig(BaseModel):
                 f"per_device_train_batch_size x steps_per_generation (default gradient_accumulation_steps) = {gbs} "
                 f"completions per generation is not divisible by num_generations = {self.num_generations}; with this "
                 f"batch, num_generations can be {valid}, or make the batch a multiple of {self.num_generations}")
+        self._check_rewards()
+        return self
+
+    def _check_rewards(self) -> None:
+        for i, entry in enumerate(self.reward_funcs):
+            func = entry if isinstance(entry, str) else entry.func
+            if "." not in func and ":" not in func and func not in BUILTIN_REWARDS:
+                close = difflib.get_close_matches(func, BUILTIN_REWARDS, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"reward_funcs[{i}]: unknown reward '{func}'{hint} Built-ins: {sorted(BUILTIN_REWARDS)}; "
+                                 "or give 'module.function' or 'file.py:function'")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values but reward_funcs has "
                              f"{len(self.reward_funcs)} functions; give one weight per function")
-        if self.eval_accuracy_reward is not None and self.eval_accuracy_reward not in self.reward_funcs:
-            raise ValueError(f"eval_accuracy_reward '{self.eval_accuracy_reward}' is not one of reward_funcs {self.reward_funcs}")
-        return self
+        if self.reward_weights is not None and any(not isinstance(e, str) and e.weight is not None for e in self.reward_funcs):
+            raise ValueError("weights are given both in reward_weights and in reward_funcs entries; use one place")
+        names = self.reward_names
+        if self.eval_accuracy_reward is not None and self.eval_accuracy_reward not in names:
+            raise ValueError(f"eval_accuracy_reward '{self.eval_accuracy_reward}' is not one of the rewards {names}")
+        if self.reward_combination == "gated":
+            if self.reward_gate not in names:
+                raise ValueError(f"reward_combination 'gated' needs reward_gate: one of the rewards {names} "
+                                 f"(got {self.reward_gate!r})")
+            if len(names) < 2:
+                raise ValueError("reward_combination 'gated' needs a gate and at least one other reward")
+        elif self.reward_gate is not None:
+            raise ValueError(f"reward_gate is set but reward_combination is '{self.reward_combination}'; "
+                             "set reward_combination: gated")
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [reward_name(e) for e in self.reward_funcs]
+
+    @property
+    def weights(self) -> list[float]:
+        """One weight per reward: reward_weights, else each entry's weight (default 1.0)."""
+        if self.reward_weights is not None:
+            return list(self.reward_weights)
+        return [1.0 if isinstance(e, str) or e.weight is None else e.weight for e in self.reward_funcs]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -143,7 +194,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> GRPOConfi
     return validate_config(data, source=str(path) if path else "--set")
 
 
+# TRL's key and values for the combination strategy
+_AGGREGATION = {"sum_then_normalize": "weighted_sum", "normalize_then_sum": "normalize_then_sum"}
+
+
 def validate_config(data: dict[str, Any], source: str = "config") -> GRPOConfig:
+    data = dict(data)
+    if "multi_objective_aggregation" in data and "reward_combination" not in data:
+        value = data.pop("multi_objective_aggregation")
+        data["reward_combination"] = _AGGREGATION.get(value, value)
     unknown = [k for k in data if k not in GRPOConfig.model_fields]
     if unknown:
         lines = []

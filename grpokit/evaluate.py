@@ -9,7 +9,7 @@ import torch
 
 from grpokit.data import TokenisedPrompts
 from grpokit.metrics import nanmean
-from grpokit.rewards import RewardFunction, score
+from grpokit.rewards import RewardBatch, RewardRunner
 from grpokit.rollout.base import Engine, SamplingParams
 
 
@@ -24,9 +24,9 @@ def columns_of(records: list[dict], repeat: int) -> dict[str, list]:
     return {key: [r[key] for r in records for _ in range(repeat)] for key in records[0]}
 
 
-def evaluate(engine: Engine, tokenizer, data: TokenisedPrompts, reward_funcs: list[RewardFunction],
+def evaluate(engine: Engine, tokenizer, data: TokenisedPrompts, runner: RewardRunner,
              accuracy_reward: str, max_tokens: int, stop_token_ids: list[int], batch_size: int = 64,
-             autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
+             context: dict | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
     """Greedy completions for every prompt; returns eval/* metrics (eval/accuracy = mean of `accuracy_reward`)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids)
     conversational = isinstance(data.records[0]["prompt"], list)
@@ -37,13 +37,15 @@ def evaluate(engine: Engine, tokenizer, data: TokenisedPrompts, reward_funcs: li
         with autocast():
             rollout = engine.generate(prompt_ids, 1, params)
         completions = decode_completions(tokenizer, rollout.completion_ids, conversational)
-        rows.append(score(reward_funcs, [r["prompt"] for r in records], completions, rollout.completion_ids,
-                          columns_of(records, 1)))
+        rows.append(runner.score(RewardBatch(prompts=[r["prompt"] for r in records], completions=completions,
+                                              completion_ids=rollout.completion_ids, columns=columns_of(records, 1),
+                                              context=context or {})))
         lengths += [len(c) for c in rollout.completion_ids]
         truncated += sum(r == "length" for r in rollout.finish_reasons)
     rewards = torch.cat(rows)  # [N, K]
     metrics: dict[str, float] = {}
-    for k, f in enumerate(reward_funcs):
+    runner.pop_metrics()  # eval failures are logged and counted toward the limit, not mixed into train metrics
+    for k, f in enumerate(runner.funcs):
         column = rewards[:, k]
         metrics[f"eval/rewards/{f.name}/mean"] = nanmean(column)
         if f.name == accuracy_reward:

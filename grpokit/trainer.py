@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from grpokit import data as data_mod
-from grpokit.advantages import combine_rewards, compute_advantages, group_stats
+from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
 from grpokit.config import GRPOConfig
 from grpokit.evaluate import columns_of, decode_completions, evaluate
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, Timers, nanmean
 from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, resolve_model_path
-from grpokit.rewards import RewardFunction, resolve_reward, score
+from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
 
@@ -98,7 +98,7 @@ class Trainer:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         # data and rewards first: their errors must come before the (slow) model load
-        self.reward_funcs: list[RewardFunction] = [resolve_reward(name) for name in cfg.reward_funcs]
+        self.reward_funcs: list[RewardFunction] = resolve_rewards(cfg.reward_funcs)
         self.train_records = data_mod.load_records(cfg.dataset, cfg.prompt_column, cfg.system_prompt)
         self.eval_records = None
         if cfg.eval_dataset:
@@ -107,6 +107,9 @@ class Trainer:
 
         for f in self.reward_funcs:  # a reward argument that matches no column fails now, not at step 1
             f.check_columns(self.train_records[0].keys())
+        # reward workers fork now, while this process is small (runner.py)
+        self.rewards = RewardRunner(self.reward_funcs, timeout=cfg.reward_timeout, error_rate_limit=cfg.reward_error_rate_limit,
+                                    error_log=Path(cfg.output_dir) / "reward_errors.jsonl")
         model_path = resolve_model_path(cfg.model)
         self.tokenizer = load_tokenizer(model_path)
         self.policy = load_policy(model_path, getattr(torch, cfg.torch_dtype)).to(self.device)
@@ -135,17 +138,25 @@ class Trainer:
                                           top_entropy_quantile=cfg.top_entropy_quantile,
                                           max_completion_length=cfg.max_completion_length)
         self.loss_dtype = torch.float64 if cfg.torch_dtype == "float64" else torch.float32
-        self.reward_weights = torch.tensor(cfg.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
+        self.reward_weights = torch.tensor(cfg.weights, dtype=torch.float64)
+        self.reward_gate = cfg.reward_names.index(cfg.reward_gate) if cfg.reward_combination == "gated" else None
         self.accuracy_reward = cfg.eval_accuracy_reward or self.reward_funcs[0].name
         self.timers = Timers()
         self._order: list[int] = []
         self._order_rng = random.Random(cfg.seed)
         self.num_tokens = 0
         self.generations = 0  # seeds each generation's sampler, so a run is reproducible
+        self.global_step = 0
 
     def _generation_eos(self) -> list[int]:
         eos = getattr(self.policy.generation_config, "eos_token_id", None)
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def combinable(self, rewards: torch.Tensor) -> torch.Tensor:
+        """[N, K] rewards as they enter the weighted sum (gated when reward_combination is 'gated')."""
+        if self.reward_gate is None:
+            return rewards
+        return gate_rewards(rewards, self.reward_gate, self.cfg.reward_gate_threshold)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
@@ -173,6 +184,7 @@ class Trainer:
                 batch, gen_metrics = self._generate_and_score()
                 for start in [w for _ in range(cfg.num_iterations) for w in windows]:
                     step += 1
+                    self.global_step = step
                     with self.timers("update"):
                         update_metrics = self._update(batch[start:start + accum])
                     metrics = {**gen_metrics, **update_metrics, **self.timers.pop(),
@@ -193,6 +205,7 @@ class Trainer:
                           f"({100 * (eval_after['eval/accuracy'] - eval_before['eval/accuracy']):+.1f} points)")
             self._say(f"saved {out / 'final_model'}")
         finally:
+            self.rewards.close()
             metrics_log.close()
             logging.getLogger("grpokit").removeHandler(handler)
             handler.close()
@@ -222,7 +235,9 @@ class Trainer:
             conversational = isinstance(records[0]["prompt"], list)
             completions = decode_completions(self.tokenizer, rollout.completion_ids, conversational)
             prompts = [r["prompt"] for r in records for _ in range(g)]
-            rewards = score(self.reward_funcs, prompts, completions, rollout.completion_ids, columns_of(records, g))
+            rewards = self.rewards.score(RewardBatch(prompts=prompts, completions=completions,
+                                                     completion_ids=rollout.completion_ids, columns=columns_of(records, g),
+                                                     context=self.reward_context()))
         all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
         self.num_tokens += sum(len(c) for c in rollout.completion_ids) + sum(len(p) for p in all_prompt_ids)
         return Generation(prompt_ids=all_prompt_ids, completion_ids=rollout.completion_ids,
@@ -237,8 +252,9 @@ class Trainer:
             batch, extra = self._dynamic_sampling(sampled, need)
         else:
             batch = sampled[0]
-        advantages, _ = compute_advantages(batch.rewards, self.reward_weights, g, cfg.scale_rewards,
-                                           cfg.multi_objective_aggregation)
+        aggregation = "normalize_then_sum" if cfg.reward_combination == "normalize_then_sum" else "weighted_sum"
+        advantages, _ = compute_advantages(self.combinable(batch.rewards), self.reward_weights, g, cfg.scale_rewards,
+                                           aggregation)
         with self.timers("logprobs"):
             micro_batches = self._micro_batches(batch, advantages)
         return micro_batches, {**self._generation_metrics(Generation.concat(sampled)), **extra}
@@ -250,7 +266,7 @@ class Trainer:
         spare: list[Generation] = []
         rounds = dropped = 0
         while True:
-            _, _, zero_spread = group_stats(combine_rewards(sampled[-1].rewards, self.reward_weights), g)
+            _, _, zero_spread = group_stats(combine_rewards(self.combinable(sampled[-1].rewards), self.reward_weights), g)
             kept.append(sampled[-1].groups((~zero_spread).nonzero().flatten().tolist(), g))
             spare.append(sampled[-1].groups(zero_spread.nonzero().flatten().tolist(), g))
             dropped += int(zero_spread.sum())
@@ -337,7 +353,7 @@ class Trainer:
         """Reward and length statistics over everything sampled this step (dropped groups included)."""
         g = self.cfg.num_generations
         rewards = sampled.rewards
-        totals = combine_rewards(rewards, self.reward_weights)
+        totals = combine_rewards(self.combinable(rewards), self.reward_weights)
         _, group_std, zero_spread = group_stats(totals, g)
         lengths = torch.tensor([len(c) for c in sampled.completion_ids], dtype=torch.float64)
         terminated = torch.tensor([r == "stop" for r in sampled.finish_reasons])
@@ -351,18 +367,24 @@ class Trainer:
             valid = column[~torch.isnan(column)]
             m[f"rewards/{f.name}/mean"] = nanmean(column)
             m[f"rewards/{f.name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+        m.update(self.rewards.pop_metrics())
         m["tokens_per_second"] = float(lengths.sum()) / max(self.timers.totals.get("generate", 0.0), 1e-9)
         return m
 
     def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
         limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
         started = time.perf_counter()
-        result = evaluate(self.engine, self.tokenizer, self.eval_data, self.reward_funcs, self.accuracy_reward, limit,
-                          self.stop_ids, autocast=self.autocast)
+        result = evaluate(self.engine, self.tokenizer, self.eval_data, self.rewards, self.accuracy_reward, limit,
+                          self.stop_ids, context=self.reward_context(limit), autocast=self.autocast)
         result["eval/time"] = time.perf_counter() - started
         metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
         return result
+
+    def reward_context(self, max_completion_length: int | None = None) -> dict:
+        """Run facts a reward may name: max_completion_length, step, trainer_state (TRL's key)."""
+        return {"max_completion_length": max_completion_length or self.cfg.max_completion_length,
+                "step": self.global_step, "trainer_state": {"global_step": self.global_step, "max_steps": self.cfg.max_steps}}
 
     def _save(self, path: Path) -> None:
         self.policy.save_pretrained(path)

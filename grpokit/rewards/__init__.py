@@ -1,105 +1,38 @@
-"""The reward contract: resolve functions by name, call them, check what they return.
+"""Rewards: resolve what a config or a script names into RewardFunctions, and score with them.
 
-TRL's contract is the base: `f(prompts, completions, **kwargs) -> list[float | None]` with every
-dataset column and `completion_ids` in kwargs. Functions without `**kwargs` get just the
-arguments they name; `answer`, `answers`, `labels`, `references`, `ground_truth` and `solution`
-also bind to the dataset's reference column under another name. None and NaN mean "not
-applicable" and come back as NaN, never as 0. A wrong length or type, or an exception, is a
-`RewardError` naming the function.
+`reward_funcs` entries are a built-in name (`math_accuracy`), a dotted path importable from the
+working directory (`my_module.my_reward`), a file path (`rewards.py:my_reward`), a callable, or a
+mapping `{func: <one of those>, name:, args: {...}, weight:, cache:, isolation:}`. A class is
+constructed with `args` (its config parameters); a function given `args` gets them as fixed keyword
+arguments. See contract.py for how they are called and runner.py for how they are run.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.util
 import inspect
-import math
-import numbers
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from grpokit.errors import RewardError
-from grpokit.rewards.builtin import BUILTIN_REWARDS
+from grpokit.rewards.contract import RewardBatch, RewardFunction, per_sample
+from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
+from grpokit.rewards.runner import RewardRunner
 
-REFERENCE_ALIASES = ("answer", "answers", "labels", "label", "references", "reference", "ground_truth", "solution")
-
-
-@dataclass(slots=True, kw_only=True)
-class RewardFunction:
-    name: str
-    fn: Callable[..., Any]
-
-    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
-                 columns: dict[str, list]) -> list[float]:
-        kwargs = self._bind(prompts, completions, completion_ids, columns)
-        try:
-            result = self.fn(**kwargs)
-        except Exception as exc:  # user code: name the function instead of a bare traceback
-            raise RewardError(f"reward function '{self.name}' raised {type(exc).__name__}: {exc}") from exc
-        return self._check(result, len(completions))
-
-    def check_columns(self, column_names) -> None:
-        """Raise RewardError now if an argument of the function matches none of these dataset columns."""
-        self._bind([], [], [], {name: [] for name in column_names})
-
-    def _bind(self, prompts, completions, completion_ids, columns) -> dict[str, Any]:
-        available: dict[str, Any] = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids}
-        available.update({k: v for k, v in columns.items() if k != "prompt"})
-        reference = next((columns[k] for k in REFERENCE_ALIASES if k in columns), None)
-        params = inspect.signature(self.fn).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            bound = dict(available)
-            for name in params:
-                if name in REFERENCE_ALIASES and name not in bound and reference is not None:
-                    bound[name] = reference
-            return bound
-        bound = {}
-        for name, p in params.items():
-            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
-                raise RewardError(f"reward function '{self.name}': positional-only or *args parameter '{name}' "
-                                  "cannot be bound by name; use named parameters such as (prompts, completions, **kwargs)")
-            if name in available:
-                bound[name] = available[name]
-            elif name in REFERENCE_ALIASES and reference is not None:
-                bound[name] = reference
-            elif p.default is inspect.Parameter.empty:
-                raise RewardError(f"reward function '{self.name}' needs argument '{name}', which matches no dataset "
-                                  f"column; columns: {sorted(available)}")
-        return bound
-
-    def _check(self, result: Any, expected: int) -> list[float]:
-        if isinstance(result, torch.Tensor):
-            result = result.detach().cpu().flatten().tolist()
-        elif hasattr(result, "tolist") and not isinstance(result, (str, bytes)):
-            result = result.tolist()
-        if not isinstance(result, Sequence) or isinstance(result, (str, bytes)):
-            raise RewardError(f"reward function '{self.name}' returned {type(result).__name__}; "
-                              f"expected a list of {expected} floats (None for not applicable)")
-        if len(result) != expected:
-            raise RewardError(f"reward function '{self.name}' returned {len(result)} values for {expected} completions; "
-                              "return one value per completion (None for not applicable)")
-        values = []
-        for i, v in enumerate(result):
-            if v is None:
-                values.append(math.nan)
-            elif isinstance(v, numbers.Real):
-                values.append(float(v))
-            else:
-                raise RewardError(f"reward function '{self.name}' returned {type(v).__name__} ({v!r:.60}) for "
-                                  f"completion {i}; expected a float or None")
-        return values
+__all__ = ["RewardBatch", "RewardFunction", "RewardRunner", "per_sample", "resolve_reward", "resolve_rewards",
+           "reward_name", "score"]
 
 
-def resolve_reward(spec: str) -> RewardFunction:
-    """A built-in name, a dotted path `package.module.function`, or `path/to/file.py:function`."""
+def _load(spec: str) -> Any:
     if spec in BUILTIN_REWARDS:
-        return RewardFunction(name=spec, fn=BUILTIN_REWARDS[spec])
+        module_name, _, attr = BUILTIN_REWARDS[spec].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
     if ":" in spec:
         file, _, attr = spec.rpartition(":")
         path = Path(file)
@@ -121,14 +54,60 @@ def resolve_reward(spec: str) -> RewardFunction:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise RewardError(f"reward_funcs: unknown reward '{spec}'{hint} Built-ins: {sorted(BUILTIN_REWARDS)}; "
                           "or give 'module.function' or 'file.py:function'")
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise RewardError(f"reward_funcs: '{spec}': no function '{attr}' in {module.__name__}")
-    return RewardFunction(name=attr, fn=fn)
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise RewardError(f"reward_funcs: '{spec}': no function or class '{attr}' in {module.__name__}")
+    return obj
+
+
+def _instantiate(name: str, obj: Any, args: dict[str, Any]) -> Any:
+    if inspect.isclass(obj):
+        try:
+            inspect.signature(obj).bind(**args)
+        except TypeError as exc:
+            params = [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
+            raise RewardError(f"reward '{name}': bad args {sorted(args)} for {obj.__name__}: {exc}; "
+                              f"its parameters: {params}") from None
+        return obj(**args)
+    if args:
+        if not callable(obj):
+            raise RewardError(f"reward '{name}': args given, but {type(obj).__name__} takes none")
+        unknown = set(args) - set(inspect.signature(obj).parameters)
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(obj).parameters.values()):
+            raise RewardError(f"reward '{name}': args {sorted(unknown)} are not parameters of {obj.__name__}")
+        fixed = functools.partial(obj, **args)
+        functools.update_wrapper(fixed, obj)
+        return fixed
+    return obj
+
+
+def resolve_reward(entry: Any) -> RewardFunction:
+    """One `reward_funcs` entry -> a RewardFunction (built-in name, dotted path, file path, callable, or mapping)."""
+    if hasattr(entry, "model_dump"):  # the config's RewardSpec
+        entry = entry.model_dump(exclude_none=True)
+    spec = dict(entry) if isinstance(entry, dict) else {"func": entry}
+    target = spec.get("func")
+    if target is None:
+        raise RewardError(f"reward_funcs entry {entry!r} has no 'func'")
+    name = reward_name(spec)
+    obj = _load(target) if isinstance(target, str) else target
+    obj = _instantiate(name, obj, spec.get("args") or {})
+    return RewardFunction.wrap(name, obj, expensive=spec.get("cache"), isolation=spec.get("isolation"))
+
+
+def resolve_rewards(entries: list[Any]) -> list[RewardFunction]:
+    funcs = [resolve_reward(e) for e in entries]
+    names = [f.name for f in funcs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RewardError(f"reward_funcs: more than one reward named {twice}; give each a distinct `name:` "
+                          "(metrics are logged as rewards/{name}/mean)")
+    return funcs
 
 
 def score(funcs: list[RewardFunction], prompts: list, completions: list, completion_ids: list[list[int]],
-          columns: dict[str, list]) -> torch.Tensor:
-    """[N, K] float64 rewards, NaN where a function said "not applicable"."""
-    matrix = [f(prompts, completions, completion_ids, columns) for f in funcs]
+          columns: dict[str, list], **context: Any) -> torch.Tensor:
+    """[N, K] float64 rewards in this process, no timeouts: a convenience for tools and tests."""
+    matrix = [f(prompts, completions, completion_ids, columns, context) for f in funcs]
     return torch.tensor(matrix, dtype=torch.float64).T.reshape(len(completions), len(funcs))
+

@@ -5,6 +5,10 @@ An attribute is either a reward function or a reward class (constructed with the
 unimported until their reward is used.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 BUILTIN_REWARDS: dict[str, str] = {
     "number_correct": "grpokit.rewards.builtin:number_correct",
     "answer_format": "grpokit.rewards.text:AnswerFormat",
@@ -20,3 +24,17 @@ BUILTIN_REWARDS: dict[str, str] = {
     "reward_model": "grpokit.rewards.model_rewards:RewardModel",
     "semantic_similarity": "grpokit.rewards.model_rewards:SemanticSimilarity",
 }
+
+
+def reward_name(entry: Any) -> str:
+    """The name a reward is logged under (`rewards/{name}/mean`): `name:`, the built-in, or the attribute."""
+    if hasattr(entry, "model_dump"):  # the config's RewardSpec
+        entry = entry.model_dump(exclude_none=True)
+    if isinstance(entry, dict):
+        return entry.get("name") or reward_name(entry.get("func", ""))
+    if isinstance(entry, str):
+        if entry in BUILTIN_REWARDS:
+            return entry
+        return entry.rpartition(":")[2] if ":" in entry else entry.rpartition(".")[2]
+    named = getattr(entry, "name", None)
+    return named if isinstance(named, str) else getattr(entry, "__name__", None) or type(entry).__name__

@@ -138,7 +138,7 @@ def test_each_loss_type_learns_a_trivial_reward_through_the_cli(workdir, tiny_mo
 
 def test_options_reach_the_loss(workdir, tiny_model_dir):
     trainer = Trainer(make_config(tiny_model_dir, importance_sampling_level="sequence", delta=1.5, epsilon_high=0.28,
-                                  top_entropy_quantile=0.5, multi_objective_aggregation="normalize_then_sum"))
+                                  top_entropy_quantile=0.5, reward_combination="normalize_then_sum"))
     s = trainer.loss_settings
     assert (s.importance_sampling_level, s.delta, s.epsilon_high, s.top_entropy_quantile) == ("sequence", 1.5, 0.28, 0.5)
     batch, _ = trainer._generate_and_score()

@@ -1,51 +1,40 @@
+"""The reward contract (binding, classes, async, per-sample) and the runner (timeouts, errors, cache)."""
+
+import asyncio
+import json
+import logging
 import math
+import os
+import threading
+import time
 
 import pytest
 import torch
 
 from grpokit.errors import RewardError
-from grpokit.rewards import RewardFunction, resolve_reward, score
-from grpokit.rewards.builtin import answer_format, extract_final_number, number_correct
+from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, per_sample, resolve_reward, resolve_rewards, score
+from grpokit.rewards.builtin import number_correct
+
+COLUMNS = {"prompt": ["p", "p"], "answer": ["1", "1"], "topic": ["t", "t"]}
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    ("7 + 5 = 12", 12.0),
-    ("First 3, then 4. Answer: 7", 7.0),
-    ("Answer: -3\nThis is a classic example with 99 apples.", -3.0),  # the marked answer wins over later numbers
-    ("So the total is 1,234.", 1234.0),
-    ("the result is 2.5", 2.5),
-    ("no numbers here", None),
-])
-def test_extract_final_number(text, value):
-    assert extract_final_number(text) == value
+def _call(fn, n=2, columns=None, completions=None):
+    columns = columns or COLUMNS
+    return RewardFunction.wrap(getattr(fn, "__name__", "f"), fn)(["p"] * n, completions or ["c"] * n, [[1]] * n, columns)
 
 
-def test_number_correct_plain_and_chat_completions():
-    completions = ["It is 12", "Answer: 11", [{"role": "assistant", "content": "so 12"}], "nothing"]
-    assert number_correct(completions, answer=["12", "12", "12", "12"]) == [1.0, 0.0, 1.0, 0.0]
+def _batch(completions, answers=None, prompts=None, **columns):
+    n = len(completions)
+    cols = {"prompt": prompts or ["p"] * n, "answer": answers or ["1"] * n, **columns}
+    return RewardBatch(prompts=cols["prompt"], completions=list(completions), completion_ids=[[1, 2]] * n,
+                       columns=cols, context={"max_completion_length": 16, "step": 3})
 
 
-def test_number_correct_is_not_applicable_without_numeric_reference():
-    assert number_correct(["12"], answer=["twelve"]) == [None]
+def _runner(*fns, **kwargs):
+    return RewardRunner([f if isinstance(f, RewardFunction) else RewardFunction.wrap(f.__name__, f) for f in fns], **kwargs)
 
 
-@pytest.mark.parametrize(("text", "score_"), [
-    ("3 + 4 = 7\nAnswer: 7", 1.0),
-    ("Answer: 7.", 1.0),
-    ("**Answer:** 7", 1.0),
-    ("So 3 + 4 is 7.", 0.0),  # a bare final number is not the asked-for form (see builtin.py)
-    ("Answer: 7\nand then more text", 0.0),
-    ("The answer is 7. This is a classic example of addition.", 0.0),
-    ("", 0.0),
-])
-def test_answer_format(text, score_):
-    assert answer_format([text]) == [score_]
-
-
-def _call(fn, n=2, columns=None):
-    columns = columns or {"prompt": ["p"] * n, "answer": ["1"] * n, "topic": ["t"] * n}
-    return RewardFunction(name=fn.__name__, fn=fn)(["p"] * n, ["c"] * n, [[1]] * n, columns)
-
+# ---- binding --------------------------------------------------------------------------------------
 
 def test_binding_by_parameter_name():
     def trl_style(prompts, completions, completion_ids, **kwargs):
@@ -53,7 +42,7 @@ def test_binding_by_parameter_name():
         return [1.0, 0.0]
 
     def axolotl_style(prompts, completions, labels, context=None):
-        assert labels == ["1", "1"]  # bound to the answer column under another name
+        assert labels == ["1", "1"] and context is None  # labels bound to the answer column under another name
         return [0.5, 0.5]
 
     def minimal(completions, prompts=None):
@@ -64,17 +53,117 @@ def test_binding_by_parameter_name():
     assert _call(minimal) == [2.0, 1.0]
 
 
-def test_none_and_nan_become_not_applicable():
+def test_run_context_reaches_kwargs_and_named_parameters():
+    seen = {}
+
+    def trl_style(prompts, completions, **kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(completions)
+
+    def overlong(completions, completion_ids, max_completion_length):
+        return [float(len(ids) - max_completion_length) for ids in completion_ids]
+
+    batch = _batch(["a", "b"])
+    assert RewardFunction.wrap("t", trl_style).invoke(batch) == [0.0, 0.0]
+    assert seen["max_completion_length"] == 16 and seen["step"] == 3 and seen["completion_ids"] == [[1, 2]] * 2
+    assert RewardFunction.wrap("o", overlong).invoke(batch) == [-14.0, -14.0]
+
+
+def test_per_sample_functions_get_one_row_each():
+    @per_sample
+    def exact(completion, answer):
+        return 1.0 if completion == answer else 0.0
+
+    @per_sample
+    def reward(generated, ground_truth):  # the signature of reference workflow 004
+        return float(generated == ground_truth)
+
+    @per_sample
+    def with_prompt_and_column(prompt, completion, topic, **kwargs):
+        assert kwargs["answer"] in ("7", "8") and kwargs["step"] == 3
+        return float(len(prompt + completion + topic))
+
+    batch = _batch(["7", "9"], answers=["7", "8"], prompts=["ab", "c"], topic=["x", "yz"])
+    for fn in (exact, reward):
+        assert RewardFunction.wrap(fn.__name__, fn).invoke(batch) == [1.0, 0.0]
+    assert RewardFunction.wrap("w", with_prompt_and_column).invoke(batch) == [4.0, 4.0]
+
+
+def test_chat_completions_arrive_as_message_lists():
+    def needs_messages(completions, **kwargs):
+        assert all(isinstance(c, list) and c[0]["role"] == "assistant" for c in completions)
+        return [len(c[0]["content"]) for c in completions]
+
+    chat = [[{"role": "assistant", "content": "abc"}], [{"role": "assistant", "content": "de"}]]
+    assert _call(needs_messages, completions=chat) == [3.0, 2.0]
+    assert number_correct(chat, answer=["12", "2"]) == [0.0, 0.0]
+
+
+def test_class_with_config_parameters_from_a_config_entry(tmp_path):
+    (tmp_path / "spec_rewards.py").write_text(
+        "class KeywordReward:\n"
+        "    def __init__(self, keyword, bonus=1.0):\n"
+        "        self.keyword, self.bonus = keyword, bonus\n"
+        "    def __call__(self, completions, **kwargs):\n"
+        "        return [self.bonus if self.keyword in c else 0.0 for c in completions]\n")
+    f = resolve_reward({"func": f"{tmp_path / 'spec_rewards.py'}:KeywordReward", "args": {"keyword": "cat", "bonus": 2.5},
+                        "name": "kw"})
+    assert f.name == "kw" and f(["p", "p"], ["a cat", "a dog"], [[1], [1]], {"prompt": ["p", "p"]}) == [2.5, 0.0]
+    with pytest.raises(RewardError, match="bad args.*KeywordReward.*'keyword', 'bonus'"):
+        resolve_reward({"func": f"{tmp_path / 'spec_rewards.py'}:KeywordReward", "args": {"keywrd": "cat"}})
+
+
+def test_function_args_are_fixed_keyword_arguments():
+    def scaled(completions, scale=1.0, **kwargs):
+        return [scale * len(c) for c in completions]
+
+    f = resolve_reward({"func": scaled, "args": {"scale": 0.5}})
+    assert f.name == "scaled" and f(["p"], ["abcd"], [[1]], {"prompt": ["p"]}) == [2.0]
+    with pytest.raises(RewardError, match="not parameters of"):
+        resolve_reward({"func": number_correct, "args": {"scale": 2}, "name": "nc"}.copy() | {"func": lambda completions: []})
+
+
+def test_compute_reward_objects_of_the_math_qa_trainer():
+    class MyRewardModel:  # reference workflow 003: compute_reward(questions, answers, references) -> tensor
+        def compute_reward(self, questions, answers, references):
+            return torch.tensor([float(q == "q" and a == r) for q, a, r in zip(questions, answers, references)])
+
+    f = resolve_reward(MyRewardModel())
+    assert f.name == "MyRewardModel"
+    chat = [[{"role": "assistant", "content": "1"}], [{"role": "assistant", "content": "2"}]]
+    assert f(["q", "q"], chat, [[1], [1]], {"prompt": ["q", "q"], "answer": ["1", "1"]}) == [1.0, 0.0]
+
+
+def test_async_functions_run_and_per_sample_ones_run_concurrently():
+    async def batch_async(completions, **kwargs):
+        await asyncio.sleep(0)
+        return [1.0] * len(completions)
+
+    in_flight = {"now": 0, "max": 0}
+
+    @per_sample
+    async def judge(completion, answer):
+        in_flight["now"] += 1
+        in_flight["max"] = max(in_flight["max"], in_flight["now"])
+        await asyncio.sleep(0.01)
+        in_flight["now"] -= 1
+        return float(in_flight["max"])  # how many were in flight at once by the time this one finished
+
+    batch = _batch(["a"] * 6)
+    with _runner(batch_async, judge) as runner:
+        matrix = runner.score(batch)  # in the worker processes, as in training
+    assert matrix[:, 0].tolist() == [1.0] * 6
+    assert matrix[:, 1].max().item() == 6.0  # all six awaited at once
+
+
+def test_none_and_nan_become_not_applicable_and_tensors_are_accepted():
     def partial(completions, **kwargs):
         return [None, float("nan")]
 
-    assert all(math.isnan(v) for v in _call(partial))
-
-
-def test_tensor_results_are_accepted():
     def tensor_reward(completions, **kwargs):
         return torch.tensor([0.25, 0.75])
 
+    assert all(math.isnan(v) for v in _call(partial))
     assert _call(tensor_reward) == [0.25, 0.75]
 
 
@@ -82,6 +171,7 @@ def test_tensor_results_are_accepted():
     ([1.0], "returned 1 values for 2 completions"),
     (3.0, "returned float"),
     (["a", "b"], "returned str"),
+    ({"a": 1}, "returned dict"),
 ])
 def test_wrong_length_or_type_names_the_function(result, message):
     def bad_reward(completions, **kwargs):
@@ -89,14 +179,8 @@ def test_wrong_length_or_type_names_the_function(result, message):
 
     with pytest.raises(RewardError, match=f"'bad_reward' {message}"):
         _call(bad_reward)
-
-
-def test_exception_names_the_function():
-    def crashing(completions, **kwargs):
-        raise ZeroDivisionError("boom")
-
-    with pytest.raises(RewardError, match="'crashing' raised ZeroDivisionError: boom"):
-        _call(crashing)
+    with _runner(bad_reward) as runner, pytest.raises(RewardError, match=f"'bad_reward' {message}"):
+        runner.score(_batch(["a", "b"]))
 
 
 def test_argument_matching_no_column_is_a_clear_error():
@@ -104,7 +188,7 @@ def test_argument_matching_no_column_is_a_clear_error():
         return [0.0, 0.0]
 
     with pytest.raises(RewardError, match="needs argument 'difficulty'.*columns"):
-        _call(needs_missing, columns={"prompt": ["p", "p"], "topic": ["a", "b"]})
+        RewardFunction.wrap("needs_missing", needs_missing).check_columns(["prompt", "topic"])
 
 
 def test_resolve_builtin_file_and_dotted(tmp_path, monkeypatch):
@@ -117,12 +201,147 @@ def test_resolve_builtin_file_and_dotted(tmp_path, monkeypatch):
         assert f.name == "short" and f(["p"], ["abc"], [[1]], {"prompt": ["p"]}) == [-3.0]
 
 
-def test_unknown_reward_suggests_a_builtin():
+def test_unknown_and_duplicate_rewards_are_clear_errors():
     with pytest.raises(RewardError, match="did you mean 'number_correct'"):
         resolve_reward("number_corect")
+    with pytest.raises(RewardError, match="more than one reward named \\['number_correct'\\].*name:"):
+        resolve_rewards(["number_correct", "number_correct"])
 
 
 def test_score_matrix_shape_and_order():
-    funcs = [resolve_reward("number_correct"), resolve_reward("answer_format")]
+    funcs = resolve_rewards(["number_correct", "answer_format"])
     matrix = score(funcs, ["p", "p"], ["Answer: 3", "4"], [[1], [2]], {"prompt": ["p", "p"], "answer": ["3", "3"]})
     assert matrix.tolist() == [[1.0, 1.0], [0.0, 0.0]]
+
+
+# ---- the runner: workers, timeouts, failures ------------------------------------------------------
+
+def fails_on_bad(completions, **kwargs):
+    return [1.0 if c != "bad" else 1 / 0 for c in completions]
+
+
+def test_a_raising_reward_loses_only_the_failing_completions(tmp_path, caplog):
+    log_file = tmp_path / "reward_errors.jsonl"
+    with _runner(fails_on_bad, error_rate_limit=0.5, error_log=log_file) as runner, caplog.at_level(logging.WARNING):
+        matrix = runner.score(_batch(["ok", "bad", "ok", "ok"]))
+        metrics = runner.pop_metrics()
+    assert matrix[:, 0].tolist()[0] == 1.0 and math.isnan(matrix[1, 0]) and matrix[2:, 0].tolist() == [1.0, 1.0]
+    assert metrics["rewards/fails_on_bad/errors"] == 1.0 and metrics["rewards/fails_on_bad/missing"] == 0.25
+    assert "reward 'fails_on_bad' failed on completion 1: ZeroDivisionError" in caplog.text and "'bad'" in caplog.text
+    record = json.loads(log_file.read_text())
+    assert record["completion"] == "bad" and record["kind"] == "error" and "ZeroDivisionError" in record["traceback"]
+    assert record["row"]["answer"] == "1" and record["step"] == 3
+
+
+def test_failures_above_the_error_rate_limit_stop_with_a_clear_error():
+    with _runner(fails_on_bad, error_rate_limit=0.1) as runner:
+        runner.score(_batch(["ok"] * 15 + ["bad"]))  # 1 in 16: under the limit, and too few to judge yet
+        with pytest.raises(RewardError, match=r"'fails_on_bad' failed on 4 of 32 completions.*ZeroDivisionError.*"
+                                              r"reward_error_rate_limit"):
+            runner.score(_batch(["bad"] * 3 + ["ok"] * 13))  # 4 in 32 > 10%
+    with _runner(fails_on_bad, error_rate_limit=0.1) as runner, pytest.raises(RewardError, match="failed on 4 of 4"):
+        runner.score(_batch(["bad"] * 4))  # every completion failed: no need to wait for 32
+
+
+def hangs(completions, **kwargs):
+    time.sleep(10)
+    return [1.0] * len(completions)
+
+
+def quick(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def test_a_hanging_reward_is_killed_at_its_timeout_and_the_step_goes_on():
+    with _runner(hangs, quick, timeout=1.0, error_rate_limit=1.0) as runner:
+        started = time.monotonic()
+        matrix = runner.score(_batch(["a", "bb"]))
+        elapsed = time.monotonic() - started
+        metrics = runner.pop_metrics()
+        assert elapsed < 5.0, elapsed  # FAULTS.md row 2: a 10 s function under a 1 s limit
+        assert torch.isnan(matrix[:, 0]).all() and matrix[:, 1].tolist() == [1.0, 2.0]
+        assert metrics["rewards/hangs/timeouts"] == 2.0 and metrics["rewards/hangs/missing"] == 1.0
+        assert runner.score(_batch(["ccc"]))[0, 1].item() == 3.0  # the restarted workers keep working
+
+
+def test_timeouts_work_from_a_non_main_thread_and_count_toward_the_limit():
+    errors = []
+
+    def run():
+        with _runner(hangs, timeout=0.5, error_rate_limit=0.1) as runner:
+            try:
+                runner.score(_batch(["a", "b"]))
+            except RewardError as exc:
+                errors.append(str(exc))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=8)
+    assert not thread.is_alive()
+    assert errors and "'hangs' failed on 2 of 2 completions so far (0 errors, 2 timeouts)" in errors[0]
+    assert "reward_timeout=0.5s" in errors[0]
+
+
+@per_sample
+def hangs_on_one(completion):
+    if completion == "slow":
+        time.sleep(10)
+    return float(len(completion))
+
+
+def test_a_per_sample_timeout_loses_only_that_completion():
+    with _runner(hangs_on_one, timeout=0.5, error_rate_limit=1.0) as runner:
+        started = time.monotonic()
+        matrix = runner.score(_batch(["a", "slow", "ccc", "dd"]))
+        assert time.monotonic() - started < 5.0
+    values = matrix[:, 0].tolist()
+    assert values[0] == 1.0 and math.isnan(values[1]) and values[2:] == [3.0, 2.0]
+
+
+def dies(completions, **kwargs):
+    if "die" in completions:
+        os._exit(3)
+    return [1.0] * len(completions)
+
+
+def returns_inf(completions, **kwargs):
+    return [math.inf if c == "x" else 0.5 for c in completions]
+
+
+def test_a_dying_worker_and_an_infinite_reward_are_counted_failures(caplog):
+    with _runner(dies, returns_inf, error_rate_limit=1.0) as runner, caplog.at_level(logging.WARNING):
+        matrix = runner.score(_batch(["ok", "die", "x"]))
+        metrics = runner.pop_metrics()
+    assert matrix[0, 0].item() == 1.0 and math.isnan(matrix[1, 0]) and matrix[2, 0].item() == 1.0
+    assert matrix[:2, 1].tolist() == [0.5, 0.5] and math.isnan(matrix[2, 1])
+    assert metrics["rewards/dies/errors"] == 1.0 and metrics["rewards/returns_inf/errors"] == 1.0
+    assert "worker process died (exit code 3)" in caplog.text and "returned inf" in caplog.text
+
+
+def test_expensive_rewards_score_identical_pairs_once(tmp_path):
+    calls = tmp_path / "calls.txt"
+
+    def costly(prompts, completions, **kwargs):
+        with calls.open("a") as out:  # the worker is another process: count calls through a file
+            out.write(f"{len(completions)}\n")
+        return [float(len(c)) for c in completions]
+
+    f = resolve_reward({"func": costly, "cache": True})
+    with RewardRunner([f]) as runner:
+        first = runner.score(_batch(["a", "bb", "a", "a"]))
+        second = runner.score(_batch(["bb", "ccc"]))
+        metrics = runner.pop_metrics()
+    assert first[:, 0].tolist() == [1.0, 2.0, 1.0, 1.0] and second[:, 0].tolist() == [2.0, 3.0]
+    assert calls.read_text().split() == ["4", "1"]  # 'bb' the second time came from the cache
+    assert metrics["rewards/costly/cache_hits"] == 1.0
+
+
+def test_process_rewards_run_in_a_worker_and_inline_ones_here():
+    def where(completions, **kwargs):
+        return [float(os.getpid())] * len(completions)
+
+    process = RewardFunction.wrap("process", where)
+    inline = RewardFunction.wrap("inline", where, isolation="inline")
+    with RewardRunner([process, inline]) as runner:
+        matrix = runner.score(_batch(["a"]))
+    assert matrix[0, 1].item() == os.getpid() and matrix[0, 0].item() != os.getpid()

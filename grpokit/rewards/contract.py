@@ -1,0 +1,223 @@
+"""The reward contract: how a user's function, class or async function is bound and called.
+
+TRL's contract is the base: `f(prompts, completions, **kwargs) -> list[float | None]`, kwargs
+carrying every dataset column, `completion_ids` and the run context (`max_completion_length`,
+`step`, `trainer_state`). Everything else binds by parameter name, so the signatures users
+bring from other tools run unchanged:
+
+- batch functions without `**kwargs` get just the arguments they name; `answer`, `answers`,
+  `labels`, `references`, `ground_truth` and `solution` also bind to the dataset's reference
+  column under another name, and `questions` to the prompts;
+- per-sample functions, marked with `@per_sample`: `f(completion, answer) -> float`, one call
+  per completion with each column's value for that row (`generated`, `response` and `output`
+  also name the completion, `question` the prompt);
+- `async def` functions (and async `__call__`): run on an event loop; per-sample ones
+  concurrently;
+- instances of classes with `__call__` (RewardSpec-style, built with their config parameters),
+  and objects with `compute_reward(questions, answers, references) -> tensor` (the math-QA
+  trainer's RewardModel: answers are the completions, references the reference column).
+
+Results are checked here: a tensor, array or list of one float (or None / NaN = "not
+applicable") per completion. A wrong length or type is a `RewardError` naming the function.
+Where the function runs (a killable worker or in-process), timeouts and exception counting
+are the runner's (runner.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from grpokit.errors import RewardError
+
+REFERENCE_ALIASES = ("answer", "answers", "labels", "label", "references", "reference", "ground_truth", "solution")
+SAMPLE_REFERENCE_ALIASES = ("answer", "label", "reference", "ground_truth", "solution")
+SAMPLE_COMPLETION_ALIASES = ("completion", "generated", "generated_code", "response", "output")
+CONTEXT_KEYS = ("max_completion_length", "step", "trainer_state")
+
+
+def per_sample(fn: Callable) -> Callable:
+    """Mark `f(completion, answer, ...) -> float | None` as scoring one completion per call."""
+    fn.__grpokit_per_sample__ = True
+    return fn
+
+
+@dataclass(slots=True, kw_only=True)
+class RewardBatch:
+    """What a reward sees for N completions; every column list is aligned with `completions`."""
+
+    prompts: list
+    completions: list
+    completion_ids: list[list[int]]
+    columns: dict[str, list]
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def select(self, rows: Sequence[int]) -> RewardBatch:
+        return RewardBatch(prompts=[self.prompts[i] for i in rows], completions=[self.completions[i] for i in rows],
+                           completion_ids=[self.completion_ids[i] for i in rows],
+                           columns={k: [v[i] for i in rows] for k, v in self.columns.items()}, context=self.context)
+
+    def reference(self) -> list | None:
+        return next((self.columns[k] for k in REFERENCE_ALIASES if k in self.columns), None)
+
+
+def text_of(message_or_text: Any) -> str:
+    """The text of a prompt or completion: a string, or the last message of a chat list."""
+    if isinstance(message_or_text, list) and message_or_text and isinstance(message_or_text[-1], dict):
+        return str(message_or_text[-1].get("content", ""))
+    return str(message_or_text)
+
+
+def _compute_reward_adapter(obj: Any) -> Callable:
+    """The math-QA trainer's RewardModel: `compute_reward(questions, answers, references)`."""
+    def compute_reward(prompts, completions, references=None):
+        return obj.compute_reward([text_of(p) for p in prompts], [text_of(c) for c in completions], references)
+    return compute_reward
+
+
+@dataclass(slots=True, kw_only=True)
+class RewardFunction:
+    """One reward: the callable, how it binds, and how the runner should treat it."""
+
+    name: str
+    fn: Callable[..., Any]
+    per_sample: bool = False
+    expensive: bool = False  # identical (prompt, completion, row) inputs are scored once
+    isolation: Literal["process", "inline"] = "process"
+    is_async: bool = False
+    source: Any = None  # the object given (for close())
+
+    @classmethod
+    def wrap(cls, name: str, obj: Any, *, expensive: bool | None = None, isolation: str | None = None) -> RewardFunction:
+        fn = obj
+        if not callable(obj) and hasattr(obj, "compute_reward"):
+            fn = _compute_reward_adapter(obj)
+        elif not callable(obj):
+            raise RewardError(f"reward '{name}' is a {type(obj).__name__}, which is neither callable nor has "
+                              "compute_reward(questions, answers, references)")
+        call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
+        return cls(name=name, fn=fn,
+                   per_sample=bool(getattr(obj, "__grpokit_per_sample__", False) or getattr(obj, "per_sample", False) is True),
+                   expensive=bool(getattr(obj, "expensive", False)) if expensive is None else expensive,
+                   isolation=isolation or getattr(obj, "isolation", "process"),
+                   is_async=inspect.iscoroutinefunction(call), source=obj)
+
+    # ---- binding -------------------------------------------------------------------------------
+    def _params(self) -> dict[str, inspect.Parameter]:
+        params = dict(inspect.signature(self.fn).parameters)
+        for name, p in params.items():
+            if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
+                raise RewardError(f"reward function '{self.name}': positional-only or *args parameter '{name}' "
+                                  "cannot be bound by name; use named parameters such as (prompts, completions, **kwargs)")
+        return params
+
+    def _bind_from(self, available: dict[str, Any], aliases: dict[str, Any]) -> dict[str, Any]:
+        params = self._params()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            bound = dict(available)
+            bound.update({name: aliases[name] for name in params if name not in bound and name in aliases})
+            return bound
+        bound = {}
+        for name, p in params.items():
+            if name in available:
+                bound[name] = available[name]
+            elif name in aliases:
+                bound[name] = aliases[name]
+            elif p.default is inspect.Parameter.empty:
+                raise RewardError(f"reward function '{self.name}' needs argument '{name}', which matches no dataset "
+                                  f"column; columns: {sorted(k for k in available if k not in CONTEXT_KEYS)}")
+        return bound
+
+    def bind(self, batch: RewardBatch) -> dict[str, Any]:
+        available = {"prompts": batch.prompts, "completions": batch.completions,
+                     "completion_ids": batch.completion_ids, **batch.context}
+        available.update({k: v for k, v in batch.columns.items() if k != "prompt"})
+        aliases: dict[str, Any] = {"questions": batch.prompts}
+        reference = batch.reference()
+        if reference is not None:
+            aliases.update(dict.fromkeys(REFERENCE_ALIASES, reference))
+        return self._bind_from(available, aliases)
+
+    def bind_row(self, batch: RewardBatch, i: int) -> dict[str, Any]:
+        available = {"prompt": batch.prompts[i], "completion_ids": batch.completion_ids[i], **batch.context}
+        available.update({k: v[i] for k, v in batch.columns.items() if k != "prompt"})
+        aliases: dict[str, Any] = dict.fromkeys(SAMPLE_COMPLETION_ALIASES, batch.completions[i])
+        aliases["question"] = batch.prompts[i]
+        reference = batch.reference()
+        if reference is not None:
+            aliases.update(dict.fromkeys(SAMPLE_REFERENCE_ALIASES, reference[i]))
+        available["completion"] = batch.completions[i]
+        return self._bind_from(available, aliases)
+
+    def check_columns(self, column_names, context_keys=CONTEXT_KEYS) -> None:
+        """Raise RewardError now if an argument of the function matches none of these dataset columns."""
+        columns = {name: [None] for name in column_names}
+        batch = RewardBatch(prompts=[None], completions=[None], completion_ids=[[]], columns=columns,
+                            context=dict.fromkeys(context_keys))
+        self.bind_row(batch, 0) if self.per_sample else self.bind(batch)
+
+    # ---- calling (in whichever process runs the function) ---------------------------------------
+    def invoke(self, batch: RewardBatch) -> Any:
+        """One call over the batch; a per-sample function is called once per row (async ones concurrently)."""
+        if self.per_sample:
+            if self.is_async:
+                return asyncio.run(self._gather(batch))
+            return [self.fn(**self.bind_row(batch, i)) for i in range(len(batch))]
+        result = self.fn(**self.bind(batch))
+        return asyncio.run(result) if inspect.isawaitable(result) else result
+
+    def invoke_row(self, batch: RewardBatch, i: int) -> Any:
+        """Score row i alone: the value, not a list."""
+        if self.per_sample:
+            result = self.fn(**self.bind_row(batch, i))
+            return asyncio.run(result) if inspect.isawaitable(result) else result
+        return self.check(self.invoke(batch.select([i])), 1)[0]
+
+    async def _gather(self, batch: RewardBatch) -> list:
+        return list(await asyncio.gather(*(self.fn(**self.bind_row(batch, i)) for i in range(len(batch)))))
+
+    def check(self, result: Any, expected: int) -> list[float]:
+        """Plain floats (NaN = not applicable) or a RewardError naming the function."""
+        if hasattr(result, "detach"):
+            result = result.detach().cpu()
+        if hasattr(result, "tolist") and not isinstance(result, (str, bytes)):
+            result = result.tolist()
+        if not isinstance(result, Sequence) or isinstance(result, (str, bytes)):
+            raise RewardError(f"reward function '{self.name}' returned {type(result).__name__}; "
+                              f"expected a list of {expected} floats (None for not applicable)")
+        if len(result) != expected:
+            raise RewardError(f"reward function '{self.name}' returned {len(result)} values for {expected} completions; "
+                              "return one value per completion (None for not applicable)")
+        return [self.check_value(v, i) for i, v in enumerate(result)]
+
+    def check_value(self, value: Any, i: int) -> float:
+        if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+            value = value.item()
+        if value is None:
+            return math.nan
+        if isinstance(value, numbers.Real):
+            value = float(value)
+            return math.nan if math.isnan(value) else value
+        raise RewardError(f"reward function '{self.name}' returned {type(value).__name__} ({value!r:.60}) for "
+                          f"completion {i}; expected a float or None")
+
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]],
+                 columns: dict[str, list], context: dict[str, Any] | None = None) -> list[float]:
+        """Call in this process, no timeout: for tests and tools; training goes through RewardRunner."""
+        batch = RewardBatch(prompts=prompts, completions=completions, completion_ids=completion_ids, columns=columns,
+                            context=context or {})
+        try:
+            result = self.invoke(batch)
+        except RewardError:
+            raise
+        except Exception as exc:  # user code: name the function instead of a bare traceback
+            raise RewardError(f"reward function '{self.name}' raised {type(exc).__name__}: {exc}") from exc
+        return self.check(result, len(completions))
