@@ -1,4 +1,4 @@
-"""Command line: `grpokit train CONFIG [--set key=value ...] [--dry-run]`, `grpokit check CONFIG`.
+"""Command line: `grpokit train CONFIG [--set key=value ...] [--dry-run]`, `grpokit check CONFIG` (pre-flight).
 
 Errors a user can fix (config, data, rewards) print one message and exit with status 2, no
 traceback.
@@ -26,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key; the value is parsed as YAML (repeatable)")
     train.add_argument("--dry-run", action="store_true", help="validate config, data and rewards, load nothing, train nothing")
 
-    check = sub.add_parser("check", help="validate a config and print it resolved, with each key's help")
+    check = sub.add_parser("check", help="validate a config, print it resolved with each key's help, and run every "
+                                         "reward on a few rows of data (no model is loaded)")
     check.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
+    check.add_argument("--rows", type=int, default=3, help="data rows the rewards are tried on (default 3)")
+    check.add_argument("--quiet-config", action="store_true", help="skip printing the resolved config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     return parser
@@ -77,10 +80,10 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from grpokit import data
-        from grpokit.rewards import resolve_reward
+        from grpokit.rewards import resolve_rewards
 
         train = data.load_records(cfg.dataset, cfg.prompt_column, cfg.system_prompt)
-        funcs = [resolve_reward(name) for name in cfg.reward_funcs]
+        funcs = resolve_rewards(cfg.reward_funcs)
         for f in funcs:
             f.check_columns(train[0].keys())
         funcs = [f.name for f in funcs]
@@ -100,7 +103,12 @@ def _check(args) -> int:
     if args.help_config:
         print(describe_fields())
         return 0
+    from grpokit.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
-    for name, field in GRPOConfig.model_fields.items():
-        print(f"{name}: {getattr(cfg, name)!r}  # {field.description}")
-    return 0
+    if not args.quiet_config:
+        for name, field in GRPOConfig.model_fields.items():
+            print(f"{name}: {getattr(cfg, name)!r}  # {field.description}")
+    report = preflight(cfg, rows=args.rows)
+    print("\n".join(report.lines))
+    return 0 if report.ok else 1

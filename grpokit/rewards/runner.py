@@ -175,6 +175,7 @@ class RewardRunner:
         self.caches: list[OrderedDict] = [OrderedDict() for _ in funcs]
         self.stats = [RewardStats() for _ in funcs]
         self._step = [RewardStats() for _ in funcs]
+        self.last_failures: list[str] = []  # of the last score() call
         self.workers: list[_Worker | None] = [_Worker(f) if f.isolation == "process" else None for f in funcs]
         for w in self.workers:
             if w is not None:
@@ -199,6 +200,7 @@ class RewardRunner:
     def score(self, batch: RewardBatch) -> torch.Tensor:
         """[N, K] float64 rewards, NaN where a function said "not applicable" or failed."""
         n = len(batch)
+        self.last_failures: list[str] = []
         matrix = torch.full((n, len(self.funcs)), math.nan, dtype=torch.float64)
         jobs: list[_Job] = []
         keys: list[list[str] | None] = []
@@ -357,6 +359,7 @@ class RewardRunner:
         if not job.failures:
             return
         self._report(f, job.failures, batch)
+        self.last_failures += [f"{x.kind} on completion {x.row}: {x.detail}" for x in job.failures]
         stats.last_failure = f"{job.failures[-1].detail}"
         every_one_failed = len(job.failures) >= scored
         if stats.failures > self.error_rate_limit * stats.scored and (

@@ -147,3 +147,28 @@ def test_normalize_then_sum_keeps_silent_groups_at_zero_and_differs_from_sum_fir
     # summing first lets the 10-point reward dominate; normalising first gives both functions equal say
     assert stn[4] > 0 and stn[3] < 0
     assert not torch.allclose(nts[3:], stn[3:])
+
+
+def test_gate_zeroes_the_other_rewards_where_the_gate_fails():
+    from grpokit.advantages import gate_rewards
+
+    nan = math.nan
+    rng = random.Random(7)
+    rows = [[rng.choice([0.0, 0.5, 1.0, nan]), rng.choice([0.0, 1.0, nan]), rng.uniform(-1, 1)] for _ in range(40)]
+    gated = gate_rewards(torch.tensor(rows, dtype=torch.float64), gate=0, threshold=1.0).tolist()
+    for row, out in zip(rows, gated, strict=True):
+        closed = not math.isnan(row[0]) and row[0] < 1.0  # a NaN gate does not apply: it gates nothing
+        expected = [row[0]] + [0.0 if closed and not math.isnan(v) else v for v in row[1:]]
+        assert [("nan" if math.isnan(v) else v) for v in out] == [("nan" if math.isnan(v) else v) for v in expected]
+
+
+def test_gated_correctness_behind_format_changes_the_advantages():
+    from grpokit.advantages import gate_rewards
+
+    # columns: format (the gate), correctness. The 2nd completion is correct but badly formatted.
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    weights = torch.tensor([0.1, 1.0], dtype=torch.float64)
+    plain, _ = compute_advantages(rewards, weights, 4)
+    gated, totals = compute_advantages(gate_rewards(rewards, 0, 1.0), weights, 4)
+    assert totals.tolist() == [1.1, 0.0, 0.1, 0.0]
+    assert plain[1] > 0 > gated[1]  # unformatted correctness no longer pays

@@ -71,3 +71,28 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config(None, ["max_steps=3", "beta=0.04"])
     (tmp_path / "resolved.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_reward_entries_names_weights_and_combination():
+    cfg = validate_config({"reward_funcs": ["math_accuracy", {"func": "code_tests", "name": "tests", "weight": 0.5,
+                                                              "args": {"timeout_s": 5}}, "my_mod.fmt"],
+                           "reward_combination": "gated", "reward_gate": "fmt", "eval_accuracy_reward": "tests"})
+    assert cfg.reward_names == ["math_accuracy", "tests", "fmt"] and cfg.weights == [1.0, 0.5, 1.0]
+    assert validate_config({"multi_objective_aggregation": "sum_then_normalize"}).reward_combination == "weighted_sum"
+    assert validate_config({"multi_objective_aggregation": "normalize_then_sum"}).reward_combination == "normalize_then_sum"
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"reward_funcs": ["math_acuracy"]}, "reward_funcs[0]: unknown reward 'math_acuracy'; did you mean 'math_accuracy'?"),
+    ({"reward_funcs": [{"fun": "length"}]}, "reward_funcs.0"),
+    ({"reward_combination": "gated"}, "needs reward_gate: one of the rewards ['number_correct', 'answer_format']"),
+    ({"reward_gate": "answer_format"}, "set reward_combination: gated"),
+    ({"reward_funcs": [{"func": "length", "weight": 2.0}], "reward_weights": [1.0]}, "use one place"),
+    ({"reward_timeout": 0}, "reward_timeout"),
+    ({"reward_error_rate_limit": 1.5}, "reward_error_rate_limit"),
+    ({"eval_accuracy_reward": "nope"}, "not one of the rewards"),
+])
+def test_bad_reward_settings_are_rejected_at_load(overrides, fragment):
+    with pytest.raises(ConfigError, match="invalid config") as err:
+        validate_config(overrides)
+    assert fragment in str(err.value)
