@@ -100,6 +100,7 @@ class _Outcome:
     score: float | None
     problem: str = ""  # why score is None, for the warning
     bad_request: bool = False  # a 4xx that retrying cannot fix
+    refused: bool = False  # no connection at all on any attempt (not a timeout)
 
 
 class LLMJudge:
@@ -176,6 +177,9 @@ class LLMJudge:
                 outcomes[futures[future]] = future.result()  # re-raises a RewardError from a worker
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+        if messages and all(o.refused for o in outcomes):  # a wrong base_url or a server that is down: not "missing"
+            raise RewardError(f"llm_judge: could not connect to {self.url} for any of {len(messages)} completions; "
+                              f"is the server running and base_url right? {_redact(outcomes[0].problem, api_key)}")
         if messages and all(o.bad_request for o in outcomes):
             raise RewardError(f"llm_judge: {self.url} rejected every request of the batch (fix the request: "
                               f"template, max_tokens, extra_body): {_redact(outcomes[0].problem, api_key)}")
@@ -199,6 +203,7 @@ class LLMJudge:
                 **self.extra_body}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         problem = ""
+        refused = True
         for attempt in range(self.max_retries + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -208,7 +213,9 @@ class LLMJudge:
                 response = session.post(self.url, json=body, headers=headers, timeout=min(self.timeout_s, remaining))
             except requests.RequestException as exc:  # connection refused, timeout, reset: worth another try
                 problem = f"{type(exc).__name__} after {attempt + 1} attempt(s): {str(exc)[:_TEXT_SHOWN]}"
+                refused = refused and isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
             else:
+                refused = False
                 status, text = response.status_code, response.text
                 if status == 200:
                     return self._parse_reply(response)
@@ -223,7 +230,8 @@ class LLMJudge:
             if attempt < self.max_retries:
                 delay = max(self.backoff_s * 2 ** attempt * (1 + 0.25 * random.random()), retry_after or 0)
                 time.sleep(max(min(delay, deadline - time.monotonic()), 0))
-        return _Outcome(score=None, problem=problem or f"deadline_s={self.deadline_s} passed before a reply")
+        return _Outcome(score=None, problem=problem or f"deadline_s={self.deadline_s} passed before a reply",
+                        refused=refused and bool(problem))
 
     def _parse_reply(self, response) -> _Outcome:
         try:  # the body is the server's: anything may be there

@@ -220,3 +220,18 @@ def test_registered_name():
     module, _, attr = BUILTIN_REWARDS["llm_judge"].partition(":")
     assert getattr(importlib.import_module(module), attr) is LLMJudge
     assert LLMJudge.isolation == "inline" and LLMJudge.expensive is True
+
+
+def test_a_server_that_refuses_every_connection_is_an_error_not_missing(monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("GRPOKIT_TEST_JUDGE_KEY", KEY)
+    judge = LLMJudge(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key_env="GRPOKIT_TEST_JUDGE_KEY",
+                     backoff_s=0.01, max_retries=1)
+    with pytest.raises(RewardError, match=f"could not connect to http://127.0.0.1:{port}/v1/chat/completions for "
+                                          "any of 2 completions; is the server running") as err:
+        judge(prompts=["p", "p"], completions=["a", "b"])
+    assert KEY not in str(err.value)
