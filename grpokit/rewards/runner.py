@@ -176,6 +176,7 @@ class RewardRunner:
         self.stats = [RewardStats() for _ in funcs]
         self._step = [RewardStats() for _ in funcs]
         self.last_failures: list[str] = []  # of the last score() call
+        self._warned_all_missing: set[str] = set()
         self.workers: list[_Worker | None] = [_Worker(f) if f.isolation == "process" else None for f in funcs]
         for w in self.workers:
             if w is not None:
@@ -356,6 +357,12 @@ class RewardRunner:
             s.errors += sum(x.kind == "error" for x in job.failures)
             s.timeouts += sum(x.kind == "timeout" for x in job.failures)
             s.failures += len(job.failures)
+        all_missing = bool(matrix[sorted(job.values), job.k].isnan().all()) if job.values else False
+        if all_missing and not job.failures and f.name not in self._warned_all_missing:
+            self._warned_all_missing.add(f.name)
+            log.warning("reward '%s' returned None (not applicable) for all %d completions it scored; if that is not "
+                        "intended, check which columns it reads (`grpokit check CONFIG` shows its values)",
+                        f.name, len(job.values))
         if not job.failures:
             return
         self._report(f, job.failures, batch)

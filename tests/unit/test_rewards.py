@@ -345,3 +345,15 @@ def test_process_rewards_run_in_a_worker_and_inline_ones_here():
     with RewardRunner([process, inline]) as runner:
         matrix = runner.score(_batch(["a"]))
     assert matrix[0, 1].item() == os.getpid() and matrix[0, 0].item() != os.getpid()
+
+
+def test_a_reward_that_never_applies_is_warned_about_once(caplog):
+    def never(completions, **kwargs):
+        return [None] * len(completions)
+
+    with _runner(never) as runner, caplog.at_level(logging.WARNING):
+        runner.score(_batch(["a", "b"]))
+        runner.score(_batch(["c"]))
+        metrics = runner.pop_metrics()
+    assert caplog.text.count("reward 'never' returned None (not applicable) for all 2 completions") == 1
+    assert metrics["rewards/never/missing"] == 1.0 and metrics["rewards/never/errors"] == 0.0
