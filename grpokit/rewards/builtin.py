@@ -1,12 +1,8 @@
-"""Built-in rewards for tasks whose answer is a number.
+"""Built-in reward for tasks whose answer is a number, and helpers the other built-ins share.
 
 `number_correct` parses the completion's final answer: the last 'Answer: N' line when there is
-one, else the last number in the text. `answer_format` rewards ending with an 'Answer: N' line,
-the form the built-in task's system prompt asks for. Weight it well below correctness.
-
-Measured (README): a looser format reward that also accepted any trailing number ("7 + 5 = 12")
-was hacked in the demo: with group-scaled advantages, groups that differ only in format get
-full-size advantages, entropy fell from 0.8 to 0.3, and held-out accuracy reached 29% instead of 47%.
+one, else the last number in the text. The format reward for that 'Answer: N' line is
+`answer_format` (text.py:AnswerFormat); math-verify equivalence is `math_accuracy` (verifiers.py).
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ from typing import Any
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _ANSWER_LINE = re.compile(rf"answer\s*[:=]\s*\**\s*({_NUMBER})", re.IGNORECASE)
 _ANY_NUMBER = re.compile(_NUMBER)
-_FINAL_ANSWER_LINE = re.compile(rf"(?:^|\n)\s*\**answer\s*[:=]\s*\**\s*{_NUMBER}\s*\**\.?\s*$", re.IGNORECASE)
 
 
 def completion_text(completion: Any) -> str:
@@ -61,11 +56,3 @@ def number_correct(completions: list, answer: list, **kwargs) -> list[float | No
         got = extract_final_number(completion_text(completion))
         scores.append(1.0 if got is not None and abs(got - expected) < 1e-9 else 0.0)
     return scores
-
-
-def answer_format(completions: list, **kwargs) -> list[float]:
-    """1.0 when the completion's last line is 'Answer: <number>' (bold and a final '.' allowed), else 0.0."""
-    return [1.0 if _FINAL_ANSWER_LINE.search(completion_text(c).strip()) else 0.0 for c in completions]
-
-
-BUILTIN_REWARDS = {"number_correct": number_correct, "answer_format": answer_format}
