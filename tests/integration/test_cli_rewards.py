@@ -108,3 +108,23 @@ def test_a_reward_that_always_raises_stops_at_the_first_step(tmp_path, tiny_mode
     assert "reward function 'always_fails' failed on 8 of 8 completions so far (8 errors, 0 timeouts)" in result.stderr
     assert "KeyError: 'score'" in result.stderr and "Traceback" not in result.stderr
     assert "reward 'always_fails' failed on completion 0: KeyError" in result.stderr  # logged with the sample
+
+
+def test_built_in_rewards_with_args_and_a_gate_train_through_the_cli(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+            for a in range(5) for b in range(4)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "output_dir": "run", "num_generations": 4,
+              "per_device_train_batch_size": 8, "max_completion_length": 8, "max_steps": 2, "device": "cpu",
+              "reward_funcs": ["math_accuracy", {"func": "length", "args": {"min_length": 2, "max_length": 6},
+                                                 "name": "short"},
+                               "soft_overlong_punishment", {"func": "repetition_penalty", "args": {"ngram_size": 2}}],
+              "reward_combination": "gated", "reward_gate": "short", "reward_gate_threshold": 0.5}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli("train", "cfg.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("math_accuracy", "short", "soft_overlong_punishment", "repetition_penalty"):
+        assert all(f"rewards/{name}/mean" in s and s[f"rewards/{name}/errors"] == 0.0 for s in steps), name
+    assert all(s["rewards/math_accuracy/missing"] == 0.0 for s in steps)  # every GSM8K-style reference parsed
+    assert not (tmp_path / "run" / "reward_errors.jsonl").exists()
