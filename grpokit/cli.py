@@ -69,6 +69,7 @@ def _setup_logging() -> None:
         logger.addHandler(err)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # weight-loading bars drown the run's own lines
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # and so do "Generating train split" bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -101,7 +101,7 @@ def preflight(cfg: GRPOConfig, rows: int = 3) -> PreflightReport:
                     continue
                 elapsed = time.monotonic() - started
                 failures = runner.last_failures
-                line = f"  {form:<32} {_values(values):<28} {elapsed:6.2f}s"
+                line = f"  {form:<40} {_values(values):<28} {elapsed:6.2f}s"
                 if failures:
                     _problem(report, used, form, f"{len(failures)} of {len(values)} failed: {failures[0]}")
                 else:
