@@ -83,12 +83,12 @@ def _train(args) -> int:
         from grpokit import data
         from grpokit.rewards import resolve_rewards
 
-        train = data.load_records(cfg.dataset, cfg.prompt_column, cfg.system_prompt)
+        train = data.dataset_records(cfg, "train")
         funcs = resolve_rewards(cfg.reward_funcs)
         for f in funcs:
             f.check_columns(train[0].keys())
         funcs = [f.name for f in funcs]
-        held = data.load_records(cfg.eval_dataset, cfg.prompt_column, cfg.system_prompt) if cfg.eval_dataset else []
+        held = data.dataset_records(cfg, "eval") or []
         print(cfg.to_yaml(), end="")
         print(f"dry run: {len(train)} train prompts, {len(held)} held-out, rewards {funcs}; nothing trained")
         return 0

@@ -24,6 +24,14 @@ _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 _PROMPT_FALLBACKS = ("prompt", "question", "problem")
 
 
+def dataset_records(cfg, which: str = "train") -> list[dict[str, Any]] | None:
+    """The train (`dataset`) or held-out (`eval_dataset`) records a config names; None when it names none."""
+    spec = cfg.dataset if which == "train" else cfg.eval_dataset
+    if spec is None:
+        return None
+    return load_records(spec, cfg.prompt_column, cfg.system_prompt)
+
+
 def load_records(spec: str, prompt_column: str = "prompt", system_prompt: str | None = None) -> list[dict[str, Any]]:
     """Rows of `spec` as dicts with a `prompt` key (string or message list) and the other columns."""
     name, _, query = spec.partition("?")
@@ -34,7 +42,7 @@ def load_records(spec: str, prompt_column: str = "prompt", system_prompt: str | 
         if query:
             raise DataError(f"dataset '{spec}': options after '?' are only for built-in tasks (arithmetic)")
         rows = _read_file(spec)
-    return _normalise(rows, prompt_column, system_prompt, spec)
+    return normalise_records(rows, prompt_column, system_prompt, spec)
 
 
 def _arithmetic(split: str, query: str, spec: str) -> list[dict[str, Any]]:
@@ -85,7 +93,7 @@ def _read_file(spec: str) -> list[dict[str, Any]]:
     return table.to_list()
 
 
-def _normalise(rows: list[dict[str, Any]], prompt_column: str, system_prompt: str | None, spec: str) -> list[dict[str, Any]]:
+def normalise_records(rows: list[dict[str, Any]], prompt_column: str, system_prompt: str | None, spec: str) -> list[dict[str, Any]]:
     columns = list(rows[0])
     column = prompt_column if prompt_column in columns else next((c for c in _PROMPT_FALLBACKS if c in columns), None)
     if column is None:

@@ -101,12 +101,17 @@ def load_tokenizer(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:  # hub id not reachable / not found: say so instead of a traceback
         raise _load_error(path, exc) from None
+    return prepare_tokenizer(tokenizer, path)
+
+
+def prepare_tokenizer(tokenizer, path: str = "the given tokenizer"):
+    """Pad token from eos when missing (with a note); left padding, so completions line up."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer of '{path}' has neither a pad nor an eos token; set one in its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
-    tokenizer.padding_side = "left"  # prompts are always left-padded so completions line up
+    tokenizer.padding_side = "left"
     return tokenizer
 
 

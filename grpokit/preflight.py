@@ -71,7 +71,7 @@ def _values(values: list[float]) -> str:
 
 def preflight(cfg: GRPOConfig, rows: int = 3) -> PreflightReport:
     report = PreflightReport()
-    records = data_mod.load_records(cfg.dataset, cfg.prompt_column, cfg.system_prompt)[:rows]
+    records = data_mod.dataset_records(cfg, "train")[:rows]
     funcs = resolve_rewards(cfg.reward_funcs)
     conversational = isinstance(records[0]["prompt"], list)
     report.lines.append(f"pre-flight: {len(funcs)} reward function(s) on {len(records)} row(s) of {cfg.dataset} "

@@ -25,11 +25,12 @@ import torch
 from grpokit import data as data_mod
 from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
 from grpokit.config import GRPOConfig
+from grpokit.errors import ConfigError
 from grpokit.evaluate import columns_of, decode_completions, evaluate
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, Timers, nanmean
-from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, resolve_model_path
+from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, prepare_tokenizer, resolve_model_path
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
@@ -92,34 +93,43 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
 
 
 class Trainer:
-    def __init__(self, cfg: GRPOConfig):
+    """The loop. Everything is built from `cfg`, except what the Python API hands in already made:
+    records (lists of dicts), a model object and its tokenizer, reward callables, a peft config."""
+
+    def __init__(self, cfg: GRPOConfig, *, train_records: list[dict] | None = None,
+                 eval_records: list[dict] | None = None, model=None, tokenizer=None, reward_funcs: list | None = None,
+                 peft_config=None):
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         # data and rewards first: their errors must come before the (slow) model load
-        self.reward_funcs: list[RewardFunction] = resolve_rewards(cfg.reward_funcs)
-        self.train_records = data_mod.load_records(cfg.dataset, cfg.prompt_column, cfg.system_prompt)
-        self.eval_records = None
-        if cfg.eval_dataset:
-            self.eval_records = data_mod.load_records(cfg.eval_dataset, cfg.prompt_column, cfg.system_prompt)
-            self.eval_records = self.eval_records[:cfg.eval_limit] if cfg.eval_limit else self.eval_records
+        self.reward_funcs: list[RewardFunction] = resolve_rewards(reward_funcs or cfg.reward_funcs)
+        self.train_records = train_records if train_records is not None else data_mod.dataset_records(cfg, "train")
+        self.eval_records = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval")
+        if self.eval_records and cfg.eval_limit:
+            self.eval_records = self.eval_records[:cfg.eval_limit]
 
         for f in self.reward_funcs:  # a reward argument that matches no column fails now, not at step 1
             f.check_columns(self.train_records[0].keys())
         # reward workers fork now, while this process is small (runner.py)
         self.rewards = RewardRunner(self.reward_funcs, timeout=cfg.reward_timeout, error_rate_limit=cfg.reward_error_rate_limit,
                                     error_log=Path(cfg.output_dir) / "reward_errors.jsonl")
-        model_path = resolve_model_path(cfg.model)
-        self.tokenizer = load_tokenizer(model_path)
-        self.policy = load_policy(model_path, getattr(torch, cfg.torch_dtype)).to(self.device)
+        model_path = resolve_model_path(cfg.model) if model is None or tokenizer is None else None
+        self.tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(model_path)
+        self.policy = (model if model is not None else load_policy(model_path, getattr(torch, cfg.torch_dtype))).to(self.device)
         if cfg.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.use_peft:
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            self.policy = get_peft_model(self.policy, peft_config)
+        elif cfg.use_peft:
             self.policy = add_lora(self.policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        self.uses_adapters = peft_config is not None or cfg.use_peft
         self.policy.train()
         # the reference policy: none at beta 0; with LoRA the same model with adapters disabled; else a frozen copy
-        self.reference = frozen_copy(self.policy) if cfg.beta > 0 and not cfg.use_peft else None
+        self.reference = frozen_copy(self.policy) if cfg.beta > 0 and not self.uses_adapters else None
         self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id)
         self.train_data = data_mod.tokenise_prompts(self.train_records, self.tokenizer, cfg.max_prompt_length, cfg.dataset)
         self.eval_data = (data_mod.tokenise_prompts(self.eval_records, self.tokenizer, cfg.max_prompt_length, cfg.eval_dataset)
@@ -139,7 +149,10 @@ class Trainer:
                                           max_completion_length=cfg.max_completion_length)
         self.loss_dtype = torch.float64 if cfg.torch_dtype == "float64" else torch.float32
         self.reward_weights = torch.tensor(cfg.weights, dtype=torch.float64)
-        self.reward_gate = cfg.reward_names.index(cfg.reward_gate) if cfg.reward_combination == "gated" else None
+        names = [f.name for f in self.reward_funcs]
+        if cfg.reward_combination == "gated" and cfg.reward_gate not in names:
+            raise ConfigError(f"reward_gate '{cfg.reward_gate}' is not one of the rewards {names}")
+        self.reward_gate = names.index(cfg.reward_gate) if cfg.reward_combination == "gated" else None
         self.accuracy_reward = cfg.eval_accuracy_reward or self.reward_funcs[0].name
         self.timers = Timers()
         self._order: list[int] = []
@@ -309,7 +322,7 @@ class Trainer:
     def _reference_logps(self, mb: MicroBatch) -> torch.Tensor | None:
         if self.cfg.beta == 0:
             return None
-        if self.cfg.use_peft:
+        if self.uses_adapters:
             with self.policy.disable_adapter():
                 return self._logps(self.policy, mb)[0]
         return self._logps(self.reference, mb)[0]
