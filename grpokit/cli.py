@@ -1,4 +1,9 @@
-"""Command line: `grpokit train CONFIG [--set key=value ...] [--dry-run]`, `grpokit check CONFIG` (pre-flight).
+"""Command line: `grpokit train CONFIG [--preset NAME] [--set key=value ...] [--dry-run]`, `grpokit check CONFIG`
+(pre-flight), `eval`, `generate`, `export`; `sft`, `report` and `vllm-serve` exist with their help but exit
+with "not available yet" until their features land.
+
+`train` also takes the math-QA trainer's options (--train-data, --num-samples, --kl-coef, ...): each
+sets one config key (`TRAIN_OPTIONS`) and wins over the preset, the file and --set.
 
 Errors a user can fix (config, data, rewards) print one message and exit with status 2, no
 traceback.
@@ -12,7 +17,24 @@ import os
 import sys
 
 from grpokit import __version__
-from grpokit.errors import GrpokitError
+from grpokit.errors import ConfigError, GrpokitError
+
+PRESET_NAMES = ("default", "fast_test", "full_training", "low_memory", "from_sft")  # config.PRESETS (not imported: --help stays fast)
+# the math-QA trainer's options -> (config key, help); --no-lora, --reward-model, --batch-size, --no-4bit are special
+TRAIN_OPTIONS = {
+    "--train-data": ("dataset", "training data file (sets dataset)"),
+    "--val-data": ("eval_dataset", "validation data file (sets eval_dataset)"),
+    "--model-name": ("model", "Hub id or local model directory (sets model)"),
+    "--sft-model": ("sft_model", "SFT checkpoint to start from (sets model; needed by --preset from_sft)"),
+    "--num-samples": ("num_generations", "completions sampled per question (sets num_generations)"),
+    "--kl-coef": ("beta", "KL coefficient (sets beta)"),
+    "--epochs": ("num_train_epochs", "passes over the training data (sets num_train_epochs, replacing max_steps)"),
+    "--lr": ("learning_rate", "learning rate (sets learning_rate)"),
+    "--max-length": ("max_completion_length", "most tokens generated per answer (sets max_completion_length)"),
+    "--output-dir": ("output_dir", "run directory (sets output_dir)"),
+}
+_TYPES = {"num_generations": int, "beta": float, "num_train_epochs": float, "learning_rate": float,
+          "max_completion_length": int}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key; the value is parsed as YAML (repeatable)")
     train.add_argument("--dry-run", action="store_true", help="validate config, data and rewards, load nothing, train nothing")
+    _add_preset(train)
+    qa = train.add_argument_group("math-QA trainer options (each sets one config key; wins over the file and --set)")
+    for flag, (key, text) in TRAIN_OPTIONS.items():
+        qa.add_argument(flag, dest=key, type=_TYPES.get(key, str), default=None, help=text)
+    qa.add_argument("--batch-size", type=int, default=None,
+                    help="questions per micro-batch (sets per_device_train_batch_size = N x num_generations)")
+    qa.add_argument("--no-lora", action="store_true", help="train all weights (sets use_peft false; LoRA is on only "
+                                                          "where the preset or config turns it on)")
+    qa.add_argument("--no-4bit", action="store_true", help="accepted for compatibility: grpokit never loads 4-bit weights")
+    qa.add_argument("--reward-model", choices=["heuristic", "learned"], default=None,
+                    help="heuristic: reward_funcs [heuristic_math_qa]; learned: the reward_model built-in, "
+                         "scoring with --reward-model-path")
+    qa.add_argument("--reward-model-path", default=None, help="sequence-classification model for --reward-model learned")
 
     check = sub.add_parser("check", help="validate a config, print it resolved with each key's help, and run every "
                                          "reward on a few rows of data (no model is loaded)")
@@ -33,7 +68,73 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--quiet-config", action="store_true", help="skip printing the resolved config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     check.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    _add_preset(check)
+
+    ev = sub.add_parser("eval", help="greedy evaluation of `model` on `eval_dataset`: accuracy and every reward's mean")
+    ev.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
+    _add_common(ev)
+    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+
+    gen = sub.add_parser("generate", help="sample completions of `model` for a dataset's prompts; print or write JSONL")
+    gen.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
+    _add_common(gen)
+    gen.add_argument("-n", "--num-completions", type=int, default=1, help="completions per prompt (default 1)")
+    gen.add_argument("--limit", type=int, default=5, help="first N prompts of the dataset (default 5)")
+    gen.add_argument("--split", choices=["train", "eval"], default="train", help="dataset (train) or eval_dataset (eval)")
+    gen.add_argument("--output", metavar="FILE", help="write JSONL rows {prompt, completion, finish_reason} to FILE")
+
+    export = sub.add_parser("export", help="save a run's model as a plain HF directory, merging LoRA adapters "
+                                           "(peft merge_and_unload)")
+    export.add_argument("model_dir", help="a run's final_model (or checkpoint) directory")
+    export.add_argument("output", help="directory to write the merged model and tokenizer to")
+
+    for name, text in (("sft", "supervised fine-tuning before GRPO"), ("report", "HTML report with plots of a run"),
+                       ("vllm-serve", "serve the policy with vLLM for server-mode generation")):
+        stub = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text}. Not available in this "
+                              "build yet: the command exits with an error.")
+        stub.add_argument("args", nargs="*", help="ignored until the command is available")
     return parser
+
+
+def _add_preset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help=f"start from a preset ({', '.join(PRESET_NAMES)}); the config file and --set override it")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key; the value is parsed as YAML (repeatable)")
+    _add_preset(parser)
+
+
+def cli_config(args: argparse.Namespace) -> dict:
+    """The config keys the math-QA options on `train` set (the top layer, over preset, file and --set)."""
+    out = {key: getattr(args, key) for key, _ in TRAIN_OPTIONS.values() if getattr(args, key, None) is not None}
+    if getattr(args, "no_lora", False):
+        out["use_peft"] = False
+    if getattr(args, "no_4bit", False):
+        logging.getLogger("grpokit").info("--no-4bit: nothing to do, grpokit does not load 4-bit weights")
+    if getattr(args, "reward_model", None) == "heuristic":
+        out["reward_funcs"] = ["heuristic_math_qa"]
+    elif getattr(args, "reward_model", None) == "learned":
+        if not args.reward_model_path:
+            raise ConfigError("--reward-model learned needs --reward-model-path PATH (a sequence-classification model)")
+        out["reward_funcs"] = [{"func": "reward_model", "args": {"model": args.reward_model_path}}]
+    if getattr(args, "batch_size", None) is not None:
+        out["per_device_train_batch_size"] = ("questions", args.batch_size)  # resolved by _load once G is known
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from grpokit.config import load_config
+
+    cli = cli_config(args)
+    questions = cli.pop("per_device_train_batch_size", None)
+    cfg = load_config(args.config, args.overrides, preset=args.preset, cli=cli)
+    if questions is not None:
+        cfg = load_config(args.config, args.overrides, preset=args.preset,
+                          cli={**cli, "per_device_train_batch_size": questions[1] * cfg.num_generations})
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "check":
             return _check(args)
+        if args.command in ("eval", "generate", "export"):
+            return {"eval": _eval, "generate": _generate, "export": _export}[args.command](args)
+        print(f"grpokit: error: `grpokit {args.command}` is not available in this build yet", file=sys.stderr)
+        return 2
     except GrpokitError as exc:
         print(f"grpokit: error: {exc}", file=sys.stderr)
         return 2
@@ -76,9 +181,7 @@ def _setup_logging() -> None:
 
 
 def _train(args) -> int:
-    from grpokit.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     if args.dry_run:
         from grpokit import data
         from grpokit.rewards import resolve_rewards
@@ -89,6 +192,8 @@ def _train(args) -> int:
             f.check_columns(train[0].keys())
         funcs = [f.name for f in funcs]
         held = data.dataset_records(cfg, "eval") or []
+        if cfg.num_train_epochs is not None:
+            cfg = cfg.model_copy(update={"max_steps": cfg.steps_for_epochs(len(train)), "num_train_epochs": None})
         print(cfg.to_yaml(), end="")
         print(f"dry run: {len(train)} train prompts, {len(held)} held-out, rewards {funcs}; nothing trained")
         return 0
@@ -106,10 +211,53 @@ def _check(args) -> int:
         return 0
     from grpokit.preflight import preflight
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, preset=args.preset)
     if not args.quiet_config:
         for name, field in GRPOConfig.model_fields.items():
             print(f"{name}: {getattr(cfg, name)!r}  # {field.description}")
     report = preflight(cfg, rows=args.rows)
     print("\n".join(report.lines))
     return 0 if report.ok else 1
+
+
+def _eval(args) -> int:
+    import json
+
+    from grpokit.inference import evaluate_model
+
+    metrics = evaluate_model(_load(args))
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4g}")
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(json.dumps(metrics, indent=1) + "\n")
+    return 0
+
+
+def _generate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from grpokit.inference import generate, write_jsonl
+
+    if args.num_completions < 1 or args.limit < 1:
+        raise ConfigError("generate: --num-completions and --limit must be >= 1")
+    rows = generate(_load(args), args.num_completions, args.limit, args.split)
+    if args.output:
+        write_jsonl(rows, Path(args.output))
+        print(f"wrote {len(rows)} completions to {args.output}")
+    else:
+        for row in rows:
+            print(json.dumps(row))
+    return 0
+
+
+def _export(args) -> int:
+    from pathlib import Path
+
+    from grpokit.inference import export_merged
+
+    action = export_merged(Path(args.model_dir), Path(args.output))
+    print(f"{action}; saved {args.output}")
+    return 0

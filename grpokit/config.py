@@ -3,11 +3,19 @@
 Option names follow TRL's `GRPOConfig` wherever TRL has the option. Unknown keys are an error
 with a did-you-mean; cross-field checks (batch geometry) run at load, before any model is loaded.
 `--set key=value` overrides are parsed as YAML values, so numbers, booleans and lists work.
+
+Layers, lowest precedence first: a preset (`grpokit/presets/NAME.yaml`, chosen by `--preset` or a
+`preset:` key), the config file, `--set`, explicit CLI options. `max_steps` and `num_train_epochs`
+are alternatives: the higher layer's choice wins. Keys of other tools' configs are translated to
+grpokit's before validation (`translate_keys`): Axolotl's `rl`, `trl:`, `vllm:`, `micro_batch_size`,
+`base_model`, `datasets:`, `sequence_len`; training-wizard's `reward_specs`, `recipe_class`.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +30,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
+PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS = ("default", "fast_test", "full_training", "low_memory", "from_sft")
 
 
 class RewardSpec(BaseModel):
@@ -41,8 +53,8 @@ class GRPOConfig(BaseModel):
 
     # model and data
     model: str = Field("smollm2-135m-instruct", description="Hub id, local HF directory, or 'smollm2-135m-instruct' (embedded, no download).")
-    dataset: str = Field("arithmetic", description="Train data: a built-in task name ('arithmetic[?key=value&...]') or a .jsonl/.json/.csv/.parquet file.")
-    eval_dataset: str | None = Field(None, description="Held-out data, same forms as `dataset`; 'arithmetic:held_out' is the built-in task's fixed held-out split.")
+    dataset: str = Field("arithmetic", description="Train data: a built-in ('arithmetic[?key=value&...]', 'gsm8k', 'humaneval', 'reasoning_gym:<task>?size=N&...'), a .jsonl/.json/.csv/.parquet file, a save_to_disk directory ('dir[:split]'), or a hub id when online.")
+    eval_dataset: str | None = Field(None, description="Held-out data, same forms as `dataset`; 'arithmetic:held_out' and 'gsm8k:held_out' are the built-ins' fixed held-out splits.")
     eval_limit: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts.")
     torch_dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description="dtype the policy's weights are loaded and trained in (bf16: see also `bf16` for autocast with fp32 weights).")
     use_peft: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; the reference policy is then the same model with adapters disabled.")
@@ -52,6 +64,9 @@ class GRPOConfig(BaseModel):
     lora_target_modules: list[str] | str = Field("all-linear", description="Modules that get adapters: names, or 'all-linear'.")
     prompt_column: str = Field("prompt", description="Column holding the prompt: a string, or a list of chat messages.")
     system_prompt: str | None = Field(None, description="System message prepended to conversational prompts that have none.")
+    prompt_template: str | None = Field(None, description="Build each prompt from the row's columns: a format string ('Solve: {question}') or a Jinja template (contains '{{'); the text becomes the user message.")
+    transform: str | None = Field(None, description="Per-row function 'module.fn' or 'file.py:fn', called as fn(example, tokenizer=None) -> dict, after column_mapping and before prompt_template.")
+    column_mapping: dict[str, str] | None = Field(None, description="Rename dataset columns first: {their_name: our_name}, e.g. {instruction: prompt}.")
     max_prompt_length: int | None = Field(512, gt=0, description="Prompts longer than this many tokens are dropped (counted and logged).")
     output_dir: str = Field("outputs/grpo", description="Run directory: config.yaml, metrics.jsonl, final_model/.")
 
@@ -98,17 +113,28 @@ class GRPOConfig(BaseModel):
     per_device_train_batch_size: int = Field(8, gt=0, description="Completions per micro-batch.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step; one generation fills them all.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps to run.")
+    num_train_epochs: float | None = Field(None, gt=0.0, description="Passes over the train prompts instead of max_steps: max_steps = ceil(epochs x ceil(prompts / prompts_per_generation)) x optimizer steps per generation, computed once the data is loaded.")
     bf16: bool = Field(False, description="bf16 autocast for generation and the update (fp32 master weights); fast on CPUs with avx512_bf16/AMX and on recent GPUs.")
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward instead of storing them (less memory, ~30% more time).")
     logprob_chunk_size: int = Field(128, gt=0, description="Tokens per chunk when computing log-probs, so [B, T, V] logits are never materialised.")
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available).")
 
+    # generation engine (vLLM: the engine itself is not in this build yet; the fields hold Axolotl/TRL settings)
+    use_vllm: bool = Field(False, description="Generate with vLLM instead of the in-process sampler (not available in this build yet: true is an error).")
+    vllm_mode: Literal["server", "colocate"] = Field("server", description="vLLM on its own GPUs behind `grpokit vllm-serve` (server) or inside the trainer process (colocate).")
+    vllm_host: str = Field("0.0.0.0", description="Host of the vLLM server (server mode).")
+    vllm_port: int = Field(8000, gt=0, lt=65536, description="Port of the vLLM server (server mode).")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may take.")
+    vllm_tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM model is split across.")
+    vllm_max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + completion tokens); default: the model's.")
+
     # evaluation and logging
     eval_on_start: bool = Field(False, description="Evaluate before the first step.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps (and always at the end when eval_dataset is set).")
     eval_max_completion_length: int | None = Field(None, gt=0, description="Token limit for evaluation (default: max_completion_length).")
     logging_steps: int = Field(1, gt=0, description="Print metrics to the console every this many steps (metrics.jsonl gets every step).")
+    sample_rate: int | None = Field(None, gt=0, description="Print one sampled completion with its rewards every this many steps (training-wizard's sample_rate); None: never.")
 
     @property
     def micro_batches_per_generation(self) -> int:
@@ -122,8 +148,22 @@ class GRPOConfig(BaseModel):
     def prompts_per_generation(self) -> int:
         return self.generation_batch_size // self.num_generations
 
+    @property
+    def optimizer_steps_per_generation(self) -> int:
+        return self.num_iterations * self.micro_batches_per_generation // self.gradient_accumulation_steps
+
+    def steps_for_epochs(self, num_prompts: int) -> int:
+        """max_steps for `num_train_epochs` passes over `num_prompts` train prompts (rounded up to whole generations)."""
+        generations = math.ceil(self.num_train_epochs * math.ceil(num_prompts / self.prompts_per_generation))
+        return max(1, generations * self.optimizer_steps_per_generation)
+
     @model_validator(mode="after")
     def _check_geometry(self) -> GRPOConfig:
+        if self.use_vllm:
+            raise ValueError("use_vllm: the vLLM engine is not available in this build yet; set use_vllm: false "
+                             "(generation then runs on the in-process sampler)")
+        if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError("both max_steps and num_train_epochs are set; give one")
         gbs = self.generation_batch_size
         if self.micro_batches_per_generation % self.gradient_accumulation_steps:
             raise ValueError(f"steps_per_generation = {self.steps_per_generation} must be a multiple of "
@@ -175,34 +215,136 @@ class GRPOConfig(BaseModel):
         return [1.0 if isinstance(e, str) or e.weight is None else e.weight for e in self.reward_funcs]
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # with num_train_epochs, max_steps is not yet known (it needs the data): leave it out so the file reloads
+        exclude = {"max_steps"} if self.num_train_epochs is not None else None
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> GRPOConfig:
-    """Read a YAML/TOML file (or nothing), apply `key=value` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_file(Path(path))
+def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: str | None = None,
+                cli: dict[str, Any] | None = None) -> GRPOConfig:
+    """Merge preset < file < `key=value` overrides < `cli` options, translate other tools' keys, validate."""
+    source = str(path) if path else "--set"
+    file_data = _read_file(Path(path)) if path is not None else {}
+    file_preset = file_data.pop("preset", None)
+    set_data: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set '{item}': expected key=value, e.g. --set learning_rate=1e-6")
         try:
-            data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            set_data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: cannot parse '{raw}' as a value ({exc.problem})") from None
-    return validate_config(data, source=str(path) if path else "--set")
+    name = preset or set_data.pop("preset", None) or file_preset
+    layers = [(f"preset '{name}'", load_preset(name) if name else {}), (source, file_data), ("--set", set_data),
+              ("command line", dict(cli or {}))]
+    layers = [translate_keys(layer, where) for where, layer in layers]
+    data: dict[str, Any] = {}
+    for layer in layers:
+        if "max_steps" in layer and "num_train_epochs" not in layer:  # the higher layer's length wins
+            data.pop("num_train_epochs", None)
+        if "num_train_epochs" in layer and "max_steps" not in layer:
+            data.pop("max_steps", None)
+        data.update(layer)
+    if name == "from_sft" and not any("model" in layer for layer in layers[1:]):
+        raise ConfigError("preset 'from_sft' starts from a fine-tuned model: give --sft-model PATH "
+                          "(or `sft_model: PATH` in the config)")
+    return validate_config(data, source=source)
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The keys of a shipped preset; an unknown name is an error with a did-you-mean."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"preset: unknown preset '{name}'{hint} Presets: {', '.join(PRESETS)}")
+    return _read_file(PRESETS_DIR / f"{name}.yaml")
 
 
 # TRL's key and values for the combination strategy
 _AGGREGATION = {"sum_then_normalize": "weighted_sum", "normalize_then_sum": "normalize_then_sum"}
+# Axolotl's `vllm:` block -> grpokit's fields
+_VLLM_KEYS = {"mode": "vllm_mode", "host": "vllm_host", "port": "vllm_port", "tensor_parallel_size": "vllm_tensor_parallel_size",
+              "gpu_memory_utilization": "vllm_gpu_memory_utilization", "max_model_len": "vllm_max_model_len"}
+# one key of another tool -> grpokit's key, where only the name differs
+_RENAMES = {"micro_batch_size": "per_device_train_batch_size", "base_model": "model", "sft_model": "model"}
+
+
+def _move(data: dict[str, Any], key: str, target: str, value: Any, where: str) -> None:
+    if target in data and data[target] != value:
+        raise ConfigError(f"{where}: {key} and {target} are both set (to {value!r} and {data[target]!r}); give one")
+    data[target] = value
+
+
+def translate_keys(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """Other tools' keys (Axolotl, TRL, training-wizard, the math-QA trainer) -> grpokit's, before validation."""
+    data = dict(data)
+    if "trl" in data:  # Axolotl nests TRL's GRPOConfig options under `trl:`
+        block = data.pop("trl") or {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: trl: expected a mapping of TRL GRPOConfig options, got {block!r}")
+        for key, value in block.items():
+            _move(data, f"trl.{key}", key, value, where)
+    if "rl" in data:
+        rl = data.pop("rl")
+        if rl != "grpo":
+            raise ConfigError(f"{where}: rl: '{rl}' is not supported; grpokit trains with GRPO only (rl: grpo)")
+    if "vllm" in data:
+        block = data.pop("vllm") or {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: vllm: expected a mapping (host, port, ...), got {block!r}")
+        for key, value in block.items():
+            if key not in _VLLM_KEYS:
+                close = difflib.get_close_matches(key, _VLLM_KEYS, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"{where}: vllm.{key}: unknown key{hint} Known: {sorted(_VLLM_KEYS)}")
+            _move(data, f"vllm.{key}", _VLLM_KEYS[key], value, where)
+    for key, target in _RENAMES.items():
+        if key in data:
+            _move(data, key, target, data.pop(key), where)
+    if "datasets" in data:  # Axolotl: a list of {path:, type:, ...}; grpokit trains on one dataset
+        entries = data.pop("datasets")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{where}: datasets: expected a non-empty list of {{path: ...}} entries")
+        first = entries[0]["path"] if isinstance(entries[0], dict) and "path" in entries[0] else entries[0]
+        if not isinstance(first, str):
+            raise ConfigError(f"{where}: datasets[0]: expected a path or a mapping with `path:`, got {entries[0]!r}")
+        if len(entries) > 1:
+            log.warning("%s: datasets: only the first entry (%s) is used; %d more ignored", where, first, len(entries) - 1)
+        _move(data, "datasets[0].path", "dataset", first, where)
+    if "reward_specs" in data:  # training-wizard: [[reward_specs]] tables with spec_class (or class) and settings
+        specs = data.pop("reward_specs")
+        specs = [specs] if isinstance(specs, dict) else specs
+        funcs = []
+        for i, spec in enumerate(specs or []):
+            spec = dict(spec) if isinstance(spec, dict) else {"spec_class": spec}
+            func = spec.pop("spec_class", None) or spec.pop("class", None)
+            if not func:
+                raise ConfigError(f"{where}: reward_specs[{i}]: needs spec_class (or class): a reward name or path")
+            entry = {"func": func, **{k: spec.pop(k) for k in ("weight", "name") if k in spec}}
+            funcs.append({**entry, "args": spec} if spec else entry)
+        _move(data, "reward_specs", "reward_funcs", funcs, where)
+    if "recipe_class" in data:
+        log.info("%s: recipe_class '%s' ignored: grpokit runs its own GRPO loop", where, data.pop("recipe_class"))
+    if "multi_objective_aggregation" in data:
+        value = data.pop("multi_objective_aggregation")
+        _move(data, "multi_objective_aggregation", "reward_combination", _AGGREGATION.get(value, value), where)
+    if data.get("load_in_4bit"):
+        raise ConfigError(f"{where}: load_in_4bit: 4-bit (QLoRA) loading is not supported yet; remove the key "
+                          "(LoRA on full-precision weights: use_peft: true)")
+    data.pop("load_in_4bit", None)
+    return data
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> GRPOConfig:
-    data = dict(data)
-    if "multi_objective_aggregation" in data and "reward_combination" not in data:
-        value = data.pop("multi_objective_aggregation")
-        data["reward_combination"] = _AGGREGATION.get(value, value)
+    data = translate_keys(data, source)
+    if "sequence_len" in data:  # Axolotl: prompt + completion tokens; grpokit limits the prompt
+        total = data.pop("sequence_len")
+        completion = data.get("max_completion_length", GRPOConfig.model_fields["max_completion_length"].default)
+        if not isinstance(total, int) or total <= completion:
+            raise ConfigError(f"{source}: sequence_len = {total!r} must be an integer above max_completion_length = "
+                              f"{completion} (the prompt gets sequence_len - max_completion_length tokens)")
+        _move(data, "sequence_len", "max_prompt_length", total - completion, source)
     unknown = [k for k in data if k not in GRPOConfig.model_fields]
     if unknown:
         lines = []

@@ -109,6 +109,10 @@ class Trainer:
         self.eval_records = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval")
         if self.eval_records and cfg.eval_limit:
             self.eval_records = self.eval_records[:cfg.eval_limit]
+        if cfg.num_train_epochs is not None:  # epochs -> steps, now that the data size is known (config.py)
+            steps = cfg.steps_for_epochs(len(self.train_records))
+            log.info("%g epoch(s) over %d prompts = %d optimizer steps", cfg.num_train_epochs, len(self.train_records), steps)
+            self.cfg = cfg = cfg.model_copy(update={"max_steps": steps, "num_train_epochs": None})
 
         for f in self.reward_funcs:  # a reward argument that matches no column fails now, not at step 1
             f.check_columns(self.train_records[0].keys())
@@ -268,6 +272,9 @@ class Trainer:
         aggregation = "normalize_then_sum" if cfg.reward_combination == "normalize_then_sum" else "weighted_sum"
         advantages, _ = compute_advantages(self.combinable(batch.rewards), self.reward_weights, g, cfg.scale_rewards,
                                            aggregation)
+        span = self.global_step // cfg.sample_rate if cfg.sample_rate else None
+        if span is not None and (self.global_step + cfg.optimizer_steps_per_generation) // cfg.sample_rate > span:
+            self._show_sample(batch)
         with self.timers("logprobs"):
             micro_batches = self._micro_batches(batch, advantages)
         return micro_batches, {**self._generation_metrics(Generation.concat(sampled)), **extra}
@@ -398,6 +405,15 @@ class Trainer:
         """Run facts a reward may name: max_completion_length, step, trainer_state (TRL's key)."""
         return {"max_completion_length": max_completion_length or self.cfg.max_completion_length,
                 "step": self.global_step, "trainer_state": {"global_step": self.global_step, "max_steps": self.cfg.max_steps}}
+
+    def _show_sample(self, batch: Generation) -> None:
+        """One completion of this generation with its rewards, for `sample_rate` (training-wizard's sample log)."""
+        names = [f.name for f in self.reward_funcs]
+        rewards = ", ".join(f"{n}={v:.3g}" for n, v in zip(names, batch.rewards[0].tolist(), strict=True))
+        prompt = self.tokenizer.decode(batch.prompt_ids[0], skip_special_tokens=True)
+        completion = self.tokenizer.decode(batch.completion_ids[0], skip_special_tokens=True)
+        self._say(f"sample before step {self.global_step + 1}:\n  prompt: {prompt!r}\n  completion: {completion!r}\n"
+                  f"  rewards: {rewards}")
 
     def _save(self, path: Path) -> None:
         self.policy.save_pretrained(path)

@@ -1,0 +1,105 @@
+"""Presets, layer precedence, the math-QA trainer's options and other tools' config keys."""
+
+import pytest
+
+from grpokit.cli import _load, _parser, cli_config
+from grpokit.config import PRESETS, PRESETS_DIR, GRPOConfig, load_config, validate_config
+from grpokit.errors import ConfigError
+
+
+def test_every_preset_file_is_shipped_and_loads():
+    assert sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) == sorted(PRESETS)
+    for name in PRESETS:
+        extra = ["sft_model=some/sft"] if name == "from_sft" else []
+        assert isinstance(load_config(None, extra, preset=name), GRPOConfig), name
+
+
+def test_unknown_preset_suggests_the_right_one():
+    with pytest.raises(ConfigError, match="unknown preset 'fast_tst'; did you mean 'fast_test'"):
+        load_config(None, preset="fast_tst")
+
+
+def test_precedence_preset_file_set_cli(tmp_path):
+    (tmp_path / "c.yaml").write_text("preset: fast_test\nmax_completion_length: 20\nlearning_rate: 3.0e-6\n")
+    cfg = load_config(tmp_path / "c.yaml", ["learning_rate=4e-6", "beta=0.2"], cli={"beta": 0.3})
+    assert cfg.num_generations == 2 and cfg.max_steps == 2  # preset key from the file
+    assert cfg.max_completion_length == 20 and cfg.learning_rate == 4e-6 and cfg.beta == 0.3
+    assert load_config(tmp_path / "c.yaml", preset="low_memory").use_peft is True  # --preset beats preset:
+
+
+def test_epochs_and_steps_the_higher_layer_wins():
+    assert load_config(None, ["max_steps=7"], preset="full_training").num_train_epochs is None
+    cfg = load_config(None, [], preset="fast_test", cli={"num_train_epochs": 2})
+    assert cfg.num_train_epochs == 2 and "max_steps" not in cfg.to_yaml()
+    assert cfg.steps_for_epochs(5) == 2 * 3  # 2 prompts per generation -> 3 generations an epoch
+    with pytest.raises(ConfigError, match="give one"):
+        validate_config({"max_steps": 3, "num_train_epochs": 1})
+
+
+def test_from_sft_needs_a_model():
+    with pytest.raises(ConfigError, match="--sft-model"):
+        load_config(None, preset="from_sft")
+    assert load_config(None, preset="from_sft", cli={"sft_model": "out/sft"}).model == "out/sft"
+
+
+@pytest.mark.parametrize(("argv", "field", "value"), [
+    (["--train-data", "t.jsonl"], "dataset", "t.jsonl"),
+    (["--val-data", "v.jsonl"], "eval_dataset", "v.jsonl"),
+    (["--model-name", "org/m"], "model", "org/m"),
+    (["--sft-model", "out/sft"], "model", "out/sft"),
+    (["--num-samples", "4"], "num_generations", 4),
+    (["--kl-coef", "0.05"], "beta", 0.05),
+    (["--epochs", "3"], "num_train_epochs", 3.0),
+    (["--lr", "5e-6"], "learning_rate", 5e-6),
+    (["--max-length", "64"], "max_completion_length", 64),
+    (["--output-dir", "o"], "output_dir", "o"),
+    (["--no-lora", "--preset", "low_memory"], "use_peft", False),
+    (["--no-4bit"], "model", "smollm2-135m-instruct"),  # a no-op
+    (["--reward-model", "heuristic"], "reward_funcs", ["heuristic_math_qa"]),
+    (["--batch-size", "2", "--num-samples", "4"], "per_device_train_batch_size", 8),
+])
+def test_math_qa_options_set_their_config_field(argv, field, value):
+    cfg = _load(_parser().parse_args(["train", *argv]))
+    assert getattr(cfg, field) == value
+
+
+def test_learned_reward_model_needs_a_path():
+    with pytest.raises(ConfigError, match="--reward-model-path"):
+        cli_config(_parser().parse_args(["train", "--reward-model", "learned"]))
+    cfg = _load(_parser().parse_args(["train", "--reward-model", "learned", "--reward-model-path", "rm"]))
+    assert cfg.reward_funcs[0].func == "reward_model" and cfg.reward_funcs[0].args == {"model": "rm"}
+
+
+def test_axolotl_keys():
+    cfg = validate_config({"rl": "grpo", "base_model": "org/m", "datasets": [{"path": "d.jsonl", "type": "x"}],
+                           "trl": {"beta": 0.001, "num_generations": 4, "max_completion_length": 100},
+                           "micro_batch_size": 4, "sequence_len": 400,
+                           "vllm": {"host": "h", "port": 9, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
+                                    "max_model_len": 400}})
+    assert (cfg.model, cfg.dataset, cfg.beta, cfg.num_generations) == ("org/m", "d.jsonl", 0.001, 4)
+    assert cfg.per_device_train_batch_size == 4 and cfg.max_prompt_length == 300
+    assert (cfg.vllm_host, cfg.vllm_port, cfg.vllm_tensor_parallel_size) == ("h", 9, 2)
+    assert cfg.vllm_gpu_memory_utilization == 0.5 and cfg.vllm_max_model_len == 400 and cfg.use_vllm is False
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    ({"rl": "dpo"}, "rl: 'dpo' is not supported"),
+    ({"vllm": {"hots": "x"}}, "vllm.hots: unknown key; did you mean 'host'?"),
+    ({"micro_batch_size": 4, "per_device_train_batch_size": 8}, "give one"),
+    ({"trl": {"use_vllm": True}}, "vLLM engine is not available in this build yet"),
+    ({"load_in_4bit": True}, "4-bit (QLoRA) loading is not supported yet"),
+    ({"sequence_len": 100}, "sequence_len"),
+    ({"reward_specs": [{"weight": 1.0}]}, "needs spec_class"),
+])
+def test_bad_compat_keys_are_clear_errors(data, fragment):
+    with pytest.raises(ConfigError) as err:
+        validate_config(data)
+    assert fragment in str(err.value)
+
+
+def test_training_wizard_keys():
+    cfg = validate_config({"recipe_class": "x.GRPORecipe", "sample_rate": 100, "load_in_4bit": False,
+                           "reward_specs": [{"spec_class": "gec_f1", "weight": 2.0, "beta": 0.5},
+                                            {"class": "answer_format"}]})
+    assert cfg.sample_rate == 100 and cfg.reward_names == ["gec_f1", "answer_format"]
+    assert cfg.reward_funcs[0].args == {"beta": 0.5} and cfg.weights == [2.0, 1.0]
