@@ -12,10 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
-import importlib.util
 import inspect
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +21,7 @@ from grpokit.errors import RewardError
 from grpokit.rewards.contract import RewardBatch, RewardFunction, per_sample
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 from grpokit.rewards.runner import RewardRunner
+from grpokit.userimport import import_user_object
 
 __all__ = ["RewardBatch", "RewardFunction", "RewardRunner", "per_sample", "resolve_reward", "resolve_rewards",
            "reward_name", "score"]
@@ -33,31 +31,12 @@ def _load(spec: str) -> Any:
     if spec in BUILTIN_REWARDS:
         module_name, _, attr = BUILTIN_REWARDS[spec].partition(":")
         return getattr(importlib.import_module(module_name), attr)
-    if ":" in spec:
-        file, _, attr = spec.rpartition(":")
-        path = Path(file)
-        if not path.is_file():
-            raise RewardError(f"reward_funcs: file '{file}' (from '{spec}') does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"grpokit_user_rewards.{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    elif "." in spec:
-        module_name, _, attr = spec.rpartition(".")
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # let users name modules in their working directory
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise RewardError(f"reward_funcs: cannot import module '{module_name}' for '{spec}': {exc}") from None
-    else:
-        close = difflib.get_close_matches(spec, BUILTIN_REWARDS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise RewardError(f"reward_funcs: unknown reward '{spec}'{hint} Built-ins: {sorted(BUILTIN_REWARDS)}; "
-                          "or give 'module.function' or 'file.py:function'")
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise RewardError(f"reward_funcs: '{spec}': no function or class '{attr}' in {module.__name__}")
-    return obj
+    if ":" in spec or "." in spec:
+        return import_user_object(spec, key="reward_funcs", error=RewardError, namespace="grpokit_user_rewards")
+    close = difflib.get_close_matches(spec, BUILTIN_REWARDS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise RewardError(f"reward_funcs: unknown reward '{spec}'{hint} Built-ins: {sorted(BUILTIN_REWARDS)}; "
+                      "or give 'module.function' or 'file.py:function'")
 
 
 def _instantiate(name: str, obj: Any, args: dict[str, Any]) -> Any:

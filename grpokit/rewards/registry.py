@@ -23,6 +23,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "llm_judge": "grpokit.rewards.judge:LLMJudge",
     "reward_model": "grpokit.rewards.model_rewards:RewardModel",
     "semantic_similarity": "grpokit.rewards.model_rewards:SemanticSimilarity",
+    "reasoning_gym": "grpokit.rewards.gym:reasoning_gym",
 }
 
 

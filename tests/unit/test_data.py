@@ -1,6 +1,9 @@
+import json
+
 import pytest
 
-from grpokit.data import load_records, tokenise_prompts
+from grpokit.config import validate_config
+from grpokit.data import dataset_records, load_records, tokenise_prompts
 from grpokit.errors import DataError
 from grpokit.rewards.builtin import number_correct
 from tests.conftest import build_tokenizer, write_jsonl
@@ -71,3 +74,193 @@ def test_chat_prompts_need_a_chat_template():
     tokenizer.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
         tokenise_prompts(load_records("arithmetic:held_out?eval_size=3"), tokenizer, None, "arithmetic")
+
+
+# --- formats ------------------------------------------------------------------------------------
+
+def test_parquet_and_json_files(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    for name in ("d.parquet", "d.json"):
+        assert [(r["prompt"], r["answer"]) for r in load_records(str(tmp_path / name))] == [("a", "1"), ("b", "2")]
+
+
+def test_saved_dataset_directories(tmp_path):
+    import datasets
+
+    single = datasets.Dataset.from_list([{"question": "q1", "answer": "1"}])
+    single.save_to_disk(str(tmp_path / "single"))
+    assert load_records(str(tmp_path / "single"))[0]["prompt"] == "q1"
+    splits = datasets.DatasetDict({"train": single, "test": datasets.Dataset.from_list([{"question": "t1", "answer": "9"}])})
+    splits.save_to_disk(str(tmp_path / "dd"))
+    assert load_records(str(tmp_path / "dd"))[0]["prompt"] == "q1"  # a DatasetDict gives its train split
+    assert load_records(f"{tmp_path / 'dd'}:test")[0]["prompt"] == "t1"
+    with pytest.raises(DataError, match=r"no split 'dev'.*its splits are \['train', 'test'\]"):
+        load_records(f"{tmp_path / 'dd'}:dev")
+    with pytest.raises(DataError, match="holds one dataset, not splits"):
+        load_records(f"{tmp_path / 'single'}:test")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(DataError, match="is not a dataset saved with"):
+        load_records(str(tmp_path / "junk"))
+
+
+def test_hub_id_offline_says_to_pass_a_local_file(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/data' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"hub dataset failed: ConnectionError.*Offline, pass a local file"):
+        load_records("someone/data:test")
+    with pytest.raises(DataError, match="only the option 'name'"):
+        load_records("someone/data?bogus=1")
+
+
+def test_hub_id_passes_split_and_config(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or datasets.Dataset.from_list(
+        [{"question": "q", "answer": "1"}]))
+    assert load_records("openai/gsm8k:test?name=main")[0]["prompt"] == "q"
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
+
+
+def test_conversational_prompts_keep_their_system_message(tmp_path):
+    chat = [{"role": "system", "content": "Mine."}, {"role": "user", "content": "hi"}]
+    write_jsonl(tmp_path / "c.jsonl", [{"prompt": chat}])
+    assert load_records(str(tmp_path / "c.jsonl"), system_prompt="Other.")[0]["prompt"] == chat
+
+
+def test_problem_tests_solution_rows(tmp_path):
+    write_jsonl(tmp_path / "mbpp.jsonl", [{"problem": "Write add(a, b).", "tests": ["assert add(1, 2) == 3"],
+                                          "solution": "def add(a, b):\n    return a + b\n"}])
+    record = load_records(str(tmp_path / "mbpp.jsonl"))[0]
+    assert record["prompt"] == "Write add(a, b)." and record["tests"] == ["assert add(1, 2) == 3"]
+    assert "solution" in record and "problem" not in record
+
+
+def test_bad_prompt_value_names_row_and_column(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok"}, {"prompt": 7}])
+    with pytest.raises(DataError, match=r"row 1, column 'prompt': expected a string .* got int"):
+        load_records(str(tmp_path / "d.jsonl"))
+
+
+def test_unreadable_file_and_unknown_options(tmp_path):
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(DataError, match=r"'.*bad.jsonl' could not be read as json"):
+        load_records(str(tmp_path / "bad.jsonl"))
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x"}])
+    with pytest.raises(DataError, match="options after '\\?'"):
+        load_records(f"{tmp_path / 'd.jsonl'}?size=3")
+
+
+# --- column mapping, transform, template --------------------------------------------------------
+
+def test_column_mapping_is_applied_first(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Say hi", "output": "hi"}])
+    records = load_records(str(tmp_path / "d.jsonl"), column_mapping={"instruction": "prompt", "output": "answer"})
+    assert records == [{"prompt": "Say hi", "answer": "hi"}]
+    with pytest.raises(DataError, match=r"column_mapping names column\(s\) \['nope'\].*columns are \['instruction', 'output'\]"):
+        load_records(str(tmp_path / "d.jsonl"), column_mapping={"nope": "prompt"})
+
+
+def test_transform_from_a_file_and_a_module(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "d.jsonl", [{"q": "2+2", "ref": "4"}, {"q": "3+3", "ref": "6"}])
+    (tmp_path / "my_transforms.py").write_text(
+        "def to_grpo(example, tokenizer=None):\n"
+        "    return {'prompt': [{'role': 'user', 'content': example['q']}], 'answer': example['ref']}\n"
+        "def broken(example, tokenizer=None):\n"
+        "    return example['missing']\n"
+        "def not_a_dict(example, tokenizer=None):\n"
+        "    return 'text'\n")
+    expected = [{"prompt": [{"role": "user", "content": "2+2"}], "answer": "4"},
+                {"prompt": [{"role": "user", "content": "3+3"}], "answer": "6"}]
+    data = str(tmp_path / "d.jsonl")
+    assert load_records(data, transform=f"{tmp_path / 'my_transforms.py'}:to_grpo") == expected
+    monkeypatch.chdir(tmp_path)  # module form: importable from the working directory
+    assert load_records(data, transform="my_transforms.to_grpo") == expected
+    with pytest.raises(DataError, match=r"row 0: transform broken raised KeyError: 'missing'; the row's columns are \['q', 'ref'\]"):
+        load_records(data, transform="my_transforms.broken")
+    with pytest.raises(DataError, match="row 0: transform not_a_dict returned str"):
+        load_records(data, transform="my_transforms.not_a_dict")
+    with pytest.raises(DataError, match="no function or class 'nope'"):
+        load_records(data, transform="my_transforms.nope")
+    with pytest.raises(DataError, match="file 'gone.py'.*does not exist"):
+        load_records(data, transform="gone.py:fn")
+    with pytest.raises(DataError, match="cannot import module 'no_such_module_xyz'"):
+        load_records(data, transform="no_such_module_xyz.fn")
+
+
+@pytest.mark.parametrize("template", ["Solve: {question} ({topic})", "Solve: {{ question }} ({{ topic }})"])
+def test_prompt_template_format_and_jinja(tmp_path, template):
+    write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "topic": "sums", "answer": "2"}])
+    records = load_records(str(tmp_path / "d.jsonl"), system_prompt="Be brief.", prompt_template=template)
+    assert records[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Solve: 1+1 (sums)"}]
+    assert records[0]["question"] == "1+1" and records[0]["answer"] == "2"  # the columns stay for rewards
+    bad = template.replace("topic", "subject")
+    with pytest.raises(DataError, match=r"row 0: prompt_template uses a column that does not exist.*subject.*"
+                                        r"columns are \['question', 'topic', 'answer'\]"):
+        load_records(str(tmp_path / "d.jsonl"), prompt_template=bad)
+
+
+def test_prompt_template_syntax_errors(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"question": "q"}])
+    with pytest.raises(DataError, match="not a valid format string"):
+        load_records(str(tmp_path / "d.jsonl"), prompt_template="Solve: {question")
+    with pytest.raises(DataError, match="not a valid Jinja template"):
+        load_records(str(tmp_path / "d.jsonl"), prompt_template="{{ question ")
+    with pytest.raises(DataError, match="placeholders must be column names"):
+        load_records(str(tmp_path / "d.jsonl"), prompt_template="{question.__class__}")
+
+
+def test_config_fields_reach_dataset_records(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"q": "1+1", "a": "2"}])
+    cfg = validate_config({"dataset": str(tmp_path / "d.jsonl"), "column_mapping": {"a": "answer"},
+                           "prompt_template": "Q: {q}", "eval_dataset": "gsm8k:held_out"})
+    assert dataset_records(cfg, "train") == [{"q": "1+1", "answer": "2", "prompt": [{"role": "user", "content": "Q: 1+1"}]}]
+    assert len(dataset_records(cfg, "eval")) == 200
+
+
+# --- built-in datasets --------------------------------------------------------------------------
+
+def test_gsm8k_split_is_fixed_disjoint_and_complete():
+    train, held = load_records("gsm8k"), load_records("gsm8k:held_out")
+    assert (len(train), len(held)) == (1119, 200)
+    assert {r["gsm8k_index"] for r in train}.isdisjoint({r["gsm8k_index"] for r in held})
+    assert {r["gsm8k_index"] for r in train} | {r["gsm8k_index"] for r in held} == set(range(1319))
+    assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in held}
+    assert load_records("gsm8k:held_out") == held  # deterministic
+    assert all(r["solution"].endswith(f"#### {r['answer']}") or "," in r["solution"].rpartition("####")[2] for r in held)
+    assert number_correct([f"Answer: {r['answer']}" for r in held], answer=[r["answer"] for r in held]) == [1.0] * 200
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        load_records("gsm8k:test")
+
+
+def test_humaneval_rows_work_with_code_tests_columns():
+    rows = load_records("humaneval")
+    assert len(rows) == 164 and isinstance(rows[0]["prompt"], str)
+    assert {"test", "entry_point", "canonical_solution", "task_id"} <= set(rows[0])
+    assert rows[0]["prompt"].lstrip().startswith("from typing import List")
+
+
+def test_reasoning_gym_rows_and_reward():
+    pytest.importorskip("reasoning_gym")
+    from grpokit.rewards.gym import reasoning_gym
+
+    rows = load_records("reasoning_gym:chain_sum?min_terms=2&max_terms=3&size=20&seed=1")
+    assert len(rows) == 20 and rows == load_records("reasoning_gym:chain_sum?min_terms=2&max_terms=3&size=20&seed=1")
+    meta = json.loads(rows[0]["metadata"])
+    assert meta["source_dataset"] == "chain_sum" and 2 <= meta["num_terms"] <= 3
+    assert int(rows[0]["answer"]) == eval(meta["expression"])  # noqa: S307 - the generator's own expression
+    completions = [f"<answer>{rows[0]['answer']}</answer>", f"Answer: {rows[1]['answer']}", "Answer: nonsense"]
+    scores = reasoning_gym(completions, answer=[r["answer"] for r in rows[:3]], metadata=[r["metadata"] for r in rows[:3]])
+    assert scores[:2] == [1.0, 1.0] and scores[2] < 1.0
+    with pytest.raises(DataError, match="cannot create 'no_such_task'"):
+        load_records("reasoning_gym:no_such_task")
+    with pytest.raises(DataError, match="name the generator"):
+        load_records("reasoning_gym")
