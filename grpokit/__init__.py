@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-_LAZY = {"per_sample": "grpokit.rewards.contract"}  # imported on first use: `grpokit --help` stays fast
+# imported on first use: `grpokit --help` stays fast
+_LAZY = {"per_sample": "grpokit.rewards.contract", "GRPOConfig": "grpokit.api", "GRPOTrainer": "grpokit.api"}
 
 
 def __getattr__(name: str):
