@@ -18,7 +18,10 @@ def import_user_object(spec: str, *, key: str, error: type[Exception], namespace
             raise error(f"{key}: file '{file}' (from '{spec}') does not exist")
         module_spec = importlib.util.spec_from_file_location(f"{namespace}.{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's module failed while loading: say where, not a traceback
+            raise error(f"{key}: loading '{file}' (for '{spec}') failed: {_describe(exc)}") from None
     else:
         module_name, _, attr = spec.rpartition(".")
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
@@ -27,7 +30,15 @@ def import_user_object(spec: str, *, key: str, error: type[Exception], namespace
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise error(f"{key}: cannot import module '{module_name}' for '{spec}': {exc}") from None
+        except Exception as exc:  # the module exists but its own code failed while importing
+            raise error(f"{key}: importing module '{module_name}' (for '{spec}') failed: {_describe(exc)}") from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise error(f"{key}: '{spec}': no function or class '{attr}' in {module.__name__}")
     return obj
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}"

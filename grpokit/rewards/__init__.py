@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from grpokit.errors import RewardError
+from grpokit.errors import GrpokitError, RewardError
 from grpokit.rewards.contract import RewardBatch, RewardFunction, per_sample
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 from grpokit.rewards.runner import RewardRunner
@@ -47,7 +47,12 @@ def _instantiate(name: str, obj: Any, args: dict[str, Any]) -> Any:
             params = [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
             raise RewardError(f"reward '{name}': bad args {sorted(args)} for {obj.__name__}: {exc}; "
                               f"its parameters: {params}") from None
-        return obj(**args)
+        try:
+            return obj(**args)
+        except GrpokitError:
+            raise
+        except Exception as exc:  # a constructor refusing its settings is a config error, not a crash
+            raise RewardError(f"reward '{name}': {obj.__name__}(**{args}) failed: {type(exc).__name__}: {exc}") from None
     if args:
         if not callable(obj):
             raise RewardError(f"reward '{name}': args given, but {type(obj).__name__} takes none")

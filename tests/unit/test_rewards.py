@@ -357,3 +357,18 @@ def test_a_reward_that_never_applies_is_warned_about_once(caplog):
         metrics = runner.pop_metrics()
     assert caplog.text.count("reward 'never' returned None (not applicable) for all 2 completions") == 1
     assert metrics["rewards/never/missing"] == 1.0 and metrics["rewards/never/errors"] == 0.0
+
+
+def test_a_reward_module_that_fails_to_load_is_a_clear_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_syntax.py").write_text("def fn(:\n")
+    (tmp_path / "broken_import_time.py").write_text("raise RuntimeError('no config file')\n")
+    with pytest.raises(RewardError, match=r"loading '.*broken_syntax.py' .*failed: SyntaxError: .*line 1\)"):
+        resolve_reward(f"{tmp_path / 'broken_syntax.py'}:fn")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RewardError, match="importing module 'broken_import_time' .*failed: RuntimeError: no config file"):
+        resolve_reward("broken_import_time.fn")
+
+
+def test_a_reward_class_refusing_its_settings_is_a_clear_error():
+    with pytest.raises(RewardError, match=r"reward 'length': Length\(\*\*\{\}\) failed: ValueError: length: give a target"):
+        resolve_reward("length")
