@@ -16,11 +16,16 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(slots=True, kw_only=True)
 class SamplingParams:
+    """Sampling settings, applied in transformers' order: repetition penalty, temperature, top-k, top-p, min-p."""
+
     max_tokens: int
     temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # 1 disables nucleus filtering
     top_k: int = 0  # 0 disables top-k
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 disables
+    repetition_penalty: float = 1.0  # transformers' semantics over prompt + completion tokens; 1 disables
     stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings, matched in the decoded completion text
     seed: int | None = None
 
 

@@ -1,26 +1,53 @@
 """In-process sampler on the policy module itself (CPU or CUDA).
 
 Each prompt is prefilled once and its KV cache repeated for its n samples; decoding is batched
-over all B*n rows with left padding, and rows that have finished are dropped from the batch (and
-the cache) so they stop costing compute. Because the engine runs on the policy module, there are
-no weights to sync after an optimizer step.
+over all B*n rows with left padding. Sampled tokens and log-probs go into preallocated [B*n, T]
+tensors, copied to Python lists once at the end. Finished rows stay in the batch (their outputs
+ignored) until at least `_COMPACT_FRACTION` of the batch has finished; then they are dropped from
+the batch and the KV cache in one copy. Because the engine runs on the policy module, there are no
+weights to sync after an optimizer step.
 
-Recorded log-probs are those of the temperature-scaled distribution before top-k / top-p
-filtering, which is the distribution the trainer scores (as in TRL).
+Sampling draws one uniform number per row and step and inverts the filtered distribution's CDF
+(cumsum + searchsorted) instead of `torch.multinomial`, which on CPU draws an exponential variate
+for every vocabulary entry (about half of a 135M model's step time at batch 64). Top-p looks for
+the nucleus among the 1024 most likely tokens and sorts the whole vocabulary only for rows whose
+nucleus is larger.
+
+Deliberate choices:
+- Recorded log-probs are those of logits / temperature, before repetition penalty and before
+  top-k / top-p / min-p filtering: the distribution the trainer recomputes (grpokit.logprobs,
+  as in TRL). With a repetition penalty or a filter the sampler draws from a different
+  distribution than the one recorded; the trainer's importance ratio does not correct for that.
+- A stop string ends a completion at the token that completed it: the ids up to and including
+  that token are kept (the trainer scores exactly the ids that were sampled), finish reason "stop".
+  Stop strings are matched in the decoded completion only, never across the prompt boundary.
+- Reproducibility: each row's uniforms come from its own generator, seeded from (seed, prompt ids,
+  how many earlier rows of the batch have the same prompt, sample index). The same prompts, params
+  and seed give the same completions; a prompt's completions also do not depend on the other
+  prompts in the batch, except where batching changes floating-point results enough to move a
+  draw across a CDF boundary or flip a greedy argmax near-tie.
 """
 
 from __future__ import annotations
+
+import hashlib
+import math
+import secrets
 
 import torch
 from transformers import DynamicCache
 
 from grpokit.rollout.base import FinishReason, Rollout, SamplingParams
 
+_COMPACT_FRACTION = 0.25  # drop finished rows once this fraction of the batch has finished
+_TOP_P_CANDIDATES = 1024  # top-p searches the nucleus among this many tokens before sorting the vocabulary
+
 
 class TorchEngine:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int):
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, *, tokenizer=None):
         self.model = model
         self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer  # only needed for stop strings
 
     def load_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same module as the policy: nothing to copy
@@ -30,6 +57,11 @@ class TorchEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("generate() needs at least one prompt, each with at least one token")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"SamplingParams.stop={params.stop!r} needs the completion text: "
+                             "create the engine with TorchEngine(model, pad_token_id, tokenizer=tokenizer)")
         model = self.model
         was_training = model.training
         model.eval()
@@ -39,81 +71,201 @@ class TorchEngine:
             model.train(was_training)
 
     def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
-        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-            raise ValueError("generate() needs at least one prompt, each with at least one token")
         device = next(self.model.parameters()).device
-        generator = torch.Generator(device=device)
-        if params.seed is None:
-            generator.seed()  # non-deterministic, and leaves torch's global RNG alone
-        else:
-            generator.manual_seed(params.seed)
+        total, steps = len(prompt_ids) * n, params.max_tokens
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)
+        uniforms = None if params.temperature == 0 else row_uniforms(prompt_ids, n, steps, params.seed).to(device)
 
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long, device=device)
-        attention = torch.zeros_like(input_ids)
+        attention = torch.zeros((len(prompt_ids), width + steps), dtype=torch.long, device=device)
         for i, ids in enumerate(prompt_ids):
             input_ids[i, width - len(ids):] = torch.tensor(ids, device=device)
-            attention[i, width - len(ids):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+            attention[i, width - len(ids):] = 1  # generated positions are all real tokens
+        positions = (attention[:, :width].cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+        out = self.model(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         if n > 1:
             cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [N, V]
-        attention = attention.repeat_interleave(n, dim=0)  # [N, L]
+        attention = attention.repeat_interleave(n, dim=0)  # [N, L + steps]
         next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1  # [N]
+        seen = None  # [N, V] tokens of each row's prompt + completion, for the repetition penalty
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros((len(prompt_ids), logits.shape[-1]), dtype=torch.bool, device=device)
+            for i, ids in enumerate(prompt_ids):
+                seen[i, torch.tensor(ids, device=device)] = True
+            seen = seen.repeat_interleave(n, dim=0)
 
-        total = len(prompt_ids) * n
-        tokens: list[list[int]] = [[] for _ in range(total)]
-        logps: list[list[float]] = [[] for _ in range(total)]
+        completion = torch.full((total, steps), self.pad_token_id, dtype=torch.long, device=device)  # [N, T]
+        sampler_logps = torch.zeros((total, steps), dtype=torch.float32, device=device)  # [N, T]
+        lengths = [steps] * total
         finish: list[FinishReason] = ["length"] * total
-        rows = torch.arange(total, device=device)  # original row of each live batch entry
+        stop_text = _StopStrings(self.tokenizer, params.stop, total) if params.stop else None
+        rows = torch.arange(total, device=device)  # original row of each batch entry
+        live = torch.ones(total, dtype=torch.bool, device=device)  # [N] False once the row has finished
+        live_count = total
 
-        for step in range(params.max_tokens):
-            token, token_logp = _sample(logits, params, generator)  # [N], [N]
-            for row, tok, lp in zip(rows.tolist(), token.tolist(), token_logp.tolist(), strict=True):
-                tokens[row].append(tok)
-                logps[row].append(lp)
-            stopped = torch.isin(token, stop_ids)
-            for row in rows[stopped].tolist():
-                finish[row] = "stop"
-            if step == params.max_tokens - 1 or bool(stopped.all()):
+        for step in range(steps):
+            token, token_logp = sample(logits, params, None if uniforms is None else uniforms[rows, step], seen)
+            completion[rows, step] = token
+            sampler_logps[rows, step] = token_logp
+            finished = torch.isin(token, stop_ids) & live  # [N]
+            if stop_text is not None:
+                finished |= stop_text.hits(rows.tolist(), token.tolist(), live.tolist(), device)
+            newly = rows[finished].tolist()  # the step's one host sync
+            for row in newly:
+                lengths[row], finish[row] = step + 1, "stop"
+            live_count -= len(newly)
+            if live_count == 0 or step == steps - 1:
                 break
-            if bool(stopped.any()):
-                keep = (~stopped).nonzero().squeeze(-1)
+            live &= ~finished
+            if len(rows) - live_count >= max(1, math.ceil(_COMPACT_FRACTION * len(rows))):
+                keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                rows, token, attention, next_pos = rows[keep], token[keep], attention[keep], next_pos[keep]
-            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=-1)
-            out = self.model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
+                rows, token, attention, next_pos, live = rows[keep], token[keep], attention[keep], next_pos[keep], live[keep]
+                seen = None if seen is None else seen[keep]
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            out = self.model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1],
+                             position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
-        return Rollout(completion_ids=tokens, sampler_logps=logps, finish_reasons=finish, group_size=n)
+
+        ids, logps = completion.tolist(), sampler_logps.tolist()
+        return Rollout(completion_ids=[r[:k] for r, k in zip(ids, lengths, strict=True)],
+                       sampler_logps=[r[:k] for r, k in zip(logps, lengths, strict=True)],
+                       finish_reasons=finish, group_size=n)
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; returns (token [N], log-prob [N] under logits / temperature)."""
-    if params.temperature == 0:
-        logprobs = torch.log_softmax(logits, dim=-1)
-        token = logits.argmax(dim=-1)
-        return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
-    scaled = logits / params.temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)  # [N, V]
-    filtered = scaled
-    if params.top_k > 0 and params.top_k < filtered.shape[-1]:
-        kth = torch.topk(filtered, params.top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keeps the top token always
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        filtered = filtered.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(filtered, dim=-1)
-    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None,
+           seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row: (token [N], its log-prob [N] under logits / temperature, unpenalised, unfiltered).
+
+    logits [N, V] float32; uniform [N] in [0, 1), None for greedy; seen [N, V] bool for the repetition penalty.
+    """
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    scaled = logits / temperature if temperature != 1.0 else logits  # [N, V]
+    drawn_from = scaled
+    if seen is not None:
+        drawn_from = apply_repetition_penalty(logits, seen, params.repetition_penalty) / temperature
+    if uniform is None:
+        token = drawn_from.argmax(dim=-1)
+    else:
+        filtered = filter_logits(drawn_from, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
+        token = draw(filtered, uniform)
+    token_logp = scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+    return token, token_logp
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: seen tokens' logits divided by penalty if > 0, else multiplied."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(scaled: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf the tokens that top-k, then top-p, then min-p remove (transformers' order); scaled [N, V].
+
+    Each filter becomes a per-row floor on the logits, so tokens tied with the last kept one are kept.
+    """
+    vocab = scaled.shape[-1]
+    floor = None  # [N, 1]
+    candidates = None  # [N, K] the top-k logits, descending: the whole distribution after top-k
+    if 0 < top_k < vocab:
+        candidates = scaled.topk(top_k, dim=-1).values
+        floor = candidates[:, -1:]
+    if top_p < 1.0:
+        nucleus = _top_p_floor(scaled, candidates, top_p)
+        floor = nucleus if floor is None else torch.maximum(floor, nucleus)
+    if min_p > 0.0:
+        relative = scaled.amax(dim=-1, keepdim=True) + math.log(min_p)  # p >= min_p * p_max, in log space
+        floor = relative if floor is None else torch.maximum(floor, relative)
+    return scaled if floor is None else scaled.masked_fill(scaled < floor, float("-inf"))
+
+
+def _top_p_floor(scaled: torch.Tensor, candidates: torch.Tensor | None, top_p: float) -> torch.Tensor:
+    """Lowest logit of the smallest set of most likely tokens whose mass reaches top_p; [N, 1]."""
+    if candidates is None:  # no top-k: try the likeliest tokens first, sort the vocabulary only where needed
+        candidates = scaled.topk(min(_TOP_P_CANDIDATES, scaled.shape[-1]), dim=-1).values
+        normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    else:  # after top-k the candidates are the whole renormalised distribution
+        normaliser = torch.logsumexp(candidates, dim=-1, keepdim=True)
+    probs = (candidates - normaliser).exp()  # [N, K]
+    cumulative = probs.cumsum(dim=-1)
+    floor = _nucleus_floor(candidates, cumulative - probs, top_p)
+    short = (cumulative[:, -1] < top_p).nonzero().squeeze(-1)  # rows whose nucleus is not among the candidates
+    if len(short) and candidates.shape[-1] < scaled.shape[-1]:
+        full = scaled[short].sort(dim=-1, descending=True).values
+        full_probs = (full - normaliser[short]).exp()
+        floor[short] = _nucleus_floor(full, full_probs.cumsum(dim=-1) - full_probs, top_p)
+    return floor
+
+
+def _nucleus_floor(sorted_logits: torch.Tensor, mass_before: torch.Tensor, top_p: float) -> torch.Tensor:
+    kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)  # the top token is always kept
+    return sorted_logits.gather(-1, kept - 1)
+
+
+def draw(filtered: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling from softmax(filtered) [N, V] with one uniform [N] per row; returns token ids [N].
+
+    The drawn index i has cdf[i] > u >= cdf[i - 1], so a token of probability 0 is never drawn.
+    """
+    weights = (filtered - filtered.amax(dim=-1, keepdim=True)).exp_()  # [N, V], unnormalised
+    cdf = weights.cumsum_(dim=-1)  # in place: weights are not needed again
+    mass = cdf[:, -1]
+    target = torch.minimum(uniform * mass, torch.nextafter(mass, torch.zeros_like(mass)))  # strictly below mass
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+
+
+def row_uniforms(prompt_ids: list[list[int]], n: int, steps: int, seed: int | None) -> torch.Tensor:
+    """[B*n, steps] uniforms in [0, 1), one stream per row, seeded from (seed, prompt, repeat of that prompt, sample).
+
+    A row's stream does not depend on the other prompts of the batch; identical prompts in one batch
+    still get different streams.
+    """
+    base = secrets.randbits(63) if seed is None else seed
+    occurrences: dict[tuple[int, ...], int] = {}
+    generator = torch.Generator()
+    out = torch.empty((len(prompt_ids) * n, steps))
+    for i, ids in enumerate(prompt_ids):
+        key = tuple(ids)
+        repeat = occurrences.get(key, 0)
+        occurrences[key] = repeat + 1
+        digest = hashlib.blake2b(repr((base, key, repeat)).encode(), digest_size=8).digest()
+        for j in range(n):
+            generator.manual_seed((int.from_bytes(digest, "little") + j) % (1 << 63))
+            out[i * n + j] = torch.rand(steps, generator=generator)
+    return out
+
+
+class _StopStrings:
+    """Finds rows whose decoded completion now contains a stop string.
+
+    Only the last few tokens are decoded each step: a stop string ending at the newest token spans
+    at most len(stop string) tokens (every token decodes to at least one character); the margin
+    keeps tokenizers' start-of-text handling (SentencePiece's leading space) away from the match.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], total: int):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.window = max(len(s) for s in stop) + 4
+        self.completions: list[list[int]] = [[] for _ in range(total)]
+
+    def hits(self, rows: list[int], tokens: list[int], live: list[bool], device: torch.device) -> torch.Tensor:
+        found = []
+        for row, token, alive in zip(rows, tokens, live, strict=True):
+            if not alive:
+                found.append(False)
+                continue
+            ids = self.completions[row]
+            ids.append(token)
+            text = self.tokenizer.decode(ids[-self.window:], skip_special_tokens=True)
+            found.append(any(s in text for s in self.stop))
+        return torch.tensor(found, dtype=torch.bool, device=device)
