@@ -17,7 +17,7 @@ import os
 import sys
 
 from grpokit import __version__
-from grpokit.errors import ConfigError, GrpokitError
+from grpokit.errors import ConfigError, GrpokitError, Interrupted
 
 PRESET_NAMES = ("default", "fast_test", "full_training", "low_memory", "from_sft")  # config.PRESETS (not imported: --help stays fast)
 # the math-QA trainer's options -> (config key, help); --no-lora, --reward-model, --batch-size, --no-4bit are special
@@ -47,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key; the value is parsed as YAML (repeatable)")
     train.add_argument("--dry-run", action="store_true", help="validate config, data and rewards, load nothing, train nothing")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="go on from the newest checkpoint-N in output_dir, or from the checkpoint PATH")
+    train.add_argument("--force", action="store_true",
+                       help="with --resume: go on even though settings that change the results differ from the checkpoint's")
     _add_preset(train)
+    train.add_argument("--config", dest="config_option", default=None, metavar="PRESET|FILE",
+                       help="the math-QA trainer's spelling: a preset name (as --preset) or a config file (as CONFIG)")
     qa = train.add_argument_group("math-QA trainer options (each sets one config key; wins over the file and --set)")
     for flag, (key, text) in TRAIN_OPTIONS.items():
         qa.add_argument(flag, dest=key, type=_TYPES.get(key, str), default=None, help=text)
@@ -125,9 +131,27 @@ def cli_config(args: argparse.Namespace) -> dict:
     return out
 
 
+def _config_option(args: argparse.Namespace) -> None:
+    """`--config NAME` (the math-QA trainer's preset flag) or `--config FILE` -> args.preset / args.config."""
+    value = getattr(args, "config_option", None)
+    if value is None:
+        return
+    from pathlib import Path
+
+    if Path(value).is_file() or Path(value).suffix.lower() in (".yaml", ".yml", ".toml"):
+        if args.config is not None:
+            raise ConfigError(f"two config files: {args.config} and --config {value}; give one")
+        args.config = value
+        return
+    if args.preset is not None and args.preset != value:
+        raise ConfigError(f"--config {value} and --preset {args.preset} both name a preset; give one")
+    args.preset = value  # load_config reports an unknown preset with a did-you-mean
+
+
 def _load(args: argparse.Namespace):
     from grpokit.config import load_config
 
+    _config_option(args)
     cli = cli_config(args)
     questions = cli.pop("per_device_train_batch_size", None)
     cfg = load_config(args.config, args.overrides, preset=args.preset, cli=cli)
@@ -149,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             return {"eval": _eval, "generate": _generate, "export": _export}[args.command](args)
         print(f"grpokit: error: `grpokit {args.command}` is not available in this build yet", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"grpokit: {exc}", file=sys.stderr)
+        return exc.exit_code
     except GrpokitError as exc:
         print(f"grpokit: error: {exc}", file=sys.stderr)
         return 2
@@ -192,14 +219,18 @@ def _train(args) -> int:
             f.check_columns(train[0].keys())
         funcs = [f.name for f in funcs]
         held = data.dataset_records(cfg, "eval") or []
+        if held:
+            held = data.without_train_prompts(held, train, cfg.eval_dataset)
         if cfg.num_train_epochs is not None:
             cfg = cfg.model_copy(update={"max_steps": cfg.steps_for_epochs(len(train)), "num_train_epochs": None})
         print(cfg.to_yaml(), end="")
         print(f"dry run: {len(train)} train prompts, {len(held)} held-out, rewards {funcs}; nothing trained")
         return 0
+    if args.force and not args.resume:
+        raise ConfigError("--force only applies with --resume")
     from grpokit.trainer import Trainer
 
-    Trainer(cfg).train()
+    Trainer(cfg).train(resume=args.resume, force=args.force)
     return 0
 
 

@@ -136,6 +136,11 @@ class GRPOConfig(BaseModel):
     logging_steps: int = Field(1, gt=0, description="Print metrics to the console every this many steps (metrics.jsonl gets every step).")
     sample_rate: int | None = Field(None, gt=0, description="Print one sampled completion with its rewards every this many steps (training-wizard's sample_rate); None: never.")
 
+    # checkpoints and faults
+    save_steps: int | None = Field(500, gt=0, description="Write OUTPUT_DIR/checkpoint-N every this many optimizer steps (weights, optimizer, scheduler, RNG, data position); None: only final_model.")
+    save_total_limit: int | None = Field(3, gt=0, description="Keep only the newest this many checkpoint-N directories (each holds the optimizer state: ~3x the weights); None: keep all.")
+    max_consecutive_skips: int = Field(3, gt=0, description="Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error.")
+
     @property
     def micro_batches_per_generation(self) -> int:
         return self.steps_per_generation or self.gradient_accumulation_steps

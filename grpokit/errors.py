@@ -15,3 +15,15 @@ class DataError(GrpokitError):
 
 class RewardError(GrpokitError):
     """A reward function failed or returned something unusable."""
+
+
+class TrainingError(GrpokitError):
+    """Training cannot go on (e.g. non-finite losses step after step); earlier checkpoints are intact."""
+
+
+class Interrupted(GrpokitError):
+    """SIGINT / SIGTERM stopped the run after a checkpoint was written; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

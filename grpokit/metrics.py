@@ -17,12 +17,20 @@ _CONSOLE_KEYS = (("reward", "reward"), ("reward_std", "std"), ("kl", "kl"), ("en
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, total_steps: int, logging_steps: int = 1, echo=print):
+    def __init__(self, output_dir: Path, total_steps: int, logging_steps: int = 1, echo=print,
+                 resume_step: int | None = None):
         self.path = output_dir / "metrics.jsonl"
         self.total_steps = total_steps
         self.logging_steps = logging_steps
         self.echo = echo
-        self._file = self.path.open("w")  # a new run starts a new file
+        if resume_step is None:
+            self._file = self.path.open("w")  # a new run starts a new file
+            return
+        # a resumed run keeps the lines up to its checkpoint's step and drops those the stopped run logged after it
+        kept = [line for line in (self.path.read_text().splitlines() if self.path.is_file() else [])
+                if line.strip() and json.loads(line)["step"] <= resume_step]
+        self._file = self.path.open("w")
+        self._file.writelines(line + "\n" for line in kept)
 
     def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}

@@ -16,16 +16,19 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from grpokit import checkpoint, runlog
 from grpokit import data as data_mod
 from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
+from grpokit.batches import Generation, MicroBatch, Pending, pack
 from grpokit.config import GRPOConfig
-from grpokit.errors import ConfigError
+from grpokit.errors import ConfigError, Interrupted, TrainingError
 from grpokit.evaluate import columns_of, decode_completions, evaluate
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
@@ -39,57 +42,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, kw_only=True)
-class MicroBatch:
-    input_ids: torch.Tensor  # [M, P + T]
-    attention_mask: torch.Tensor  # [M, P + T]
-    completion_mask: torch.Tensor  # [M, T]
-    advantages: torch.Tensor  # [M]
-    old_logps: torch.Tensor | None = None  # [M, T]
-    ref_logps: torch.Tensor | None = None  # [M, T]
-
-
-@dataclass(slots=True, kw_only=True)
-class Generation:
-    """Scored completions of whole groups, prompt-major: rows i*G .. i*G+G-1 share a prompt."""
-
-    prompt_ids: list[list[int]]  # [N], one per completion
-    completion_ids: list[list[int]]  # [N]
-    finish_reasons: list[str]  # [N]
-    rewards: torch.Tensor  # [N, K], NaN = not applicable
-
-    def groups(self, keep: list[int], group_size: int) -> Generation:
-        rows = [g * group_size + j for g in keep for j in range(group_size)]
-        return Generation(prompt_ids=[self.prompt_ids[r] for r in rows], completion_ids=[self.completion_ids[r] for r in rows],
-                          finish_reasons=[self.finish_reasons[r] for r in rows], rewards=self.rewards[rows])
-
-    @staticmethod
-    def concat(parts: list[Generation]) -> Generation:
-        return Generation(prompt_ids=[p for g in parts for p in g.prompt_ids],
-                          completion_ids=[c for g in parts for c in g.completion_ids],
-                          finish_reasons=[f for g in parts for f in g.finish_reasons],
-                          rewards=torch.cat([g.rewards for g in parts]))
-
-
-@dataclass(slots=True, kw_only=True)
 class TrainResult:
     output_dir: Path
     steps: int
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
-
-
-def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Left-pad prompts and right-pad completions -> input_ids, attention_mask [M, P + T], completion_mask [M, T]."""
-    width_p = max(len(p) for p in prompt_ids)
-    width_c = max(1, max(len(c) for c in completion_ids))
-    rows = len(prompt_ids)
-    input_ids = torch.full((rows, width_p + width_c), pad_id, dtype=torch.long)
-    attention = torch.zeros((rows, width_p + width_c), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        input_ids[i, width_p - len(p):width_p] = torch.tensor(p)
-        input_ids[i, width_p:width_p + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention[i, width_p - len(p):width_p + len(c)] = 1
-    return input_ids.to(device), attention.to(device), attention[:, width_p:].to(device)
 
 
 class Trainer:
@@ -107,6 +64,9 @@ class Trainer:
         self.reward_funcs: list[RewardFunction] = resolve_rewards(reward_funcs or cfg.reward_funcs)
         self.train_records = train_records if train_records is not None else data_mod.dataset_records(cfg, "train")
         self.eval_records = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval")
+        if self.eval_records:
+            self.eval_records = data_mod.without_train_prompts(self.eval_records, self.train_records,
+                                                               cfg.eval_dataset or "eval_dataset")
         if self.eval_records and cfg.eval_limit:
             self.eval_records = self.eval_records[:cfg.eval_limit]
         if cfg.num_train_epochs is not None:  # epochs -> steps, now that the data size is known (config.py)
@@ -164,6 +124,9 @@ class Trainer:
         self.num_tokens = 0
         self.generations = 0  # seeds each generation's sampler, so a run is reproducible
         self.global_step = 0
+        self.pending: Pending | None = None
+        self.consecutive_skips = 0
+        self.eval_before: dict[str, float] | None = None
 
     def _generation_eos(self) -> list[int]:
         eos = getattr(self.policy.generation_config, "eos_token_id", None)
@@ -179,54 +142,83 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     # -- the loop ------------------------------------------------------------------------------
-    def train(self) -> TrainResult:
+    def train(self, resume: str | bool | None = None, force: bool = False) -> TrainResult:
+        """Run to `max_steps`. `resume`: True for the newest checkpoint in output_dir, or a checkpoint path;
+        `force` resumes even when the config changed in a way that changes the results."""
         cfg = self.cfg
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._restore(checkpoint.find(out, resume), force)
         (out / "config.yaml").write_text(cfg.to_yaml())
         handler = logging.FileHandler(out / "training_log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("grpokit").addHandler(handler)
-        metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=self._say)
-        self._summary()
-        eval_before = eval_after = None
+        metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=self._say,
+                                    resume_step=self.global_step if resume else None)
+        runlog.summary(self)
+        eval_after = None
         try:
-            if self.eval_data and cfg.eval_on_start:
-                eval_before = self._evaluate(metrics_log, step=0, label="before training")
-            step = 0
-            accum = cfg.gradient_accumulation_steps
-            windows = range(0, cfg.micro_batches_per_generation, accum)
-            while step < cfg.max_steps:
-                started = time.perf_counter()
-                batch, gen_metrics = self._generate_and_score()
-                for start in [w for _ in range(cfg.num_iterations) for w in windows]:
-                    step += 1
-                    self.global_step = step
-                    with self.timers("update"):
-                        update_metrics = self._update(batch[start:start + accum])
-                    metrics = {**gen_metrics, **update_metrics, **self.timers.pop(),
-                               "learning_rate": self.scheduler.get_last_lr()[0], "num_tokens": float(self.num_tokens),
-                               "step_time": time.perf_counter() - started}
-                    gen_metrics = {k: v for k, v in gen_metrics.items() if not k.startswith("time/")}
-                    metrics_log.log(step, metrics)
-                    started = time.perf_counter()
+            with checkpoint.StopSignals(self._say) as signals:
+                if self.eval_data and cfg.eval_on_start and not resume:
+                    self.eval_before = self._evaluate(metrics_log, step=0, label="before training")
+                while self.global_step < cfg.max_steps:
+                    step = self._step(metrics_log)
                     if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                         self._evaluate(metrics_log, step=step, label=f"at step {step}")
-                    if step >= cfg.max_steps:
-                        break
+                    if signals.received is not None:
+                        path = self._checkpoint()
+                        raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {step}; "
+                                          f"checkpoint written to {path}. Resume with: grpokit train CONFIG --resume",
+                                          128 + signals.received)
+                    if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+                        self._checkpoint()
             if self.eval_data:
-                eval_after = self._evaluate(metrics_log, step=step, label="after training")
+                eval_after = self._evaluate(metrics_log, step=self.global_step, label="after training")
             self._save(out / "final_model")
-            if eval_before and eval_after:
-                self._say(f"held-out accuracy: {_pct(eval_before)} before -> {_pct(eval_after)} after "
-                          f"({100 * (eval_after['eval/accuracy'] - eval_before['eval/accuracy']):+.1f} points)")
+            before = self.eval_before
+            if before and eval_after:
+                self._say(f"held-out accuracy: {_pct(before)} before -> {_pct(eval_after)} after "
+                          f"({100 * (eval_after['eval/accuracy'] - before['eval/accuracy']):+.1f} points)")
             self._say(f"saved {out / 'final_model'}")
         finally:
             self.rewards.close()
             metrics_log.close()
             logging.getLogger("grpokit").removeHandler(handler)
             handler.close()
-        return TrainResult(output_dir=out, steps=step, eval_before=eval_before, eval_after=eval_after)
+        return TrainResult(output_dir=out, steps=self.global_step, eval_before=self.eval_before, eval_after=eval_after)
+
+    def _step(self, metrics_log: MetricsLogger) -> int:
+        """One optimizer step: a new generation when the last one is used up, then the next accumulation window."""
+        cfg = self.cfg
+        started = time.perf_counter()
+        if not self.pending:
+            batch, metrics = self._generate_and_score()
+            windows = range(0, cfg.micro_batches_per_generation, cfg.gradient_accumulation_steps)
+            self.pending = Pending(micro_batches=batch, windows=[w for _ in range(cfg.num_iterations) for w in windows],
+                                   metrics=metrics)
+        pending = self.pending
+        start = pending.windows.pop(0)
+        self.global_step += 1
+        with self.timers("update"):
+            update_metrics = self._update(pending.micro_batches[start:start + cfg.gradient_accumulation_steps])
+        metrics = {**pending.metrics, **update_metrics, **self.timers.pop(),
+                   "learning_rate": self.scheduler.get_last_lr()[0], "num_tokens": float(self.num_tokens),
+                   "step_time": time.perf_counter() - started}
+        pending.metrics = {k: v for k, v in pending.metrics.items() if not k.startswith("time/")}
+        if not pending.windows:
+            self.pending = None
+        metrics_log.log(self.global_step, metrics)
+        return self.global_step
+
+    def _checkpoint(self) -> Path:
+        path = checkpoint.save_run(self)
+        self._say(f"checkpoint written: {path}")
+        return path
+
+    def _restore(self, path: Path, force: bool) -> None:
+        checkpoint.restore_run(self, path, force)
+        self._say(f"resumed from {path} at step {self.global_step} of {self.cfg.max_steps}")
 
     # -- phases --------------------------------------------------------------------------------
     def _next_prompts(self, count: int) -> list[int]:
@@ -274,7 +266,7 @@ class Trainer:
                                            aggregation)
         span = self.global_step // cfg.sample_rate if cfg.sample_rate else None
         if span is not None and (self.global_step + cfg.optimizer_steps_per_generation) // cfg.sample_rate > span:
-            self._show_sample(batch)
+            runlog.show_sample(self, batch)
         with self.timers("logprobs"):
             micro_batches = self._micro_batches(batch, advantages)
         return micro_batches, {**self._generation_metrics(Generation.concat(sampled)), **extra}
@@ -359,15 +351,32 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         loss_total = float(loss_total)
-        if math.isfinite(grad_norm) and math.isfinite(loss_total):
-            self.optimizer.step()
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_total))
+        if skipped:  # weights and optimizer state stay as they were
+            self.optimizer.zero_grad(set_to_none=True)
+            self._skip(loss_total, grad_norm)
         else:
-            log.warning("non-finite loss (%s) or gradient norm (%s): optimizer step skipped", loss_total, grad_norm)
-        self.scheduler.step()
+            self.optimizer.step()
+            self.scheduler.step()  # the schedule moves with real updates only
+            self.consecutive_skips = 0
         self.optimizer.zero_grad(set_to_none=True)
         out = {key: float(value) / max(totals.num_tokens, 1) for key, value in sums.items()}
-        out.update(loss=loss_total, grad_norm=grad_norm)
+        out.update(loss=loss_total, grad_norm=grad_norm, skipped_step=float(skipped))
         return out
+
+    def _skip(self, loss: float, grad_norm: float) -> None:
+        self.consecutive_skips += 1
+        limit = self.cfg.max_consecutive_skips
+        log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped, weights unchanged "
+                    "(%d in a row, the run stops at %d)", self.global_step, loss, grad_norm, self.consecutive_skips, limit)
+        if self.consecutive_skips >= limit:
+            self.pending = None  # the generation that produced non-finite values is not worth resuming into
+            path = self._checkpoint()
+            raise TrainingError(f"stopped at step {self.global_step}: {limit} optimizer steps in a row had a non-finite "
+                                f"loss or gradient norm (last: loss {loss}, grad norm {grad_norm}). The weights are "
+                                f"those before the first skipped step, saved in {path}. Likely causes: a learning rate "
+                                "too high, fp16 overflow, or NaN/inf from the model; lower learning_rate or "
+                                "max_grad_norm, or use bf16/fp32")
 
     def _generation_metrics(self, sampled: Generation) -> dict[str, float]:
         """Reward and length statistics over everything sampled this step (dropped groups included)."""
@@ -406,32 +415,9 @@ class Trainer:
         return {"max_completion_length": max_completion_length or self.cfg.max_completion_length,
                 "step": self.global_step, "trainer_state": {"global_step": self.global_step, "max_steps": self.cfg.max_steps}}
 
-    def _show_sample(self, batch: Generation) -> None:
-        """One completion of this generation with its rewards, for `sample_rate` (training-wizard's sample log)."""
-        names = [f.name for f in self.reward_funcs]
-        rewards = ", ".join(f"{n}={v:.3g}" for n, v in zip(names, batch.rewards[0].tolist(), strict=True))
-        prompt = self.tokenizer.decode(batch.prompt_ids[0], skip_special_tokens=True)
-        completion = self.tokenizer.decode(batch.completion_ids[0], skip_special_tokens=True)
-        self._say(f"sample before step {self.global_step + 1}:\n  prompt: {prompt!r}\n  completion: {completion!r}\n"
-                  f"  rewards: {rewards}")
-
     def _save(self, path: Path) -> None:
         self.policy.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-
-    def _summary(self) -> None:
-        cfg = self.cfg
-        total = sum(p.numel() for p in self.policy.parameters())
-        trainable = sum(p.numel() for p in self.policy.parameters() if p.requires_grad)
-        self._say(f"model {cfg.model}: {trainable / 1e6:.1f}M trainable of {total / 1e6:.1f}M parameters on {self.device}"
-                  f"{' (bf16 autocast)' if cfg.bf16 else ''}")
-        self._say(f"data: {len(self.train_data.prompt_ids)} train prompts"
-                  + (f", {len(self.eval_data.prompt_ids)} held-out" if self.eval_data else "")
-                  + f"; per generation: {cfg.prompts_per_generation} prompts x {cfg.num_generations} completions in "
-                  f"{cfg.micro_batches_per_generation} micro-batch(es) of {cfg.per_device_train_batch_size}, "
-                  f"{cfg.num_iterations * cfg.micro_batches_per_generation // cfg.gradient_accumulation_steps} optimizer "
-                  f"step(s) of {cfg.gradient_accumulation_steps} micro-batch(es) each; loss_type {cfg.loss_type}, "
-                  f"importance sampling per {cfg.importance_sampling_level}")
 
     def _say(self, line: str) -> None:
         log.info(line)  # the CLI shows grpokit's info lines on stdout; the run's log file gets them too

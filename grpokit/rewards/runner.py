@@ -78,9 +78,11 @@ def _describe(exc: BaseException) -> tuple[str, str]:
     return f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=-6)
 
 
-def _serve(conn, func: RewardFunction) -> None:
+def _serve(conn, func: RewardFunction, trainer_end, trainer_pid: int) -> None:
     """Worker loop. Requests: ("batch", batch) -> ("ok", values) | ("raised", detail, trace);
     ("rows", batch, rows) -> ("row", i, value) | ("row_raised", i, detail, trace) per row, then ("done",)."""
+    trainer_end.close()  # the fork copied it: while open here, the trainer's death would never reach recv()
+    _die_with(trainer_pid)
     os.setpgrp()  # its own group: a kill takes whatever it started; Ctrl-C reaches only the trainer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
@@ -106,6 +108,18 @@ def _serve(conn, func: RewardFunction) -> None:
             conn.send(("done",))
 
 
+def _die_with(parent_pid: int) -> None:
+    """Linux: the kernel SIGKILLs this worker when the trainer dies, even by kill -9 (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF still ends the loop
+        return
+    if os.getppid() != parent_pid:  # the trainer died before prctl took effect
+        os._exit(0)
+
+
 class _Worker:
     def __init__(self, func: RewardFunction):
         self.func = func
@@ -115,7 +129,7 @@ class _Worker:
     def start(self) -> None:
         ctx = multiprocessing.get_context("fork")  # inherits the function as loaded: no pickling of user code
         parent, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, self.func), daemon=True,
+        self.process = ctx.Process(target=_serve, args=(child, self.func, parent, os.getpid()), daemon=True,
                                    name=f"grpokit-reward-{self.func.name}")
         self.process.start()
         child.close()

@@ -18,7 +18,8 @@ def text_hash_reward(completions, **kwargs):
 def _setup(tmp_path, tiny_model_dir, **overrides):
     rows = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(4)]
     write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "held.jsonl", rows[:6])
+    write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"What is {a} plus {b}?", "answer": str(a + b)} for a, b in
+                                           ((1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4))])
     (tmp_path / "my_rewards.py").write_text(REWARDS)
     config = {
         "model": str(tiny_model_dir), "dataset": "train.jsonl", "eval_dataset": "held.jsonl", "eval_on_start": True,
@@ -101,6 +102,18 @@ def test_bad_geometry_is_rejected_before_loading(tmp_path, tiny_model_dir):
                      "--set", "model=/does/not/exist", cwd=tmp_path)
     assert result.returncode == 2
     assert "not divisible by num_generations = 3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_held_out_prompts_that_are_training_prompts_are_left_out(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "held.jsonl", rows[:2] + [{"prompt": "What is 9 plus 9?", "answer": "18"}])
+    result = run_cli("train", str(cfg), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 of 3 prompts are also training prompts" in result.stderr and "1 held-out" in result.stdout
+    write_jsonl(tmp_path / "held.jsonl", rows[:2])
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2 and "all 2 prompts are also in the training data" in result.stderr
 
 
 def test_dry_run_validates_without_training(tmp_path, tiny_model_dir):

@@ -88,7 +88,7 @@ def test_timeout_and_crash_score_zero(humaneval):
                                    "    return True\n\nblocks = []\nwhile True:\n    blocks.append(bytearray(1 << 25))\n"])
     assert scores == [0.0, 0.0]
     assert reward.last_outcomes == ["timeout", "crashed"]
-    assert max(r.wall_s for r in reward.last_results) < 2
+    assert max(r.wall_s for r in reward.last_results) < 10  # killed at its 1 s limit, not left to run (margin for load)
 
 
 def test_sandbox_error_is_missing_not_zero(humaneval, monkeypatch):

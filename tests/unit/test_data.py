@@ -3,7 +3,7 @@ import json
 import pytest
 
 from grpokit.config import validate_config
-from grpokit.data import dataset_records, load_records, tokenise_prompts
+from grpokit.data import dataset_records, load_records, tokenise_prompts, without_train_prompts
 from grpokit.errors import DataError
 from grpokit.rewards.builtin import number_correct
 from tests.conftest import build_tokenizer, write_jsonl
@@ -249,7 +249,6 @@ def test_humaneval_rows_work_with_code_tests_columns():
 
 
 def test_reasoning_gym_rows_and_reward():
-    pytest.importorskip("reasoning_gym")
     from grpokit.rewards.gym import reasoning_gym
 
     rows = load_records("reasoning_gym:chain_sum?min_terms=2&max_terms=3&size=20&seed=1")
@@ -264,3 +263,28 @@ def test_reasoning_gym_rows_and_reward():
         load_records("reasoning_gym:no_such_task")
     with pytest.raises(DataError, match="name the generator"):
         load_records("reasoning_gym")
+
+
+def _prompts(rows):
+    return {json.dumps(r["prompt"]) for r in rows}
+
+
+def test_reasoning_gym_held_out_split_is_disjoint_from_train():
+    # the generator draws item i from seed + i: seeds 1 and 2 share all items but one, the held-out split none
+    train = load_records("reasoning_gym:chain_sum?size=300&seed=1")
+    assert len(_prompts(train) & _prompts(load_records("reasoning_gym:chain_sum?size=300&seed=2"))) > 250
+    held = load_records("reasoning_gym:chain_sum:held_out?size=300&seed=1&eval_size=40")
+    assert len(held) == 40 and not _prompts(train) & _prompts(held)
+    assert len(load_records("reasoning_gym:chain_sum:held_out?seed=1")) == 200
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        load_records("reasoning_gym:chain_sum:test")
+
+
+def test_held_out_prompts_that_are_training_prompts_are_left_out(caplog):
+    train = [{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}]
+    held = [{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}, {"prompt": "c"}]
+    with caplog.at_level("WARNING", logger="grpokit"):
+        assert without_train_prompts(held, train, "held.jsonl") == [{"prompt": "c"}]
+    assert "2 of 3 prompts are also training prompts" in caplog.text
+    with pytest.raises(DataError, match="all 2 prompts are also in the training data"):
+        without_train_prompts(held[:2], train, "held.jsonl")

@@ -63,6 +63,20 @@ def test_math_qa_options_set_their_config_field(argv, field, value):
     assert getattr(cfg, field) == value
 
 
+def test_config_flag_takes_a_preset_name_or_a_file(tmp_path):
+    """Reference 003 spells the preset `--config fast_test`; a file path there works as the positional CONFIG."""
+    assert _load(_parser().parse_args(["train", "--config", "fast_test"])).num_generations == 2
+    assert _load(_parser().parse_args(["train", "--config", "low_memory", "--no-lora"])).use_peft is False
+    (tmp_path / "c.yaml").write_text("beta: 0.25\n")
+    assert _load(_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml")])).beta == 0.25
+    with pytest.raises(ConfigError, match="did you mean 'fast_test'"):
+        _load(_parser().parse_args(["train", "--config", "fast-test"]))
+    with pytest.raises(ConfigError, match="two config files"):
+        _load(_parser().parse_args(["train", str(tmp_path / "c.yaml"), "--config", str(tmp_path / "c.yaml")]))
+    with pytest.raises(ConfigError, match="both name a preset"):
+        _load(_parser().parse_args(["train", "--config", "fast_test", "--preset", "default"]))
+
+
 def test_learned_reward_model_needs_a_path():
     with pytest.raises(ConfigError, match="--reward-model-path"):
         cli_config(_parser().parse_args(["train", "--reward-model", "learned"]))

@@ -1,0 +1,249 @@
+"""Checkpoints: everything a run needs to go on exactly where it stopped.
+
+    OUTPUT_DIR/checkpoint-N/
+      model.safetensors, config.json      full fine-tune (loadable with from_pretrained)
+      adapter_model.safetensors, ...      or, with LoRA, the adapter (loadable with peft)
+      tokenizer files
+      optimizer.pt, scheduler.pt
+      rng_state.pt                        Python, NumPy, torch (CPU and CUDA) and the data order's RNG
+      pending.pt                          the part of the current generation not yet trained on
+      trainer_state.json                  step, data position, sampler counter, eval before training
+      config.yaml                         the resolved config
+
+A checkpoint is written under a temporary name (`.checkpoint-N.tmp`) and renamed when complete,
+so a process killed mid-write leaves the previous checkpoint as it was; a leftover temporary
+directory is ignored and removed by the next save. The remaining micro-batches of a generation
+are saved with it (TRL regenerates them on resume, which changes the run): `N` steps, resume,
+`N` more equal `2N` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from grpokit.batches import MicroBatch, Pending
+from grpokit.errors import ConfigError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+# settings that change what a run logs or keeps, not what it computes: they may differ on resume
+_NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "sample_rate", "eval_steps",
+                           "eval_on_start", "eval_limit", "eval_max_completion_length", "eval_dataset",
+                           "eval_accuracy_reward", "reward_timeout", "reward_error_rate_limit", "max_consecutive_skips",
+                           "device"})
+
+
+@dataclass(slots=True, kw_only=True)
+class Saved:
+    """What `load` reads back; the trainer puts each part where it belongs."""
+
+    path: Path
+    state: dict[str, Any]
+    config: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    pending: dict[str, Any] | None
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find(output_dir: Path, resume: str | bool) -> Path:
+    """The checkpoint `--resume` names: the newest in `output_dir` (True), or a path."""
+    if resume is True or resume == "latest":
+        found = checkpoints(output_dir)
+        if not found:
+            raise ConfigError(f"--resume: no checkpoint in {output_dir} (runs write checkpoint-N every save_steps); "
+                              "start without --resume, or give --resume PATH")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {path}: not a complete grpokit checkpoint (no {STATE_FILE}); "
+                          f"complete ones in {output_dir}: {[p.name for p in checkpoints(output_dir)] or 'none'}")
+    return path
+
+
+def save(output_dir: Path, step: int, *, policy, tokenizer, optimizer, scheduler, state: dict[str, Any],
+         rng: dict[str, Any], pending: dict[str, Any] | None, config_yaml: str, keep: int | None) -> Path:
+    """Write checkpoint-`step` atomically (temporary directory, then rename); keep the newest `keep`."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    for stale in output_dir.glob(".checkpoint-*.tmp"):  # left by a process killed mid-write
+        shutil.rmtree(stale)
+    tmp.mkdir(parents=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng, tmp / "rng_state.pt")
+    if pending is not None:
+        torch.save(pending, tmp / "pending.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
+        old = output_dir / f".checkpoint-{step}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    if keep is not None:
+        for stale in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(stale)
+    return final
+
+
+def load(path: Path) -> Saved:
+    def tensors(name: str):
+        file = path / name
+        return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+
+    return Saved(path=path, state=json.loads((path / STATE_FILE).read_text()),
+                 config=yaml.safe_load((path / "config.yaml").read_text()), optimizer=tensors("optimizer.pt"),
+                 scheduler=tensors("scheduler.pt"), rng=tensors("rng_state.pt"), pending=tensors("pending.pt"))
+
+
+def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Resuming under settings that change the results is an error (the CLI's --force skips this check)."""
+    neutral = set(_NEUTRAL_KEYS)
+    if saved.get("lr_scheduler_type") == current.get("lr_scheduler_type") == "constant":
+        neutral.add("max_steps")  # a constant schedule does not depend on the run's length: training longer is fine
+    changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+               if key not in neutral and saved.get(key) != current.get(key)]
+    if changed:
+        raise ConfigError(f"resuming {path} with settings that change the results: {'; '.join(changed)}. Restore "
+                          "them, or pass --force to resume anyway (the run is then no longer the one it would "
+                          "have been)")
+
+
+def load_weights(policy, path: Path, uses_adapters: bool) -> None:
+    """Put a checkpoint's weights (full model or LoRA adapter) into the live policy module."""
+    from safetensors.torch import load_file
+
+    if uses_adapters:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise ConfigError(f"{path}: the adapter does not fit this model (unexpected {result.unexpected_keys[:3]})")
+        return
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("model*.safetensors")):
+        weights.update(load_file(file))
+    result = policy.load_state_dict(weights, strict=False)
+    loaded = {p.data_ptr() for name, p in policy.state_dict().items() if name in weights}
+    missing = [k for k in result.missing_keys if policy.state_dict()[k].data_ptr() not in loaded]  # tied ones are fine
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"{path}: the weights do not fit this model (missing {missing[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]}); resume with the model the run started from")
+
+
+def rng_state(order_rng: random.Random) -> dict[str, Any]:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "order": order_rng.getstate()}
+
+
+def set_rng_state(state: dict[str, Any], order_rng: random.Random) -> None:
+    import numpy as np
+
+    random.setstate(_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    order_rng.setstate(_tuples(state["order"]))
+
+
+def _tuples(value):
+    """random.setstate wants the nested tuples getstate gave; a round trip may turn them into lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class StopSignals:
+    """While active, SIGINT / SIGTERM only set `received` (the loop checkpoints and stops at the end of the step);
+    a second signal abandons the step at once (KeyboardInterrupt). Inactive off the main thread."""
+
+    def __init__(self, say):
+        self.say = say
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.say(f"{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+                 "(send it again to stop at once without one)")
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def save_run(trainer) -> Path:
+    """Checkpoint a Trainer at its current step."""
+    pending = None
+    if trainer.pending:
+        pending = {"windows": trainer.pending.windows, "metrics": trainer.pending.metrics,
+                   "micro_batches": [{f: getattr(mb, f) for f in MicroBatch.__slots__}
+                                     for mb in trainer.pending.micro_batches]}
+    state = {"global_step": trainer.global_step, "generations": trainer.generations, "num_tokens": trainer.num_tokens,
+             "order": trainer._order, "consecutive_skips": trainer.consecutive_skips, "eval_before": trainer.eval_before}
+    cfg = trainer.cfg
+    return save(Path(cfg.output_dir), trainer.global_step, policy=trainer.policy, tokenizer=trainer.tokenizer,
+                optimizer=trainer.optimizer, scheduler=trainer.scheduler, state=state, rng=rng_state(trainer._order_rng),
+                pending=pending, config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
+
+
+def restore_run(trainer, path: Path, force: bool) -> None:
+    """Put a Trainer (built from the same config) back into the state `path` was saved in."""
+    saved = load(path)
+    if not force:
+        check_config(saved.config, trainer.cfg.model_dump(mode="json"), path)
+    load_weights(trainer.policy, path, trainer.uses_adapters)
+    trainer.optimizer.load_state_dict(saved.optimizer)
+    trainer.scheduler.load_state_dict(saved.scheduler)
+    set_rng_state(saved.rng, trainer._order_rng)
+    state = saved.state
+    trainer.global_step, trainer.generations, trainer.num_tokens = (state["global_step"], state["generations"],
+                                                                     state["num_tokens"])
+    trainer._order, trainer.consecutive_skips = state["order"], state["consecutive_skips"]
+    trainer.eval_before = state["eval_before"]
+    if saved.pending is not None:
+        trainer.pending = Pending(windows=saved.pending["windows"], metrics=saved.pending["metrics"],
+                                  micro_batches=[MicroBatch(**mb) for mb in saved.pending["micro_batches"]])

@@ -1,0 +1,194 @@
+"""Checkpoints and exact resume through the real CLI on a tiny model: N steps + resume + N steps == 2N steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli, write_jsonl
+
+REWARDS = '''
+def text_hash_reward(completions, **kwargs):
+    return [sum(i * ord(ch) for i, ch in enumerate(c, 1)) % 997 / 997 for c in completions]
+'''
+# differ between two runs of the same config whatever happens
+_VOLATILE = ("time/", "step_time", "tokens_per_second", "eval/time")
+
+
+def _setup(tmp_path, tiny_model_dir, name="cfg.yaml", rows=20, **overrides):
+    data = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(5) for b in range(4)][:rows]
+    write_jsonl(tmp_path / "train.jsonl", data)
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "output_dir": "run",
+              "reward_funcs": ["my_rewards.text_hash_reward"], "num_generations": 4, "per_device_train_batch_size": 4,
+              "max_completion_length": 8, "learning_rate": 1e-2, "lr_scheduler_type": "linear", "max_steps": 6,
+              "save_steps": 3, "beta": 0.1, "seed": 3, "device": "cpu", **overrides}
+    if "num_train_epochs" in overrides:
+        del config["max_steps"]
+    (tmp_path / name).write_text(yaml.safe_dump(config))
+    return tmp_path / name
+
+
+def _metrics(path):
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in m.items() if not k.startswith(_VOLATILE)} for m in lines]
+
+
+def _weights(directory):
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"weights differ after resume: {different}"
+
+
+def _straight_and_resumed(tmp_path, tiny_model_dir, resume_at, **overrides):
+    """Run `run` straight through (writing checkpoints), then resume `resume_at` into `resumed`."""
+    cfg = _setup(tmp_path, tiny_model_dir, **overrides)
+    straight = run_cli("train", str(cfg), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    checkpoint = tmp_path / "run" / f"checkpoint-{resume_at}"
+    assert (checkpoint / "trainer_state.json").is_file()
+    resumed = run_cli("train", str(cfg), "--resume", str(checkpoint), "--set", "output_dir=resumed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint} at step {resume_at}" in resumed.stdout
+    return tmp_path / "run", tmp_path / "resumed"
+
+
+def test_resume_mid_generation_equals_a_straight_run(tmp_path, tiny_model_dir):
+    # 2 micro-batches per generation x 2 iterations = 4 optimizer steps per generation: checkpoint-3 falls inside
+    # the first generation, with one window still to run on its saved completions and old/reference log-probs
+    run, resumed = _straight_and_resumed(tmp_path, tiny_model_dir, 3, num_iterations=2, steps_per_generation=2,
+                                         max_steps=8, save_steps=3)
+    _assert_same_weights(run / "final_model", resumed / "final_model")
+    straight = _metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in straight] == list(range(1, 9))
+    assert _metrics(resumed / "metrics.jsonl") == [m for m in straight if m["step"] > 3]
+    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and (run / "checkpoint-3" / "pending.pt").is_file()
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "config.yaml", "model.safetensors", "config.json"):
+        assert (run / "checkpoint-3" / name).is_file(), name
+
+
+def test_resume_at_an_epoch_boundary_runs_the_remaining_steps(tmp_path, tiny_model_dir):
+    # 4 prompts, 1 prompt per generation: an epoch is 4 steps; 2 epochs = 8 steps; checkpoint-4 ends epoch 1
+    run, resumed = _straight_and_resumed(tmp_path, tiny_model_dir, 4, rows=4, num_train_epochs=2,
+                                         save_steps=4, per_device_train_batch_size=4, beta=0.0)
+    resumed_steps = [m["step"] for m in _metrics(resumed / "metrics.jsonl")]
+    assert resumed_steps == [5, 6, 7, 8], "a resume at an epoch boundary must run the second epoch"
+    _assert_same_weights(run / "final_model", resumed / "final_model")
+
+
+def test_resume_with_lora_restores_the_adapter(tmp_path, tiny_model_dir):
+    run, resumed = _straight_and_resumed(tmp_path, tiny_model_dir, 2, use_peft=True, lora_r=4, lora_alpha=8,
+                                         lora_target_modules=["q_proj", "v_proj"], max_steps=4, save_steps=2)
+    assert (run / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (run / "checkpoint-2" / "model.safetensors").exists()
+    _assert_same_weights(run / "final_model", resumed / "final_model")
+
+
+def test_save_total_limit_keeps_the_newest(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=5, save_steps=1, save_total_limit=2, beta=0.0)
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").glob("*checkpoint*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_resume_with_a_changed_setting_is_an_error_unless_forced(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=2, save_steps=1, beta=0.0)
+    assert run_cli("train", str(cfg), cwd=tmp_path).returncode == 0
+    refused = run_cli("train", str(cfg), "--resume", "--set", "learning_rate=0.5", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "learning_rate: 0.01 -> 0.5" in refused.stderr and "--force" in refused.stderr
+    # output_dir, logging and save settings do not change results: no --force needed
+    neutral = run_cli("train", str(cfg), "--resume", str(tmp_path / "run" / "checkpoint-1"), "--set",
+                      "output_dir=other", "--set", "logging_steps=5", cwd=tmp_path)
+    assert neutral.returncode == 0, neutral.stderr
+    forced = run_cli("train", str(cfg), "--resume", "--force", "--set", "learning_rate=0.5", "--set", "max_steps=3",
+                     cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert [m["step"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir)
+    result = run_cli("train", str(cfg), "--resume", cwd=tmp_path)
+    assert result.returncode == 2 and "no checkpoint in run" in result.stderr
+    result = run_cli("train", str(cfg), "--resume", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2 and "not a complete grpokit checkpoint" in result.stderr
+
+
+KILL_DURING_SAVE = '''
+import os, signal, sys
+import torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if ".checkpoint-4.tmp" in str(f) and str(f).endswith("optimizer.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-write: model and optimizer written, the rest not
+torch.save = save
+from grpokit.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _env(tmp_path):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "GRPOKIT_CACHE": str(tmp_path / ".cache")}
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=6, save_steps=2, beta=0.0)
+    (tmp_path / "killer.py").write_text(KILL_DURING_SAVE)
+    with open(tmp_path / "out.txt", "w") as out:
+        killed = subprocess.run([sys.executable, "killer.py", "train", str(cfg)], cwd=tmp_path, env=_env(tmp_path),
+                                stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    assert (run / ".checkpoint-4.tmp").is_dir() and not (run / "checkpoint-4").exists()
+    resumed = run_cli("train", str(cfg), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "at step 2 of 6" in resumed.stdout
+    assert not (run / ".checkpoint-4.tmp").exists(), "the half-written checkpoint is cleaned up"
+    assert [m["step"] for m in _metrics(run / "metrics.jsonl")] == list(range(1, 7))
+    # and the result is the uninterrupted run's
+    straight = run_cli("train", str(cfg), "--set", "output_dir=straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    _assert_same_weights(tmp_path / "straight" / "final_model", run / "final_model")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_writes_a_checkpoint_and_names_it(tmp_path, tiny_model_dir, sig):
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=10_000, save_steps=None, beta=0.0)
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "grpokit", "train", str(cfg)], cwd=tmp_path, env=_env(tmp_path),
+                                stdout=out, stderr=subprocess.STDOUT)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    text = (tmp_path / "out.txt").read_text()
+    assert rc == 128 + sig, text
+    saved = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert len(saved) == 1, text
+    assert f"checkpoint written to {saved[0].relative_to(tmp_path)}" in text and "--resume" in text
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["global_step"]
+    assert saved[0].name == f"checkpoint-{step}" and step >= 2
+    resumed = run_cli("train", str(cfg), "--resume", "--force", "--set", f"max_steps={step + 1}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {step} of {step + 1}" in resumed.stdout
