@@ -5,7 +5,13 @@ TRL code moves over by changing `from trl import GRPOConfig, GRPOTrainer` to
 grpokit's own config (`grpokit.config.GRPOConfig`, validated there, so bad values get its errors)
 and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
 
-- TRL arguments grpokit has no use for (`report_to`, `save_steps`, `logging_dir`, `optim`, ...)
+- Where TRL's default differs from grpokit's schema, the API takes TRL's: `lr_scheduler_type`
+  "linear", `logging_steps` 10, `bf16` true unless `fp16` is set, `output_dir` "trainer_output".
+- Checkpoints: `save_steps`, `save_total_limit`, `save_strategy="no"` (none), and
+  `resume_from_checkpoint` (in GRPOConfig or `train(resume_from_checkpoint=True | path)`) work as in
+  TRL; a grpokit checkpoint also holds the unfinished generation, so resuming repeats nothing.
+  `log_completions=True` prints a sampled completion every `logging_steps` (`sample_rate`).
+- TRL arguments grpokit has no use for (`report_to`, `logging_dir`, `optim`, ...)
   are accepted and a log line says they are ignored or what they map to; `push_to_hub=True`,
   `torch_compile=True` and other arguments whose silent loss would surprise are refused. Unknown
   names are refused with a did-you-mean, as TRL's dataclass refuses them.
@@ -17,8 +23,9 @@ and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
   (whole generations; config.yaml records the resolved max_steps).
   `per_device_train_batch_size` counts completions, as in TRL.
 - `fp16=True` trains in float32 (grpokit has bf16 autocast only) with a warning; `warmup_ratio`
-  becomes `warmup_steps`; `use_vllm` and the `vllm_*` options go to grpokit's config where it has
-  them (it decides what `use_vllm=True` does), else `use_vllm=True` generates in-process with a warning.
+  becomes `warmup_steps`; `use_vllm` and the `vllm_*` options go to grpokit's config
+  (`vllm_server_host`/`vllm_server_port` as `vllm_host`/`vllm_port`), which decides what
+  `use_vllm=True` does.
 - Reward callables cannot be written into config.yaml. The run directory's config records each
   as `module.qualname` (with `name:` where its metric name differs), which is where the function
   lives: importable again for module-level functions, a truthful label for `__main__` or local ones.
@@ -51,10 +58,7 @@ _IGNORED = {
     "logging_strategy": "every step is written to metrics.jsonl; logging_steps sets the console rate",
     "logging_first_step": "every step is written to metrics.jsonl",
     "run_name": "the run is named by output_dir",
-    "save_steps": "grpokit saves the final model only (OUTPUT_DIR/final_model)",
-    "save_strategy": "grpokit saves the final model only (OUTPUT_DIR/final_model)",
-    "save_total_limit": "grpokit saves the final model only",
-    "save_only_model": "grpokit saves the final model only",
+    "save_only_model": "checkpoints always hold the optimizer, scheduler and RNG state (exact resume)",
     "overwrite_output_dir": "output_dir is written into as is",
     "remove_unused_columns": "every dataset column reaches the reward functions by name",
     "optim": "the optimizer is torch AdamW",
@@ -64,11 +68,9 @@ _IGNORED = {
     "do_train": "train() trains", "do_eval": "evaluation runs when eval_dataset is given",
     "eval_strategy": "evaluation runs every eval_steps (if set) and at the end when eval_dataset is given",
     "per_device_eval_batch_size": "evaluation generates every held-out prompt at once",
-    "log_completions": "not implemented", "num_completions_to_print": "not implemented",
+    "num_completions_to_print": "one sampled completion is printed every sample_rate steps",
     "gradient_checkpointing_kwargs": "grpokit uses use_reentrant=False",
-    "ddp_find_unused_parameters": "single process", "vllm_mode": "no vLLM", "vllm_gpu_memory_utilization": "no vLLM",
-    "vllm_tensor_parallel_size": "no vLLM", "vllm_server_host": "no vLLM", "vllm_server_port": "no vLLM",
-    "ds3_gather_for_generation": "no DeepSpeed", "shuffle_dataset": "prompts are always shuffled (seeded)",
+    "ddp_find_unused_parameters": "single process", "ds3_gather_for_generation": "no DeepSpeed", "shuffle_dataset": "prompts are always shuffled (seeded)",
     "hub_model_id": "push_to_hub is not supported", "hub_strategy": "push_to_hub is not supported",
     "lr_scheduler_kwargs": "not supported; warmup_steps and lr_scheduler_type are", "cache_implementation": "not used",
     "generation_kwargs": "not supported; temperature, top_p, top_k are", "fp16_full_eval": "no fp16",
@@ -78,13 +80,13 @@ _IGNORED = {
 _REFUSED = {
     "push_to_hub": (False, "push_to_hub is not supported: call trainer.save_model() and upload the directory yourself"),
     "torch_compile": (False, "torch_compile is not supported; leave it False"),
-    "resume_from_checkpoint": (None, "resuming a run is not supported by the Python API yet"),
     "deepspeed": (None, "DeepSpeed is not supported; grpokit runs on one device"),
     "fsdp": ("", "FSDP is not supported; grpokit runs on one device"),
 }
 # TRL arguments translated here (not fields of grpokit's config)
-_TRANSLATED = {"num_train_epochs", "fp16", "use_vllm", "warmup_ratio", "model_init_kwargs", "generation_batch_size",
-               "scale_rewards"}
+_TRANSLATED = {"num_train_epochs", "fp16", "warmup_ratio", "model_init_kwargs", "generation_batch_size",
+               "scale_rewards", "save_strategy", "log_completions", "resume_from_checkpoint", "vllm_server_host",
+               "vllm_server_port"}
 _TRAINER_ARGS = {"model": "pass the model to GRPOTrainer(model=...)",
                  "reward_funcs": "pass them to GRPOTrainer(reward_funcs=...)",
                  "dataset": "pass the data to GRPOTrainer(train_dataset=...)",
@@ -93,7 +95,10 @@ _REWARD_KEYS = ("reward_combination", "multi_objective_aggregation", "reward_gat
 # translated here even where grpokit's config has the field: max_steps is resolved before the run starts,
 # so config.yaml records the steps actually run
 _OWN_TRANSLATION = {"num_train_epochs", "scale_rewards"}
-_TRL_DEFAULTS = {"num_train_epochs": 3.0, "output_dir": "trainer_output"}
+# TRL's defaults where grpokit's schema has another (TRL inherits lr_scheduler_type from transformers'
+# TrainingArguments; it sets logging_steps 10 and bf16 = not fp16)
+_TRL_DEFAULTS = {"num_train_epochs": 3.0, "output_dir": "trainer_output", "lr_scheduler_type": "linear",
+                 "logging_steps": 10}
 
 
 class GRPOConfig:
@@ -124,7 +129,9 @@ class GRPOConfig:
         # whatever grpokit's config has passes straight through (and is validated there)
         settings = {k: v for k, v in kwargs.items() if k not in _OWN_TRANSLATION
                     and (k in RunConfig.model_fields or k == "multi_objective_aggregation")}
-        settings.setdefault("output_dir", _TRL_DEFAULTS["output_dir"])
+        for key in ("output_dir", "lr_scheduler_type", "logging_steps"):
+            settings.setdefault(key, _TRL_DEFAULTS[key])
+        settings.setdefault("bf16", not kwargs.get("fp16"))
         max_steps = settings.pop("max_steps", -1)
         self.num_train_epochs = float(kwargs.get("num_train_epochs", _TRL_DEFAULTS["num_train_epochs"]))
         if self.num_train_epochs <= 0 and max_steps in (None, -1):
@@ -149,8 +156,6 @@ class GRPOConfig:
         if kwargs.get("fp16"):
             log.warning("GRPOConfig: fp16=True: grpokit has no fp16 mixed precision; training in %s "
                         "(bf16=True gives bf16 autocast)", "bf16 autocast" if kwargs.get("bf16") else "float32")
-        if kwargs.get("use_vllm") and "use_vllm" not in RunConfig.model_fields:
-            log.warning("GRPOConfig: use_vllm=True: grpokit generates in-process with transformers (no vLLM)")
         if kwargs.get("warmup_ratio"):
             if "warmup_steps" in kwargs:
                 raise ConfigError("GRPOConfig: give warmup_steps or warmup_ratio, not both")
@@ -168,6 +173,15 @@ class GRPOConfig:
                 raise ConfigError(f"GRPOConfig: generation_batch_size={kwargs['generation_batch_size']} must be a "
                                   f"multiple of per_device_train_batch_size={size}")
             out["steps_per_generation"] = kwargs["generation_batch_size"] // size
+        if kwargs.get("save_strategy", "steps") == "no":
+            out["save_steps"] = None
+        elif kwargs.get("save_strategy", "steps") != "steps":
+            log.info("GRPOConfig: save_strategy=%r: grpokit checkpoints every save_steps steps", kwargs["save_strategy"])
+        if kwargs.get("log_completions"):
+            out["sample_rate"] = settings.get("logging_steps", _TRL_DEFAULTS["logging_steps"])
+        for trl_key, key in (("vllm_server_host", "vllm_host"), ("vllm_server_port", "vllm_port")):
+            if trl_key in kwargs:
+                out[key] = kwargs[trl_key]
         if isinstance(kwargs.get("scale_rewards"), bool):  # TRL's older boolean form
             out["scale_rewards"] = "group" if kwargs["scale_rewards"] else "none"
         elif "scale_rewards" in kwargs:
@@ -276,11 +290,15 @@ class GRPOTrainer:
         """grpokit's resolved config for this run (what OUTPUT_DIR/config.yaml holds)."""
         return self._trainer.cfg
 
-    def train(self) -> TrainOutput:
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Run the training; `resume_from_checkpoint` (here or in GRPOConfig): True for the newest checkpoint
+        in output_dir, or a checkpoint directory."""
         if self._trained:  # the reward workers are closed at the end of a run
             raise GrpokitError("GRPOTrainer.train() was already called; build a new GRPOTrainer for another run")
         self._trained = True
-        result = self._trainer.train()
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.trl_args.get("resume_from_checkpoint")
+        result = self._trainer.train(resume=resume_from_checkpoint or None)
         steps = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [m["loss"] for m in steps if m.get("loss") is not None]
         last = next((m for m in reversed(steps) if "loss" in m), {})

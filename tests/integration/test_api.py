@@ -153,6 +153,37 @@ def test_harmless_trl_arguments_are_noted(caplog):
     assert "report_to='wandb' is ignored" in caplog.text and "fp16=True" in caplog.text
 
 
+def test_trl_defaults_and_translations():
+    args = GRPOConfig(max_steps=3)
+    run = args.run_config
+    assert (run.lr_scheduler_type, run.logging_steps, run.bf16, run.output_dir) == ("linear", 10, True, "trainer_output")
+    assert GRPOConfig(max_steps=3, fp16=True).run_config.bf16 is False
+    assert GRPOConfig(max_steps=3, lr_scheduler_type="constant", logging_steps=1).run_config.logging_steps == 1
+    assert GRPOConfig(max_steps=3, save_strategy="no").run_config.save_steps is None
+    assert GRPOConfig(max_steps=3, save_steps=7, save_total_limit=1).run_config.save_total_limit == 1
+    assert GRPOConfig(max_steps=3, log_completions=True, logging_steps=5).run_config.sample_rate == 5
+    vllm = GRPOConfig(max_steps=3, vllm_server_host="10.0.0.2", vllm_server_port=8123).run_config
+    assert (vllm.vllm_host, vllm.vllm_port) == ("10.0.0.2", 8123)
+
+
+def test_train_resumes_from_a_checkpoint_like_trl(tmp_path, tiny_model_dir):
+    def run(**train_kwargs):
+        trainer = GRPOTrainer(str(tiny_model_dir), reward_funcs=text_hash_reward,
+                              args=_config(tmp_path, max_steps=3, save_steps=1, lr_scheduler_type="linear"),
+                              train_dataset=[{"prompt": q} for q in QUESTIONS])
+        output = trainer.train(**train_kwargs)
+        return output, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    straight, weights = run()
+    out = Path(straight.output_dir)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    resumed, resumed_weights = run(resume_from_checkpoint=str(out / "checkpoint-1"))
+    assert resumed.global_step == 3
+    assert all(torch.equal(weights[n], resumed_weights[n]) for n in weights)
+    _, latest_weights = run(resume_from_checkpoint=True)  # the newest: checkpoint-2
+    assert all(torch.equal(weights[n], latest_weights[n]) for n in weights)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"callbacks": [object()]}, GrpokitError, "callbacks is not supported"),
     ({"optimizers": (object(), None)}, GrpokitError, "optimizers is not supported"),
