@@ -88,6 +88,9 @@ class GRPOConfig(BaseModel):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Min-p sampling: keep tokens with probability >= min_p x the top token's (0: off).")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="transformers' repetition penalty over prompt and completion tokens while sampling (1: off); the loss still scores the unpenalised policy, as in TRL.")
+    stop_strings: list[str] = Field(default_factory=list, description="Completions end at the first of these strings (kept in the completion, finish reason 'stop'); also in evaluation.")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient to the reference policy (k3 estimator); 0 loads no reference.")
     epsilon: float = Field(0.2, gt=0.0, description="Lower clip range of the importance ratio (and upper, unless epsilon_high).")
     epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range (DAPO clip-higher); default: epsilon.")
@@ -156,6 +159,11 @@ class GRPOConfig(BaseModel):
     @property
     def optimizer_steps_per_generation(self) -> int:
         return self.num_iterations * self.micro_batches_per_generation // self.gradient_accumulation_steps
+
+    def sampling(self) -> dict[str, Any]:
+        """The rollout sampling settings, as SamplingParams keyword arguments."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "repetition_penalty": self.repetition_penalty, "stop": list(self.stop_strings)}
 
     def steps_for_epochs(self, num_prompts: int) -> int:
         """max_steps for `num_train_epochs` passes over `num_prompts` train prompts (rounded up to whole generations)."""

@@ -26,9 +26,10 @@ def columns_of(records: list[dict], repeat: int) -> dict[str, list]:
 
 def evaluate(engine: Engine, tokenizer, data: TokenisedPrompts, runner: RewardRunner,
              accuracy_reward: str, max_tokens: int, stop_token_ids: list[int], batch_size: int = 64,
-             context: dict | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
+             context: dict | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext,
+             stop: list[str] = ()) -> dict[str, float]:
     """Greedy completions for every prompt; returns eval/* metrics (eval/accuracy = mean of `accuracy_reward`)."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids, stop=list(stop))
     conversational = isinstance(data.records[0]["prompt"], list)
     rows, lengths, truncated = [], [], 0
     for start in range(0, len(data.prompt_ids), batch_size):

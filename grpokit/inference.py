@@ -29,7 +29,8 @@ def _load(cfg: GRPOConfig):
     model = load_policy(path, getattr(torch, cfg.torch_dtype)).to(device).eval()
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return model, tokenizer, TorchEngine(model, tokenizer.pad_token_id), sorted({tokenizer.eos_token_id, *eos})
+    engine = TorchEngine(model, tokenizer.pad_token_id, tokenizer=tokenizer)
+    return model, tokenizer, engine, sorted({tokenizer.eos_token_id, *eos})
 
 
 def evaluate_model(cfg: GRPOConfig) -> dict[str, float]:
@@ -48,13 +49,13 @@ def evaluate_model(cfg: GRPOConfig) -> dict[str, float]:
         limit = cfg.eval_max_completion_length or cfg.max_completion_length
         with torch.no_grad():
             return evaluate(engine, tokenizer, prompts, runner, cfg.eval_accuracy_reward or funcs[0].name, limit, stop_ids,
-                            context={"max_completion_length": limit, "step": 0})
+                            context={"max_completion_length": limit, "step": 0}, stop=cfg.stop_strings)
     finally:
         runner.close()
 
 
 def generate(cfg: GRPOConfig, n: int, limit: int | None, which: str = "train") -> list[dict]:
-    """`n` sampled completions (cfg.temperature, top_p, top_k) for the first `limit` prompts of the dataset."""
+    """`n` sampled completions (the config's sampling settings) for the first `limit` prompts of the dataset."""
     records = data_mod.dataset_records(cfg, which)
     if records is None:
         raise ConfigError("generate: the config names no eval_dataset; set one or use --split train")
@@ -62,8 +63,8 @@ def generate(cfg: GRPOConfig, n: int, limit: int | None, which: str = "train") -
     model, tokenizer, engine, stop_ids = _load(cfg)
     spec = cfg.dataset if which == "train" else cfg.eval_dataset
     prompts = data_mod.tokenise_prompts(records, tokenizer, cfg.max_prompt_length, spec)
-    params = SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k, stop_token_ids=stop_ids, seed=cfg.seed)
+    params = SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=stop_ids, seed=cfg.seed,
+                            **cfg.sampling())
     with torch.no_grad():
         rollout = engine.generate(prompts.prompt_ids, n, params)
     conversational = isinstance(prompts.records[0]["prompt"], list)

@@ -94,7 +94,7 @@ class Trainer:
         self.policy.train()
         # the reference policy: none at beta 0; with LoRA the same model with adapters disabled; else a frozen copy
         self.reference = frozen_copy(self.policy) if cfg.beta > 0 and not self.uses_adapters else None
-        self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id)
+        self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id, tokenizer=self.tokenizer)
         self.train_data = data_mod.tokenise_prompts(self.train_records, self.tokenizer, cfg.max_prompt_length, cfg.dataset)
         self.eval_data = (data_mod.tokenise_prompts(self.eval_records, self.tokenizer, cfg.max_prompt_length, cfg.eval_dataset)
                           if self.eval_records else None)
@@ -236,8 +236,8 @@ class Trainer:
         self.generations += 1
         prompt_ids = [self.train_data.prompt_ids[i] for i in indices]
         records = [self.train_data.records[i] for i in indices]
-        params = SamplingParams(max_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-                                top_k=cfg.top_k, stop_token_ids=self.stop_ids, seed=cfg.seed * 1_000_003 + self.generations)
+        params = SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=self.stop_ids,
+                                seed=cfg.seed * 1_000_003 + self.generations, **cfg.sampling())
         with self.timers("generate"), self.autocast():
             rollout = self.engine.generate(prompt_ids, g, params)
         with self.timers("rewards"):
@@ -404,7 +404,8 @@ class Trainer:
         limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
         started = time.perf_counter()
         result = evaluate(self.engine, self.tokenizer, self.eval_data, self.rewards, self.accuracy_reward, limit,
-                          self.stop_ids, context=self.reward_context(limit), autocast=self.autocast)
+                          self.stop_ids, context=self.reward_context(limit), autocast=self.autocast,
+                          stop=self.cfg.stop_strings)
         result["eval/time"] = time.perf_counter() - started
         metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")

@@ -187,3 +187,22 @@ def test_lora_run_saves_a_loadable_adapter(workdir, tiny_model_dir):
     model = AutoPeftModelForCausalLM.from_pretrained(workdir / "run" / "final_model")
     assert (workdir / "run" / "final_model" / "adapter_config.json").is_file()
     assert model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()
+
+
+def test_sampling_settings_reach_the_sampler(workdir, tiny_model_dir):
+    """stop_strings end training rollouts and evaluation completions; min_p / repetition_penalty are passed on."""
+    cfg = make_config(tiny_model_dir, stop_strings=["e", "7"], min_p=0.05, repetition_penalty=1.3, temperature=1.5,
+                      max_completion_length=24)
+    trainer = Trainer(cfg)
+    seen = []
+    real_generate = trainer.engine.generate
+    trainer.engine.generate = lambda ids, n, params: seen.append(params) or real_generate(ids, n, params)
+    generation = trainer._sample_groups(2)
+    params = seen[0]
+    assert (params.min_p, params.repetition_penalty, params.stop, params.temperature) == (0.05, 1.3, ["e", "7"], 1.5)
+    texts = [trainer.tokenizer.decode(c, skip_special_tokens=True) for c in generation.completion_ids]
+    for text, reason in zip(texts, generation.finish_reasons, strict=True):
+        hit = [i for i, ch in enumerate(text) if ch in "e7"]
+        if hit:  # the completion ends at its first stop string
+            assert reason == "stop" and hit[0] == len(text) - 1, (text, reason)
+    assert any(t and t[-1] in "e7" for t in texts), f"no completion met a stop string: {texts}"
