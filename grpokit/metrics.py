@@ -44,6 +44,29 @@ class MetricsLogger:
         self._file.close()
 
 
+def generation_metrics(totals, rewards, names: list[str], completion_ids: list[list[int]], finish_reasons: list[str],
+                       group_size: int) -> dict[str, float]:
+    """TRL's reward and length metrics of one generation: `totals` [N] combined rewards, `rewards` [N, K]."""
+    import torch
+
+    from grpokit.advantages import group_stats
+
+    _, group_std, zero_spread = group_stats(totals, group_size)
+    lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)
+    terminated = torch.tensor([r == "stop" for r in finish_reasons])
+    m = {"reward": nanmean(totals), "reward_std": nanmean(group_std),
+         "frac_reward_zero_std": float(zero_spread.double().mean()),
+         "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+         "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~terminated).double().mean()),
+         "completions/mean_terminated_length": float(lengths[terminated].mean()) if terminated.any() else 0.0}
+    for k, name in enumerate(names):
+        column = rewards[:, k]
+        valid = column[~torch.isnan(column)]
+        m[f"rewards/{name}/mean"] = nanmean(column)
+        m[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+    return m
+
+
 def nanmean(values) -> float:
     """Mean of the non-NaN entries of a tensor; NaN when there are none."""
     valid = values[~values.isnan()]

@@ -32,7 +32,7 @@ from grpokit.errors import ConfigError, Interrupted, TrainingError
 from grpokit.evaluate import columns_of, decode_completions, evaluate
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
-from grpokit.metrics import MetricsLogger, Timers, nanmean
+from grpokit.metrics import MetricsLogger, Timers, generation_metrics
 from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, prepare_tokenizer, resolve_model_path
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams
@@ -380,24 +380,11 @@ class Trainer:
 
     def _generation_metrics(self, sampled: Generation) -> dict[str, float]:
         """Reward and length statistics over everything sampled this step (dropped groups included)."""
-        g = self.cfg.num_generations
-        rewards = sampled.rewards
-        totals = combine_rewards(self.combinable(rewards), self.reward_weights)
-        _, group_std, zero_spread = group_stats(totals, g)
-        lengths = torch.tensor([len(c) for c in sampled.completion_ids], dtype=torch.float64)
-        terminated = torch.tensor([r == "stop" for r in sampled.finish_reasons])
-        m = {"reward": nanmean(totals), "reward_std": nanmean(group_std),
-             "frac_reward_zero_std": float(zero_spread.double().mean()),
-             "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-             "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~terminated).double().mean()),
-             "completions/mean_terminated_length": float(lengths[terminated].mean()) if terminated.any() else 0.0}
-        for k, f in enumerate(self.reward_funcs):
-            column = rewards[:, k]
-            valid = column[~torch.isnan(column)]
-            m[f"rewards/{f.name}/mean"] = nanmean(column)
-            m[f"rewards/{f.name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+        totals = combine_rewards(self.combinable(sampled.rewards), self.reward_weights)
+        m = generation_metrics(totals, sampled.rewards, [f.name for f in self.reward_funcs], sampled.completion_ids,
+                               sampled.finish_reasons, self.cfg.num_generations)
         m.update(self.rewards.pop_metrics())
-        m["tokens_per_second"] = float(lengths.sum()) / max(self.timers.totals.get("generate", 0.0), 1e-9)
+        m["tokens_per_second"] = sum(len(c) for c in sampled.completion_ids) / max(self.timers.totals.get("generate", 0.0), 1e-9)
         return m
 
     def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
