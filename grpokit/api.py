@@ -10,8 +10,8 @@ and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
 - Checkpoints: `save_steps`, `save_total_limit`, `save_strategy="no"` (none), and
   `resume_from_checkpoint` (in GRPOConfig or `train(resume_from_checkpoint=True | path)`) work as in
   TRL; a grpokit checkpoint also holds the unfinished generation, so resuming repeats nothing.
-  `log_completions=True` prints a sampled completion every `logging_steps` (`sample_rate`).
-- TRL arguments grpokit has no use for (`report_to`, `logging_dir`, `optim`, ...)
+  `log_completions=True` logs completions every `logging_steps` (`log_completions_steps`).
+- TRL arguments grpokit has no use for (`logging_dir`, `optim`, `remove_unused_columns`, ...)
   are accepted and a log line says they are ignored or what they map to; `push_to_hub=True`,
   `torch_compile=True` and other arguments whose silent loss would surprise are refused. Unknown
   names are refused with a did-you-mean, as TRL's dataclass refuses them.
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 
 # TRL arguments grpokit ignores, with why (logged when one is given a non-default value)
 _IGNORED = {
-    "report_to": "metrics go to OUTPUT_DIR/metrics.jsonl and the console",
     "logging_dir": "metrics go to OUTPUT_DIR/metrics.jsonl",
     "logging_strategy": "every step is written to metrics.jsonl; logging_steps sets the console rate",
     "logging_first_step": "every step is written to metrics.jsonl",
@@ -68,7 +67,7 @@ _IGNORED = {
     "do_train": "train() trains", "do_eval": "evaluation runs when eval_dataset is given",
     "eval_strategy": "evaluation runs every eval_steps (if set) and at the end when eval_dataset is given",
     "per_device_eval_batch_size": "evaluation generates every held-out prompt at once",
-    "num_completions_to_print": "one sampled completion is printed every sample_rate steps",
+    "num_completions_to_print": "one completion is printed every log_completions_steps; all are in completions/",
     "gradient_checkpointing_kwargs": "grpokit uses use_reentrant=False",
     "ddp_find_unused_parameters": "single process", "ds3_gather_for_generation": "no DeepSpeed", "shuffle_dataset": "prompts are always shuffled (seeded)",
     "hub_model_id": "push_to_hub is not supported", "hub_strategy": "push_to_hub is not supported",
@@ -178,7 +177,7 @@ class GRPOConfig:
         elif kwargs.get("save_strategy", "steps") != "steps":
             log.info("GRPOConfig: save_strategy=%r: grpokit checkpoints every save_steps steps", kwargs["save_strategy"])
         if kwargs.get("log_completions"):
-            out["sample_rate"] = settings.get("logging_steps", _TRL_DEFAULTS["logging_steps"])
+            out["log_completions_steps"] = settings.get("logging_steps", _TRL_DEFAULTS["logging_steps"])
         for trl_key, key in (("vllm_server_host", "vllm_host"), ("vllm_server_port", "vllm_port")):
             if trl_key in kwargs:
                 out[key] = kwargs[trl_key]

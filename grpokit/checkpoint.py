@@ -36,7 +36,7 @@ from grpokit.errors import ConfigError
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 # settings that change what a run logs or keeps, not what it computes: they may differ on resume
-_NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "sample_rate", "eval_steps",
+_NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps", "report_to", "eval_steps",
                            "eval_on_start", "eval_limit", "eval_max_completion_length", "eval_dataset",
                            "eval_accuracy_reward", "reward_timeout", "reward_error_rate_limit", "max_consecutive_skips",
                            "device"})

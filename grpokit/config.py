@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpokit.errors import ConfigError
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
@@ -137,12 +137,18 @@ class GRPOConfig(BaseModel):
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps (and always at the end when eval_dataset is set).")
     eval_max_completion_length: int | None = Field(None, gt=0, description="Token limit for evaluation (default: max_completion_length).")
     logging_steps: int = Field(1, gt=0, description="Print metrics to the console every this many steps (metrics.jsonl gets every step).")
-    sample_rate: int | None = Field(None, gt=0, description="Print one sampled completion with its rewards every this many steps (training-wizard's sample_rate); None: never.")
+    log_completions_steps: int | None = Field(None, gt=0, description="Every this many steps, write the generation's completions with their rewards to OUTPUT_DIR/completions/step_N.jsonl and print one (training-wizard's sample_rate); None: never.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | Literal["auto", "all", "none"] = Field("auto", description="Metric sinks besides the console and metrics.jsonl (always written): a list of tensorboard, wandb, mlflow, trackio; 'auto': tensorboard when installed; 'all': every installed one; 'none'.")
 
     # checkpoints and faults
     save_steps: int | None = Field(500, gt=0, description="Write OUTPUT_DIR/checkpoint-N every this many optimizer steps (weights, optimizer, scheduler, RNG, data position); None: only final_model.")
     save_total_limit: int | None = Field(3, gt=0, description="Keep only the newest this many checkpoint-N directories (each holds the optimizer state: ~3x the weights); None: keep all.")
     max_consecutive_skips: int = Field(3, gt=0, description="Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_sink(cls, value):
+        return [value] if isinstance(value, str) and value not in ("auto", "all", "none") else value
 
     @property
     def micro_batches_per_generation(self) -> int:
@@ -280,7 +286,8 @@ _AGGREGATION = {"sum_then_normalize": "weighted_sum", "normalize_then_sum": "nor
 _VLLM_KEYS = {"mode": "vllm_mode", "host": "vllm_host", "port": "vllm_port", "tensor_parallel_size": "vllm_tensor_parallel_size",
               "gpu_memory_utilization": "vllm_gpu_memory_utilization", "max_model_len": "vllm_max_model_len"}
 # one key of another tool -> grpokit's key, where only the name differs
-_RENAMES = {"micro_batch_size": "per_device_train_batch_size", "base_model": "model", "sft_model": "model"}
+_RENAMES = {"micro_batch_size": "per_device_train_batch_size", "base_model": "model", "sft_model": "model",
+            "sample_rate": "log_completions_steps"}
 
 
 def _move(data: dict[str, Any], key: str, target: str, value: Any, where: str) -> None:

@@ -28,7 +28,7 @@ def summary(trainer: Trainer) -> None:
 
 
 def show_sample(trainer: Trainer, batch: Generation) -> None:
-    """One completion of this generation with its rewards, for `sample_rate` (training-wizard's sample log)."""
+    """One completion of this generation with its rewards, every `log_completions_steps` (training-wizard's sample_rate)."""
     names = [f.name for f in trainer.reward_funcs]
     rewards = ", ".join(f"{n}={v:.3g}" for n, v in zip(names, batch.rewards[0].tolist(), strict=True))
     prompt = trainer.tokenizer.decode(batch.prompt_ids[0], skip_special_tokens=True)

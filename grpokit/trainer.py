@@ -264,8 +264,8 @@ class Trainer:
         aggregation = "normalize_then_sum" if cfg.reward_combination == "normalize_then_sum" else "weighted_sum"
         advantages, _ = compute_advantages(self.combinable(batch.rewards), self.reward_weights, g, cfg.scale_rewards,
                                            aggregation)
-        span = self.global_step // cfg.sample_rate if cfg.sample_rate else None
-        if span is not None and (self.global_step + cfg.optimizer_steps_per_generation) // cfg.sample_rate > span:
+        every = cfg.log_completions_steps
+        if every and (self.global_step + cfg.optimizer_steps_per_generation) // every > self.global_step // every:
             runlog.show_sample(self, batch)
         with self.timers("logprobs"):
             micro_batches = self._micro_batches(batch, advantages)

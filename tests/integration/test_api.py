@@ -148,9 +148,9 @@ def test_bad_config_arguments(kwargs, message):
 
 def test_harmless_trl_arguments_are_noted(caplog):
     with caplog.at_level("INFO", logger="grpokit"):
-        args = GRPOConfig(report_to="wandb", save_steps=10, remove_unused_columns=False, fp16=True, max_steps=3)
+        args = GRPOConfig(logging_dir="logs", save_steps=10, remove_unused_columns=False, fp16=True, max_steps=3)
     assert args.max_steps == 3 and args.save_steps == 10
-    assert "report_to='wandb' is ignored" in caplog.text and "fp16=True" in caplog.text
+    assert "logging_dir='logs' is ignored" in caplog.text and "fp16=True" in caplog.text
 
 
 def test_trl_defaults_and_translations():
@@ -161,7 +161,7 @@ def test_trl_defaults_and_translations():
     assert GRPOConfig(max_steps=3, lr_scheduler_type="constant", logging_steps=1).run_config.logging_steps == 1
     assert GRPOConfig(max_steps=3, save_strategy="no").run_config.save_steps is None
     assert GRPOConfig(max_steps=3, save_steps=7, save_total_limit=1).run_config.save_total_limit == 1
-    assert GRPOConfig(max_steps=3, log_completions=True, logging_steps=5).run_config.sample_rate == 5
+    assert GRPOConfig(max_steps=3, log_completions=True, logging_steps=5).run_config.log_completions_steps == 5
     vllm = GRPOConfig(max_steps=3, vllm_server_host="10.0.0.2", vllm_server_port=8123).run_config
     assert (vllm.vllm_host, vllm.vllm_port) == ("10.0.0.2", 8123)
 

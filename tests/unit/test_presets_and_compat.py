@@ -115,5 +115,5 @@ def test_training_wizard_keys():
     cfg = validate_config({"recipe_class": "x.GRPORecipe", "sample_rate": 100, "load_in_4bit": False,
                            "reward_specs": [{"spec_class": "gec_f1", "weight": 2.0, "beta": 0.5},
                                             {"class": "answer_format"}]})
-    assert cfg.sample_rate == 100 and cfg.reward_names == ["gec_f1", "answer_format"]
+    assert cfg.log_completions_steps == 100 and cfg.reward_names == ["gec_f1", "answer_format"]
     assert cfg.reward_funcs[0].args == {"beta": 0.5} and cfg.weights == [2.0, 1.0]
