@@ -36,10 +36,11 @@ from grpokit.errors import ConfigError
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 # settings that change what a run logs or keeps, not what it computes: they may differ on resume
-_NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps", "report_to", "eval_steps",
-                           "eval_on_start", "eval_limit", "eval_max_completion_length", "eval_dataset",
-                           "eval_accuracy_reward", "reward_timeout", "reward_error_rate_limit", "max_consecutive_skips",
-                           "device"})
+_NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps",
+                           "report_to", "eval_steps", "eval_on_start", "eval_limit", "eval_max_completion_length",
+                           "eval_dataset", "eval_accuracy_reward", "reward_timeout", "reward_error_rate_limit",
+                           "max_consecutive_skips", "device", "vllm_host", "vllm_port", "vllm_gpu_memory_utilization",
+                           "vllm_enable_sleep_mode"})
 
 
 @dataclass(slots=True, kw_only=True)
@@ -244,6 +245,7 @@ def restore_run(trainer, path: Path, force: bool) -> None:
                                                                      state["num_tokens"])
     trainer._order, trainer.consecutive_skips = state["order"], state["consecutive_skips"]
     trainer.eval_before = state["eval_before"]
+    trainer.engine_stale = True  # a vLLM engine still holds the starting weights
     if saved.pending is not None:
         trainer.pending = Pending(windows=saved.pending["windows"], metrics=saved.pending["metrics"],
                                   micro_batches=[MicroBatch(**mb) for mb in saved.pending["micro_batches"]])

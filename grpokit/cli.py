@@ -94,8 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("model_dir", help="a run's final_model (or checkpoint) directory")
     export.add_argument("output", help="directory to write the merged model and tokenizer to")
 
-    for name, text in (("sft", "supervised fine-tuning before GRPO"), ("report", "HTML report with plots of a run"),
-                       ("vllm-serve", "serve the policy with vLLM for server-mode generation")):
+    from grpokit import vllm_server
+
+    vllm_server.add_arguments(sub.add_parser(
+        "vllm-serve", help="serve a model with vLLM for `use_vllm: true, vllm_mode: server` (extra `vllm`, a GPU)",
+        description="Serve a model with vLLM for server-mode generation: the trainer sends prompt ids and pushes "
+                    "its weights after each update (each push verified). Binds to 127.0.0.1 unless --host says "
+                    "otherwise."))
+    for name, text in (("sft", "supervised fine-tuning before GRPO"), ("report", "HTML report with plots of a run")):
         stub = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text}. Not available in this "
                               "build yet: the command exits with an error.")
         stub.add_argument("args", nargs="*", help="ignored until the command is available")
@@ -169,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "vllm-serve":
+            from grpokit import vllm_server
+
+            return vllm_server.main(args)
         if args.command in ("eval", "generate", "export"):
             return {"eval": _eval, "generate": _generate, "export": _export}[args.command](args)
         print(f"grpokit: error: `grpokit {args.command}` is not available in this build yet", file=sys.stderr)

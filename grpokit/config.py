@@ -124,13 +124,14 @@ class GRPOConfig(BaseModel):
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available).")
 
     # generation engine (vLLM: the engine itself is not in this build yet; the fields hold Axolotl/TRL settings)
-    use_vllm: bool = Field(False, description="Generate with vLLM instead of the in-process sampler (not available in this build yet: true is an error).")
+    use_vllm: bool = Field(False, description="Generate with vLLM (extra `vllm`) instead of the in-process sampler; weights are synced and verified before each generation.")
     vllm_mode: Literal["server", "colocate"] = Field("server", description="vLLM on its own GPUs behind `grpokit vllm-serve` (server) or inside the trainer process (colocate).")
-    vllm_host: str = Field("0.0.0.0", description="Host of the vLLM server (server mode).")
+    vllm_host: str = Field("127.0.0.1", description="Host of the `grpokit vllm-serve` server (server mode).")
     vllm_port: int = Field(8000, gt=0, lt=65536, description="Port of the vLLM server (server mode).")
     vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may take.")
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM model is split across.")
     vllm_max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + completion tokens); default: the model's.")
+    vllm_enable_sleep_mode: bool = Field(False, description="Colocate mode: vLLM releases its GPU memory between generations (sleep / wake_up).")
 
     # evaluation and logging
     eval_on_start: bool = Field(False, description="Evaluate before the first step.")
@@ -178,9 +179,6 @@ class GRPOConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_geometry(self) -> GRPOConfig:
-        if self.use_vllm:
-            raise ValueError("use_vllm: the vLLM engine is not available in this build yet; set use_vllm: false "
-                             "(generation then runs on the in-process sampler)")
         if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
             raise ValueError("both max_steps and num_train_epochs are set; give one")
         gbs = self.generation_batch_size

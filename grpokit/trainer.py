@@ -13,6 +13,8 @@ Reference log-probs come from a frozen copy of the starting policy, and only whe
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import random
@@ -25,6 +27,7 @@ import torch
 
 from grpokit import checkpoint, runlog
 from grpokit import data as data_mod
+from grpokit.alerts import HealthMonitor, identical_fraction
 from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
 from grpokit.batches import Generation, MicroBatch, Pending, pack
 from grpokit.config import GRPOConfig
@@ -37,6 +40,7 @@ from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, p
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
+from grpokit.rollout.vllm_engine import make_engine
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +98,10 @@ class Trainer:
         self.policy.train()
         # the reference policy: none at beta 0; with LoRA the same model with adapters disabled; else a frozen copy
         self.reference = frozen_copy(self.policy) if cfg.beta > 0 and not self.uses_adapters else None
-        self.engine = TorchEngine(self.policy, self.tokenizer.pad_token_id, tokenizer=self.tokenizer)
+        # vLLM when use_vllm (synced and verified now, and before each generation after an update); else in-process
+        self.engine = (make_engine(cfg, model_path or getattr(self.policy, "name_or_path", cfg.model), self.policy)
+                       or TorchEngine(self.policy, self.tokenizer.pad_token_id, tokenizer=self.tokenizer))
+        self.engine_stale = False  # the policy changed since the engine last received its weights
         self.train_data = data_mod.tokenise_prompts(self.train_records, self.tokenizer, cfg.max_prompt_length, cfg.dataset)
         self.eval_data = (data_mod.tokenise_prompts(self.eval_records, self.tokenizer, cfg.max_prompt_length, cfg.eval_dataset)
                           if self.eval_records else None)
@@ -118,6 +125,8 @@ class Trainer:
             raise ConfigError(f"reward_gate '{cfg.reward_gate}' is not one of the rewards {names}")
         self.reward_gate = names.index(cfg.reward_gate) if cfg.reward_combination == "gated" else None
         self.accuracy_reward = cfg.eval_accuracy_reward or self.reward_funcs[0].name
+        # with one reward the total is the correctness reward: the length-hacking check has nothing to compare
+        self.health = HealthMonitor(correctness_reward=self.accuracy_reward if len(self.reward_funcs) > 1 else None)
         self.timers = Timers()
         self._order: list[int] = []
         self._order_rng = random.Random(cfg.seed)
@@ -131,6 +140,14 @@ class Trainer:
     def _generation_eos(self) -> list[int]:
         eos = getattr(self.policy.generation_config, "eos_token_id", None)
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def synced_engine(self):
+        """The engine, after pushing the policy's weights to it if they changed (a no-op for the in-process one)."""
+        if self.engine_stale and self.cfg.use_vllm:
+            with self.timers("weight_sync"):
+                self.engine.load_weights(self.policy)
+        self.engine_stale = False
+        return self.engine
 
     def combinable(self, rewards: torch.Tensor) -> torch.Tensor:
         """[N, K] rewards as they enter the weighted sum (gated when reward_combination is 'gated')."""
@@ -183,6 +200,7 @@ class Trainer:
             self._say(f"saved {out / 'final_model'}")
         finally:
             self.rewards.close()
+            self.engine.close()
             metrics_log.close()
             logging.getLogger("grpokit").removeHandler(handler)
             handler.close()
@@ -209,6 +227,10 @@ class Trainer:
         if not pending.windows:
             self.pending = None
         metrics_log.log(self.global_step, metrics)
+        for alert in self.health.observe(self.global_step, metrics):
+            log.warning("%s", alert)
+            with open(Path(cfg.output_dir) / "alerts.jsonl", "a") as f:
+                f.write(json.dumps(dataclasses.asdict(alert)) + "\n")
         return self.global_step
 
     def _checkpoint(self) -> Path:
@@ -239,7 +261,7 @@ class Trainer:
         params = SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=self.stop_ids,
                                 seed=cfg.seed * 1_000_003 + self.generations, **cfg.sampling())
         with self.timers("generate"), self.autocast():
-            rollout = self.engine.generate(prompt_ids, g, params)
+            rollout = self.synced_engine().generate(prompt_ids, g, params)
         with self.timers("rewards"):
             conversational = isinstance(records[0]["prompt"], list)
             completions = decode_completions(self.tokenizer, rollout.completion_ids, conversational)
@@ -357,6 +379,7 @@ class Trainer:
             self._skip(loss_total, grad_norm)
         else:
             self.optimizer.step()
+            self.engine_stale = True
             self.scheduler.step()  # the schedule moves with real updates only
             self.consecutive_skips = 0
         self.optimizer.zero_grad(set_to_none=True)
@@ -383,6 +406,7 @@ class Trainer:
         totals = combine_rewards(self.combinable(sampled.rewards), self.reward_weights)
         m = generation_metrics(totals, sampled.rewards, [f.name for f in self.reward_funcs], sampled.completion_ids,
                                sampled.finish_reasons, self.cfg.num_generations)
+        m["completions/frac_identical_in_group"] = identical_fraction(sampled.completion_ids, self.cfg.num_generations)
         m.update(self.rewards.pop_metrics())
         m["tokens_per_second"] = sum(len(c) for c in sampled.completion_ids) / max(self.timers.totals.get("generate", 0.0), 1e-9)
         return m
@@ -390,7 +414,7 @@ class Trainer:
     def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
         limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
         started = time.perf_counter()
-        result = evaluate(self.engine, self.tokenizer, self.eval_data, self.rewards, self.accuracy_reward, limit,
+        result = evaluate(self.synced_engine(), self.tokenizer, self.eval_data, self.rewards, self.accuracy_reward, limit,
                           self.stop_ids, context=self.reward_context(limit), autocast=self.autocast,
                           stop=self.cfg.stop_strings)
         result["eval/time"] = time.perf_counter() - started

@@ -24,10 +24,16 @@ def test_every_command_has_help(tmp_path, command):
     assert result.returncode == 0 and "usage: grpokit " + command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["sft", "report", "vllm-serve"])
+@pytest.mark.parametrize("command", ["sft", "report"])
 def test_unfinished_commands_say_so(tmp_path, command):
     result = run_cli(command, cwd=tmp_path)
     assert result.returncode == 2 and "not available in this build yet" in result.stderr
+
+
+def test_vllm_serve_without_vllm_names_the_extra(tmp_path):
+    assert "--model" in run_cli("vllm-serve", cwd=tmp_path).stderr  # required
+    result = run_cli("vllm-serve", "--model", "some/model", cwd=tmp_path)
+    assert result.returncode == 2 and "pip install 'grpokit[vllm]'" in result.stderr, result.stderr
 
 
 def test_every_example_and_preset_loads():

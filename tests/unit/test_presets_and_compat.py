@@ -100,7 +100,7 @@ def test_axolotl_keys():
     ({"rl": "dpo"}, "rl: 'dpo' is not supported"),
     ({"vllm": {"hots": "x"}}, "vllm.hots: unknown key; did you mean 'host'?"),
     ({"micro_batch_size": 4, "per_device_train_batch_size": 8}, "give one"),
-    ({"trl": {"use_vllm": True}}, "vLLM engine is not available in this build yet"),
+    ({"trl": {"use_vllm": True, "vllm_mode": "cluster"}}, "vllm_mode"),
     ({"load_in_4bit": True}, "4-bit (QLoRA) loading is not supported yet"),
     ({"sequence_len": 100}, "sequence_len"),
     ({"reward_specs": [{"weight": 1.0}]}, "needs spec_class"),
