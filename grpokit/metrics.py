@@ -1,4 +1,19 @@
-"""Metric sinks: every step to OUTPUT_DIR/metrics.jsonl, a short line to the console.
+"""Metrics of a run and where they go.
+
+Every step goes to OUTPUT_DIR/metrics.jsonl and, every `logging_steps`, a one-line summary to the
+console (with a live progress bar when stdout is a terminal, see progress.py). `report_to` adds
+sinks, each behind the same two methods (`log`, `close`) and each imported only when asked for:
+  tensorboard  OUTPUT_DIR/tensorboard (`tensorboard --logdir OUTPUT_DIR/tensorboard`); a resumed run
+               purges the events after its checkpoint's step
+  wandb        wandb.init(project=$WANDB_PROJECT or 'grpokit', dir=OUTPUT_DIR unless $WANDB_DIR);
+               WANDB_MODE=offline works as wandb documents it
+  mlflow       $MLFLOW_TRACKING_URI, else a file store at OUTPUT_DIR/mlruns (experiment
+               $MLFLOW_EXPERIMENT_NAME or 'grpokit'); the config goes in as flattened params
+  trackio      trackio.init(project=$TRACKIO_PROJECT or 'grpokit'); data under trackio's own
+               directory ($TRACKIO_DIR)
+Non-finite values (NaN: nothing to average, e.g. a reward that applied to no completion) are
+written as null to metrics.jsonl and left out of the numeric sinks. wandb, mlflow and trackio
+start a new run when a run is resumed (their step history cannot be rewound to a checkpoint).
 
 Names follow TRL (`reward`, `reward_std`, `rewards/{name}/mean`, `kl`, `entropy`, ...), so
 dashboards built for TRL read grpokit's runs.
@@ -6,42 +21,252 @@ dashboards built for TRL read grpokit's runs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import re
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
+
+from grpokit.errors import ConfigError
 
 _CONSOLE_KEYS = (("reward", "reward"), ("reward_std", "std"), ("kl", "kl"), ("entropy", "ent"), ("loss", "loss"),
                  ("grad_norm", "gnorm"), ("completions/mean_length", "len"), ("step_time", "s/step"))
 
+# report_to name -> the module it needs (also the name of grpokit's pip extra)
+SINK_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+DEFAULT_PROJECT = "grpokit"
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def check_sinks(report_to: str | list[str] | None) -> list[str]:
+    """The sinks `report_to` asks for, resolved ('auto': tensorboard when installed; 'all': every installed one;
+    'none'), with an error naming the pip extra for a listed one that is not installed. Call it before the
+    model loads, so a missing package fails the run in seconds."""
+    if report_to is None or report_to == "none":
+        return []
+    if report_to == "auto":
+        return ["tensorboard"] if installed(SINK_MODULES["tensorboard"]) else []
+    if report_to == "all":
+        return [name for name, module in SINK_MODULES.items() if installed(module)]
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    for name in names:
+        if name not in SINK_MODULES:
+            raise ConfigError(f"report_to: unknown sink '{name}'; choose from {sorted(SINK_MODULES)}, "
+                              "or 'auto', 'all', 'none'")
+        if not installed(SINK_MODULES[name]):
+            raise ConfigError(f"report_to includes '{name}' but {SINK_MODULES[name]} is not installed: "
+                              f"pip install 'grpokit[{name}]' (or take '{name}' out of report_to)")
+    return list(dict.fromkeys(names))
+
+
+class Sink(Protocol):
+    """Where metrics go. `show`: the step is meant for the screen too (evaluation results are logged with False)."""
+
+    def log(self, step: int, metrics: dict[str, float], show: bool) -> None: ...
+
+    def close(self) -> None: ...
+
 
 class MetricsLogger:
+    """Fans each step's metrics out to the console, metrics.jsonl and the `report_to` sinks."""
+
     def __init__(self, output_dir: Path, total_steps: int, logging_steps: int = 1, echo=print,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, *, report_to: str | list[str] | None = "none",
+                 run_config: dict[str, Any] | None = None, run_name: str | None = None):
+        output_dir = Path(output_dir)
         self.path = output_dir / "metrics.jsonl"
-        self.total_steps = total_steps
-        self.logging_steps = logging_steps
-        self.echo = echo
-        if resume_step is None:
-            self._file = self.path.open("w")  # a new run starts a new file
-            return
-        # a resumed run keeps the lines up to its checkpoint's step and drops those the stopped run logged after it
-        kept = [line for line in (self.path.read_text().splitlines() if self.path.is_file() else [])
-                if line.strip() and json.loads(line)["step"] <= resume_step]
-        self._file = self.path.open("w")
+        names = check_sinks(report_to)
+        self.sinks: list[Sink] = [JsonlSink(self.path, resume_step),
+                                  ConsoleSink(total_steps, logging_steps, echo, resume_step)]
+        try:
+            for name in names:
+                self.sinks.append(_SINK_CLASSES[name](output_dir, run_config=run_config, run_name=run_name,
+                                                      resume_step=resume_step))
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        for sink in self.sinks:
+            sink.log(step, metrics, show)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class JsonlSink:
+    """One JSON line per logged step; a resumed run keeps the lines up to its checkpoint's step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        kept = []
+        if resume_step is not None and path.is_file():
+            # drop the lines the stopped run logged after the checkpoint it resumes from
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+        self._file = path.open("w")
         self._file.writelines(line + "\n" for line in kept)
 
     def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if show and (step % self.logging_steps == 0 or step == self.total_steps):
-            shown = " | ".join(f"{label} {metrics[key]:.4g}" for key, label in _CONSOLE_KEYS if key in metrics)
-            self.echo(f"step {step}/{self.total_steps} | {shown}")
 
     def close(self) -> None:
         self._file.close()
+
+
+class ConsoleSink:
+    """A one-line summary every `logging_steps` (and at the last step) through `echo`; a live progress bar
+    (progress.py) when `stream` is a terminal, nothing more when it is not."""
+
+    def __init__(self, total_steps: int, logging_steps: int = 1, echo=print, resume_step: int | None = None,
+                 stream=None):
+        from grpokit.progress import progress_bar
+
+        self.total_steps = total_steps
+        self.logging_steps = logging_steps
+        self.echo = echo
+        self.progress = progress_bar(total_steps, resume_step or 0, sys.stdout if stream is None else stream)
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        if not show:
+            return
+        if step % self.logging_steps == 0 or step == self.total_steps:
+            shown = " | ".join(f"{label} {metrics[key]:.4g}" for key, label in _CONSOLE_KEYS if key in metrics)
+            self.echo(f"step {step}/{self.total_steps} | {shown}")
+        self.progress.update(step, metrics)
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+class TensorBoardSink:
+    """Scalars to OUTPUT_DIR/tensorboard; the run config as a text summary."""
+
+    def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
+                 resume_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = output_dir / "tensorboard"
+        # purge_step: TensorBoard hides the events a stopped run wrote after the checkpoint this run resumes from
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if run_config and resume_step is None:
+            self.writer.add_text("config", "```\n" + json.dumps(run_config, indent=2, default=str) + "\n```", 0)
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        for key, value in finite(metrics).items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run; WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY and WANDB_DIR are read by wandb itself."""
+
+    def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
+                 resume_step: int | None = None):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), name=run_name,
+                              config=run_config, dir=None if os.environ.get("WANDB_DIR") else str(output_dir))
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        self.run.log(finite(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflowSink:
+    """An MLflow run: the config as flattened params, metrics with their step."""
+
+    def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
+                 resume_step: int | None = None):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (output_dir / "mlruns").resolve().as_uri()
+            # mlflow 3 keeps its file store only behind this opt-in; a database store needs the full mlflow
+            # package (sqlalchemy), which the 'mlflow' extra does not pull in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_PROJECT)
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+        params = [Param(mlflow_name(k), str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in flatten(run_config or {}).items()]
+        for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=params[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(mlflow_name(k), v, now, step) for k, v in finite(metrics).items()]
+        for start in range(0, len(batch), 1000):  # mlflow's limit of metrics per log_batch call
+            self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class TrackioSink:
+    """A trackio run (local, in trackio's directory; TRACKIO_DIR moves it)."""
+
+    def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
+                 resume_step: int | None = None):
+        import trackio
+
+        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", DEFAULT_PROJECT), name=run_name,
+                                config=run_config)
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        self.run.log(finite(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_SINK_CLASSES = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MLflowSink, "trackio": TrackioSink}
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a numeric sink can plot: finite values as floats (None and NaN mean 'nothing to report')."""
+    out = {}
+    for key, value in metrics.items():
+        if value is not None and math.isfinite(value := float(value)):
+            out[key] = value
+    return out
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and other values stay as they are."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def mlflow_name(key: str) -> str:
+    """mlflow accepts letters, digits, '_', '-', '.', ' ', ':' and '/' in names ('rewards/acc/mean' is fine)."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
 
 
 def generation_metrics(totals, rewards, names: list[str], completion_ids: list[list[int]], finish_reasons: list[str],
