@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.grpokit-installed
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup browser demo test test-slow clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/grpokit train examples/demo.yaml
 
-test: setup
+# the report test opens report.html in headless Chromium (Debian packages chromium, chromium-driver)
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+test: setup browser
 	$(PY) -m pytest
 
 test-slow: setup

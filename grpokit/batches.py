@@ -21,6 +21,8 @@ class MicroBatch:
 class Generation:
     """Scored completions of whole groups, prompt-major: rows i*G .. i*G+G-1 share a prompt."""
 
+    prompts: list  # [N], the dataset's prompt (text or chat messages) of each completion
+    completions: list  # [N], decoded as the rewards saw them
     prompt_ids: list[list[int]]  # [N], one per completion
     completion_ids: list[list[int]]  # [N]
     finish_reasons: list[str]  # [N]
@@ -28,15 +30,13 @@ class Generation:
 
     def groups(self, keep: list[int], group_size: int) -> Generation:
         rows = [g * group_size + j for g in keep for j in range(group_size)]
-        return Generation(prompt_ids=[self.prompt_ids[r] for r in rows], completion_ids=[self.completion_ids[r] for r in rows],
-                          finish_reasons=[self.finish_reasons[r] for r in rows], rewards=self.rewards[rows])
+        return Generation(**{f: ([getattr(self, f)[r] for r in rows] if f != "rewards" else self.rewards[rows])
+                             for f in Generation.__slots__})
 
     @staticmethod
     def concat(parts: list[Generation]) -> Generation:
-        return Generation(prompt_ids=[p for g in parts for p in g.prompt_ids],
-                          completion_ids=[c for g in parts for c in g.completion_ids],
-                          finish_reasons=[f for g in parts for f in g.finish_reasons],
-                          rewards=torch.cat([g.rewards for g in parts]))
+        return Generation(**{f: ([x for g in parts for x in getattr(g, f)] if f != "rewards"
+                                 else torch.cat([g.rewards for g in parts])) for f in Generation.__slots__})
 
 
 @dataclass(slots=True, kw_only=True)

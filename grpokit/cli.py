@@ -101,7 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a model with vLLM for server-mode generation: the trainer sends prompt ids and pushes "
                     "its weights after each update (each push verified). Binds to 127.0.0.1 unless --host says "
                     "otherwise."))
-    for name, text in (("sft", "supervised fine-tuning before GRPO"), ("report", "HTML report with plots of a run")):
+    from grpokit import report
+
+    report.add_arguments(sub.add_parser(
+        "report", help="write RUN_DIR/report.html: plots, sample completions, alerts and config of a run (opens offline)"))
+    for name, text in (("sft", "supervised fine-tuning before GRPO"),):
         stub = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text}. Not available in this "
                               "build yet: the command exits with an error.")
         stub.add_argument("args", nargs="*", help="ignored until the command is available")
@@ -175,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "report":
+            from grpokit import report
+
+            return report.main(args)
         if args.command == "vllm-serve":
             from grpokit import vllm_server
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from grpokit.config import GRPOConfig
-    from grpokit.trainer import Generation, Trainer
+    from grpokit.trainer import Trainer
 
 SAMPLE_CHARS = 300  # a console sample shows at most this many characters of the prompt and of the completion
 
@@ -110,15 +110,6 @@ def log_completions(output_dir: str | Path, step: int, prompts: Sequence, comple
         echo(sample_text(f"sample at step {step}", prompts[0], completions[0], reward_names, rows[0],
                          advantages[0], finish_reasons[0]))
     return path
-
-
-def show_sample(trainer: Trainer, batch: Generation) -> None:
-    """One completion of this generation with its rewards, every `log_completions_steps` (training-wizard's sample_rate)."""
-    names = [f.name for f in trainer.reward_funcs]
-    prompt = trainer.tokenizer.decode(batch.prompt_ids[0], skip_special_tokens=True)
-    completion = trainer.tokenizer.decode(batch.completion_ids[0], skip_special_tokens=True)
-    trainer._say(sample_text(f"sample before step {trainer.global_step + 1}", prompt, completion, names,
-                             batch.rewards[0].tolist(), None, batch.finish_reasons[0]))
 
 
 def sample_text(title: str, prompt, completion, reward_names: Sequence[str], rewards: Sequence[float],

@@ -35,7 +35,7 @@ from grpokit.errors import ConfigError, Interrupted, TrainingError
 from grpokit.evaluate import columns_of, decode_completions, evaluate
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
-from grpokit.metrics import MetricsLogger, Timers, generation_metrics
+from grpokit.metrics import MetricsLogger, Timers, check_sinks, generation_metrics
 from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, prepare_tokenizer, resolve_model_path
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams
@@ -80,6 +80,7 @@ class Trainer:
 
         for f in self.reward_funcs:  # a reward argument that matches no column fails now, not at step 1
             f.check_columns(self.train_records[0].keys())
+        check_sinks(cfg.report_to)  # a tracker asked for but not installed fails now, not after the model loads
         # reward workers fork now, while this process is small (runner.py)
         self.rewards = RewardRunner(self.reward_funcs, timeout=cfg.reward_timeout, error_rate_limit=cfg.reward_error_rate_limit,
                                     error_log=Path(cfg.output_dir) / "reward_errors.jsonl")
@@ -172,7 +173,8 @@ class Trainer:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("grpokit").addHandler(handler)
         metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=self._say,
-                                    resume_step=self.global_step if resume else None)
+                                    resume_step=self.global_step if resume else None, report_to=cfg.report_to,
+                                    run_config=cfg.model_dump(mode="json"), run_name=out.name)
         runlog.summary(self)
         eval_after = None
         try:
@@ -271,8 +273,9 @@ class Trainer:
                                                      context=self.reward_context()))
         all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
         self.num_tokens += sum(len(c) for c in rollout.completion_ids) + sum(len(p) for p in all_prompt_ids)
-        return Generation(prompt_ids=all_prompt_ids, completion_ids=rollout.completion_ids,
-                          finish_reasons=list(rollout.finish_reasons), rewards=rewards)
+        return Generation(prompts=prompts, completions=completions, prompt_ids=all_prompt_ids,
+                          completion_ids=rollout.completion_ids, finish_reasons=list(rollout.finish_reasons),
+                          rewards=rewards)
 
     def _generate_and_score(self) -> tuple[list[MicroBatch], dict[str, float]]:
         cfg, g = self.cfg, self.cfg.num_generations
@@ -288,7 +291,10 @@ class Trainer:
                                            aggregation)
         every = cfg.log_completions_steps
         if every and (self.global_step + cfg.optimizer_steps_per_generation) // every > self.global_step // every:
-            runlog.show_sample(self, batch)
+            runlog.log_completions(cfg.output_dir, self.global_step + 1, batch.prompts, batch.completions,
+                                   [f.name for f in self.reward_funcs], batch.rewards, advantages, batch.finish_reasons,
+                                   echo=self._say, total_rewards=combine_rewards(self.combinable(batch.rewards),
+                                                                                 self.reward_weights))
         with self.timers("logprobs"):
             micro_batches = self._micro_batches(batch, advantages)
         return micro_batches, {**self._generation_metrics(Generation.concat(sampled)), **extra}

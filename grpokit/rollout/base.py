@@ -7,9 +7,10 @@ scores; no engine-specific type leaves an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-import torch
+if TYPE_CHECKING:  # only for the Engine protocol's annotation: `grpokit --help` does not import torch
+    import torch
 
 FinishReason = Literal["stop", "length"]
 

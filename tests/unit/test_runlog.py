@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from grpokit import runlog
-from grpokit.batches import Generation
 from grpokit.config import validate_config
 
 
@@ -50,18 +49,6 @@ def test_log_completions_lengths_must_line_up(tmp_path):
     with pytest.raises(ValueError):
         runlog.log_completions(tmp_path, 1, ["p", "p"], ["a"], ["r"], [[1.0], [0.0]], [0.0, 0.0], ["stop", "stop"],
                                echo=None)
-
-
-def test_show_sample_decodes_the_first_completion():
-    said = []
-    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(chr(96 + i) for i in ids))
-    trainer = SimpleNamespace(reward_funcs=[SimpleNamespace(name="correct"), SimpleNamespace(name="format")],
-                              tokenizer=tokenizer, global_step=4, _say=said.append)
-    batch = Generation(prompt_ids=[[1, 2]], completion_ids=[[3, 4, 5]], finish_reasons=["stop"],
-                       rewards=torch.tensor([[1.0, math.nan]]))
-    runlog.show_sample(trainer, batch)
-    assert said == ["sample before step 5:\n  prompt: 'ab'\n  completion: 'cde'\n  rewards: correct=1, format=n/a; "
-                    "finished by stop"]
 
 
 def _fake_trainer(**overrides):
