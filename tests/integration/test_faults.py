@@ -33,7 +33,7 @@ def workdir(tmp_path, monkeypatch):
     # prompts of different lengths, so that a batch of them needs padding
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"What is {a} + {b * 11}?", "answer": str(a + 11 * b)}
                                            for a in range(4) for b in range(3)])
-    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    (tmp_path / "faults_rewards.py").write_text(REWARDS)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -41,7 +41,7 @@ def workdir(tmp_path, monkeypatch):
 
 def _config(model_dir, **overrides):
     return validate_config({"model": str(model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",
-                            "reward_funcs": ["my_rewards.text_hash"], "num_generations": 4,
+                            "reward_funcs": ["faults_rewards.text_hash"], "num_generations": 4,
                             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
                             "max_completion_length": 6, "learning_rate": 1e-2, "max_steps": 1, "seed": 2,
                             "save_steps": None, **overrides})
@@ -72,7 +72,7 @@ def _assert_all_finite(metrics: dict) -> None:
 # --- row 3: degenerate groups ---------------------------------------------------------------------
 
 def test_a_constant_reward_gives_advantage_exactly_zero_and_no_nan_in_a_real_step(workdir, tiny_model_dir):
-    trainer = Trainer(_config(tiny_model_dir, reward_funcs=["my_rewards.constant"], beta=0.1))
+    trainer = Trainer(_config(tiny_model_dir, reward_funcs=["faults_rewards.constant"], beta=0.1))
     seen = _capture_micro_batches(trainer)
     trainer.train()
     advantages = torch.cat([mb.advantages for mb in seen])

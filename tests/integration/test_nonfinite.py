@@ -15,7 +15,7 @@ from tests.conftest import write_jsonl
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(4) for b in range(4)])
-    (tmp_path / "my_rewards.py").write_text("def text_hash(completions, **kwargs):\n"
+    (tmp_path / "nonfinite_rewards.py").write_text("def text_hash(completions, **kwargs):\n"
                                             "    return [sum(i * ord(c) for i, c in enumerate(t, 1)) % 97 / 97 for t in completions]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -24,7 +24,7 @@ def workdir(tmp_path, monkeypatch):
 
 def _trainer(model_dir, poisoned: set[int], **overrides) -> tuple[Trainer, dict]:
     cfg = validate_config({"model": str(model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",
-                           "reward_funcs": ["my_rewards.text_hash"], "num_generations": 4, "per_device_train_batch_size": 8,
+                           "reward_funcs": ["nonfinite_rewards.text_hash"], "num_generations": 4, "per_device_train_batch_size": 8,
                            "max_completion_length": 6, "learning_rate": 1e-2, "seed": 5, "save_steps": None,
                            **overrides})
     trainer = Trainer(cfg)

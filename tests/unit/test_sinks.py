@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -116,6 +117,9 @@ def test_tensorboard_scalars_per_step_and_resume_purges(tmp_path):
     assert scalars["reward"] == [(1, 0.25), (2, 0.5), (3, 0.75)]
     assert scalars["time/generate"] == [(1, 1.5), (2, 2.5), (3, 3.5)]
     assert scalars["rewards/acc/mean"] == [(2, 1.0), (3, 0.5)]  # NaN at step 1 is left out
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<writer counter>. A real resume is a new
+    # process a second or more later; in this process, a counter past 9 ("10" < "9") could sort the new file first
+    time.sleep(1.1)
     resumed = MetricsLogger(tmp_path, 3, echo=lambda line: None, report_to=["tensorboard"], resume_step=1)
     resumed.log(2, {"reward": 9.0})
     resumed.close()
