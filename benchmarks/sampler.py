@@ -1,0 +1,148 @@
+"""Rollout speed: grpokit's TorchEngine vs transformers' `model.generate` on the same batch.
+
+Both sample G completions for each of P chat prompts (same temperature / top-p / top-k, the
+model's EOS as the stop token unless --no-stop), from the same fp32 model in one process. Each
+variant gets a short warm-up run (16 tokens), then the variants alternate for --repeats runs so
+drift on the machine hits both alike. Tokens/s counts generated completion tokens (up to and including EOS);
+seconds are wall time of the whole call (prefill + decode + sampling).
+
+  grpokit  TorchEngine.generate(prompt_ids, n=G, params)
+  hf       model.generate(do_sample=True, num_return_sequences=G) on the left-padded prompts
+
+Usage: python benchmarks/sampler.py [--model PATH] [--prompts 8 --group 8 --new-tokens 128]
+       [--repeats 5 --threads 2] [--temperature 1.0 --top-p 1.0 --top-k 0] [--no-stop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+QUESTIONS = [
+    "What is 17 * 23? Explain step by step.",
+    "Write a short poem about the sea.",
+    "A train travels 120 km in 1.5 hours. What is its average speed?",
+    "List three uses of a paper clip.",
+    "Explain why the sky is blue in two sentences.",
+    "If x + 3 = 10, what is 2x?",
+    "Give a recipe for a simple tomato sauce.",
+    "What is the capital of Australia, and why is it not Sydney?",
+    "Summarise the plot of Romeo and Juliet.",
+    "How many prime numbers are there below 30? List them.",
+    "Translate 'good morning, how are you?' into French.",
+    "Write a Python function that reverses a string.",
+]
+
+
+def _prompt_ids(tokenizer, count: int) -> list[list[int]]:
+    texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"] for t in texts]
+
+
+def run_grpokit(engine, prompts, args, stop_ids, seed) -> int:
+    from grpokit.rollout.base import SamplingParams
+
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop_token_ids=stop_ids, seed=seed)
+    rollout = engine.generate(prompts, args.group, params)
+    return sum(len(c) for c in rollout.completion_ids)
+
+
+def run_hf(model, tokenizer, prompts, args, stop_ids, seed) -> int:
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.new_tokens, num_return_sequences=args.group,
+                              eos_token_id=stop_ids or None, pad_token_id=pad)
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
+    completions = out[:, width:]  # [P*G, T]
+    if not stop_ids:
+        return completions.numel()
+    total = 0
+    for row in completions.tolist():
+        ends = [i for i, tok in enumerate(row) if tok in stop_ids]
+        total += ends[0] + 1 if ends else len(row)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model directory, hub id or grpokit model name")
+    parser.add_argument("--prompts", type=int, default=8, help="number of distinct prompts")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="max new tokens per completion")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (after one warm-up each)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--no-stop", action="store_true", help="ignore EOS: every completion runs to --new-tokens")
+    parser.add_argument("--variants", default="grpokit,hf", help="comma-separated subset of grpokit,hf")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from grpokit.models import load_policy, resolve_model_path
+    from grpokit.rollout.torch_engine import TorchEngine
+
+    path = resolve_model_path(args.model)
+    model = load_policy(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompts = _prompt_ids(tokenizer, args.prompts)
+    stop_ids = [] if args.no_stop else [tokenizer.eos_token_id]
+    engine = TorchEngine(model, tokenizer.pad_token_id)
+    runners = {
+        "grpokit": lambda seed: run_grpokit(engine, prompts, args, stop_ids, seed),
+        "hf": lambda seed: run_hf(model, tokenizer, prompts, args, stop_ids, seed),
+    }
+    variants = args.variants.split(",")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; model {path}")
+    print(f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, T={args.temperature}, "
+          f"top_p={args.top_p}, top_k={args.top_k}, stop={'none' if args.no_stop else 'eos'}")
+
+    full_length = args.new_tokens
+    args.new_tokens = min(16, full_length)
+    for name in variants:  # a short warm-up: first-call allocations, lazy imports
+        runners[name](seed=12345)
+    args.new_tokens = full_length
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    tokens: dict[str, list[int]] = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        for name in variants if repeat % 2 == 0 else variants[::-1]:
+            start = time.perf_counter()
+            count = runners[name](seed=repeat)
+            seconds[name].append(time.perf_counter() - start)
+            tokens[name].append(count)
+            print(f"  run {repeat} {name}: {seconds[name][-1]:.2f} s, {count} tokens", flush=True)
+
+    print(f"load after: {os.getloadavg()}")
+    print("| variant | seconds: median (min-max) | tokens/s: median (min-max) | tokens per run: median |")
+    print("|---|---|---|---|")
+    for name in variants:
+        rates = [t / s for t, s in zip(tokens[name], seconds[name], strict=True)]
+        print(f"| {name} | {statistics.median(seconds[name]):.2f} ({min(seconds[name]):.2f}-{max(seconds[name]):.2f}) "
+              f"| {statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) "
+              f"| {statistics.median(tokens[name]):.0f} |")
+    if len(variants) == 2:
+        a, b = variants
+        rate = {name: statistics.median([t / s for t, s in zip(tokens[name], seconds[name], strict=True)])
+                for name in variants}
+        print(f"tokens/s ratio {a}/{b}: {rate[a] / rate[b]:.2f}; "
+              f"seconds ratio {b}/{a}: {statistics.median(seconds[b]) / statistics.median(seconds[a]):.2f}")
+
+
+if __name__ == "__main__":
+    main()
