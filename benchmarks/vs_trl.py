@@ -1,0 +1,378 @@
+"""grpokit vs TRL's GRPOTrainer: optimizer-step time, generation throughput and peak RSS.
+
+Both frameworks train the same model on the same rows (grpokit's built-in arithmetic task,
+written to a JSONL file) with the same reward (`number_match` below), group size G, prompts per
+step, completion length, beta, learning rate, seed and torch thread count, fp32 on CPU. Each
+generation feeds exactly one optimizer step (one micro-batch of prompts x G completions, one
+iteration), so a step is: sample, score, one forward/backward, one AdamW update.
+
+Every run is a fresh subprocess; runs alternate (grpokit, TRL, grpokit, TRL, ...) so drift on a
+shared machine hits both alike. Per run the first `--warmup` steps are dropped. Peak RSS is the
+child's ru_maxrss from wait4 (the largest process of its tree, not a sum). Timings:
+  grpokit  metrics.jsonl: step_time, time/generate, completion lengths (its own timers)
+  TRL      a TrainerCallback (on_step_begin -> on_step_end) and a timer around
+           `GRPOTrainer._generate_single_turn` (the `model.generate` call and its EOS masking)
+
+By default every completion is exactly `--completion` tokens long in both: the benchmark's copy
+of the model gets a tokenizer whose EOS is an added token with an id past the model's vocabulary,
+so it can never be sampled. Both frameworks read EOS the same way (the tokenizer's plus
+generation_config's), so neither stops early. `--natural-stops` keeps the model's own EOS;
+compare the mean completion lengths then.
+
+TRL is not a grpokit dependency: build its environment with benchmarks/setup_trl_env.sh.
+
+Usage (from the repository root, with grpokit's venv):
+  python benchmarks/vs_trl.py --model {tiny,30m,smollm2} --steps 5 --warmup 1 --rounds 3 \
+      --trl-python /tmp/trlenv/bin/python [--grpokit-src DIR] [--json out.json] [--frameworks grpokit]
+  python benchmarks/vs_trl.py --report out.json     # the table of a finished or interrupted run
+Results and the machine they were measured on: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NEVER_TOKEN = "<|benchmark-never|>"
+_NUMBER = re.compile(r"-?\d+")
+
+
+def number_match(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the last integer in the completion equals the row's answer, else 0.0 (TRL's signature)."""
+    scores = []
+    for completion, expected in zip(completions, answer, strict=True):
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        numbers = _NUMBER.findall(text)
+        scores.append(1.0 if numbers and numbers[-1] == str(expected).strip() else 0.0)
+    return scores
+
+
+# -- models (built with grpokit's environment) --------------------------------------------------
+
+def build_model(kind: str, dest: Path, force_length: bool) -> Path:
+    """Write the benchmark's model directory for `kind` under `dest` and return it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from grpokit.models import resolve_model_path
+
+    smollm2 = Path(resolve_model_path("smollm2-135m-instruct"))
+    model_dir = dest / kind
+    model_dir.mkdir(parents=True)
+    if kind == "smollm2":
+        for name in ("config.json", "model.safetensors"):
+            (model_dir / name).symlink_to(smollm2 / name)
+        tokenizer = AutoTokenizer.from_pretrained(smollm2)
+        shutil.copy(smollm2 / "generation_config.json", model_dir / "generation_config.json")
+    else:
+        if kind == "tiny":
+            # the test suite's tiny random Llama and character tokenizer, so the two stay one model
+            sys.path.insert(0, str(REPO / "tests"))
+            from conftest import build_tiny_model
+            model, tokenizer = build_tiny_model(seed=0)
+        else:  # "30m": SmolLM2's tokenizer and vocabulary, a small random decoder (~28M parameters)
+            tokenizer = AutoTokenizer.from_pretrained(smollm2)
+            torch.manual_seed(0)
+            config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=1024,
+                                 num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                                 max_position_embeddings=2048, tie_word_embeddings=True,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if force_length:
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        tokenizer.add_special_tokens({"eos_token": NEVER_TOKEN})
+        if tokenizer.eos_token_id < vocab:
+            raise RuntimeError(f"the added EOS got id {tokenizer.eos_token_id}, "
+                               f"inside the model's vocabulary ({vocab})")
+        gen_path = model_dir / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        gen["eos_token_id"] = tokenizer.eos_token_id
+        gen_path.write_text(json.dumps(gen, indent=2))
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def write_rows(path: Path, count: int) -> Path:
+    from grpokit.data import read_rows
+
+    rows = read_rows("arithmetic")[:count]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# -- one run of each framework --------------------------------------------------------------------
+
+def _child_env(threads: int, extra_pythonpath: str | None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)
+    if extra_pythonpath:
+        env["PYTHONPATH"] = extra_pythonpath
+    return env
+
+
+def _run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> int:
+    """Run `cmd` to completion; return its peak RSS in KiB (ru_maxrss of its process tree)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                    break
+                time.sleep(0.2)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): take the run down with us
+            proc.kill()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; log {log_path}:\n{tail}")
+    return usage.ru_maxrss
+
+
+def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
+    import yaml
+
+    out = work / "grpokit-out"
+    config = {
+        "model": spec["model_dir"], "dataset": spec["rows"], "eval_dataset": None,
+        "reward_funcs": [{"func": f"{Path(__file__).resolve()}:number_match", "name": "number_match"}],
+        "num_generations": spec["G"], "per_device_train_batch_size": spec["prompts"] * spec["G"],
+        "gradient_accumulation_steps": 1, "steps_per_generation": 1, "num_iterations": 1,
+        "max_completion_length": spec["completion"], "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+        "beta": spec["beta"], "loss_type": "dapo", "scale_rewards": "group", "learning_rate": spec["lr"],
+        "max_steps": spec["warmup"] + spec["steps"], "torch_dtype": "float32", "bf16": False,
+        "gradient_checkpointing": False, "device": "cpu", "seed": spec["seed"], "output_dir": str(out),
+    }
+    config_path = work / "grpokit.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    rss = _run_child([python, "-m", "grpokit", "train", str(config_path)], _child_env(spec["threads"], src),
+                     work / "grpokit.log", spec["timeout"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "step_time" in r]
+    return {"peak_rss_kib": rss,
+            "steps": [{"step_time": r["step_time"], "generate_time": r["time/generate"],
+                       "tokens_per_second": r["tokens_per_second"], "mean_length": r["completions/mean_length"]}
+                      for r in steps]}
+
+
+def run_trl(spec: dict, work: Path, python: str) -> dict:
+    spec_path = work / "trl-spec.json"
+    result_path = work / "trl-result.json"
+    spec_path.write_text(json.dumps({**spec, "output_dir": str(work / "trl-out"), "result": str(result_path)}))
+    rss = _run_child([python, str(Path(__file__).resolve()), "--trl-child", str(spec_path)],
+                     _child_env(spec["threads"], None), work / "trl.log", spec["timeout"])
+    return {"peak_rss_kib": rss, "steps": json.loads(result_path.read_text())["steps"]}
+
+
+def trl_child(spec_path: str) -> None:
+    """Runs inside TRL's environment: one GRPOTrainer run, per-step timings to spec['result']."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    rows = [json.loads(line) for line in Path(spec["rows"]).read_text().splitlines() if line.strip()]
+    args = GRPOConfig(
+        output_dir=spec["output_dir"], num_generations=spec["G"],
+        per_device_train_batch_size=spec["prompts"] * spec["G"],
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+        max_completion_length=spec["completion"], temperature=1.0, top_p=1.0, top_k=0,
+        beta=spec["beta"], loss_type="dapo", scale_rewards="group", learning_rate=spec["lr"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_steps=spec["warmup"] + spec["steps"], use_cpu=True, bf16=False, fp16=False,
+        model_init_kwargs={"dtype": "float32"}, use_vllm=False, report_to="none", logging_steps=1,
+        save_strategy="no", seed=spec["seed"], dataloader_num_workers=0, gradient_checkpointing=False,
+    )
+    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=number_match, args=args,
+                          train_dataset=Dataset.from_list(rows))
+
+    generation = {"time": 0.0, "tokens": 0}
+    generate_single_turn = trainer._generate_single_turn
+
+    def timed_generate(*a, **kw):
+        started = time.perf_counter()
+        completion_ids, logprobs = generate_single_turn(*a, **kw)
+        generation["time"] += time.perf_counter() - started
+        generation["tokens"] += sum(len(c) for c in completion_ids)
+        generation["count"] = len(completion_ids)
+        return completion_ids, logprobs
+
+    trainer._generate_single_turn = timed_generate
+    steps: list[dict] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            generation.update(time=0.0, tokens=0, count=0)
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            g_time = generation["time"]
+            steps.append({"step_time": time.perf_counter() - self.started, "generate_time": g_time,
+                          "tokens_per_second": generation["tokens"] / max(g_time, 1e-9),
+                          "mean_length": generation["tokens"] / max(generation["count"], 1)})
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    Path(spec["result"]).write_text(json.dumps({"steps": steps}))
+
+
+# -- statistics and report ------------------------------------------------------------------------
+
+def _spread(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def summarise(runs: list[dict], warmup: int) -> dict:
+    measured = [s for run in runs for s in run["steps"][warmup:]]
+    col = {k: [s[k] for s in measured] for k in ("step_time", "generate_time", "tokens_per_second", "mean_length")}
+    return {"runs": len(runs), "steps": len(measured), **col,
+            "peak_rss_mib": [run["peak_rss_kib"] / 1024 for run in runs]}
+
+
+def table(summary: dict) -> str:
+    lines = ["| framework | runs x steps | step time, s | generate time, s | generation tokens/s "
+             "| peak RSS, MiB | mean completion length |", "|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['runs']} x {s['steps'] // s['runs']} | {_spread(s['step_time'], '.2f')} "
+                     f"| {_spread(s['generate_time'], '.2f')} | {_spread(s['tokens_per_second'], '.0f')} "
+                     f"| {_spread(s['peak_rss_mib'], '.0f')} | {statistics.mean(s['mean_length']):.1f} |")
+    if {"grpokit", "trl"} <= summary.keys():
+        def ratio(key: str) -> float:
+            return statistics.median(summary["grpokit"][key]) / statistics.median(summary["trl"][key])
+
+        lines.append(f"\ngrpokit / TRL median step time: {ratio('step_time'):.2f}; "
+                     f"median peak RSS: {ratio('peak_rss_mib'):.2f}")
+    return "\n".join(lines)
+
+
+def _versions(trl_python: str, grpokit_src: str | None) -> dict:
+    probe = ("import sys, torch, transformers, trl; "
+             "print(sys.version.split()[0], torch.__version__, transformers.__version__, trl.__version__)")
+    py, torch_v, tf_v, trl_v = subprocess.run([trl_python, "-c", probe], capture_output=True, text=True,
+                                              check=True).stdout.split()
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "repo_head": commit,
+            "grpokit_benchmarked": grpokit_src or "the installed package (working tree)",
+            "trl_env": {"python": py, "torch": torch_v, "transformers": tf_v, "trl": trl_v}}
+
+
+def _uptime() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["tiny", "30m", "smollm2"], default="smollm2")
+    parser.add_argument("--steps", type=int, default=5, help="measured optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=1, help="steps dropped at the start of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each framework, alternating")
+    parser.add_argument("--G", type=int, default=8, help="num_generations")
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per optimizer step")
+    parser.add_argument("--completion", type=int, default=128, help="max_completion_length")
+    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in both")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frameworks", default="grpokit,trl", help="which to run, comma-separated")
+    parser.add_argument("--natural-stops", action="store_true", help="keep the model's EOS (lengths may differ)")
+    parser.add_argument("--trl-python", default="/tmp/trlenv/bin/python", help="python of TRL's venv")
+    parser.add_argument("--grpokit-python", default=sys.executable)
+    parser.add_argument("--grpokit-src", default=None,
+                        help="directory holding the grpokit package to benchmark, e.g. an export of a commit: "
+                             "git archive HEAD grpokit | tar -x -C DIR; "
+                             "default: the installed one")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
+    parser.add_argument("--json", default=None, help="also write the raw timings here")
+    parser.add_argument("--logs", default=None, help="copy each run's console log into this directory")
+    parser.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved --json and exit")
+    parser.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trl_child:
+        trl_child(args.trl_child)
+        return
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the running child is killed too
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vs-trl-") as tmp:
+        tmp = Path(tmp)
+        spec = {"model_dir": str(build_model(args.model, tmp, force_length=not args.natural_stops)),
+                "rows": str(write_rows(tmp / "rows.jsonl", 512)), "G": args.G, "prompts": args.prompts,
+                "completion": args.completion, "beta": args.beta, "lr": args.lr, "threads": args.threads,
+                "seed": args.seed, "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout}
+        info = {"args": vars(args), "versions": _versions(args.trl_python, args.grpokit_src),
+                "load_before": _uptime(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        chosen = args.frameworks.split(",")
+        runs: dict[str, list[dict]] = {name: [] for name in ("grpokit", "trl") if name in chosen}
+        for r in range(args.rounds):
+            for name in runs:
+                work = tmp / f"{name}-{r}"
+                work.mkdir()
+                started = time.perf_counter()
+                run = (run_grpokit(spec, work, args.grpokit_python, args.grpokit_src) if name == "grpokit"
+                       else run_trl(spec, work, args.trl_python))
+                if len(run["steps"]) != args.warmup + args.steps:
+                    raise RuntimeError(f"{name} logged {len(run['steps'])} steps, "
+                                       f"expected {args.warmup + args.steps}")
+                runs[name].append(run)
+                if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+                    Path(args.json).write_text(json.dumps({**info, "runs": runs}, indent=1))
+                if args.logs:
+                    for log in work.glob("*.log"):
+                        shutil.copy(log, Path(args.logs) / f"{args.model}-{name}-{r}.log")
+                shutil.rmtree(work)  # grpokit saves a final model; keep the disk free
+                print(f"round {r + 1}/{args.rounds} {name}: {time.perf_counter() - started:.0f} s wall, "
+                      f"steps {[round(s['step_time'], 2) for s in run['steps']]}, "
+                      f"peak RSS {run['peak_rss_kib'] / 1024:.0f} MiB", flush=True)
+        info["load_after"] = _uptime()
+    if args.json:
+        Path(args.json).write_text(json.dumps({**info, "runs": runs}, indent=1))
+    report({**info, "runs": runs})
+
+
+def report(result: dict) -> None:
+    """Print the settings, machine load and table of one benchmark (a finished or interrupted one)."""
+    a = result["args"]
+    print(f"\nmodel {a['model']}, G={a['G']}, {a['prompts']} prompts/step, {a['completion']} tokens, "
+          f"beta={a['beta']}, {'natural stops' if a['natural_stops'] else 'forced length'}; "
+          f"versions {result['versions']}")
+    print(f"load average before: {result['load_before']}; after: {result.get('load_after', 'interrupted')}\n")
+    print(table({name: summarise(runs, a["warmup"]) for name, runs in result["runs"].items() if runs}))
+
+
+if __name__ == "__main__":
+    main()
