@@ -175,6 +175,27 @@ def test_wandb_offline_run_holds_history_and_config(tmp_path, monkeypatch):
     assert "rewards/acc/mean" not in history[0] and history[1]["rewards/acc/mean"] == 1.0
 
 
+def test_tracker_keys_from_the_environment_never_reach_the_run_directory(tmp_path, monkeypatch):
+    """FAULTS.md row 12: keys are read by the trackers from the environment; no file of the run holds one."""
+    wandb = pytest.importorskip("wandb")
+    wandb_key = "ab12cd34" * 5  # wandb keys are 40 characters
+    mlflow_secret = "mlflow-secret-" + "9z" * 10
+    monkeypatch.setenv("WANDB_API_KEY", wandb_key)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow_secret)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", mlflow_secret)
+    for key in ("WANDB_DIR", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    _run(tmp_path, ["tensorboard", "wandb", "mlflow"], run_config={"beta": 0.04, "api_key_env": "JUDGE_KEY"})
+    wandb.teardown()
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert any("wandb" in f.parts for f in files) and any("mlruns" in f.parts for f in files)
+    leaked = [f for f in files if wandb_key.encode() in f.read_bytes() or mlflow_secret.encode() in f.read_bytes()]
+    assert not leaked, f"a tracker key was written to {leaked}"
+
+
 # -- MLflow (file store) ------------------------------------------------------------------------------
 def test_mlflow_file_store_metrics_and_params(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
