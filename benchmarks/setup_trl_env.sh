@@ -2,11 +2,11 @@
 # Builds the separate environment that benchmarks/vs_trl.py runs TRL in. TRL is not a grpokit
 # dependency, so it lives in its own venv, outside the repository.
 #
-# Usage: bash benchmarks/setup_trl_env.sh [VENV_DIR]   (default /tmp/trlenv)
+# Usage: bash benchmarks/setup_trl_env.sh [VENV_DIR]   (default .venv-trl)
 # Then:  python benchmarks/vs_trl.py --trl-python VENV_DIR/bin/python ...
 set -euo pipefail
 
-venv="${1:-/tmp/trlenv}"
+venv="${1:-.venv-trl}"
 here="$(cd "$(dirname "$0")" && pwd)"
 
 python3 -m venv "$venv"

@@ -23,7 +23,7 @@ TRL is not a grpokit dependency: build its environment with benchmarks/setup_trl
 
 Usage (from the repository root, with grpokit's venv):
   python benchmarks/vs_trl.py --model {tiny,30m,smollm2} --steps 5 --warmup 1 --rounds 3 \
-      --trl-python /tmp/trlenv/bin/python [--grpokit-src DIR] [--json out.json] [--frameworks grpokit]
+      --trl-python .venv-trl/bin/python [--grpokit-src DIR] [--json out.json] [--frameworks grpokit]
   python benchmarks/vs_trl.py --report out.json     # the table of a finished or interrupted run
 Results and the machine they were measured on: benchmarks/RESULTS.md.
 """
@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frameworks", default="grpokit,trl", help="which to run, comma-separated")
     parser.add_argument("--natural-stops", action="store_true", help="keep the model's EOS (lengths may differ)")
-    parser.add_argument("--trl-python", default="/tmp/trlenv/bin/python", help="python of TRL's venv")
+    parser.add_argument("--trl-python", default=".venv-trl/bin/python", help="python of TRL's venv")
     parser.add_argument("--grpokit-python", default=sys.executable)
     parser.add_argument("--grpokit-src", default=None,
                         help="directory holding the grpokit package to benchmark, e.g. an export of a commit: "

@@ -47,7 +47,7 @@ def test_check_sinks_missing_package_names_the_extra(monkeypatch):
 
 
 def test_check_sinks_auto_picks_tensorboard_only_when_installed(monkeypatch):
-    pytest.importorskip("tensorboard")
+    import tensorboard  # noqa: F401 - a dev dependency: make test installs every sink, so a missing one fails here
     assert check_sinks("auto") == ["tensorboard"]
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     assert check_sinks("auto") == []
@@ -111,7 +111,7 @@ def _scalars(log_dir):
 
 
 def test_tensorboard_scalars_per_step_and_resume_purges(tmp_path):
-    pytest.importorskip("tensorboard")
+    import tensorboard  # noqa: F401 - a dev dependency: make test installs every sink, so a missing one fails here
     _run(tmp_path, ["tensorboard"], run_config={"beta": 0.0})
     scalars = _scalars(tmp_path / "tensorboard")
     assert scalars["reward"] == [(1, 0.25), (2, 0.5), (3, 0.75)]
@@ -154,7 +154,7 @@ def _wandb_records(path):
 
 
 def test_wandb_offline_run_holds_history_and_config(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    import wandb  # a dev dependency: make test installs every sink, so a missing one fails here
     for key in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -177,7 +177,7 @@ def test_wandb_offline_run_holds_history_and_config(tmp_path, monkeypatch):
 
 def test_tracker_keys_from_the_environment_never_reach_the_run_directory(tmp_path, monkeypatch):
     """FAULTS.md row 12: keys are read by the trackers from the environment; no file of the run holds one."""
-    wandb = pytest.importorskip("wandb")
+    import wandb  # a dev dependency: make test installs every sink, so a missing one fails here
     wandb_key = "ab12cd34" * 5  # wandb keys are 40 characters
     mlflow_secret = "mlflow-secret-" + "9z" * 10
     monkeypatch.setenv("WANDB_API_KEY", wandb_key)
@@ -198,7 +198,7 @@ def test_tracker_keys_from_the_environment_never_reach_the_run_directory(tmp_pat
 
 # -- MLflow (file store) ------------------------------------------------------------------------------
 def test_mlflow_file_store_metrics_and_params(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
+    import mlflow  # noqa: F401 - a dev dependency: make test installs every sink, so a missing one fails here
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -231,7 +231,7 @@ def test_flatten_and_mlflow_names():
 
 # -- trackio (local store; in a subprocess because trackio reads TRACKIO_DIR when imported) ---------------
 def test_trackio_local_run_holds_logs(tmp_path):
-    pytest.importorskip("trackio")
+    import trackio  # noqa: F401 - a dev dependency: make test installs every sink, so a missing one fails here
     script = textwrap.dedent(f"""
         import json, math
         from pathlib import Path

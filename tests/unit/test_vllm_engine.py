@@ -198,9 +198,9 @@ def test_bad_requests_get_400_with_a_clear_text(serve, body, message):
     assert backend.calls == []
 
 
-def test_load_weights_request_needs_path_and_checksum(serve):
+def test_load_weights_request_needs_path_and_checksum(serve, tmp_path):
     server = serve(FakeBackend())
-    answer = requests.post(server.url + "/load_weights", json={"path": "/tmp"}, timeout=5)
+    answer = requests.post(server.url + "/load_weights", json={"path": str(tmp_path)}, timeout=5)
     assert answer.status_code == 400 and "missing field 'checksum'" in answer.json()["error"]
 
 
