@@ -112,13 +112,23 @@ def save(output_dir: Path, step: int, *, policy, tokenizer, optimizer, scheduler
 
 
 def load(path: Path) -> Saved:
-    def tensors(name: str):
+    def read(name: str, how):
         file = path / name
-        return torch.load(file, map_location="cpu", weights_only=True) if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            return how(file)
+        except Exception as exc:  # a damaged or foreign file: say which, not a traceback
+            raise ConfigError(f"--resume {path}: cannot read {name} ({type(exc).__name__}: {exc}); resume from "
+                              "an earlier checkpoint") from None
 
-    return Saved(path=path, state=json.loads((path / STATE_FILE).read_text()),
-                 config=yaml.safe_load((path / "config.yaml").read_text()), optimizer=tensors("optimizer.pt"),
-                 scheduler=tensors("scheduler.pt"), rng=tensors("rng_state.pt"), pending=tensors("pending.pt"))
+    def tensors(file: Path):
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    return Saved(path=path, state=read(STATE_FILE, lambda f: json.loads(f.read_text())),
+                 config=read("config.yaml", lambda f: yaml.safe_load(f.read_text())) or {},
+                 optimizer=read("optimizer.pt", tensors), scheduler=read("scheduler.pt", tensors),
+                 rng=read("rng_state.pt", tensors), pending=read("pending.pt", tensors))
 
 
 def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

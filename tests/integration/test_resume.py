@@ -129,6 +129,12 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, tiny_model_dir):
     assert result.returncode == 2 and "no checkpoint in run" in result.stderr
     result = run_cli("train", str(cfg), "--resume", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and "not a complete grpokit checkpoint" in result.stderr
+    damaged = tmp_path / "run" / "checkpoint-1"
+    damaged.mkdir(parents=True)
+    (damaged / "trainer_state.json").write_text("{}")
+    (damaged / "optimizer.pt").write_bytes(b"not a torch file")
+    result = run_cli("train", str(cfg), "--resume", cwd=tmp_path)
+    assert result.returncode == 2 and "cannot read optimizer.pt" in result.stderr, result.stderr
 
 
 KILL_DURING_SAVE = '''
