@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from grpokit.batches import MicroBatch, Pending
+from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -136,6 +137,8 @@ def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> 
     neutral = set(_NEUTRAL_KEYS)
     if saved.get("lr_scheduler_type") == current.get("lr_scheduler_type") == "constant":
         neutral.add("max_steps")  # a constant schedule does not depend on the run's length: training longer is fine
+    fields = GRPOConfig.model_fields  # a setting newer than the checkpoint was at its default when it was written
+    saved = {**{key: fields[key].default for key in current if key not in saved and key in fields}, **saved}
     changed = [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
                if key not in neutral and saved.get(key) != current.get(key)]
     if changed:

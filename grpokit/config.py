@@ -120,6 +120,7 @@ class GRPOConfig(BaseModel):
     bf16: bool = Field(False, description="bf16 autocast for generation and the update (fp32 master weights); fast on CPUs with avx512_bf16/AMX and on recent GPUs.")
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward instead of storing them (less memory, ~30% more time).")
     logprob_chunk_size: int = Field(128, gt=0, description="Tokens per chunk when computing log-probs, so [B, T, V] logits are never materialised.")
+    share_prompt_forward: bool = Field(True, description="Run each distinct prompt of a micro-batch once when computing log-probs and reuse its KV cache for the group's completions (same result, less compute and memory; off with gradient checkpointing).")
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available).")
 

@@ -8,12 +8,19 @@ backward keeps only the hidden states and recomputes one chunk's logits at a tim
 Log-probs are of logits / temperature, the distribution the sampler drew from (as in TRL).
 Models whose head applies more than a linear layer (logit soft-capping or scaling) take the plain
 path: the model's own logits, restricted to the completion positions.
+
+Rows that share a prompt (the G completions of a group) share its forward pass: each distinct prompt
+runs once, its KV cache is indexed out to its rows, and the completions run on top of it. Autograd
+flows through the indexing, so gradients are those of G separate forwards, summed, and the prompt's
+activations are stored once instead of G times. With gradient checkpointing (transformers drops the
+cache inside checkpointed layers) or caches other than plain growable ones (sliding windows) the rows run whole.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,6 +47,47 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return token_logps, entropy
 
 
+def _prompt_cache(model: torch.nn.Module):
+    """An empty DynamicCache of plain (full-attention, growable) layers for `model`, or None if it has other kinds."""
+    checkpointed = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+    if checkpointed is None:
+        checkpointed = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointed:
+        return None  # checkpointed layers drop the cache
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return None
+    try:
+        cache = DynamicCache(config=model.config)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return cache if all(type(layer) is DynamicLayer for layer in cache.layers) else None
+
+
+def _shared_prompt_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          completion_length: int) -> torch.Tensor | None:
+    """[B, T, H] hidden states predicting the completion tokens, each distinct prompt run once; None = not shared."""
+    width_p = input_ids.shape[1] - completion_length
+    cache = _prompt_cache(model) if width_p else None
+    if cache is None:
+        return None
+    prompt_mask = attention_mask[:, :width_p]
+    keys = torch.cat([input_ids[:, :width_p] * prompt_mask, prompt_mask], dim=1)  # pad ids do not make prompts differ
+    distinct, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # [U, 2P], [B]
+    if len(distinct) == len(keys):
+        return None
+    prompt_ids, prompt_mask = distinct[:, :width_p], distinct[:, width_p:]
+    decoder = model.get_decoder()
+    prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
+                         past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(row_prompt)  # [U, ...] -> [B, ...]; differentiable indexing
+    positions = prompt_mask.sum(-1)[row_prompt, None] + torch.arange(completion_length, device=input_ids.device)
+    completion_out = decoder(input_ids=input_ids[:, width_p:], attention_mask=attention_mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+    last_prompt = prompt_out.last_hidden_state[row_prompt, -1:]  # predicts completion token 0
+    return torch.cat([last_prompt, completion_out.last_hidden_state[:, :-1]], dim=1)
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -47,6 +95,7 @@ def completion_logps(
     completion_length: int,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids/attention_mask [B, P + T] (prompt left-padded, completion right-padded), T = completion_length.
 
@@ -62,9 +111,11 @@ def completion_logps(
         entropy = -(logprobs.exp() * logprobs).sum(-1).detach()
         return logprobs.gather(-1, targets[..., None]).squeeze(-1), entropy
 
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                 use_cache=False).last_hidden_state  # [B, P + T, H]
-    hidden = hidden[:, -completion_length - 1:-1]  # [B, T, H]: the states that predict each completion token
+    hidden = _shared_prompt_hidden(model, input_ids, attention_mask, completion_length) if share_prompts else None
+    if hidden is None:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                     use_cache=False).last_hidden_state  # [B, P + T, H]
+        hidden = hidden[:, -completion_length - 1:-1]  # [B, T, H]: the states that predict each completion token
     batch, length, width = hidden.shape
     flat_hidden = hidden.reshape(batch * length, width)
     flat_targets = targets.reshape(batch * length)

@@ -356,7 +356,7 @@ class Trainer:
 
     def _logps(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logps(model, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1],
-                                self.cfg.temperature, self.cfg.logprob_chunk_size)
+                                self.cfg.temperature, self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
 
     def _update(self, window: list[MicroBatch]) -> dict[str, float]:
         """One optimizer step over the micro-batches of one accumulation window."""

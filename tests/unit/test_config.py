@@ -96,3 +96,13 @@ def test_bad_reward_settings_are_rejected_at_load(overrides, fragment):
     with pytest.raises(ConfigError, match="invalid config") as err:
         validate_config(overrides)
     assert fragment in str(err.value)
+
+
+def test_a_setting_newer_than_a_checkpoint_counts_as_its_default_on_resume(tmp_path):
+    from grpokit.checkpoint import check_config
+
+    current = GRPOConfig().model_dump(mode="json")
+    saved = {k: v for k, v in current.items() if k != "share_prompt_forward"}  # written before the setting existed
+    check_config(saved, current, tmp_path)  # at its default: the same run
+    with pytest.raises(ConfigError, match="share_prompt_forward: True -> False"):
+        check_config(saved, {**current, "share_prompt_forward": False}, tmp_path)

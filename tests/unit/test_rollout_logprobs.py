@@ -102,3 +102,55 @@ def test_chunked_logps_and_gradients_match_full_logits(tiny_model, chunk_size):
     torch.testing.assert_close(logps * cmask, full * cmask, rtol=1e-10, atol=1e-12)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rows_sharing_a_prompt_share_its_forward_with_the_same_logps_and_gradients(tiny_model, checkpointing):
+    """Groups of completions of one prompt (in any row order, one group split) equal whole-row forwards (float64)."""
+    model, tokenizer = tiny_model
+    model = model.double()
+    model.train()
+    if checkpointing:  # transformers drops the cache in checkpointed layers: the rows must run whole, still exact
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompts = _prompts(tokenizer)
+    order = [0, 0, 1, 2, 1, 0, 2, 2, 1]  # three prompts, three completions each, interleaved
+    completions = [[7 + i] * (1 + (i * 5) % 6) for i in range(len(order))]
+    input_ids, attention, cmask = pack([prompts[k] for k in order], completions, 0, "cpu")
+    t = cmask.shape[1]
+    weights = torch.linspace(-1.0, 2.0, len(order), dtype=torch.float64)[:, None]
+
+    batch_sizes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: batch_sizes.append(out.shape[0]))
+    model.zero_grad()
+    logps, _ = completion_logps(model, input_ids, attention, t, temperature=0.7, chunk_size=5)
+    (logps * cmask * weights).sum().backward()
+    hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert batch_sizes == ([len(order)] if checkpointing else [3, len(order)])  # 3 distinct prompts run once each
+
+    model.zero_grad()
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions_from_mask(attention)).logits
+    full = torch.log_softmax(logits[:, -t - 1:-1] / 0.7, dim=-1).gather(-1, input_ids[:, -t:, None]).squeeze(-1)
+    (full * cmask * weights).sum().backward()
+    torch.testing.assert_close(logps * cmask, full * cmask, rtol=1e-10, atol=1e-12)
+    # Llama's RMSNorm computes in float32 even in a float64 model, so summing the G rows' prompt gradients before
+    # rather than after it shows at ~1e-7; a prompt cache cut off from autograd would differ by ~0.4
+    tolerance = 1e-8 if checkpointing else 1e-6
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=tolerance, atol=tolerance * p.grad.abs().max(), msg=name)
+
+
+def test_distinct_prompts_or_the_switch_off_run_rows_whole(tiny_model):
+    model, tokenizer = tiny_model
+    prompts = _prompts(tokenizer)
+    batch_sizes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: batch_sizes.append(out.shape[0]))
+    with torch.no_grad():
+        input_ids, attention, cmask = pack(prompts, [[7], [8, 9], [10]], 0, "cpu")
+        completion_logps(model, input_ids, attention, cmask.shape[1])
+        input_ids, attention, cmask = pack([prompts[0]] * 4, [[7], [8, 9], [10], [11]], 0, "cpu")
+        shared, _ = completion_logps(model, input_ids, attention, cmask.shape[1])
+        whole, _ = completion_logps(model, input_ids, attention, cmask.shape[1], share_prompts=False)
+    hook.remove()
+    assert batch_sizes == [3, 1, 4, 4]
+    torch.testing.assert_close(shared * cmask, whole * cmask, rtol=1e-5, atol=1e-6)
