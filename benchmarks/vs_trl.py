@@ -2,7 +2,7 @@
 
 Both frameworks train the same model on the same rows (grpokit's built-in arithmetic task,
 written to a JSONL file) with the same reward (`number_match` below), group size G, prompts per
-step, completion length, beta, learning rate, seed and torch thread count, fp32 on CPU. Each
+step, completion length, beta, learning rate, seed and torch thread count, fp32 on CPU (or bf16 mixed precision in both with --bf16). Each
 generation feeds exactly one optimizer step (one micro-batch of prompts x G completions, one
 iteration), so a step is: sample, score, one forward/backward, one AdamW update.
 
@@ -163,7 +163,7 @@ def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
         "gradient_accumulation_steps": 1, "steps_per_generation": 1, "num_iterations": 1,
         "max_completion_length": spec["completion"], "temperature": 1.0, "top_p": 1.0, "top_k": 0,
         "beta": spec["beta"], "loss_type": "dapo", "scale_rewards": "group", "learning_rate": spec["lr"],
-        "max_steps": spec["warmup"] + spec["steps"], "torch_dtype": "float32", "bf16": False,
+        "max_steps": spec["warmup"] + spec["steps"], "torch_dtype": "float32", "bf16": spec["bf16"],
         "gradient_checkpointing": False, "device": "cpu", "seed": spec["seed"], "output_dir": str(out),
     }
     config_path = work / "grpokit.yaml"
@@ -204,7 +204,7 @@ def trl_child(spec_path: str) -> None:
         max_completion_length=spec["completion"], temperature=1.0, top_p=1.0, top_k=0,
         beta=spec["beta"], loss_type="dapo", scale_rewards="group", learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=spec["warmup"] + spec["steps"], use_cpu=True, bf16=False, fp16=False,
+        max_steps=spec["warmup"] + spec["steps"], use_cpu=True, bf16=spec["bf16"], fp16=False,
         model_init_kwargs={"dtype": "float32"}, use_vllm=False, report_to="none", logging_steps=1,
         save_strategy="no", seed=spec["seed"], dataloader_num_workers=0, gradient_checkpointing=False,
     )
@@ -303,6 +303,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in both")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 mixed precision in both (fp32 weights, bf16 autocast: `bf16: true` / bf16=True)")
     parser.add_argument("--frameworks", default="grpokit,trl", help="which to run, comma-separated")
     parser.add_argument("--natural-stops", action="store_true", help="keep the model's EOS (lengths may differ)")
     parser.add_argument("--trl-python", default=".venv-trl/bin/python", help="python of TRL's venv")
@@ -332,7 +334,8 @@ def main() -> None:
         spec = {"model_dir": str(build_model(args.model, tmp, force_length=not args.natural_stops)),
                 "rows": str(write_rows(tmp / "rows.jsonl", 512)), "G": args.G, "prompts": args.prompts,
                 "completion": args.completion, "beta": args.beta, "lr": args.lr, "threads": args.threads,
-                "seed": args.seed, "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout}
+                "seed": args.seed, "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout,
+                "bf16": args.bf16}
         info = {"args": vars(args), "versions": _versions(args.trl_python, args.grpokit_src),
                 "load_before": _uptime(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
