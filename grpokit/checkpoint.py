@@ -39,7 +39,9 @@ STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete
 # settings that change what a run logs or keeps, not what it computes: they may differ on resume
 _NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps",
                            "report_to", "eval_steps", "eval_on_start", "eval_limit", "eval_max_completion_length",
-                           "eval_dataset", "eval_accuracy_reward", "reward_timeout", "reward_error_rate_limit",
+                           "eval_dataset", "eval_accuracy_reward", "eval_num_samples", "eval_pass_k",
+                           "metric_for_best_model", "greater_is_better", "sft_target_column", "reward_timeout",
+                           "reward_error_rate_limit",
                            "max_consecutive_skips", "device", "vllm_host", "vllm_port", "vllm_gpu_memory_utilization",
                            "vllm_enable_sleep_mode"})
 

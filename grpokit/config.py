@@ -68,6 +68,7 @@ class GRPOConfig(BaseModel):
     transform: str | None = Field(None, description="Per-row function 'module.fn' or 'file.py:fn', called as fn(example, tokenizer=None) -> dict, after column_mapping and before prompt_template.")
     column_mapping: dict[str, str] | None = Field(None, description="Rename dataset columns first: {their_name: our_name}, e.g. {instruction: prompt}.")
     max_prompt_length: int | None = Field(512, gt=0, description="Prompts longer than this many tokens are dropped (counted and logged).")
+    sft_target_column: str | None = Field(None, description="`grpokit sft`: the column holding each prompt's target answer (default: 'completion', else 'answer', else 'solution'); rows with a 'messages' column train on its assistant turns instead.")
     output_dir: str = Field("outputs/grpo", description="Run directory: config.yaml, metrics.jsonl, final_model/.")
 
     # rewards
@@ -138,6 +139,10 @@ class GRPOConfig(BaseModel):
     eval_on_start: bool = Field(False, description="Evaluate before the first step.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps (and always at the end when eval_dataset is set).")
     eval_max_completion_length: int | None = Field(None, gt=0, description="Token limit for evaluation (default: max_completion_length).")
+    eval_num_samples: int = Field(0, ge=0, description="Besides the greedy completion, sample this many completions per held-out prompt (the training sampling settings) for eval/pass@k and eval/maj@k; 0: greedy only.")
+    eval_pass_k: list[int] = Field([1], description="The k of eval/pass@k and eval/maj@k (each at most eval_num_samples).")
+    metric_for_best_model: str | None = Field(None, description="An eval metric ('accuracy', 'eval/pass@4', 'eval/rewards/NAME/mean'; the 'eval/' prefix is optional): after each evaluation the model is saved to OUTPUT_DIR/best_model/ when this metric is the best so far.")
+    greater_is_better: bool | None = Field(None, description="Whether a larger metric_for_best_model is better (default: true, false for names ending in 'loss' or 'length').")
     logging_steps: int = Field(1, gt=0, description="Print metrics to the console every this many steps (metrics.jsonl gets every step).")
     log_completions_steps: int | None = Field(None, gt=0, description="Every this many steps, write the generation's completions with their rewards to OUTPUT_DIR/completions/step_N.jsonl and print one (training-wizard's sample_rate); None: never.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | Literal["auto", "all", "none"] = Field("auto", description="Metric sinks besides the console and metrics.jsonl (always written): a list of tensorboard, wandb, mlflow, trackio; 'auto': tensorboard when installed; 'all': every installed one; 'none'.")
@@ -192,6 +197,11 @@ class GRPOConfig(BaseModel):
                 f"per_device_train_batch_size x steps_per_generation (default gradient_accumulation_steps) = {gbs} "
                 f"completions per generation is not divisible by num_generations = {self.num_generations}; with this "
                 f"batch, num_generations can be {valid}, or make the batch a multiple of {self.num_generations}")
+        if any(k < 1 for k in self.eval_pass_k):
+            raise ValueError(f"eval_pass_k: each k must be >= 1 (got {self.eval_pass_k})")
+        if self.eval_num_samples and max(self.eval_pass_k) > self.eval_num_samples:
+            raise ValueError(f"eval_pass_k {self.eval_pass_k} asks for k > eval_num_samples = {self.eval_num_samples}; "
+                             f"sample at least {max(self.eval_pass_k)} completions per prompt or lower k")
         self._check_rewards()
         return self
 
