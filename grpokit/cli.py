@@ -1,6 +1,5 @@
 """Command line: `grpokit train CONFIG [--preset NAME] [--set key=value ...] [--dry-run]`, `grpokit check CONFIG`
-(pre-flight), `eval`, `generate`, `export`; `sft`, `report` and `vllm-serve` exist with their help but exit
-with "not available yet" until their features land.
+(pre-flight), `eval`, `generate`, `export`, `sft` (supervised warm start), `report`, `vllm-serve`.
 
 `train` also takes the math-QA trainer's options (--train-data, --num-samples, --kl-coef, ...): each
 sets one config key (`TRAIN_OPTIONS`) and wins over the preset, the file and --set.
@@ -105,10 +104,10 @@ def _parser() -> argparse.ArgumentParser:
 
     report.add_arguments(sub.add_parser(
         "report", help="write RUN_DIR/report.html: plots, sample completions, alerts and config of a run (opens offline)"))
-    for name, text in (("sft", "supervised fine-tuning before GRPO"),):
-        stub = sub.add_parser(name, help=f"{text} (not available yet)", description=f"{text}. Not available in this "
-                              "build yet: the command exits with an error.")
-        stub.add_argument("args", nargs="*", help="ignored until the command is available")
+    sft = sub.add_parser("sft", help="supervised fine-tuning before GRPO on the dataset's answers (sft_target_column) "
+                                     "or 'messages' conversations; writes OUTPUT_DIR/final_model for --sft-model")
+    sft.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
+    _add_common(sft)
     return parser
 
 
@@ -187,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             from grpokit import vllm_server
 
             return vllm_server.main(args)
-        if args.command in ("eval", "generate", "export"):
-            return {"eval": _eval, "generate": _generate, "export": _export}[args.command](args)
-        print(f"grpokit: error: `grpokit {args.command}` is not available in this build yet", file=sys.stderr)
-        return 2
+        commands = {"eval": _eval, "generate": _generate, "export": _export, "sft": _sft}
+        return commands[args.command](args)
     except Interrupted as exc:
         print(f"grpokit: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -299,6 +296,13 @@ def _generate(args) -> int:
     else:
         for row in rows:
             print(json.dumps(row))
+    return 0
+
+
+def _sft(args) -> int:
+    from grpokit.sft import run_sft
+
+    run_sft(_load(args), config_name=args.config or "CONFIG")
     return 0
 
 

@@ -55,7 +55,7 @@ from grpokit.userimport import import_user_object
 log = logging.getLogger(__name__)
 
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_PROMPT_FALLBACKS = ("prompt", "question", "problem")
+PROMPT_FALLBACKS = ("prompt", "question", "problem")
 BUILTIN_DATASETS = ("arithmetic", "gsm8k", "humaneval", "reasoning_gym:<task>")
 _BUILTIN_NAMES = ("arithmetic", "gsm8k", "humaneval", "reasoning_gym")
 GSM8K_HELD_OUT = 200
@@ -63,18 +63,21 @@ RG_HELD_OUT_OFFSET = 1_000_000_000  # far beyond any train size: the held-out it
 _GSM8K_SEED = 20240521  # fixed forever: changing it would mix the held-out rows into training
 
 
-def dataset_records(cfg, which: str = "train") -> list[dict[str, Any]] | None:
-    """The train (`dataset`) or held-out (`eval_dataset`) records a config names; None when it names none."""
+def dataset_records(cfg, which: str = "train", *, prompt_fallbacks: tuple[str, ...] = PROMPT_FALLBACKS
+                    ) -> list[dict[str, Any]] | None:
+    """The train (`dataset`) or held-out (`eval_dataset`) records a config names; None when it names none.
+    `prompt_fallbacks`: columns tried when `prompt_column` is absent (`grpokit sft` adds 'messages')."""
     spec = cfg.dataset if which == "train" else cfg.eval_dataset
     if spec is None:
         return None
     return load_records(spec, cfg.prompt_column, cfg.system_prompt, prompt_template=cfg.prompt_template,
-                        transform=cfg.transform, column_mapping=cfg.column_mapping)
+                        transform=cfg.transform, column_mapping=cfg.column_mapping, prompt_fallbacks=prompt_fallbacks)
 
 
 def load_records(spec: str, prompt_column: str = "prompt", system_prompt: str | None = None, *,
                  prompt_template: str | None = None, transform: str | Callable | None = None,
-                 column_mapping: dict[str, str] | None = None, tokenizer=None) -> list[dict[str, Any]]:
+                 column_mapping: dict[str, str] | None = None, tokenizer=None,
+                 prompt_fallbacks: tuple[str, ...] = PROMPT_FALLBACKS) -> list[dict[str, Any]]:
     """Rows of `spec` as dicts with a `prompt` key (string or message list) and the other columns."""
     rows = read_rows(spec)
     if is_builtin(spec):  # built-in tasks come in grpokit's form; the shaping options are for the user's data
@@ -86,7 +89,7 @@ def load_records(spec: str, prompt_column: str = "prompt", system_prompt: str | 
     if prompt_template is not None:
         rows = _apply_template(rows, prompt_template, spec)
         prompt_column = "prompt"
-    return normalise_records(rows, prompt_column, system_prompt, spec)
+    return normalise_records(rows, prompt_column, system_prompt, spec, prompt_fallbacks)
 
 
 def is_builtin(spec: str) -> bool:
@@ -352,11 +355,12 @@ def _apply_template(rows: list[dict[str, Any]], template: str, spec: str) -> lis
     return out
 
 
-def normalise_records(rows: list[dict[str, Any]], prompt_column: str, system_prompt: str | None, spec: str) -> list[dict[str, Any]]:
+def normalise_records(rows: list[dict[str, Any]], prompt_column: str, system_prompt: str | None, spec: str,
+                      prompt_fallbacks: tuple[str, ...] = PROMPT_FALLBACKS) -> list[dict[str, Any]]:
     if not rows:
         raise DataError(f"dataset '{spec}' has no rows")
     columns = list(rows[0])
-    column = prompt_column if prompt_column in columns else next((c for c in _PROMPT_FALLBACKS if c in columns), None)
+    column = prompt_column if prompt_column in columns else next((c for c in prompt_fallbacks if c in columns), None)
     if column is None:
         raise DataError(f"dataset '{spec}' has no prompt column '{prompt_column}'; its columns are {columns}. "
                         "Set prompt_column to the column that holds the prompts, rename one with column_mapping, "

@@ -1,4 +1,4 @@
-"""Every command's --help, the not-yet-available stubs, eval/generate/export on the tiny model, and every
+"""Every command's --help, eval/generate/export on the tiny model, and every
 shipped example and preset: loaded, and each example config run for one step on the tiny model."""
 
 import json
@@ -22,12 +22,6 @@ TINY = ["--set", "max_steps=1", "--set", "num_generations=2", "--set", "per_devi
 def test_every_command_has_help(tmp_path, command):
     result = run_cli(command, "--help", cwd=tmp_path)
     assert result.returncode == 0 and "usage: grpokit " + command in result.stdout
-
-
-@pytest.mark.parametrize("command", ["sft"])
-def test_unfinished_commands_say_so(tmp_path, command):
-    result = run_cli(command, cwd=tmp_path)
-    assert result.returncode == 2 and "not available in this build yet" in result.stderr
 
 
 def test_vllm_serve_without_vllm_names_the_extra(tmp_path):

@@ -1,0 +1,165 @@
+"""`grpokit sft`: it learns the answers, trains on answer / assistant tokens only, writes a model `grpokit train`
+starts from, and names the config key when the data has no target."""
+
+import json
+import shlex
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from grpokit import data
+from grpokit.config import GRPOConfig
+from grpokit.models import prepare_tokenizer
+from grpokit.sft import IGNORE_INDEX, build_examples, collate, load_sft_records
+from tests.conftest import build_tokenizer, run_cli, write_jsonl
+
+ROWS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(6) for b in range(5)]
+
+
+def _config(tmp_path, tiny_model_dir, rows=ROWS, **overrides):
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "output_dir": "run", "max_steps": 25,
+              "learning_rate": 3e-3, "per_device_train_batch_size": 8, "max_completion_length": 8, "seed": 0,
+              "device": "cpu", "report_to": "none", **overrides}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "cfg.yaml"
+
+
+def _answer_logprobs(model_dir, rows) -> tuple[float, float]:
+    """Mean log-prob per answer token (answer + EOS after the plain-string prompt), and per digit alone (EOS left
+    out: an SFT that learned only to stop would raise the first), with transformers alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    every, digits = [], []
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer(row["prompt"])["input_ids"]
+            answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            logits = model(torch.tensor([prompt + answer])).logits[0]
+            logprobs = torch.log_softmax(logits[len(prompt) - 1:-1].double(), dim=-1)
+            token_logprobs = logprobs[torch.arange(len(answer)), torch.tensor(answer)].tolist()
+            every += token_logprobs
+            digits += token_logprobs[:-1]
+    return sum(every) / len(every), sum(digits) / len(digits)
+
+
+def test_sft_lowers_the_loss_and_raises_the_answers_likelihood(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir)
+    result = run_cli("sft", cfg.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    run = tmp_path / "run"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == list(range(1, 26))
+    for m in steps:
+        assert m["grad_norm"] > 0 and m["learning_rate"] == 3e-3 and m["tokens"] >= 16  # 8 rows x (>= 1 digit + EOS)
+    # random init: ~ln(vocab) = 4.6 nats per token; the answers are one or two digits and EOS
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.5, [m["loss"] for m in steps]
+    (before, digits_before), (after, digits_after) = (_answer_logprobs(tiny_model_dir, ROWS),
+                                                      _answer_logprobs(run / "final_model", ROWS))
+    assert after > before + 1.5 and digits_after > digits_before + 1.0, (before, after, digits_before, digits_after)
+    assert yaml.safe_load((run / "config.yaml").read_text())["learning_rate"] == 3e-3
+    assert "train loss" in result.stdout and f"saved {run.relative_to(tmp_path) / 'final_model'}" in result.stdout
+    assert "grpokit train cfg.yaml --preset from_sft --sft-model run/final_model" in result.stdout
+
+
+def _cfg(**overrides) -> GRPOConfig:
+    return GRPOConfig(dataset="rows", **overrides)
+
+
+def _check_labels(batch, prompt_ids, target_ids):
+    """Row i: the real tokens are prompt + target; labels are the target there and IGNORE_INDEX everywhere else."""
+    for i, (prompt, target) in enumerate(zip(prompt_ids, target_ids, strict=True)):
+        real = batch.attention_mask[i].bool()
+        assert batch.input_ids[i][real].tolist() == prompt + target
+        assert batch.labels[i][real].tolist() == [IGNORE_INDEX] * len(prompt) + target
+        assert (batch.labels[i][~real] == IGNORE_INDEX).all()  # padding, on both sides
+    assert (~batch.attention_mask.bool()).any(), "the rows should differ in length, so padding is tested"
+
+
+def test_labels_cover_the_answer_and_eos_only_plain_and_chat_prompts():
+    tokenizer = prepare_tokenizer(build_tokenizer())
+    answers = ["5", "a much longer answer"]
+    for prompts in (["What is 2 + 3?", "Hi?"],
+                    [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Hi?"}]]):
+        records = [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)]
+        examples, dropped = build_examples(records, tokenizer, _cfg())
+        assert dropped == 0
+        batch = collate(examples, tokenizer.pad_token_id)
+        grpo_prompts = data.tokenise_prompts(records, tokenizer, None, "rows").prompt_ids  # what GRPO would sample from
+        targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+        _check_labels(batch, grpo_prompts, targets)
+    assert tokenizer.decode(grpo_prompts[0]).endswith("<|im_start|>assistant\n")
+
+
+def test_rows_over_the_limits_are_dropped():
+    tokenizer = prepare_tokenizer(build_tokenizer())
+    records = [{"prompt": "short?", "answer": "12"}, {"prompt": "a" * 40, "answer": "1"}, {"prompt": "ok?", "answer": "9" * 20}]
+    examples, dropped = build_examples(records, tokenizer, _cfg(max_prompt_length=10, max_completion_length=5))
+    assert dropped == 2 and [tokenizer.decode(e.completion_ids) for e in examples] == ["12<|im_end|>"]
+
+
+def test_messages_rows_train_on_assistant_turns_only(tmp_path):
+    tokenizer = prepare_tokenizer(build_tokenizer())
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"},
+                    {"role": "assistant", "content": "5"}, {"role": "user", "content": "and times 4?"},
+                    {"role": "assistant", "content": "20, since 5 x 4 = 20"}]
+    write_jsonl(tmp_path / "chats.jsonl", [{"messages": conversation}, {"messages": conversation[1:3]}])
+    cfg = GRPOConfig(dataset=str(tmp_path / "chats.jsonl"))
+    examples, _ = build_examples(load_sft_records(cfg), tokenizer, cfg)
+    batch = collate(examples, tokenizer.pad_token_id)
+    for row, expected in ((0, ["5<|im_end|>", "20, since 5 x 4 = 20<|im_end|>"]), (1, ["5<|im_end|>"])):
+        labelled = (batch.labels[row] != IGNORE_INDEX).tolist()
+        spans, start = [], None
+        for pos, on in enumerate([*labelled, False]):
+            if on and start is None:
+                start = pos
+            if not on and start is not None:
+                spans.append(tokenizer.decode(batch.input_ids[row, start:pos]))
+                start = None
+        assert spans == expected
+        assert batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist() == \
+            batch.input_ids[row][batch.labels[row] != IGNORE_INDEX].tolist()
+    # the prompt is GRPO's prompt for the conversation before the first reply
+    assert examples[1].prompt_ids == data.tokenise_prompts([{"prompt": conversation[1:2]}], tokenizer, None, "x").prompt_ids[0]
+
+
+def test_lora_sft_writes_a_merged_model_grpo_trains_from(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, max_steps=2, learning_rate=1e-2,
+                  num_generations=4, max_completion_length=6)
+    result = run_cli("sft", cfg.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    merged = tmp_path / "run" / "final_model"
+    assert not (merged / "adapter_config.json").exists()
+    base, after = load_file(tiny_model_dir / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert base.keys() == after.keys(), "a plain model: the base's parameter names, no lora_A/lora_B"
+    assert any(not torch.equal(base[k], after[k]) for k in base if "q_proj" in k), "the adapters were merged in"
+    # the command sft prints, for one step
+    command = next(line for line in result.stdout.splitlines() if "continue with GRPO:" in line)
+    argv = shlex.split(command.split("grpokit ", 1)[1])
+    assert argv[:2] == ["train", "cfg.yaml"] and "--sft-model" in argv and "--output-dir" in argv
+    grpo = run_cli(*argv, "--set", "max_steps=1", cwd=tmp_path)
+    assert grpo.returncode == 0, grpo.stderr + grpo.stdout
+    assert (tmp_path / "run-grpo" / "final_model").is_dir() and (merged / "model.safetensors").is_file()
+
+
+def test_missing_target_column_names_the_columns_and_the_key(tmp_path, tiny_model_dir):
+    rows = [{"prompt": "What is 1 + 1?", "label": "2"}]
+    cfg = _config(tmp_path, tiny_model_dir, rows=rows)
+    result = run_cli("sft", cfg.name, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "sft_target_column" in result.stderr and "['label', 'prompt']" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sft_defaults_replace_grpo_defaults_only_where_unset():
+    from grpokit.config import load_config
+    from grpokit.sft import sft_defaults
+
+    plain = sft_defaults(load_config(None))
+    assert (plain.learning_rate, plain.num_train_epochs, plain.output_dir) == (2e-5, 1.0, "outputs/sft")
+    assert sft_defaults(load_config(None, ["use_peft=true"])).learning_rate == 2e-4
+    mine = sft_defaults(load_config(None, ["learning_rate=1e-6", "max_steps=7", "output_dir=out"]))
+    assert (mine.learning_rate, mine.max_steps, mine.num_train_epochs, mine.output_dir) == (1e-6, 7, None, "out")
