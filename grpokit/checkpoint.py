@@ -7,7 +7,7 @@
       optimizer.pt, scheduler.pt
       rng_state.pt                        Python, NumPy, torch (CPU and CUDA) and the data order's RNG
       pending.pt                          the part of the current generation not yet trained on
-      trainer_state.json                  step, data position, sampler counter, eval before training
+      trainer_state.json                  step, data position, sampler counter, eval before training, best model so far
       config.yaml                         the resolved config
 
 A checkpoint is written under a temporary name (`.checkpoint-N.tmp`) and renamed when complete,
@@ -239,7 +239,8 @@ def save_run(trainer) -> Path:
                    "micro_batches": [{f: getattr(mb, f) for f in MicroBatch.__slots__}
                                      for mb in trainer.pending.micro_batches]}
     state = {"global_step": trainer.global_step, "generations": trainer.generations, "num_tokens": trainer.num_tokens,
-             "order": trainer._order, "consecutive_skips": trainer.consecutive_skips, "eval_before": trainer.eval_before}
+             "order": trainer._order, "consecutive_skips": trainer.consecutive_skips, "eval_before": trainer.eval_before,
+             "best_model": trainer.best.state()}
     cfg = trainer.cfg
     return save(Path(cfg.output_dir), trainer.global_step, policy=trainer.policy, tokenizer=trainer.tokenizer,
                 optimizer=trainer.optimizer, scheduler=trainer.scheduler, state=state, rng=rng_state(trainer._order_rng),
@@ -260,6 +261,7 @@ def restore_run(trainer, path: Path, force: bool) -> None:
                                                                      state["num_tokens"])
     trainer._order, trainer.consecutive_skips = state["order"], state["consecutive_skips"]
     trainer.eval_before = state["eval_before"]
+    trainer.best.restore(state.get("best_model"))  # absent in checkpoints written before best_model existed
     trainer.engine_stale = True  # a vLLM engine still holds the starting weights
     if saved.pending is not None:
         trainer.pending = Pending(windows=saved.pending["windows"], metrics=saved.pending["metrics"],

@@ -88,10 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--split", choices=["train", "eval"], default="train", help="dataset (train) or eval_dataset (eval)")
     gen.add_argument("--output", metavar="FILE", help="write JSONL rows {prompt, completion, finish_reason} to FILE")
 
-    export = sub.add_parser("export", help="save a run's model as a plain HF directory, merging LoRA adapters "
-                                           "(peft merge_and_unload)")
-    export.add_argument("model_dir", help="a run's final_model (or checkpoint) directory")
-    export.add_argument("output", help="directory to write the merged model and tokenizer to")
+    export = sub.add_parser("export", help="save a run's model as a plain HF directory (safetensors + tokenizer); "
+                                           "--merge merges a LoRA adapter into its base (peft merge_and_unload)")
+    export.add_argument("model_dir", help="a run's final_model, best_model or checkpoint-N directory")
+    export.add_argument("output", nargs="?", default=None,
+                        help="directory to write the model and tokenizer to (default: MODEL_DIR-merged beside it)")
+    export.add_argument("--merge", action="store_true",
+                        help="merge a LoRA adapter into its base model (needed for an adapter; a full model is copied)")
+    export.add_argument("--base-model", default=None, metavar="PATH_OR_HUB_ID",
+                        help="the adapter's base model, when its base_model_name_or_path moved or cannot be reached")
 
     from grpokit import vllm_server
 
@@ -236,6 +241,9 @@ def _train(args) -> int:
         held = data.dataset_records(cfg, "eval") or []
         if held:
             held = data.without_train_prompts(held, train, cfg.eval_dataset)
+        from grpokit.best_model import BestModel
+
+        BestModel(cfg, funcs, bool(held))  # metric_for_best_model: held-out data and a metric the evaluation has
         if cfg.num_train_epochs is not None:
             cfg = cfg.model_copy(update={"max_steps": cfg.steps_for_epochs(len(train)), "num_train_epochs": None})
         print(cfg.to_yaml(), end="")
@@ -309,8 +317,11 @@ def _sft(args) -> int:
 def _export(args) -> int:
     from pathlib import Path
 
-    from grpokit.inference import export_merged
+    from grpokit.inference import default_export_dir, export_merged
 
-    action = export_merged(Path(args.model_dir), Path(args.output))
-    print(f"{action}; saved {args.output}")
+    if args.base_model and not args.merge:
+        raise ConfigError("export: --base-model only applies with --merge")
+    output = Path(args.output) if args.output else default_export_dir(Path(args.model_dir))
+    action = export_merged(Path(args.model_dir), output, merge=args.merge, base_model=args.base_model)
+    print(f"{action}; saved {output}")
     return 0

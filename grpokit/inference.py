@@ -8,6 +8,7 @@ sampler and `evaluate.evaluate`, so a number printed here equals the trainer's e
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -78,20 +79,79 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def export_merged(run_model: Path, out: Path) -> str:
-    """Save `run_model` (a LoRA adapter dir, or a full model) as a plain HF model dir; returns what was done."""
-    if not (run_model / "adapter_config.json").is_file():
-        if not (run_model / "config.json").is_file():
-            raise ConfigError(f"export: '{run_model}' holds neither a LoRA adapter (adapter_config.json) nor a model "
-                              "(config.json); give a run's final_model or checkpoint directory")
-        model, tokenizer = load_policy(str(run_model)), load_tokenizer(str(run_model))
-        action = "copied (a full model, nothing to merge)"
-    else:
-        from peft import AutoPeftModelForCausalLM
+def default_export_dir(model_dir: Path) -> Path:
+    """`grpokit export MODEL_DIR` without OUTPUT: the sibling `<model_dir>-merged`."""
+    model_dir = model_dir.resolve()
+    return model_dir.with_name(model_dir.name + "-merged")
 
-        model = AutoPeftModelForCausalLM.from_pretrained(run_model).merge_and_unload()
-        tokenizer = load_tokenizer(str(run_model))
-        action = "merged the LoRA adapters into the base model"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+def export_merged(run_model: Path, out: Path, merge: bool = True, base_model: str | None = None) -> str:
+    """Save `run_model` as a plain HF model directory (safetensors weights, config, tokenizer); returns what was done.
+
+    A full model is copied. A LoRA adapter is merged into its base (peft `merge_and_unload`, in float32, then saved
+    in the base's dtype) when `merge`; without it an adapter is an error, since the result would not be a plain
+    model. `base_model` replaces the adapter's `base_model_name_or_path` (a base that moved, or a hub id offline).
+    The output is written to a temporary sibling and renamed, and an existing non-empty `out` is refused."""
+    is_adapter = (run_model / "adapter_config.json").is_file()
+    if not is_adapter and not (run_model / "config.json").is_file():
+        hint = (f"; did you mean {run_model / 'final_model'}?" if (run_model / "final_model").is_dir()
+                else "; give a run's final_model, best_model or checkpoint-N directory")
+        raise ConfigError(f"export: '{run_model}' holds neither a LoRA adapter (adapter_config.json) nor a model "
+                          f"(config.json){hint}")
+    if is_adapter and not merge:
+        raise ConfigError(f"export: '{run_model}' is a LoRA adapter: pass --merge to merge it into its base model "
+                          "and save a full model (the adapter directory itself already loads with peft)")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"export: output '{out}' exists and is not empty; remove it or give another OUTPUT")
+    tokenizer_source = run_model
+    if is_adapter:
+        model, base = _merged(run_model, base_model)
+        if not any(run_model.glob("tokenizer*")):  # adapters saved without their tokenizer: the base's
+            tokenizer_source = Path(base)
+        action = f"merged the LoRA adapter into its base model {base}"
+    else:
+        model = load_policy(str(run_model), _saved_dtype(str(run_model)))
+        action = "copied (a full model, nothing to merge)"
+    tokenizer = load_tokenizer(str(tokenizer_source))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    tmp.rename(out)
     return action
+
+
+def _merged(adapter_dir: Path, base_model: str | None):
+    """The adapter merged into its base model: (model, the base's path or hub id)."""
+    from peft import PeftModel
+
+    named = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = base_model or named
+    if not base:
+        raise ConfigError(f"export: {adapter_dir / 'adapter_config.json'} names no base_model_name_or_path; "
+                          "give the base model with --base-model PATH_OR_HUB_ID")
+    try:
+        path = resolve_model_path(base)
+        base_dtype = _saved_dtype(path)
+        model = load_policy(path, torch.float32)
+    except (ConfigError, OSError) as exc:
+        where = "--base-model" if base_model else f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
+        raise ConfigError(f"export: cannot load the adapter's base model '{base}' ({where}): {exc}\n  Give the "
+                          "base model's local directory (or a hub id, online) with --base-model PATH_OR_HUB_ID") from None
+    try:
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    except RuntimeError as exc:  # shapes that do not fit: the base is another model than the one trained
+        raise ConfigError(f"export: the adapter in {adapter_dir} does not fit the base model '{base}' ({exc}); give the "
+                          "model the run trained with --base-model PATH_OR_HUB_ID") from None
+    return merged.to(base_dtype), base
+
+
+def _saved_dtype(path: str) -> torch.dtype:
+    """The dtype a model directory's config says its weights are in (float32 when it says nothing)."""
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(path).dtype
+    return getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)

@@ -30,6 +30,7 @@ from grpokit import data as data_mod
 from grpokit.alerts import HealthMonitor, identical_fraction
 from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
 from grpokit.batches import Generation, MicroBatch, Pending, pack
+from grpokit.best_model import BestModel
 from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError, Interrupted, TrainingError
 from grpokit.evaluate import columns_of, decode_completions, evaluate
@@ -80,6 +81,7 @@ class Trainer:
 
         for f in self.reward_funcs:  # a reward argument that matches no column fails now, not at step 1
             f.check_columns(self.train_records[0].keys())
+        self.best = BestModel(cfg, [f.name for f in self.reward_funcs], bool(self.eval_records))  # checked before the model loads
         check_sinks(cfg.report_to)  # a tracker asked for but not installed fails now, not after the model loads
         # reward workers fork now, while this process is small (runner.py)
         self.rewards = RewardRunner(self.reward_funcs, timeout=cfg.reward_timeout, error_rate_limit=cfg.reward_error_rate_limit,
@@ -180,11 +182,11 @@ class Trainer:
         try:
             with checkpoint.StopSignals(self._say) as signals:
                 if self.eval_data and cfg.eval_on_start and not resume:
-                    self.eval_before = self._evaluate(metrics_log, step=0, label="before training")
+                    self.eval_before = self._evaluate_keep_best(metrics_log, step=0, label="before training")
                 while self.global_step < cfg.max_steps:
                     step = self._step(metrics_log)
                     if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-                        self._evaluate(metrics_log, step=step, label=f"at step {step}")
+                        self._evaluate_keep_best(metrics_log, step=step, label=f"at step {step}")
                     if signals.received is not None:
                         path = self._checkpoint()
                         raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {step}; "
@@ -193,7 +195,7 @@ class Trainer:
                     if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                         self._checkpoint()
             if self.eval_data:
-                eval_after = self._evaluate(metrics_log, step=self.global_step, label="after training")
+                eval_after = self._evaluate_keep_best(metrics_log, step=self.global_step, label="after training")
             self._save(out / "final_model")
             before = self.eval_before
             if before and eval_after:
@@ -426,6 +428,11 @@ class Trainer:
         result["eval/time"] = time.perf_counter() - started
         metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
+        return result
+
+    def _evaluate_keep_best(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
+        result = self._evaluate(metrics_log, step, label)
+        self.best.observe(result, step, self._save)
         return result
 
     def reward_context(self, max_completion_length: int | None = None) -> dict:

@@ -85,7 +85,7 @@ def test_export_merges_a_lora_run(tmp_path, qa_setup):
     result = run_cli("train", *qa_setup, *TINY, "--set", "use_peft=true", "--set", "eval_dataset=null", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "final_model" / "adapter_config.json").is_file()
-    result = run_cli("export", "run/final_model", "merged", cwd=tmp_path)
+    result = run_cli("export", "run/final_model", "merged", "--merge", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "merged the LoRA adapters" in result.stdout
+    assert "merged the LoRA adapter" in result.stdout
     assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "adapter_config.json").exists()

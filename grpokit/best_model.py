@@ -1,0 +1,181 @@
+"""Keep the best model of a run: after each evaluation, `metric_for_best_model` decides whether the policy
+is saved to OUTPUT_DIR/best_model/ (weights or LoRA adapter, tokenizer, best_metric.json).
+
+The metric name is checked twice. At start, before the model loads, against the names an evaluation
+of this run produces (`eval_metric_names`: the reward names, the fixed keys, pass@k / maj@k when
+eval_num_samples > 0). At the first evaluation, against the metrics it actually returned: that check
+is the authority, so a name the start list misses still fails before any further training.
+
+Only a strict improvement replaces the saved model (ties keep the earlier, so a resumed run that
+repeats an evaluation leaves best_model/ alone); NaN never counts as an improvement. The best value
+and its step travel in every checkpoint (`state` / `restore`), and on resume a best_model/ already in
+the output directory that is better still wins, so a resumed run never replaces a better best_model
+with a worse one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from grpokit.config import GRPOConfig
+from grpokit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DIR_NAME = "best_model"
+METRIC_FILE = "best_metric.json"
+
+
+def metric_key(name: str) -> str:
+    """'accuracy' -> 'eval/accuracy'; names already under 'eval/' stay as they are."""
+    return name if name.startswith("eval/") else f"eval/{name}"
+
+
+def greater_is_better(cfg: GRPOConfig) -> bool:
+    """The config's `greater_is_better`, or its default: false for losses and lengths, else true."""
+    if cfg.greater_is_better is not None:
+        return cfg.greater_is_better
+    return not metric_key(cfg.metric_for_best_model or "").endswith(("loss", "length"))
+
+
+def eval_metric_names(cfg: GRPOConfig, reward_names: list[str]) -> list[str]:
+    """The eval/* keys an evaluation of this run returns (evaluate.py, trainer._evaluate); a test compares
+    this list with a real evaluation's keys."""
+    names = ["eval/accuracy", "eval/num_correct", "eval/num_prompts", "eval/completions/mean_length",
+             "eval/completions/clipped_ratio", "eval/time", *(f"eval/rewards/{n}/mean" for n in reward_names)]
+    if cfg.eval_num_samples:
+        names += [f"eval/{kind}@{k}" for kind in ("pass", "maj") for k in cfg.eval_pass_k]
+        names += [*(f"eval/sampled/rewards/{n}/mean" for n in reward_names), "eval/sampled/completions/mean_length",
+                  "eval/sampled/completions/clipped_ratio"]
+    return names
+
+
+def _unknown_metric(name: str, available: list[str], when: str) -> ConfigError:
+    close = difflib.get_close_matches(name, available, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"metric_for_best_model '{name}' is not an eval metric {when}{hint}; the available eval "
+                       f"metrics are: {', '.join(sorted(available))} (the 'eval/' prefix is optional)")
+
+
+class BestModel:
+    """Tracks the best value of `metric_for_best_model` and saves the policy when it improves.
+    With no metric configured every method does nothing."""
+
+    def __init__(self, cfg: GRPOConfig, reward_names: list[str], has_eval_data: bool):
+        self.metric = metric_key(cfg.metric_for_best_model) if cfg.metric_for_best_model else None
+        self.greater = greater_is_better(cfg)
+        self.dir = Path(cfg.output_dir) / DIR_NAME
+        self.value: float | None = None
+        self.step: int | None = None
+        if self.metric is None:
+            return
+        if not has_eval_data:
+            raise ConfigError(f"metric_for_best_model '{cfg.metric_for_best_model}' needs held-out data to evaluate "
+                              "on: set eval_dataset (and eval_steps, to evaluate during training), or remove "
+                              "metric_for_best_model")
+        expected = eval_metric_names(cfg, reward_names)
+        if self.metric not in expected:
+            raise _unknown_metric(cfg.metric_for_best_model, expected, "of this run")
+
+    def improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if self.greater else value < self.value
+
+    def observe(self, result: dict[str, float], step: int, save: Callable[[Path], None]) -> bool:
+        """After an evaluation: save the policy with `save(dir)` when `result` holds a new best. True when saved."""
+        if self.metric is None:
+            return False
+        if self.metric not in result:  # the start check passed, but the evaluation disagrees: fail before training on
+            raise _unknown_metric(self.metric, [k for k in result if k.startswith("eval/")],
+                                  f"(checked at the evaluation at step {step})")
+        value = float(result[self.metric])
+        if not self.improves(value):
+            return False
+        self._write(value, step, save)
+        self.value, self.step = value, step
+        log.info("best model so far: %s %.4g at step %d -> %s", self.metric, value, step, self.dir)
+        return True
+
+    def _write(self, value: float, step: int, save: Callable[[Path], None]) -> None:
+        """best_model.tmp, then swapped in by rename: a process killed mid-write leaves the previous best intact."""
+        tmp = self.dir.with_name(DIR_NAME + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
+        save(tmp)
+        (tmp / METRIC_FILE).write_text(json.dumps(self._record(value, step), indent=1) + "\n")
+        self._swap_in(tmp)
+
+    def _swap_in(self, tmp: Path) -> None:
+        old = self.dir.with_name(DIR_NAME + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            self.dir.rename(old)
+        tmp.rename(self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _record(self, value: float, step: int) -> dict[str, Any]:
+        return {"metric": self.metric, "value": value, "step": step, "greater_is_better": self.greater}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps: the best so far and where its weights are."""
+        if self.metric is None or self.value is None:
+            return None
+        return {**self._record(self.value, self.step), "path": str(self.dir.resolve())}
+
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        """On resume: the checkpoint's best, unless the metric or its direction changed since; a better
+        best_model/ already in this output directory wins (it may come from steps after the checkpoint)."""
+        if self.metric is None:
+            return
+        self._recover()
+        for record, source in ((saved, "the checkpoint"), (self._on_disk(), str(self.dir))):
+            if record is None or record.get("value") is None:
+                continue
+            if record.get("metric") != self.metric or record.get("greater_is_better", self.greater) != self.greater:
+                log.info("best model: %s ranks by %s (greater_is_better %s), this run by %s (greater_is_better %s): "
+                         "its best does not count", source, record.get("metric"), record.get("greater_is_better"),
+                         self.metric, self.greater)
+                continue
+            if self.improves(float(record["value"])):
+                self.value, self.step = float(record["value"]), int(record["step"])
+        if self.value is None:
+            return
+        here = self._on_disk() or {}
+        if (here.get("metric"), here.get("step")) != (self.metric, self.step):
+            self._copy_from(saved)
+        log.info("best model so far (resumed): %s %.4g at step %d", self.metric, self.value, self.step)
+
+    def _on_disk(self) -> dict[str, Any] | None:
+        file = self.dir / METRIC_FILE
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def _recover(self) -> None:
+        """A process killed between the two renames of `_write` leaves only best_model.old: put it back."""
+        old = self.dir.with_name(DIR_NAME + ".old")
+        if old.is_dir() and not self.dir.exists():
+            old.rename(self.dir)
+
+    def _copy_from(self, saved: dict[str, Any] | None) -> None:
+        """Resumed into another output directory: bring the best model along when the checkpoint's run still has it."""
+        source = Path(saved["path"]) if saved and saved.get("path") else None
+        record = json.loads((source / METRIC_FILE).read_text()) if source and (source / METRIC_FILE).is_file() else None
+        if record is None or (record.get("metric"), record.get("step")) != (self.metric, self.step):
+            log.warning("best model: the best so far (%s %.4g at step %d) is neither in %s nor any more in %s; "
+                        "best_model/ is written again only when an evaluation beats it", self.metric, self.value,
+                        self.step, self.dir, source)
+            return
+        tmp = self.dir.with_name(DIR_NAME + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        self._swap_in(tmp)
+        log.info("best model: copied %s (step %d) into %s", source, self.step, self.dir)
