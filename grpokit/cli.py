@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
                                      "or 'messages' conversations; writes OUTPUT_DIR/final_model for --sft-model")
     sft.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
     _add_common(sft)
+    plan = sub.add_parser("plan", help="estimate memory (itemised) and tokens per step of a config from the model's "
+                                       "config.json alone, and suggest settings that fit a memory budget")
+    plan.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml); omitted: all defaults")
+    _add_common(plan)
+    plan.add_argument("--memory", default=None, metavar="SIZE", help="memory budget, e.g. 16GiB, 24GB, 512MiB (default: "
+                      "CUDA device memory when the config trains on cuda, else this machine's RAM)")
     return parser
 
 
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             from grpokit import vllm_server
 
             return vllm_server.main(args)
-        commands = {"eval": _eval, "generate": _generate, "export": _export, "sft": _sft}
+        commands = {"eval": _eval, "generate": _generate, "export": _export, "sft": _sft,
+                    "plan": _plan}
         return commands[args.command](args)
     except Interrupted as exc:
         print(f"grpokit: {exc}", file=sys.stderr)
@@ -311,6 +318,19 @@ def _sft(args) -> int:
     from grpokit.sft import run_sft
 
     run_sft(_load(args), config_name=args.config or "CONFIG")
+    return 0
+
+
+def _plan(args) -> int:
+    from grpokit import plan
+
+    cfg = _load(args)
+    try:
+        budget, where = (plan.parse_size(args.memory), "--memory") if args.memory else plan.default_budget(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    estimate, suggestions = plan.plan(cfg, budget)
+    print(plan.render(cfg, estimate, suggestions, budget, where))
     return 0
 
 
