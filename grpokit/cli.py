@@ -1,5 +1,6 @@
 """Command line: `grpokit train CONFIG [--preset NAME] [--set key=value ...] [--dry-run]`, `grpokit check CONFIG`
-(pre-flight), `eval`, `generate`, `export`, `sft` (supervised warm start), `report`, `vllm-serve`.
+(pre-flight), `eval` (`--compare`: two models side by side), `filter`, `generate`, `export`, `sft` (supervised
+warm start), `report`, `vllm-serve`.
 
 `train` also takes the math-QA trainer's options (--train-data, --num-samples, --kl-coef, ...): each
 sets one config key (`TRAIN_OPTIONS`) and wins over the preset, the file and --set.
@@ -31,6 +32,26 @@ TRAIN_OPTIONS = {
     "--lr": ("learning_rate", "learning rate (sets learning_rate)"),
     "--max-length": ("max_completion_length", "most tokens generated per answer (sets max_completion_length)"),
     "--output-dir": ("output_dir", "run directory (sets output_dir)"),
+}
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _ints(value: str) -> list[int]:
+    return [int(v) for v in _names(value)]
+
+
+# `grpokit eval` options -> (config key, type, metavar, help)
+EVAL_OPTIONS = {
+    "--model": ("model", str, "PATH", "model to evaluate: Hub id or local directory (sets model)"),
+    "--data": ("eval_dataset", str, "SPEC", "held-out data, any dataset form (sets eval_dataset)"),
+    "--rewards": ("reward_funcs", _names, "A,B", "comma-separated rewards; the accuracy is eval_accuracy_reward, "
+                  "default the first (sets reward_funcs)"),
+    "--samples": ("eval_num_samples", int, "N", "sampled completions per prompt for pass@k / maj@k (sets eval_num_samples)"),
+    "--k": ("eval_pass_k", _ints, "K,K", "comma-separated k of pass@k and maj@k, e.g. 1,4,8 (sets eval_pass_k)"),
+    "--limit": ("eval_limit", int, "N", "first N held-out prompts (sets eval_limit)"),
 }
 _TYPES = {"num_generations": int, "beta": float, "num_train_epochs": float, "learning_rate": float,
           "max_completion_length": int}
@@ -75,10 +96,25 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     _add_preset(check)
 
-    ev = sub.add_parser("eval", help="greedy evaluation of `model` on `eval_dataset`: accuracy and every reward's mean")
-    ev.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
+    ev = sub.add_parser("eval", help="evaluate `model` on `eval_dataset`: greedy accuracy, pass@k and maj@k from "
+                                     "samples, every reward's mean; --compare a second model with bootstrap CIs")
+    ev.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml); each option below sets one key")
     _add_common(ev)
-    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE")
+    for flag, (key, kind, metavar, text) in EVAL_OPTIONS.items():
+        ev.add_argument(flag, dest=key, type=kind, default=None, metavar=metavar, help=text)
+    ev.add_argument("--compare", metavar="OTHER_MODEL", help="also evaluate OTHER_MODEL on the same prompts and sampling "
+                    "settings; print both, B - A and its 95%% CI (paired bootstrap over prompts)")
+    ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE (with --compare: both "
+                    "models and the differences)")
+
+    filt = sub.add_parser("filter", help="sample K completions per training prompt with `model`, score them with the "
+                                         "accuracy reward, write the prompts solved sometimes but not always (JSONL)")
+    filt.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
+    _add_common(filt)
+    filt.add_argument("--samples", type=int, default=8, metavar="K", help="completions per prompt (default 8)")
+    filt.add_argument("--output", required=True, metavar="FILE", help="JSONL: the dataset's rows plus pass_rate")
+    filt.add_argument("--keep-all", action="store_true", help="keep every prompt, also those at pass rate 0 or 1")
+    filt.add_argument("--limit", type=int, default=None, metavar="N", help="first N prompts of the dataset")
 
     gen = sub.add_parser("generate", help="sample completions of `model` for a dataset's prompts; print or write JSONL")
     gen.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
@@ -197,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             from grpokit import vllm_server
 
             return vllm_server.main(args)
-        commands = {"eval": _eval, "generate": _generate, "export": _export, "sft": _sft,
+        commands = {"eval": _eval, "generate": _generate, "export": _export, "filter": _filter, "sft": _sft,
                     "plan": _plan}
         return commands[args.command](args)
     except Interrupted as exc:
@@ -283,16 +319,52 @@ def _check(args) -> int:
 
 def _eval(args) -> int:
     import json
+    from pathlib import Path
 
-    from grpokit.inference import evaluate_model
+    from grpokit.config import load_config
+    from grpokit.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, compare, jsonable
+    from grpokit.inference import evaluate_models
 
-    metrics = evaluate_model(_load(args))
-    for key, value in metrics.items():
-        print(f"{key}: {value:.4g}")
+    cfg = load_config(args.config, args.overrides, preset=args.preset,
+                      cli={key: getattr(args, key) for key, *_ in EVAL_OPTIONS.values() if getattr(args, key) is not None})
+    if args.eval_pass_k is not None and not cfg.eval_num_samples:
+        raise ConfigError("eval: --k needs sampled completions; give --samples N (N >= the largest k)")
+    results = evaluate_models(cfg, [cfg.model] + ([args.compare] if args.compare else []))
+    if not args.compare:
+        for key, value in results[0].metrics.items():
+            print(f"{key}: {value:.4g}")
+        output = jsonable(results[0].metrics)
+    else:
+        rows = compare(results[0], results[1])
+        method = (f"95% percentile interval, paired bootstrap over prompts ({BOOTSTRAP_RESAMPLES} resamples, "
+                  f"seed {BOOTSTRAP_SEED})")
+        prompts = int(results[0].metrics["eval/num_prompts"])
+        print(f"A: {cfg.model}\nB: {args.compare}\n{prompts} prompts; CI of B - A: {method}")
+        print(f"{'metric':<42} {'A':>10} {'B':>10} {'B - A':>10}  95% CI")
+        for key, row in rows.items():
+            ci = "-" if row["ci95"] is None else f"[{row['ci95'][0]:+.4g}, {row['ci95'][1]:+.4g}]"
+            print(f"{key:<42} {row['a']:>10.4g} {row['b']:>10.4g} {row['difference']:>+10.4g}  {ci}")
+        output = jsonable({"model_a": {"model": cfg.model, "metrics": results[0].metrics},
+                           "model_b": {"model": args.compare, "metrics": results[1].metrics},
+                           "difference": rows, "ci95": method})
     if args.output:
-        from pathlib import Path
+        Path(args.output).write_text(json.dumps(output, indent=1) + "\n")
+    return 0
 
-        Path(args.output).write_text(json.dumps(metrics, indent=1) + "\n")
+
+def _filter(args) -> int:
+    from pathlib import Path
+
+    from grpokit.inference import filter_by_pass_rate, write_jsonl
+
+    if args.samples < 2 or (args.limit is not None and args.limit < 1):
+        raise ConfigError("filter: --samples must be >= 2 (with one sample every pass rate is 0 or 1) and --limit >= 1")
+    report = filter_by_pass_rate(_load(args), args.samples, args.limit, args.keep_all)
+    write_jsonl(report.rows, Path(args.output))
+    print(f"{report.prompts} prompts x {args.samples} samples: {report.all_correct} all correct, {report.all_wrong} "
+          f"all wrong, {report.not_scored} not scored, "
+          f"{report.prompts - report.all_correct - report.all_wrong - report.not_scored} mixed")
+    print(f"wrote {len(report.rows)} {'rows' if args.keep_all else 'kept rows (0 < pass_rate < 1)'} to {args.output}")
     return 0
 
 

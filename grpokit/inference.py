@@ -1,5 +1,6 @@
-"""Model use outside training: greedy held-out evaluation (`grpokit eval`), sampling completions
-(`grpokit generate`) and merging a LoRA run into a full model (`grpokit export`).
+"""Model use outside training: held-out evaluation (`grpokit eval`, also of two models side by side),
+sampling completions (`grpokit generate`), keeping the training prompts a model sometimes but not
+always solves (`grpokit filter`) and merging a LoRA run into a full model (`grpokit export`).
 
 They reuse the trainer's pieces: the config's data and rewards, the model loaders, the in-process
 sampler and `evaluate.evaluate`, so a number printed here equals the trainer's eval/* metric.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +19,9 @@ import torch
 from grpokit import data as data_mod
 from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError
-from grpokit.evaluate import decode_completions, evaluate
+from grpokit.evaluate import EvalResult, decode_completions, eval_sampling, evaluate_per_prompt, sample_and_score
 from grpokit.models import load_policy, load_tokenizer, resolve_model_path
 from grpokit.rewards import RewardRunner, resolve_rewards
-from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
 
 
@@ -34,25 +36,96 @@ def _load(cfg: GRPOConfig):
     return model, tokenizer, engine, sorted({tokenizer.eos_token_id, *eos})
 
 
+def _runner(cfg: GRPOConfig, funcs, records: list[dict], log_name: str) -> RewardRunner:
+    for f in funcs:
+        f.check_columns(records[0].keys())
+    return RewardRunner(funcs, timeout=cfg.reward_timeout, error_rate_limit=cfg.reward_error_rate_limit,
+                        error_log=Path(cfg.output_dir) / log_name)
+
+
 def evaluate_model(cfg: GRPOConfig) -> dict[str, float]:
-    """eval/* metrics of `cfg.model` on `cfg.eval_dataset` (greedy, at most eval_limit prompts)."""
+    """eval/* metrics of `cfg.model` on `cfg.eval_dataset` (at most eval_limit prompts; see `evaluate_models`)."""
+    return evaluate_models(cfg, [cfg.model])[0].metrics
+
+
+def evaluate_models(cfg: GRPOConfig, models: Sequence[str]) -> list[EvalResult]:
+    """Each model on the same `cfg.eval_dataset` prompts: greedy, plus eval_num_samples samples per prompt
+    (the config's sampling settings, seed = cfg.seed) for eval/pass@k and eval/maj@k with k in eval_pass_k."""
     if cfg.eval_dataset is None:
         raise ConfigError("eval needs eval_dataset: set it in the config or with --set eval_dataset=PATH")
     funcs = resolve_rewards(cfg.reward_funcs)
     records = data_mod.dataset_records(cfg, "eval")[:cfg.eval_limit]
-    for f in funcs:
-        f.check_columns(records[0].keys())
-    runner = RewardRunner(funcs, timeout=cfg.reward_timeout, error_rate_limit=cfg.reward_error_rate_limit,
-                          error_log=Path(cfg.output_dir) / "eval_reward_errors.jsonl")
+    runner = _runner(cfg, funcs, records, "eval_reward_errors.jsonl")
+    limit = cfg.eval_max_completion_length or cfg.max_completion_length
+    results, kept = [], None
     try:
-        model, tokenizer, engine, stop_ids = _load(cfg)
-        prompts = data_mod.tokenise_prompts(records, tokenizer, cfg.max_prompt_length, cfg.eval_dataset)
-        limit = cfg.eval_max_completion_length or cfg.max_completion_length
-        with torch.no_grad():
-            return evaluate(engine, tokenizer, prompts, runner, cfg.eval_accuracy_reward or funcs[0].name, limit, stop_ids,
-                            context={"max_completion_length": limit, "step": 0}, stop=cfg.stop_strings)
+        for name in models:
+            model_cfg = cfg.model_copy(update={"model": name})
+            model, tokenizer, engine, stop_ids = _load(model_cfg)
+            prompts = data_mod.tokenise_prompts(records, tokenizer, cfg.max_prompt_length, cfg.eval_dataset)
+            if kept is not None and prompts.records != kept:
+                raise ConfigError(f"eval --compare: '{name}' keeps different prompts under max_prompt_length="
+                                  f"{cfg.max_prompt_length} than '{models[0]}' (their tokenizers differ); raise "
+                                  "max_prompt_length so both models see every prompt")
+            kept = prompts.records
+            with torch.no_grad():
+                results.append(evaluate_per_prompt(
+                    engine, tokenizer, prompts, runner, cfg.eval_accuracy_reward or funcs[0].name, limit, stop_ids,
+                    context={"max_completion_length": limit, "step": 0}, stop=cfg.stop_strings,
+                    num_samples=cfg.eval_num_samples, pass_k=cfg.eval_pass_k,
+                    sampling=eval_sampling(model_cfg, limit, stop_ids)))
+            engine.close()
+            del model, engine
     finally:
         runner.close()
+    return results
+
+
+@dataclass(slots=True, kw_only=True)
+class FilterReport:
+    rows: list[dict]  # the original rows kept, each with `pass_rate`
+    prompts: int  # prompts sampled
+    all_correct: int
+    all_wrong: int
+    not_scored: int  # the accuracy reward applied to none of the prompt's samples
+
+
+def filter_by_pass_rate(cfg: GRPOConfig, samples: int, limit: int | None = None, keep_all: bool = False) -> FilterReport:
+    """Sample `samples` completions per training prompt with `cfg.model` (the config's sampling settings,
+    seed = cfg.seed) and keep the original rows whose pass rate is strictly between 0 and 1.
+
+    pass_rate = samples with accuracy reward >= 1 (eval_accuracy_reward, default the first reward) / `samples`.
+    A prompt whose every score is None gets pass_rate None and is dropped. With `keep_all` every row is
+    kept. Rows are the dataset's own (before prompt_column, column_mapping, templates and transforms), so
+    the output works as `dataset:` with the same config. Prompts over max_prompt_length are dropped.
+    """
+    raw_rows = data_mod.read_rows(cfg.dataset)[:limit]
+    records = data_mod.dataset_records(cfg, "train")[:limit]
+    funcs = resolve_rewards(cfg.reward_funcs)
+    name = cfg.eval_accuracy_reward or funcs[0].name
+    funcs = [f for f in funcs if f.name == name]
+    runner = _runner(cfg, funcs, records, "filter_reward_errors.jsonl")
+    try:
+        model, tokenizer, engine, stop_ids = _load(cfg)
+        prompts = data_mod.tokenise_prompts(records, tokenizer, cfg.max_prompt_length, cfg.dataset)
+        with torch.no_grad():
+            scored = sample_and_score(engine, tokenizer, prompts, runner, samples,
+                                      eval_sampling(cfg, cfg.max_completion_length, stop_ids),
+                                      context={"max_completion_length": cfg.max_completion_length, "step": 0})
+        runner.pop_metrics()
+    finally:
+        runner.close()
+    row_of = {id(r): i for i, r in enumerate(records)}  # tokenise_prompts keeps the record objects it does not drop
+    accuracy = scored.rewards[:, 0].view(len(prompts.records), samples)  # [P, samples]
+    report = FilterReport(rows=[], prompts=len(prompts.records), all_correct=0, all_wrong=0, not_scored=0)
+    for record, scores in zip(prompts.records, accuracy, strict=True):
+        rate = None if scores.isnan().all() else float((scores >= 1.0).sum()) / samples
+        report.all_correct += int(rate == 1.0)
+        report.all_wrong += int(rate == 0.0)
+        report.not_scored += int(rate is None)
+        if keep_all or (rate is not None and 0.0 < rate < 1.0):
+            report.rows.append({**raw_rows[row_of[id(record)]], "pass_rate": rate})
+    return report
 
 
 def generate(cfg: GRPOConfig, n: int, limit: int | None, which: str = "train") -> list[dict]:
@@ -64,10 +137,8 @@ def generate(cfg: GRPOConfig, n: int, limit: int | None, which: str = "train") -
     model, tokenizer, engine, stop_ids = _load(cfg)
     spec = cfg.dataset if which == "train" else cfg.eval_dataset
     prompts = data_mod.tokenise_prompts(records, tokenizer, cfg.max_prompt_length, spec)
-    params = SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=stop_ids, seed=cfg.seed,
-                            **cfg.sampling())
     with torch.no_grad():
-        rollout = engine.generate(prompts.prompt_ids, n, params)
+        rollout = engine.generate(prompts.prompt_ids, n, eval_sampling(cfg, cfg.max_completion_length, stop_ids))
     conversational = isinstance(prompts.records[0]["prompt"], list)
     completions = decode_completions(tokenizer, rollout.completion_ids, conversational)
     return [{"prompt": prompts.records[i // n]["prompt"], "completion": c, "finish_reason": r}

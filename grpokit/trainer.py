@@ -33,7 +33,7 @@ from grpokit.batches import Generation, MicroBatch, Pending, pack
 from grpokit.best_model import BestModel
 from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError, Interrupted, TrainingError
-from grpokit.evaluate import columns_of, decode_completions, evaluate
+from grpokit.evaluate import columns_of, decode_completions, eval_sampling, evaluate
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, Timers, check_sinks, generation_metrics
@@ -424,7 +424,8 @@ class Trainer:
         started = time.perf_counter()
         result = evaluate(self.synced_engine(), self.tokenizer, self.eval_data, self.rewards, self.accuracy_reward, limit,
                           self.stop_ids, context=self.reward_context(limit), autocast=self.autocast,
-                          stop=self.cfg.stop_strings)
+                          stop=self.cfg.stop_strings, num_samples=self.cfg.eval_num_samples, pass_k=self.cfg.eval_pass_k,
+                          sampling=eval_sampling(self.cfg, limit, self.stop_ids))
         result["eval/time"] = time.perf_counter() - started
         metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
