@@ -140,3 +140,14 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def optimizer_and_schedule(model: torch.nn.Module, cfg) -> tuple[torch.optim.Optimizer, object]:
+    """AdamW over the trainable parameters and the config's LR schedule over `cfg.max_steps` (GRPO and SFT)."""
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                    num_training_steps=cfg.max_steps)

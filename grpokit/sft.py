@@ -39,7 +39,7 @@ from grpokit.config import GRPOConfig
 from grpokit.errors import DataError, TrainingError
 from grpokit.logprobs import completion_logps
 from grpokit.metrics import MetricsLogger, check_sinks
-from grpokit.models import add_lora, load_policy, load_tokenizer, resolve_model_path
+from grpokit.models import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +253,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
     if cfg.use_peft:
         policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     policy.train()
-    from transformers import get_scheduler
-
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps)
+    optimizer, scheduler = optimizer_and_schedule(policy, cfg)
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +289,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
                     loss = answer_nll(policy, batch, cfg.logprob_chunk_size, cfg.share_prompt_forward) / trained_tokens
                 loss.backward()
                 loss_total += loss.detach()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm))
             loss_value, learning_rate = float(loss_total), scheduler.get_last_lr()[0]
             losses.append(loss_value)
             skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))

@@ -37,7 +37,8 @@ from grpokit.evaluate import columns_of, decode_completions, eval_sampling, eval
 from grpokit.logprobs import completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, Timers, check_sinks, generation_metrics
-from grpokit.models import add_lora, frozen_copy, load_policy, load_tokenizer, prepare_tokenizer, resolve_model_path
+from grpokit.models import (add_lora, frozen_copy, load_policy, load_tokenizer, optimizer_and_schedule, prepare_tokenizer,
+                            resolve_model_path)
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
@@ -110,13 +111,7 @@ class Trainer:
                           if self.eval_records else None)
         self.stop_ids = sorted({self.tokenizer.eos_token_id, *self._generation_eos()})
 
-        from transformers import get_scheduler
-
-        trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           weight_decay=cfg.weight_decay)
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=cfg.warmup_steps,
-                                       num_training_steps=cfg.max_steps)
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.policy, cfg)
         self.loss_settings = LossSettings(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
                                           epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
                                           top_entropy_quantile=cfg.top_entropy_quantile,

@@ -11,8 +11,9 @@ from grpokit.config import PRESETS_DIR, GRPOConfig, load_config
 from tests.conftest import run_cli, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = ["train", "check", "eval", "generate", "export", "sft", "report", "vllm-serve"]
+COMMANDS = ["train", "check", "eval", "generate", "export", "sft", "filter", "plan", "report", "vllm-serve"]
 CONFIGS = sorted(p for p in (REPO / "examples").rglob("*") if p.suffix in (".yaml", ".yml", ".toml"))
+PIPELINE = REPO / "examples" / "pipeline"  # stages that read the previous stage's output: run in order below
 TINY = ["--set", "max_steps=1", "--set", "num_generations=2", "--set", "per_device_train_batch_size=2",
         "--set", "max_completion_length=4", "--set", "eval_limit=2", "--set", "eval_steps=null",
         "--set", "device=cpu", "--set", "output_dir=run"]
@@ -37,7 +38,7 @@ def test_every_example_and_preset_loads():
         assert isinstance(load_config(path, extra), GRPOConfig), path
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.parent != PIPELINE], ids=lambda p: p.name)
 def test_every_example_runs_one_step(tmp_path, tiny_model_dir, config):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     rel = config.relative_to(REPO)
@@ -89,3 +90,34 @@ def test_export_merges_a_lora_run(tmp_path, qa_setup):
     assert result.returncode == 0, result.stderr
     assert "merged the LoRA adapter" in result.stdout
     assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "adapter_config.json").exists()
+
+
+def test_pipeline_example_runs_each_stage_on_the_previous_ones_output(tmp_path, tiny_model_dir):
+    """examples/pipeline: sft -> filter -> train -> eval --compare, each the README's command, on the tiny model."""
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    small = ["--set", "bf16=false", "--set", "device=cpu"]
+    sft = run_cli("sft", "examples/pipeline/sft.yaml", "--set", f"model={tiny_model_dir}", "--set", "num_train_epochs=null",
+                  "--set", "max_steps=2", "--set", "dataset=reasoning_gym:chain_sum?size=16&seed=1", *small, cwd=tmp_path)
+    assert sft.returncode == 0, sft.stderr + sft.stdout
+    sft_model = tmp_path / "outputs" / "pipeline" / "sft" / "final_model"
+    assert (sft_model / "config.json").is_file()
+    grpo = ["examples/pipeline/grpo.yaml", *small, "--set", "dataset=reasoning_gym:chain_sum?size=16&seed=1",
+            "--set", "max_completion_length=4", "--set", "eval_limit=4"]
+    # a random tiny model is never right, so every prompt has pass rate 0: keep them all to train on
+    filtered = run_cli("filter", *grpo, "--samples", "2", "--keep-all", "--output", "outputs/pipeline/filtered.jsonl",
+                       cwd=tmp_path)
+    assert filtered.returncode == 0, filtered.stderr + filtered.stdout
+    rows = [json.loads(line) for line in (tmp_path / "outputs/pipeline/filtered.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all("pass_rate" in r for r in rows)
+    train = run_cli("train", *grpo, "--set", "dataset=outputs/pipeline/filtered.jsonl", "--set", "max_steps=2",
+                    "--set", "num_generations=2", "--set", "per_device_train_batch_size=4", "--set", "eval_steps=1",
+                    "--set", "eval_num_samples=4", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr + train.stdout
+    run = tmp_path / "outputs" / "pipeline" / "grpo"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval/pass@4" in line]
+    assert len(evals) >= 2 and (run / "best_model" / "best_metric.json").is_file()
+    compare = run_cli("eval", *grpo, "--model", str(run / "final_model"), "--compare", str(sft_model),
+                      "--samples", "4", "--k", "1,4", "--output", "compare.json", cwd=tmp_path)
+    assert compare.returncode == 0, compare.stderr + compare.stdout
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert {"eval/accuracy", "eval/pass@4"} <= set(result["difference"])
