@@ -36,6 +36,12 @@ def _load(cfg: GRPOConfig):
     return model, tokenizer, engine, sorted({tokenizer.eos_token_id, *eos})
 
 
+def _autocast(cfg: GRPOConfig, model: torch.nn.Module):
+    """What the trainer generates under: bf16 autocast when `bf16` is set (so eval here equals its eval/*)."""
+    device_type = next(model.parameters()).device.type
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
 def _runner(cfg: GRPOConfig, funcs, records: list[dict], log_name: str) -> RewardRunner:
     for f in funcs:
         f.check_columns(records[0].keys())
@@ -73,7 +79,7 @@ def evaluate_models(cfg: GRPOConfig, models: Sequence[str]) -> list[EvalResult]:
                     engine, tokenizer, prompts, runner, cfg.eval_accuracy_reward or funcs[0].name, limit, stop_ids,
                     context={"max_completion_length": limit, "step": 0}, stop=cfg.stop_strings,
                     num_samples=cfg.eval_num_samples, pass_k=cfg.eval_pass_k,
-                    sampling=eval_sampling(model_cfg, limit, stop_ids)))
+                    sampling=eval_sampling(model_cfg, limit, stop_ids), autocast=_autocast(cfg, model)))
             engine.close()
             del model, engine
     finally:
@@ -111,7 +117,8 @@ def filter_by_pass_rate(cfg: GRPOConfig, samples: int, limit: int | None = None,
         with torch.no_grad():
             scored = sample_and_score(engine, tokenizer, prompts, runner, samples,
                                       eval_sampling(cfg, cfg.max_completion_length, stop_ids),
-                                      context={"max_completion_length": cfg.max_completion_length, "step": 0})
+                                      context={"max_completion_length": cfg.max_completion_length, "step": 0},
+                                      autocast=_autocast(cfg, model))
         runner.pop_metrics()
     finally:
         runner.close()
@@ -137,7 +144,7 @@ def generate(cfg: GRPOConfig, n: int, limit: int | None, which: str = "train") -
     model, tokenizer, engine, stop_ids = _load(cfg)
     spec = cfg.dataset if which == "train" else cfg.eval_dataset
     prompts = data_mod.tokenise_prompts(records, tokenizer, cfg.max_prompt_length, spec)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(cfg, model)():
         rollout = engine.generate(prompts.prompt_ids, n, eval_sampling(cfg, cfg.max_completion_length, stop_ids))
     conversational = isinstance(prompts.records[0]["prompt"], list)
     completions = decode_completions(tokenizer, rollout.completion_ids, conversational)

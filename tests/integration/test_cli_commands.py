@@ -3,6 +3,8 @@ shipped example and preset: loaded, and each example config run for one step on 
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,48 @@ def test_eval_reports_accuracy(tmp_path, qa_setup):
     assert "eval/accuracy:" in result.stdout
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_eval_of_the_final_model_equals_the_trainers_last_evaluation(tmp_path, qa_setup, bf16):
+    """`grpokit eval` generates as the trainer's evaluation does (bf16 autocast included): same numbers."""
+    write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"What is {a} - {b}?", "answer": str(a - b)} for a in range(3)
+                                          for b in range(2)])
+    common = [*qa_setup, "--set", "eval_dataset=held.jsonl", "--set", f"bf16={str(bf16).lower()}",
+              "--set", "eval_num_samples=2", "--set", "eval_pass_k=[1, 2]", "--set", "temperature=1.0", "--set", "seed=3"]
+    train = run_cli("train", *common, *TINY, "--set", "max_steps=2", "--set", "learning_rate=0.05", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr + train.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "eval/accuracy" in r][-1]
+    result = run_cli("eval", *common, *TINY, "--model", "run/final_model", "--output", "m.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    shared = sorted(k for k in metrics if k in last and k != "eval/time")
+    assert {"eval/accuracy", "eval/pass@2", "eval/completions/mean_length", "eval/sampled/completions/mean_length"} <= set(shared)
+    for key in shared:
+        assert metrics[key] == pytest.approx(last[key], abs=1e-9), key
+
+
+def test_eval_and_filter_generate_under_bf16_autocast_when_bf16_is_set(tmp_path, tiny_model_dir, monkeypatch):
+    """The tiny model's completions do not change under bf16, so the test above cannot see this: watch the engine."""
+    import torch
+
+    from grpokit.inference import evaluate_model, filter_by_pass_rate
+    from grpokit.rollout.torch_engine import TorchEngine
+
+    seen = []
+    generate = TorchEngine.generate
+    monkeypatch.setattr(TorchEngine, "generate",
+                        lambda self, *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or generate(self, *a, **k))
+    rows = [{"prompt": f"What is {a} - {b}?", "answer": str(a - b)} for a in range(3) for b in range(2)]
+    data = str(write_jsonl(tmp_path / "held.jsonl", rows))
+    for bf16 in (False, True):
+        cfg = GRPOConfig(model=str(tiny_model_dir), dataset=data, eval_dataset=data, reward_funcs=["number_correct"],
+                         max_completion_length=4, eval_num_samples=2, bf16=bf16, device="cpu",
+                         output_dir=str(tmp_path / "out"))
+        evaluate_model(cfg)
+        filter_by_pass_rate(cfg, samples=2)
+    assert seen and seen == [False] * (len(seen) // 2) + [True] * (len(seen) // 2)
+
+
 def test_generate_writes_n_completions_per_prompt(tmp_path, qa_setup):
     result = run_cli("generate", *qa_setup, "-n", "3", "--limit", "2", "--output", "out.jsonl", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -93,15 +137,20 @@ def test_export_merges_a_lora_run(tmp_path, qa_setup):
 
 
 def test_pipeline_example_runs_each_stage_on_the_previous_ones_output(tmp_path, tiny_model_dir):
-    """examples/pipeline: sft -> filter -> train -> eval --compare, each the README's command, on the tiny model."""
+    """examples/pipeline: data -> sft -> filter -> train -> eval --compare, each run.sh's command, on the tiny model."""
     shutil.copytree(REPO / "examples", tmp_path / "examples")
+    data = subprocess.run([sys.executable, "examples/pipeline/make_sft_data.py", "outputs/pipeline/sft_train.jsonl",
+                           "--size", "16"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert data.returncode == 0, data.stderr
+    first = json.loads((tmp_path / "outputs/pipeline/sft_train.jsonl").read_text().splitlines()[0])
+    assert first["completion"].endswith(f"Answer: {first['answer']}")
     small = ["--set", "bf16=false", "--set", "device=cpu"]
     sft = run_cli("sft", "examples/pipeline/sft.yaml", "--set", f"model={tiny_model_dir}", "--set", "num_train_epochs=null",
-                  "--set", "max_steps=2", "--set", "dataset=reasoning_gym:chain_sum?size=16&seed=1", *small, cwd=tmp_path)
+                  "--set", "max_steps=2", *small, cwd=tmp_path)
     assert sft.returncode == 0, sft.stderr + sft.stdout
     sft_model = tmp_path / "outputs" / "pipeline" / "sft" / "final_model"
     assert (sft_model / "config.json").is_file()
-    grpo = ["examples/pipeline/grpo.yaml", *small, "--set", "dataset=reasoning_gym:chain_sum?size=16&seed=1",
+    grpo = ["examples/pipeline/grpo.yaml", *small, "--set", "dataset=reasoning_gym:chain_sum?size=16&seed=1&max_terms=3",
             "--set", "max_completion_length=4", "--set", "eval_limit=4"]
     # a random tiny model is never right, so every prompt has pass rate 0: keep them all to train on
     filtered = run_cli("filter", *grpo, "--samples", "2", "--keep-all", "--output", "outputs/pipeline/filtered.jsonl",
