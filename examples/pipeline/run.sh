@@ -7,6 +7,7 @@ out=outputs/pipeline
 mkdir -p "$out"
 stage() { echo "== $1"; shift; local start=$SECONDS; "$@"; echo "== wall $((SECONDS - start)) s"; }
 
+stage "0. worked answers for SFT" python examples/pipeline/make_sft_data.py "$out/sft_train.jsonl"
 stage "1. SFT warm start" grpokit sft examples/pipeline/sft.yaml
 stage "2. keep the prompts the SFT model sometimes solves" \
     grpokit filter examples/pipeline/grpo.yaml --samples 8 --output "$out/filtered.jsonl"
