@@ -177,11 +177,11 @@ class Trainer:
         try:
             with checkpoint.StopSignals(self._say) as signals:
                 if self.eval_data and cfg.eval_on_start and not resume:
-                    self.eval_before = self._evaluate_keep_best(metrics_log, step=0, label="before training")
+                    self.eval_before = self._evaluate(metrics_log, step=0, label="before training")
                 while self.global_step < cfg.max_steps:
                     step = self._step(metrics_log)
                     if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-                        self._evaluate_keep_best(metrics_log, step=step, label=f"at step {step}")
+                        self._evaluate(metrics_log, step=step, label=f"at step {step}")
                     if signals.received is not None:
                         path = self._checkpoint()
                         raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {step}; "
@@ -190,7 +190,7 @@ class Trainer:
                     if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                         self._checkpoint()
             if self.eval_data:
-                eval_after = self._evaluate_keep_best(metrics_log, step=self.global_step, label="after training")
+                eval_after = self._evaluate(metrics_log, step=self.global_step, label="after training")
             self._save(out / "final_model")
             before = self.eval_before
             if before and eval_after:
@@ -424,11 +424,7 @@ class Trainer:
         result["eval/time"] = time.perf_counter() - started
         metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
-        return result
-
-    def _evaluate_keep_best(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
-        result = self._evaluate(metrics_log, step, label)
-        self.best.observe(result, step, self._save)
+        self.best.observe(result, step, self._save)  # metric_for_best_model: keep best_model/
         return result
 
     def reward_context(self, max_completion_length: int | None = None) -> dict:
