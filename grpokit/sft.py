@@ -36,7 +36,7 @@ import torch
 from grpokit import data
 from grpokit.batches import pack
 from grpokit.config import GRPOConfig
-from grpokit.errors import DataError, TrainingError
+from grpokit.errors import ConfigError, DataError, TrainingError
 from grpokit.logprobs import completion_logps
 from grpokit.metrics import MetricsLogger, check_sinks
 from grpokit.models import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
@@ -230,6 +230,11 @@ def answer_nll(model, batch: SFTBatch, chunk_size: int, share_prompts: bool) -> 
 
 def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
     """Fine-tune `cfg.model` on `cfg.dataset`'s targets; save OUTPUT_DIR/final_model, metrics.jsonl, config.yaml."""
+    if cfg.load_in_4bit:  # final_model is LoRA merged into the loaded base: a 4-bit base would save rounded 4-bit weights
+        raise ConfigError("load_in_4bit: `grpokit sft` does not train on 4-bit weights: it saves final_model as the "
+                          "LoRA adapter merged into the base it trained on, and a 4-bit base would make that a rounded, "
+                          "quantised model. Run SFT without it (--set load_in_4bit=false; LoRA on bf16 weights: "
+                          "use_peft: true, torch_dtype: bfloat16), then GRPO with load_in_4bit from its final_model")
     separate_output = "output_dir" in cfg.model_fields_set  # then GRPO with the same config would write here too
     cfg = sft_defaults(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -101,7 +101,7 @@ def test_axolotl_keys():
     ({"vllm": {"hots": "x"}}, "vllm.hots: unknown key; did you mean 'host'?"),
     ({"micro_batch_size": 4, "per_device_train_batch_size": 8}, "give one"),
     ({"trl": {"use_vllm": True, "vllm_mode": "cluster"}}, "vllm_mode"),
-    ({"load_in_4bit": True}, "4-bit (QLoRA) loading is not supported yet"),
+    ({"load_in_4bit": True}, "load_in_4bit: 4-bit weights cannot be trained directly"),  # QLoRA needs use_peft
     ({"sequence_len": 100}, "sequence_len"),
     ({"reward_specs": [{"weight": 1.0}]}, "needs spec_class"),
 ])
