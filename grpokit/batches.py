@@ -15,6 +15,8 @@ class MicroBatch:
     advantages: torch.Tensor  # [M]
     old_logps: torch.Tensor | None = None  # [M, T]
     ref_logps: torch.Tensor | None = None  # [M, T]
+    step_sequences: int | None = None  # the loss normaliser's counts over the micro-batch's whole optimizer step
+    step_tokens: int | None = None  # (every micro-batch of the window, on every process)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -91,8 +91,10 @@ class BestModel:
             return True
         return value > self.value if self.greater else value < self.value
 
-    def observe(self, result: dict[str, float], step: int, save: Callable[[Path], None]) -> bool:
-        """After an evaluation: save the policy with `save(dir)` when `result` holds a new best. True when saved."""
+    def observe(self, result: dict[str, float], step: int, save: Callable[[Path], None] | None) -> bool:
+        """After an evaluation: save the policy with `save(dir)` when `result` holds a new best. True when it is one.
+
+        `save` None: only track the best (a process other than the main one, which writes)."""
         if self.metric is None:
             return False
         if self.metric not in result:  # the start check passed, but the evaluation disagrees: fail before training on
@@ -101,7 +103,8 @@ class BestModel:
         value = float(result[self.metric])
         if not self.improves(value):
             return False
-        self._write(value, step, save)
+        if save is not None:
+            self._write(value, step, save)
         self.value, self.step = value, step
         log.info("best model so far: %s %.4g at step %d -> %s", self.metric, value, step, self.dir)
         return True

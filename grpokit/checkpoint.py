@@ -20,6 +20,7 @@ are saved with it (TRL regenerates them on resume, which changes the run): `N` s
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -35,6 +36,7 @@ from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 # settings that change what a run logs or keeps, not what it computes: they may differ on resume
 _NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps",
@@ -232,37 +234,67 @@ class StopSignals:
 
 
 def save_run(trainer) -> Path:
-    """Checkpoint a Trainer at its current step."""
+    """Checkpoint a Trainer at its current step. With several processes every one calls this (each holds its own
+    unused micro-batches, gathered here); the main process writes."""
+    procs = trainer.procs
     pending = None
     if trainer.pending:
-        pending = {"windows": trainer.pending.windows, "metrics": trainer.pending.metrics,
-                   "micro_batches": [{f: getattr(mb, f) for f in MicroBatch.__slots__}
-                                     for mb in trainer.pending.micro_batches]}
+        mine = [{f: _to_cpu(getattr(mb, f)) for f in MicroBatch.__slots__} for mb in trainer.pending.micro_batches]
+        pending = {"windows": trainer.pending.windows, "metrics": trainer.pending.metrics, "micro_batches": mine}
+        if procs.count > 1:
+            pending["micro_batches"] = procs.gather(mine)  # one list per process
     state = {"global_step": trainer.global_step, "generations": trainer.generations, "num_tokens": trainer.num_tokens,
              "order": trainer._order, "consecutive_skips": trainer.consecutive_skips, "eval_before": trainer.eval_before,
-             "best_model": trainer.best.state()}
+             "best_model": trainer.best.state(), "processes": procs.count}
     cfg = trainer.cfg
-    return save(Path(cfg.output_dir), trainer.global_step, policy=trainer.policy, tokenizer=trainer.tokenizer,
-                optimizer=trainer.optimizer, scheduler=trainer.scheduler, state=state, rng=rng_state(trainer._order_rng),
-                pending=pending, config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
+    path = Path(cfg.output_dir) / f"checkpoint-{trainer.global_step}"
+    if procs.is_main:
+        path = save(Path(cfg.output_dir), trainer.global_step, policy=trainer.policy, tokenizer=trainer.tokenizer,
+                    optimizer=trainer.optimizer, scheduler=trainer.scheduler, state=state,
+                    rng=rng_state(trainer._order_rng), pending=pending, config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
+    procs.wait()  # nobody reads or moves on before the checkpoint is complete
+    return path
 
 
 def restore_run(trainer, path: Path, force: bool) -> None:
     """Put a Trainer (built from the same config) back into the state `path` was saved in."""
     saved = load(path)
+    state = saved.state
+    processes, count = state.get("processes", 1), trainer.procs.count
     if not force:
         check_config(saved.config, trainer.cfg.model_dump(mode="json"), path)
+        if processes != count:
+            raise ConfigError(f"--resume {path}: written by a run of {processes} process(es), this one has {count}: each "
+                              "optimizer step would train on a different number of completions (per_device_train_batch_size"
+                              f" x processes). Resume with {processes} process(es), or pass --force to go on with {count}")
     load_weights(trainer.policy, path, trainer.uses_adapters)
     trainer.optimizer.load_state_dict(saved.optimizer)
     trainer.scheduler.load_state_dict(saved.scheduler)
     set_rng_state(saved.rng, trainer._order_rng)
-    state = saved.state
     trainer.global_step, trainer.generations, trainer.num_tokens = (state["global_step"], state["generations"],
                                                                      state["num_tokens"])
     trainer._order, trainer.consecutive_skips = state["order"], state["consecutive_skips"]
     trainer.eval_before = state["eval_before"]
     trainer.best.restore(state.get("best_model"))  # absent in checkpoints written before best_model existed
     trainer.engine_stale = True  # a vLLM engine still holds the starting weights
-    if saved.pending is not None:
-        trainer.pending = Pending(windows=saved.pending["windows"], metrics=saved.pending["metrics"],
-                                  micro_batches=[MicroBatch(**mb) for mb in saved.pending["micro_batches"]])
+    if saved.pending is None:
+        return
+    if processes != count:  # --force: the rest of that generation was cut for another process count
+        log.warning("--force: the %d unused optimizer step(s) of the generation in %s were cut for %d process(es); "
+                    "they are dropped and the run goes on with a new generation", len(saved.pending["windows"]), path,
+                    processes)
+        return
+    mine = saved.pending["micro_batches"]
+    if count > 1:
+        mine = mine[trainer.procs.index]
+    trainer.pending = Pending(windows=saved.pending["windows"], metrics=saved.pending["metrics"],
+                              micro_batches=[MicroBatch(**{k: _to(v, trainer.device) for k, v in mb.items()})
+                                             for mb in mine])
+
+
+def _to_cpu(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value

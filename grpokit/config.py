@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from grpokit.distributed import world_size
 from grpokit.errors import ConfigError
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 
@@ -167,7 +168,8 @@ class GRPOConfig(BaseModel):
 
     @property
     def generation_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.micro_batches_per_generation
+        """Completions per generation, over all processes (WORLD_SIZE under accelerate launch / torchrun)."""
+        return self.per_device_train_batch_size * self.micro_batches_per_generation * world_size()
 
     @property
     def prompts_per_generation(self) -> int:
@@ -197,8 +199,9 @@ class GRPOConfig(BaseModel):
                              f"gradient_accumulation_steps = {self.gradient_accumulation_steps}")
         if gbs % self.num_generations:
             valid = [g for g in range(2, gbs + 1) if gbs % g == 0]
+            processes = f" x {world_size()} processes" if world_size() > 1 else ""
             raise ValueError(
-                f"per_device_train_batch_size x steps_per_generation (default gradient_accumulation_steps) = {gbs} "
+                f"per_device_train_batch_size x steps_per_generation (default gradient_accumulation_steps){processes} = {gbs} "
                 f"completions per generation is not divisible by num_generations = {self.num_generations}; with this "
                 f"batch, num_generations can be {valid}, or make the batch a multiple of {self.num_generations}")
         if any(k < 1 for k in self.eval_pass_k):

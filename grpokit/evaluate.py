@@ -128,6 +128,16 @@ def evaluate_per_prompt(engine: Engine, tokenizer, data: TokenisedPrompts, runne
     return EvalResult(metrics=metrics, per_prompt=per_prompt)
 
 
+def merge_results(parts: list[EvalResult]) -> dict[str, float]:
+    """eval/* metrics of prompt shards evaluated apart (one per process), as if evaluated together."""
+    per_prompt = {key: [v for part in parts for v in part.per_prompt[key]] for key in parts[0].per_prompt}
+    metrics = {key: nanmean(torch.tensor(values, dtype=torch.float64)) for key, values in per_prompt.items()}
+    metrics["eval/num_prompts"] = float(sum(part.metrics["eval/num_prompts"] for part in parts))
+    if "eval/num_correct" in parts[0].metrics:
+        metrics["eval/num_correct"] = float(sum(part.metrics["eval/num_correct"] for part in parts))
+    return metrics
+
+
 def _sampled_per_prompt(sampled: Scored, runner: RewardRunner, accuracy_reward: str, n: int,
                         pass_k: Sequence[int]) -> dict[str, list[float]]:
     """Per-prompt pass@k, maj@k, sampled reward means, length and truncation from `n` samples per prompt.

@@ -131,3 +131,17 @@ def completion_logps(
         logps.append(lp)
         entropies.append(ent)
     return torch.cat(logps).view(batch, length), torch.cat(entropies).view(batch, length)
+
+
+class CompletionLogProbs(torch.nn.Module):
+    """`completion_logps` of a model as one module call, so a data-parallel wrapper (DDP, FSDP) sees one forward
+    per backward: the decoder and the LM head run as separate calls inside it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
+                temperature: float, chunk_size: int, share_prompts: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logps(self.model, input_ids, attention_mask, completion_length, temperature, chunk_size,
+                                share_prompts)

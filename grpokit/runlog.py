@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grpokit.distributed import world_size
+
 if TYPE_CHECKING:
     from grpokit.config import GRPOConfig
     from grpokit.trainer import Trainer
@@ -19,9 +21,9 @@ SAMPLE_CHARS = 300  # a console sample shows at most this many characters of the
 # how each loss_type divides the summed per-token loss (loss.py's `normalise` is the implementation)
 _NORMALISERS = {
     "grpo": "the mean over each completion's tokens, then the mean over the {seqs} completions of the step",
-    "bnpo": "the sum over tokens / the completion tokens in the step (this process's {seqs} completions)",
-    "dapo": "the sum over tokens / the completion tokens in the step (all processes' completions; "
-            "{seqs} per process)",
+    "bnpo": "the sum over tokens / the completion tokens in the step (this process's {local} completions; "
+            "averaged over processes)",
+    "dapo": "the sum over tokens / the completion tokens in the step (all {seqs} completions, over every process)",
     "dr_grpo": "the sum over tokens / ({seqs} completions x max_completion_length {length}) = {constant}, a constant",
 }
 
@@ -56,12 +58,13 @@ def batch_lines(cfg: GRPOConfig) -> list[str]:
     """The batch accounting: prompts and completions per generation, micro-batches, optimizer steps, how far
     off-policy the updates get, the loss normaliser and the most tokens a generation can hold."""
     g, per_micro, accum = cfg.num_generations, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    steps = cfg.optimizer_steps_per_generation
-    seqs_per_step = per_micro * accum
+    steps, processes = cfg.optimizer_steps_per_generation, world_size()
+    seqs_per_step = per_micro * accum * processes
+    each = f" in each of {processes} processes" if processes > 1 else ""
     lines = [f"per generation: {cfg.prompts_per_generation} prompts x {g} completions = {cfg.generation_batch_size} "
-             f"completions in {cfg.micro_batches_per_generation} micro-batch(es) of {per_micro}; "
-             f"per optimizer step: {accum} micro-batch(es) = {seqs_per_step} completions "
-             f"({seqs_per_step // g} prompts); {steps} optimizer step(s) per generation "
+             f"completions in {cfg.micro_batches_per_generation} micro-batch(es) of {per_micro}{each}; "
+             f"per optimizer step: {accum} micro-batch(es){each} = {seqs_per_step} completions "
+             f"({seqs_per_step / g:g} prompts); {steps} optimizer step(s) per generation "
              f"(num_iterations {cfg.num_iterations} x {cfg.micro_batches_per_generation // accum} step(s) per pass)"]
     if steps == 1:
         lines.append("on-policy: each generation is used for 1 optimizer step, by the policy that sampled it")
@@ -70,7 +73,8 @@ def batch_lines(cfg: GRPOConfig) -> list[str]:
                      f"{steps - 1} update(s) old (importance ratios clipped to [1 - {cfg.epsilon:g}, "
                      f"1 + {cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon:g}], "
                      f"per {cfg.importance_sampling_level})")
-    normaliser = _NORMALISERS[cfg.loss_type].format(seqs=seqs_per_step, length=cfg.max_completion_length,
+    normaliser = _NORMALISERS[cfg.loss_type].format(seqs=seqs_per_step, local=per_micro * accum,
+                                                    length=cfg.max_completion_length,
                                                     constant=seqs_per_step * cfg.max_completion_length)
     lines.append(f"loss_type {cfg.loss_type}: loss = {normaliser}")
     if cfg.max_prompt_length is None:

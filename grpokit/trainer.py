@@ -32,13 +32,15 @@ from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards
 from grpokit.batches import Generation, MicroBatch, Pending, pack
 from grpokit.best_model import BestModel
 from grpokit.config import GRPOConfig
+from grpokit.distributed import Processes, sample_ranges, share, world_size
+from grpokit.distributed import rank as process_rank
 from grpokit.errors import ConfigError, Interrupted, TrainingError
-from grpokit.evaluate import columns_of, decode_completions, eval_sampling, evaluate
-from grpokit.logprobs import completion_logps
+from grpokit.evaluate import columns_of, decode_completions, eval_sampling, evaluate_per_prompt, merge_results
+from grpokit.logprobs import CompletionLogProbs, completion_logps
 from grpokit.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, Timers, check_sinks, generation_metrics
-from grpokit.models import (add_lora, frozen_copy, load_policy, load_tokenizer, optimizer_and_schedule, prepare_tokenizer,
-                            resolve_model_path)
+from grpokit.models import (add_lora, bnb_4bit_kwargs, check_quantization, frozen_copy, load_policy, load_tokenizer,
+                            optimizer_and_schedule, prepare_tokenizer, resolve_model_path)
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
@@ -64,6 +66,7 @@ class Trainer:
                  peft_config=None):
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_quantization(cfg)  # load_in_4bit without a CUDA GPU or bitsandbytes: fail before data and model load
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         # data and rewards first: their errors must come before the (slow) model load
@@ -84,12 +87,23 @@ class Trainer:
             f.check_columns(self.train_records[0].keys())
         self.best = BestModel(cfg, [f.name for f in self.reward_funcs], bool(self.eval_records))  # checked before the model loads
         check_sinks(cfg.report_to)  # a tracker asked for but not installed fails now, not after the model loads
-        # reward workers fork now, while this process is small (runner.py)
+        if cfg.use_vllm and world_size() > 1:
+            raise ConfigError(f"use_vllm with {world_size()} processes is not supported yet: each process generates "
+                              "with the in-process sampler; drop use_vllm, or run one process with vLLM")
+        # reward workers fork now, while this process is small and before the process group starts (runner.py)
+        errors_file = "reward_errors.jsonl" if process_rank() == 0 else f"reward_errors.rank{process_rank()}.jsonl"
         self.rewards = RewardRunner(self.reward_funcs, timeout=cfg.reward_timeout, error_rate_limit=cfg.reward_error_rate_limit,
-                                    error_log=Path(cfg.output_dir) / "reward_errors.jsonl")
+                                    error_log=Path(cfg.output_dir) / errors_file)
+        self.procs = Processes(cpu=self.device.type == "cpu")  # several under accelerate launch / torchrun
+        if self.procs.count > 1:
+            self.device = self.procs.device
+            if not self.procs.is_main:  # one process speaks for the job; warnings still come from every one
+                logging.getLogger("grpokit").setLevel(logging.WARNING)
         model_path = resolve_model_path(cfg.model) if model is None or tokenizer is None else None
         self.tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else load_tokenizer(model_path)
-        self.policy = (model if model is not None else load_policy(model_path, getattr(torch, cfg.torch_dtype))).to(self.device)
+        self.policy = (model if model is not None else load_policy(model_path, getattr(torch, cfg.torch_dtype),
+                                                                   quantization=bnb_4bit_kwargs(cfg), device=self.device)
+                       ).to(self.device)
         if cfg.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if peft_config is not None:
@@ -112,6 +126,10 @@ class Trainer:
         self.stop_ids = sorted({self.tokenizer.eos_token_id, *self._generation_eos()})
 
         self.optimizer, self.scheduler = optimizer_and_schedule(self.policy, cfg)
+        # several processes: the training forward runs through accelerate's wrapper (DDP), which all-reduces gradients
+        self.train_module = None
+        if self.procs.count > 1:
+            self.train_module, self.optimizer = self.procs.prepare(CompletionLogProbs(self.policy), self.optimizer)
         self.loss_settings = LossSettings(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
                                           epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
                                           top_entropy_quantile=cfg.top_entropy_quantile,
@@ -165,13 +183,16 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._restore(checkpoint.find(out, resume), force)
-        (out / "config.yaml").write_text(cfg.to_yaml())
-        handler = logging.FileHandler(out / "training_log.txt")
+        main = self.procs.is_main  # with several processes, only the main one writes the run directory
+        if main:
+            (out / "config.yaml").write_text(cfg.to_yaml())
+        handler = logging.FileHandler(out / "training_log.txt") if main else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("grpokit").addHandler(handler)
-        metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=self._say,
-                                    resume_step=self.global_step if resume else None, report_to=cfg.report_to,
-                                    run_config=cfg.model_dump(mode="json"), run_name=out.name)
+        metrics_log = (MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=self._say,
+                                     resume_step=self.global_step if resume else None, report_to=cfg.report_to,
+                                     run_config=cfg.model_dump(mode="json"), run_name=out.name)
+                       if main else _Silent())
         runlog.summary(self)
         eval_after = None
         try:
@@ -182,16 +203,21 @@ class Trainer:
                     step = self._step(metrics_log)
                     if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
                         self._evaluate(metrics_log, step=step, label=f"at step {step}")
-                    if signals.received is not None:
+                    received = signals.received
+                    if self.procs.count > 1:  # every process stops after the same step, whichever got the signal
+                        received = max((r for r in self.procs.gather(received) if r is not None), default=None)
+                    if received is not None:
                         path = self._checkpoint()
-                        raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {step}; "
+                        raise Interrupted(f"stopped by {signal.Signals(received).name} after step {step}; "
                                           f"checkpoint written to {path}. Resume with: grpokit train CONFIG --resume",
-                                          128 + signals.received)
+                                          128 + received)
                     if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
                         self._checkpoint()
             if self.eval_data:
                 eval_after = self._evaluate(metrics_log, step=self.global_step, label="after training")
-            self._save(out / "final_model")
+            if main:
+                self._save(out / "final_model")
+            self.procs.wait()
             before = self.eval_before
             if before and eval_after:
                 self._say(f"held-out accuracy: {_pct(before)} before -> {_pct(eval_after)} after "
@@ -203,6 +229,7 @@ class Trainer:
             metrics_log.close()
             logging.getLogger("grpokit").removeHandler(handler)
             handler.close()
+            self.procs.close()
         return TrainResult(output_dir=out, steps=self.global_step, eval_before=self.eval_before, eval_after=eval_after)
 
     def _step(self, metrics_log: MetricsLogger) -> int:
@@ -226,14 +253,15 @@ class Trainer:
         if not pending.windows:
             self.pending = None
         metrics_log.log(self.global_step, metrics)
-        for alert in self.health.observe(self.global_step, metrics):
-            log.warning("%s", alert)
-            with open(Path(cfg.output_dir) / "alerts.jsonl", "a") as f:
-                f.write(json.dumps(dataclasses.asdict(alert)) + "\n")
+        if self.procs.is_main:
+            for alert in self.health.observe(self.global_step, metrics):
+                log.warning("%s", alert)
+                with open(Path(cfg.output_dir) / "alerts.jsonl", "a") as f:
+                    f.write(json.dumps(dataclasses.asdict(alert)) + "\n")
         return self.global_step
 
     def _checkpoint(self) -> Path:
-        path = checkpoint.save_run(self)
+        path = checkpoint.save_run(self)  # every process calls it (its unused micro-batches are gathered); main writes
         self._say(f"checkpoint written: {path}")
         return path
 
@@ -259,18 +287,41 @@ class Trainer:
         records = [self.train_data.records[i] for i in indices]
         params = SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=self.stop_ids,
                                 seed=cfg.seed * 1_000_003 + self.generations, **cfg.sampling())
+        all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
+        if self.procs.count == 1:
+            local = self._sample_rows(prompt_ids, records, None, params)
+        else:  # this process's rows; a group may straddle two processes (distributed.py)
+            lo, hi = share(len(all_prompt_ids), self.procs.count, self.procs.index)
+            first, samples = sample_ranges(lo, hi, g)
+            span = slice(first, first + len(samples))
+            local = self._sample_rows(prompt_ids[span], records[span], samples, params)
+            with self.timers("gather"):
+                local = Generation.concat(self.procs.gather(local))  # every process now holds every row
+        local.prompt_ids = all_prompt_ids
+        self.num_tokens += sum(len(c) for c in local.completion_ids) + sum(len(p) for p in all_prompt_ids)
+        return local
+
+    def _sample_rows(self, prompt_ids: list[list[int]], records: list[dict], samples: list[range] | None,
+                     params: SamplingParams) -> Generation:
+        """Generate and score: n completions of each prompt, or with `samples` the given sample indices of each."""
+        g = self.cfg.num_generations
+        counts = [g] * len(prompt_ids) if samples is None else [len(r) for r in samples]
+        row_records = [r for r, c in zip(records, counts, strict=True) for _ in range(c)]
+        if not row_records:  # more processes than rows: this one sits the generation out
+            return Generation(prompts=[], completions=[], prompt_ids=[], completion_ids=[], finish_reasons=[],
+                              rewards=torch.empty((0, len(self.reward_funcs)), dtype=torch.float64))
         with self.timers("generate"), self.autocast():
-            rollout = self.synced_engine().generate(prompt_ids, g, params)
+            extra = {} if samples is None else {"samples": samples}
+            rollout = self.synced_engine().generate(prompt_ids, g, params, **extra)
         with self.timers("rewards"):
             conversational = isinstance(records[0]["prompt"], list)
             completions = decode_completions(self.tokenizer, rollout.completion_ids, conversational)
-            prompts = [r["prompt"] for r in records for _ in range(g)]
+            prompts = [r["prompt"] for r in row_records]
             rewards = self.rewards.score(RewardBatch(prompts=prompts, completions=completions,
-                                                     completion_ids=rollout.completion_ids, columns=columns_of(records, g),
-                                                     context=self.reward_context()))
-        all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
-        self.num_tokens += sum(len(c) for c in rollout.completion_ids) + sum(len(p) for p in all_prompt_ids)
-        return Generation(prompts=prompts, completions=completions, prompt_ids=all_prompt_ids,
+                                                     completion_ids=rollout.completion_ids,
+                                                     columns=columns_of(row_records, 1), context=self.reward_context()))
+        return Generation(prompts=prompts, completions=completions,
+                          prompt_ids=[p for p, c in zip(prompt_ids, counts, strict=True) for _ in range(c)],
                           completion_ids=rollout.completion_ids, finish_reasons=list(rollout.finish_reasons),
                           rewards=rewards)
 
@@ -323,25 +374,44 @@ class Trainer:
                        "dynamic_sampling/zero_spread_groups_kept": float(filled)}
 
     def _micro_batches(self, batch: Generation, advantages: torch.Tensor) -> list[MicroBatch]:
+        """This process's micro-batches, window by window; each carries its window's step-wide loss normaliser.
+
+        A window (one optimizer step) is `per_device_train_batch_size x gradient_accumulation_steps x processes`
+        consecutive rows; process r trains on the r-th part of each window."""
         cfg = self.cfg
-        size = cfg.per_device_train_batch_size
+        size, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
         policy_moves = cfg.num_iterations > 1 or cfg.micro_batches_per_generation > cfg.gradient_accumulation_steps
+        counted = [len(c) if f == "stop" or not cfg.mask_truncated_completions else 0
+                   for c, f in zip(batch.completion_ids, batch.finish_reasons, strict=True)]  # tokens in the loss
+        window = size * accumulation * self.procs.count
         micro_batches = []
-        for start in range(0, len(batch.completion_ids), size):
-            sl = slice(start, start + size)
-            input_ids, attention, cmask = pack(batch.prompt_ids[sl], batch.completion_ids[sl],
-                                               self.tokenizer.pad_token_id, self.device)
-            if cfg.mask_truncated_completions:
-                finished = torch.tensor([f == "stop" for f in batch.finish_reasons[sl]], device=self.device)
-                cmask = cmask * finished[:, None]
-            mb = MicroBatch(input_ids=input_ids, attention_mask=attention, completion_mask=cmask,
-                            advantages=advantages[sl].to(self.device, self.loss_dtype))
-            with torch.no_grad(), self.autocast():
-                if policy_moves:
-                    mb.old_logps, _ = self._logps(self.policy, mb)
-                mb.ref_logps = self._reference_logps(mb)
-            micro_batches.append(mb)
+        for window_start in range(0, len(batch.completion_ids), window):
+            totals = StepTotals(num_sequences=len(counted[window_start:window_start + window]),
+                                num_tokens=sum(counted[window_start:window_start + window]))
+            part = window_start + self.procs.index * size * accumulation
+            if cfg.loss_type == "bnpo":  # this process's tokens (loss.py); x processes undoes DDP's mean over processes
+                totals.num_tokens = sum(counted[part:part + size * accumulation]) * self.procs.count
+            for start in range(part, part + size * accumulation, size):
+                micro_batches.append(self._micro_batch(batch, advantages, slice(start, start + size), totals,
+                                                       policy_moves))
         return micro_batches
+
+    def _micro_batch(self, batch: Generation, advantages: torch.Tensor, sl: slice, totals: StepTotals,
+                     policy_moves: bool) -> MicroBatch:
+        cfg = self.cfg
+        input_ids, attention, cmask = pack(batch.prompt_ids[sl], batch.completion_ids[sl],
+                                           self.tokenizer.pad_token_id, self.device)
+        if cfg.mask_truncated_completions:
+            finished = torch.tensor([f == "stop" for f in batch.finish_reasons[sl]], device=self.device)
+            cmask = cmask * finished[:, None]
+        mb = MicroBatch(input_ids=input_ids, attention_mask=attention, completion_mask=cmask,
+                        advantages=advantages[sl].to(self.device, self.loss_dtype),
+                        step_sequences=totals.num_sequences, step_tokens=totals.num_tokens)
+        with torch.no_grad(), self.autocast():
+            if policy_moves:
+                mb.old_logps, _ = self._logps(self.policy, mb)
+            mb.ref_logps = self._reference_logps(mb)
+        return mb
 
     def _reference_logps(self, mb: MicroBatch) -> torch.Tensor | None:
         if self.cfg.beta == 0:
@@ -351,30 +421,45 @@ class Trainer:
                 return self._logps(self.policy, mb)[0]
         return self._logps(self.reference, mb)[0]
 
+    def _train_logps(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs with autograd, through the data-parallel wrapper when there is one."""
+        if self.train_module is None:
+            return self._logps(self.policy, mb)
+        return self.train_module(mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1], self.cfg.temperature,
+                                 self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
+
     def _logps(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logps(model, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1],
                                 self.cfg.temperature, self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
 
     def _update(self, window: list[MicroBatch]) -> dict[str, float]:
         """One optimizer step over the micro-batches of one accumulation window."""
-        totals = StepTotals(num_sequences=sum(len(mb.advantages) for mb in window),
-                            num_tokens=int(sum(mb.completion_mask.sum() for mb in window)))
+        if window[0].step_sequences is None:  # micro-batches from a checkpoint written before the fields existed
+            totals = StepTotals(num_sequences=sum(len(mb.advantages) for mb in window),
+                                num_tokens=int(sum(mb.completion_mask.sum() for mb in window)))
+        else:  # the whole window's, over every process
+            totals = StepTotals(num_sequences=window[0].step_sequences, num_tokens=window[0].step_tokens)
         sums: dict[str, torch.Tensor] = {}
         loss_total = torch.zeros((), device=self.device)
-        for mb in window:
-            with self.autocast():
-                policy_logps, entropy = self._logps(self.policy, mb)
-            old = mb.old_logps if mb.old_logps is not None else policy_logps.detach()
-            loss, metrics = grpo_loss(policy_logps, old, mb.ref_logps, mb.advantages, mb.completion_mask,
-                                      self.loss_settings, totals, entropy=entropy)
-            loss.backward()
+        for i, mb in enumerate(window):
+            with self.procs.no_sync(self.train_module, skip=i < len(window) - 1):  # all-reduce on the last one
+                with self.autocast():
+                    policy_logps, entropy = self._train_logps(mb)
+                old = mb.old_logps if mb.old_logps is not None else policy_logps.detach()
+                loss, metrics = grpo_loss(policy_logps, old, mb.ref_logps, mb.advantages, mb.completion_mask,
+                                          self.loss_settings, totals, entropy=entropy)
+                self.procs.backward(loss)
             loss_total = loss_total + loss.detach()
             n_tok = mb.completion_mask.sum()
             metrics["entropy"] = (entropy * mb.completion_mask).sum() / n_tok.clamp(min=1)
             for key, value in metrics.items():  # tensors until the end of the step: no device sync per micro-batch
                 sums[key] = sums.get(key, 0.0) + value.detach() * n_tok
+        if self.procs.count > 1:  # the loss and metric sums over every process, in one all-reduce
+            keys = sorted(sums)
+            summed = self.procs.sum(torch.stack([loss_total, *(sums[k].to(loss_total.dtype) for k in keys)]))
+            loss_total, sums = summed[0], dict(zip(keys, summed[1:], strict=True))
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        grad_norm = self.procs.clip_grad_norm(params, self.cfg.max_grad_norm)
         loss_total = float(loss_total)
         skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_total))
         if skipped:  # weights and optimizer state stay as they were
@@ -417,14 +502,21 @@ class Trainer:
     def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
         limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
         started = time.perf_counter()
-        result = evaluate(self.synced_engine(), self.tokenizer, self.eval_data, self.rewards, self.accuracy_reward, limit,
-                          self.stop_ids, context=self.reward_context(limit), autocast=self.autocast,
-                          stop=self.cfg.stop_strings, num_samples=self.cfg.eval_num_samples, pass_k=self.cfg.eval_pass_k,
-                          sampling=eval_sampling(self.cfg, limit, self.stop_ids))
+        data = self.eval_data
+        if self.procs.count > 1:  # each process evaluates its share of the prompts
+            lo, hi = share(len(data.prompt_ids), self.procs.count, self.procs.index)
+            data = dataclasses.replace(data, records=data.records[lo:hi], prompt_ids=data.prompt_ids[lo:hi])
+        part = None
+        if data.prompt_ids:
+            part = evaluate_per_prompt(self.synced_engine(), self.tokenizer, data, self.rewards, self.accuracy_reward,
+                                       limit, self.stop_ids, context=self.reward_context(limit), autocast=self.autocast,
+                                       stop=self.cfg.stop_strings, num_samples=self.cfg.eval_num_samples,
+                                       pass_k=self.cfg.eval_pass_k, sampling=eval_sampling(self.cfg, limit, self.stop_ids))
+        result = merge_results([p for p in self.procs.gather(part) if p is not None]) if self.procs.count > 1 else part.metrics
         result["eval/time"] = time.perf_counter() - started
         metrics_log.log(step, result, show=False)
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
-        self.best.observe(result, step, self._save)  # metric_for_best_model: keep best_model/
+        self.best.observe(result, step, self._save if self.procs.is_main else None)  # keep best_model/
         return result
 
     def reward_context(self, max_completion_length: int | None = None) -> dict:
@@ -439,6 +531,16 @@ class Trainer:
     def _say(self, line: str) -> None:
         log.info(line)  # the CLI shows grpokit's info lines on stdout; the run's log file gets them too
 
+
+
+class _Silent:
+    """The metrics logger of a process other than the main one."""
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _pct(result: dict[str, float]) -> str:

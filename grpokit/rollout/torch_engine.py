@@ -56,7 +56,12 @@ class TorchEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams, *,
+                 samples: list[range] | None = None) -> Rollout:
+        """n completions per prompt; `samples` draws only some of each prompt's n (sample indices, e.g. range(2, 4)),
+        with the same random streams those samples get in a full call: a group split across processes."""
+        if samples is not None and (len(samples) != len(prompt_ids) or any(r.start < 0 or r.stop > n for r in samples)):
+            raise ValueError(f"samples must give one range within [0, {n}) per prompt, got {samples}")
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate() needs at least one prompt, each with at least one token")
         if params.stop and self.tokenizer is None:
@@ -66,15 +71,22 @@ class TorchEngine:
         was_training = model.training
         model.eval()
         try:
-            return self._generate(prompt_ids, n, params)
+            return self._generate(prompt_ids, n, params, samples)
         finally:
             model.train(was_training)
 
-    def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+    def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
+                  samples: list[range] | None) -> Rollout:
         device = next(self.model.parameters()).device
-        total, steps = len(prompt_ids) * n, params.max_tokens
+        counts = [n] * len(prompt_ids) if samples is None else [len(r) for r in samples]
+        total, steps = sum(counts), params.max_tokens
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)
-        uniforms = None if params.temperature == 0 else row_uniforms(prompt_ids, n, steps, params.seed).to(device)
+        uniforms = None
+        if params.temperature != 0:
+            uniforms = row_uniforms(prompt_ids, n, steps, params.seed)
+            if samples is not None:  # the rows of a full call that this call draws
+                uniforms = uniforms[[i * n + j for i, r in enumerate(samples) for j in r]]
+            uniforms = uniforms.to(device)
 
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long, device=device)
@@ -88,17 +100,20 @@ class TorchEngine:
         out = self.model(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        if n > 1:
+        repeats = torch.tensor(counts, device=device)
+        if samples is not None:
+            cache.batch_select_indices(torch.arange(len(prompt_ids), device=device).repeat_interleave(repeats))
+        elif n > 1:
             cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)  # [N, V]
-        attention = attention.repeat_interleave(n, dim=0)  # [N, L + steps]
-        next_pos = positions[:, -1].repeat_interleave(n, dim=0) + 1  # [N]
+        logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)  # [N, V]
+        attention = attention.repeat_interleave(repeats, dim=0)  # [N, L + steps]
+        next_pos = positions[:, -1].repeat_interleave(repeats, dim=0) + 1  # [N]
         seen = None  # [N, V] tokens of each row's prompt + completion, for the repetition penalty
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((len(prompt_ids), logits.shape[-1]), dtype=torch.bool, device=device)
             for i, ids in enumerate(prompt_ids):
                 seen[i, torch.tensor(ids, device=device)] = True
-            seen = seen.repeat_interleave(n, dim=0)
+            seen = seen.repeat_interleave(repeats, dim=0)
 
         completion = torch.full((total, steps), self.pad_token_id, dtype=torch.long, device=device)  # [N, T]
         sampler_logps = torch.zeros((total, steps), dtype=torch.float32, device=device)  # [N, T]

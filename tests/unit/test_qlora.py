@@ -183,8 +183,6 @@ def test_sft_refuses_4bit_before_anything_loads(tmp_path, monkeypatch):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the trainer to call models.check_quantization first and pass "
-                                       "bnb_4bit_kwargs to load_policy (trainer.py; remove this mark with that change)")
 def test_no_cuda_stops_train_before_anything_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no CUDA GPU, also on a machine that has one
     result = run_cli("train", _qlora_config(tmp_path), cwd=tmp_path)

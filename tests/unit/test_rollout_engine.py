@@ -218,3 +218,21 @@ def test_n_one_and_n_many(tiny_model):
     sampled = engine.generate(prompts, 4, SamplingParams(max_tokens=6, seed=1))
     assert len(sampled.completion_ids) == len(sampled.finish_reasons) == 12
     assert len({tuple(c) for c in sampled.completion_ids[:4]}) > 1  # a group's samples differ
+
+
+def test_some_samples_of_each_group_are_those_rows_of_the_full_call(tiny_model):
+    """`samples` (a group split across processes) draws exactly the rows a full call gives those sample indices."""
+    model, tokenizer = tiny_model
+    engine = TorchEngine(model.double(), 0)
+    prompts = _prompts(tokenizer)
+    params = SamplingParams(max_tokens=10, temperature=0.9, seed=5, stop_token_ids=[12, 30], repetition_penalty=1.2)
+    full = engine.generate(prompts, 4, params)
+    part = engine.generate(prompts, 4, params, samples=[range(2, 4), range(0, 4), range(0, 1)])
+    rows = [2, 3, 4, 5, 6, 7, 8]
+    assert part.completion_ids == [full.completion_ids[r] for r in rows]
+    assert part.finish_reasons == [full.finish_reasons[r] for r in rows]
+    for got, want in zip(part.sampler_logps, [full.sampler_logps[r] for r in rows], strict=True):
+        assert got == pytest.approx(want, abs=1e-9)
+    with pytest.raises(ValueError, match="one range within"):
+        engine.generate(prompts, 4, params, samples=[range(0, 5), range(0, 1), range(0, 1)])
+

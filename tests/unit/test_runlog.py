@@ -80,8 +80,8 @@ def test_summary_batch_accounting():
 
 @pytest.mark.parametrize(("loss_type", "expected"), [
     ("grpo", "mean over each completion's tokens, then the mean over the 8 completions of the step"),
-    ("bnpo", "the completion tokens in the step (this process's 8 completions)"),
-    ("dapo", "the completion tokens in the step (all processes' completions; 8 per process)"),
+    ("bnpo", "the completion tokens in the step (this process's 8 completions; averaged over processes)"),
+    ("dapo", "the completion tokens in the step (all 8 completions, over every process)"),
 ])
 def test_summary_on_policy_and_loss_normalisers(loss_type, expected):
     trainer, said = _fake_trainer(loss_type=loss_type, steps_per_generation=None, num_iterations=1,
@@ -91,3 +91,14 @@ def test_summary_on_policy_and_loss_normalisers(loss_type, expected):
     assert "on-policy: each generation is used for 1 optimizer step" in text
     assert f"loss_type {loss_type}: loss = " in text and expected in text
     assert "prompts unbounded (max_prompt_length none) + at most 50 per completion" in text
+
+
+def test_summary_counts_every_process(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    trainer, said = _fake_trainer(loss_type="dapo", steps_per_generation=None, num_iterations=1,
+                                  gradient_accumulation_steps=1, max_prompt_length=None)
+    runlog.summary(trainer)
+    text = "\n".join(said)
+    assert "= 16 completions in 1 micro-batch(es) of 8 in each of 2 processes" in text
+    assert "per optimizer step: 1 micro-batch(es) in each of 2 processes = 16 completions (4 prompts)" in text
+    assert "(all 16 completions, over every process)" in text

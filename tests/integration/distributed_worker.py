@@ -1,0 +1,43 @@
+"""Runs `grpokit ARGS` (the real CLI) in one process of a torchrun job, or alone, and records what the checks need.
+
+Usage: python -m torch.distributed.run --nproc_per_node 2 distributed_worker.py RECORD_DIR train CONFIG
+       python distributed_worker.py RECORD_DIR train CONFIG            (one process)
+
+Writes RECORD_DIR/rank-R.pt: the flattened parameters after every optimizer step, each generation as every
+process holds it (completion ids, rewards), and the advantages of the micro-batches this process trained on.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from grpokit import cli
+from grpokit.trainer import Trainer
+
+record = {"params": [], "completions": [], "rewards": [], "advantages": []}
+step, micro_batches = Trainer._step, Trainer._micro_batches
+
+
+def recording_step(self, metrics_log):
+    out = step(self, metrics_log)
+    record["params"].append(torch.cat([p.detach().flatten().cpu() for p in self.policy.parameters()]))
+    return out
+
+
+def recording_micro_batches(self, batch, advantages):
+    out = micro_batches(self, batch, advantages)
+    record["completions"].append(batch.completion_ids)
+    record["rewards"].append(batch.rewards.clone())
+    record["advantages"].append(torch.cat([mb.advantages.cpu() for mb in out]))
+    return out
+
+
+Trainer._step, Trainer._micro_batches = recording_step, recording_micro_batches
+directory = Path(sys.argv[1])
+try:
+    code = cli.main(sys.argv[2:])
+finally:
+    torch.save(record, directory / f"rank-{os.environ.get('RANK', '0')}.pt")
+sys.exit(code)
