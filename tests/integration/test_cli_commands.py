@@ -14,7 +14,9 @@ from tests.conftest import run_cli, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = ["train", "check", "eval", "generate", "export", "sft", "filter", "plan", "report", "vllm-serve"]
-CONFIGS = sorted(p for p in (REPO / "examples").rglob("*") if p.suffix in (".yaml", ".yml", ".toml"))
+ACCELERATE = REPO / "examples" / "distributed"  # accelerate's configs, not grpokit's
+CONFIGS = sorted(p for p in (REPO / "examples").rglob("*")
+                 if p.suffix in (".yaml", ".yml", ".toml") and ACCELERATE not in p.parents)
 PIPELINE = REPO / "examples" / "pipeline"  # stages that read the previous stage's output: run in order below
 TINY = ["--set", "max_steps=1", "--set", "num_generations=2", "--set", "per_device_train_batch_size=2",
         "--set", "max_completion_length=4", "--set", "eval_limit=2", "--set", "eval_steps=null",
@@ -38,6 +40,15 @@ def test_every_example_and_preset_loads():
     for path in CONFIGS + sorted(PRESETS_DIR.glob("*.yaml")):
         extra = ["sft_model=x"] if path.stem == "from_sft" else []
         assert isinstance(load_config(path, extra), GRPOConfig), path
+
+
+def test_accelerate_example_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    configs = sorted(ACCELERATE.glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert ClusterConfig.from_yaml_file(path).num_processes > 1, path
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.parent != PIPELINE], ids=lambda p: p.name)
