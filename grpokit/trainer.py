@@ -338,7 +338,8 @@ class Trainer:
         advantages, _ = compute_advantages(self.combinable(batch.rewards), self.reward_weights, g, cfg.scale_rewards,
                                            aggregation)
         every = cfg.log_completions_steps
-        if every and (self.global_step + cfg.optimizer_steps_per_generation) // every > self.global_step // every:
+        if (every and self.procs.is_main  # every process holds the whole generation; one writes it
+                and (self.global_step + cfg.optimizer_steps_per_generation) // every > self.global_step // every):
             runlog.log_completions(cfg.output_dir, self.global_step + 1, batch.prompts, batch.completions,
                                    [f.name for f in self.reward_funcs], batch.rewards, advantages, batch.finish_reasons,
                                    echo=self._say, total_rewards=combine_rewards(self.combinable(batch.rewards),

@@ -4,7 +4,8 @@ Usage: python -m torch.distributed.run --nproc_per_node 2 distributed_worker.py 
        python distributed_worker.py RECORD_DIR train CONFIG            (one process)
 
 Writes RECORD_DIR/rank-R.pt: the flattened parameters after every optimizer step, each generation as every
-process holds it (completion ids, rewards), and the advantages of the micro-batches this process trained on.
+process holds it (completion ids, rewards), the advantages of the micro-batches this process trained on, and
+which run-directory writers it called.
 """
 
 import os
@@ -13,11 +14,26 @@ from pathlib import Path
 
 import torch
 
-from grpokit import cli
+from grpokit import checkpoint, cli, runlog
 from grpokit.trainer import Trainer
 
-record = {"params": [], "completions": [], "rewards": [], "advantages": []}
+record = {"params": [], "completions": [], "rewards": [], "advantages": [], "writes": []}
 step, micro_batches = Trainer._step, Trainer._micro_batches
+
+
+def counted(module, name):
+    """Record each call of module.name (what writes into the run directory)."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        record["writes"].append(name)
+        return original(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+
+
+for module, name in ((runlog, "log_completions"), (checkpoint, "save"), (Trainer, "_save")):
+    counted(module, name)
 
 
 def recording_step(self, metrics_log):

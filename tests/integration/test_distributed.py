@@ -67,9 +67,10 @@ def _metrics(path):
 
 
 def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, tiny_model_dir):
-    held_out = {"eval_dataset": "held_out.jsonl", "eval_steps": 2}  # 5 prompts: 2 on process 0, 3 on process 1
+    held_out = {"eval_dataset": "held_out.jsonl", "eval_steps": 2, "log_completions_steps": 1}  # 5 prompts: 2 on process 0, 3 on process 1
     one = _config(tmp_path, tiny_model_dir, "one", per_device_train_batch_size=12, save_steps=2, **held_out)
-    two = _config(tmp_path, tiny_model_dir, "two", per_device_train_batch_size=6, **held_out)  # x 2 processes = 12
+    two = _config(tmp_path, tiny_model_dir, "two", per_device_train_batch_size=6, save_steps=2,  # x 2 processes = 12
+                  **held_out)
     _run(tmp_path, 1, "train", str(one))
     done = _run(tmp_path, 2, "train", str(two))
     [single], ranks = _records(tmp_path, 1), _records(tmp_path, 2)
@@ -101,8 +102,8 @@ def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, tiny_mode
         tmp_path / "two/final_model/model.safetensors")
     assert max((final_one[k] - final_two[k]).abs().max() for k in final_one) < 1e-5
     # the main process alone writes and speaks
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
-        p.name for p in (tmp_path / "one").iterdir() if p.name != "checkpoint-2")
+    assert ranks[1]["writes"] == [] and set(ranks[0]["writes"]) == {"log_completions", "save", "_save"}
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert done.stdout.count("step 3/3") == 1 and done.stdout.count("saved two/final_model") == 1
 
     # one process's checkpoint resumed by two: each step would train on twice the completions -> refused, exit 2
