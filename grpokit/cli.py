@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="questions per micro-batch (sets per_device_train_batch_size = N x num_generations)")
     qa.add_argument("--no-lora", action="store_true", help="train all weights (sets use_peft false; LoRA is on only "
                                                           "where the preset or config turns it on)")
-    qa.add_argument("--no-4bit", action="store_true", help="accepted for compatibility: grpokit never loads 4-bit weights")
+    qa.add_argument("--no-4bit", action="store_true", help="load full-precision weights (load_in_4bit: false), over the config")
     qa.add_argument("--reward-model", choices=["heuristic", "learned"], default=None,
                     help="heuristic: reward_funcs [heuristic_math_qa]; learned: the reward_model built-in, "
                          "scoring with --reward-model-path")
@@ -175,7 +175,7 @@ def cli_config(args: argparse.Namespace) -> dict:
     if getattr(args, "no_lora", False):
         out["use_peft"] = False
     if getattr(args, "no_4bit", False):
-        logging.getLogger("grpokit").info("--no-4bit: nothing to do, grpokit does not load 4-bit weights")
+        out["load_in_4bit"] = False
     if getattr(args, "reward_model", None) == "heuristic":
         out["reward_funcs"] = ["heuristic_math_qa"]
     elif getattr(args, "reward_model", None) == "learned":
@@ -274,7 +274,10 @@ def _train(args) -> int:
     cfg = _load(args)
     if args.dry_run:
         from grpokit import data
+        from grpokit.models import check_quantization
         from grpokit.rewards import resolve_rewards
+
+        check_quantization(cfg)  # load_in_4bit needs a CUDA GPU and bitsandbytes: said here as train would say it
 
         train = data.dataset_records(cfg, "train")
         funcs = resolve_rewards(cfg.reward_funcs)

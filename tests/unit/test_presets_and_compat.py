@@ -54,7 +54,7 @@ def test_from_sft_needs_a_model():
     (["--max-length", "64"], "max_completion_length", 64),
     (["--output-dir", "o"], "output_dir", "o"),
     (["--no-lora", "--preset", "low_memory"], "use_peft", False),
-    (["--no-4bit"], "model", "smollm2-135m-instruct"),  # a no-op
+    (["--no-4bit", "--set", "load_in_4bit=true", "--set", "use_peft=true"], "load_in_4bit", False),
     (["--reward-model", "heuristic"], "reward_funcs", ["heuristic_math_qa"]),
     (["--batch-size", "2", "--num-samples", "4"], "per_device_train_batch_size", 8),
 ])
