@@ -5,7 +5,9 @@ parameter counts are exact for any architecture; the activation formula assumes 
 q/k/v/o projections, SDPA, gated MLP), as SmolLM2, Llama, Qwen2 and Mistral are.
 
 Each line is in bytes and belongs to one phase:
-- persistent (both phases): policy weights, AdamW state (exp_avg + exp_avg_sq in the trainable params' dtype,
+- persistent (both phases): on CPU, the Python process itself (interpreter, torch, transformers: the planning
+  process's own resident memory after it has built the model on the meta device, as far as a training process gets
+  before it loads weights), policy weights, AdamW state (exp_avg + exp_avg_sq in the trainable params' dtype,
   which peft keeps in fp32 for LoRA on a bf16/fp16 model), a frozen reference copy when beta > 0 without LoRA
   (with LoRA the reference is the policy with adapters disabled: nothing extra), the generation's stored
   old / reference log-probs ([rows, T] fp32 each).
@@ -49,13 +51,23 @@ cache to all G rows, so positions = rows x (P + T); with vLLM (prefix caching) p
 With use_vllm in server mode generation runs in another process and is left out; colocated vLLM reserves
 vllm_gpu_memory_utilization of the GPU itself, which this estimate does not model beyond its weights and KV cache.
 
-Not counted: the Python/torch process itself (~300-500 MiB RSS on CPU; the CUDA context on GPU), allocator slack,
-the rollout's Python lists, reward workers.
+Not counted: the CUDA context on GPU, the tokenizer (~50 MiB for SmolLM2's), the rollout's Python lists, reward
+workers (forked before the model loads), and memory the C allocator holds after tensors are freed. That last one is
+large on CPU with glibc before 2.39 (2.36 measured): torch allocates CPU tensors with posix_memalign(64), which does
+not reuse a freed block for the next block of the same size unless it merged with a free neighbour (see
+`allocator_keeps_freed_blocks`), so the same-shaped temporaries of every layer and log-prob chunk take fresh heap.
+How much stays depends on the heap's history, not on the config alone: the update's forward with LoRA on
+SmolLM2-135M kept almost nothing in a fresh process and 3.6 GB after a generation or an earlier step (live tensors
+4.8 GB either time), and two runs of one config differed by 0.5 GB; so no line estimates it. `render` says when this
+process's allocator does it. MALLOC_MMAP_THRESHOLD_ in the environment of `grpokit train` makes glibc map blocks above
+that size on their own and unmap them when freed: the peak RSS is then the estimate's (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -144,8 +156,10 @@ def _prompts_per_micro_batch(rows: int, group: int, total: int) -> int:
     return max(len({r // group for r in range(start, min(start + rows, total))}) for start in range(0, total, rows))
 
 
-def estimate(cfg: GRPOConfig, shape: ModelShape) -> Estimate:
-    """Bytes per component and tokens per optimizer step for `cfg` on a model of `shape`; see the module docstring."""
+def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
+    """Bytes per component and tokens per optimizer step for `cfg` on a model of `shape`; see the module docstring.
+
+    `process`: the Python process's own memory (`process_bytes(cfg)`), a line of its own when non-zero."""
     w = _DTYPE_BYTES[cfg.torch_dtype]
     half_weights = cfg.torch_dtype in ("bfloat16", "float16")
     autocast = cfg.bf16 and not half_weights
@@ -210,8 +224,11 @@ def estimate(cfg: GRPOConfig, shape: ModelShape) -> Estimate:
     prefill = int(gen_prompts * P * (4 * h + 3 * i) * act + gen_prompts * P * P * act)
     gen_casts = (shape.linear_weights * 2 if not cfg.use_peft else 0) if autocast else 0
 
-    lines = [Line(name=f"weights ({shape.params / 1e6:.1f}M params, {cfg.torch_dtype})", bytes=weights, phase="persistent"),
-             Line(name=f"AdamW state (2 x {trainable / 1e6:.2f}M trainable)", bytes=optimizer, phase="persistent")]
+    lines = []
+    if process:
+        lines.append(Line(name="Python process (interpreter, torch, transformers)", bytes=process, phase="persistent"))
+    lines += [Line(name=f"weights ({shape.params / 1e6:.1f}M params, {cfg.torch_dtype})", bytes=weights, phase="persistent"),
+              Line(name=f"AdamW state (2 x {trainable / 1e6:.2f}M trainable)", bytes=optimizer, phase="persistent")]
     if cfg.beta > 0 and not cfg.use_peft:
         lines.append(Line(name="reference model weights (beta > 0)", bytes=weights, phase="persistent"))
     if stored_logps:
@@ -242,6 +259,55 @@ def estimate(cfg: GRPOConfig, shape: ModelShape) -> Estimate:
                     activations_with_checkpointing=act_ckpt, tokens=tokens_per_step(cfg, prompts, shared))
 
 
+def trains_on_cpu(cfg: GRPOConfig) -> bool:
+    return (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+
+
+def process_bytes(cfg: GRPOConfig) -> int:
+    """This process's resident memory when `cfg` trains on the CPU, else 0 (the budget is then device memory).
+
+    Called after `model_shape`: the process has then imported torch and transformers and built the model class, as a
+    training process has before it loads weights."""
+    if not trains_on_cpu(cfg):
+        return 0
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):  # no procfs (macOS): the peak so far, in bytes there
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def allocator_keeps_freed_blocks() -> bool:
+    """Whether freed CPU tensors stay in this process's heap instead of serving the next tensors of their size.
+
+    torch allocates CPU tensors with posix_memalign(64). glibc's asks the heap for the size plus the alignment, so a
+    freed block is too small for the next request of its own size unless it merged with a free neighbour, and before
+    the fix for glibc bug 30723 (2.39) the small remainders memalign splits off go to the per-thread cache, where they
+    stop those merges: the process grows by each freed block (by 128 MiB for 128 freed 1 MiB tensors on glibc 2.36,
+    tests/unit/test_plan.py). A fixed mmap threshold (MALLOC_MMAP_THRESHOLD_ or the glibc.malloc.mmap_threshold
+    tunable) maps larger blocks on their own and unmaps them when freed. Only glibc 2.36 is measured; later glibc and
+    other allocators are assumed to reuse."""
+    name, version = platform.libc_ver()
+    if name != "glibc" or _mmap_threshold_set():
+        return False
+    return tuple(int(part) for part in version.split(".")[:2]) < (2, 39)
+
+
+FREED_MEMORY_NOTE = [
+    "note: this machine's C allocator (glibc < 2.39) does not reuse a freed CPU tensor's block for the next tensor of",
+    "  its size, so `grpokit train` also holds freed memory that this estimate does not count; how much depends on the",
+    "  heap's history (SmolLM2-135M: peak RSS 1.2x to 3.6x the estimate, benchmarks/RESULTS.md). With",
+    "  MALLOC_MMAP_THRESHOLD_=1048576 in its environment, freed tensors over 1 MiB go back to the system (there: the",
+    "  estimate within 10% of the peak, steps 1.2x to 1.8x slower)."]
+
+
+def _mmap_threshold_set() -> bool:
+    """A fixed glibc mmap threshold (env var or tunable): large tensors are then mapped alone and unmapped when freed."""
+    return "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def kv_cache_bytes(shape: ModelShape, positions: int, dtype_bytes: int) -> int:
     """Bytes of keys + values over all layers for `positions` cached (row x position) entries."""
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * positions * dtype_bytes
@@ -270,12 +336,12 @@ class Suggestion:
     fits: bool
 
 
-def suggest(cfg: GRPOConfig, budget_bytes: int, shape: ModelShape) -> list[Suggestion]:
+def suggest(cfg: GRPOConfig, budget_bytes: int, shape: ModelShape, process: int = 0) -> list[Suggestion]:
     """Changes, least effect on results first, each applied on top of the previous, until the estimate fits.
 
-    Only changes that lower the estimate are listed; none when the config already fits.
+    Only changes that lower the estimate are listed; none when the config already fits. `process`: as in `estimate`.
     """
-    current = estimate(cfg, shape).total
+    current = estimate(cfg, shape, process).total
     if current <= budget_bytes:
         return []
     out: list[Suggestion] = []
@@ -284,7 +350,7 @@ def suggest(cfg: GRPOConfig, budget_bytes: int, shape: ModelShape) -> list[Sugge
     def attempt(change: str, new: dict) -> bool:
         nonlocal current
         candidate = GRPOConfig(**{**cfg.model_dump(exclude_unset=True), **updates, **new})  # validates the geometry
-        total = estimate(candidate, shape).total
+        total = estimate(candidate, shape, process).total
         if total >= current:
             return False
         updates.update(new)
@@ -317,7 +383,8 @@ def suggest(cfg: GRPOConfig, budget_bytes: int, shape: ModelShape) -> list[Sugge
 
 def plan(cfg: GRPOConfig, budget_bytes: int) -> tuple[Estimate, list[Suggestion]]:
     shape = model_shape(cfg.model)
-    return estimate(cfg, shape), suggest(cfg, budget_bytes, shape)
+    process = process_bytes(cfg)  # after model_shape: the model class is built, as in a training process
+    return estimate(cfg, shape, process), suggest(cfg, budget_bytes, shape, process)
 
 
 def default_budget(cfg: GRPOConfig) -> tuple[int, str]:
@@ -372,13 +439,17 @@ def render(cfg: GRPOConfig, est: Estimate, suggestions: list[Suggestion], budget
     lines += [f"{a:<{width}}  {b:<11}  {c:>11}" for a, b, c in rows]
     lines.append(f"activations: {human(est.activations_without_checkpointing)} without gradient checkpointing, "
                  f"{human(est.activations_with_checkpointing)} with")
+    holds_freed = trains_on_cpu(cfg) and allocator_keeps_freed_blocks()
+    if holds_freed:
+        lines += FREED_MEMORY_NOTE
     lines.append("")
     lines.append("tokens per optimizer step (at max_prompt_length / max_completion_length):")
     key_width = max(len(k) for k in est.tokens)
     lines += [f"  {k:<{key_width}}  {v:>12,}" for k, v in est.tokens.items()]
     lines.append("")
     verdict = "fits" if est.total <= budget else "does NOT fit"
-    lines.append(f"budget: {human(budget)} ({budget_from}): the estimate {verdict}")
+    lines.append(f"budget: {human(budget)} ({budget_from}): the estimate {verdict}"
+                 + (" (the freed memory of the note above not counted)" if holds_freed else ""))
     for s in suggestions:
         lines.append(f"  {'fits' if s.fits else '    '}  {human(s.total):>11}  + {s.change}")
     fitting = next((s for s in suggestions if s.fits), None)
