@@ -83,6 +83,7 @@ def test_resume_mid_generation_equals_a_straight_run(tmp_path, tiny_model_dir):
         assert (run / "checkpoint-3" / name).is_file(), name
 
 
+@pytest.mark.slow  # 8 + 4 steps; the default suite resumes mid-generation and mid-epoch elsewhere in this file
 def test_resume_at_an_epoch_boundary_runs_the_remaining_steps(tmp_path, tiny_model_dir):
     # 4 prompts, 1 prompt per generation: an epoch is 4 steps; 2 epochs = 8 steps; checkpoint-4 ends epoch 1
     run, resumed = _straight_and_resumed(tmp_path, tiny_model_dir, 4, rows=4, num_train_epochs=2,
