@@ -103,7 +103,8 @@ def main() -> int:
             cmd = [sys.executable, "-m", "grpokit", "train"] + [x for o in overrides for x in ("--set", o)]
             log = work / f"{name}-{index}.log"
             measured = peak_rss_mib(cmd, log, extra_env)
-            cells.append(f"{measured:.0f} | {100 * (estimate - measured) / measured:+.1f} | {last_step_seconds(log):.1f}")
+            error = 100 * (estimate - measured) / measured
+            cells.append(f"{measured:.0f} | {error:+.1f} | {last_step_seconds(log):.1f}")
         print(f"| {name} | {estimate:.0f} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -57,10 +57,11 @@ large on CPU with glibc before 2.39 (2.36 measured): torch allocates CPU tensors
 not reuse a freed block for the next block of the same size unless it merged with a free neighbour (see
 `allocator_keeps_freed_blocks`), so the same-shaped temporaries of every layer and log-prob chunk take fresh heap.
 How much stays depends on the heap's history, not on the config alone: the update's forward with LoRA on
-SmolLM2-135M kept almost nothing in a fresh process and 3.6 GB after a generation or an earlier step (live tensors
-4.8 GB either time), and two runs of one config differed by 0.5 GB; so no line estimates it. `render` says when this
-process's allocator does it. MALLOC_MMAP_THRESHOLD_ in the environment of `grpokit train` makes glibc map blocks above
-that size on their own and unmap them when freed: the peak RSS is then the estimate's (benchmarks/RESULTS.md).
+SmolLM2-135M kept 0.15 GiB in a fresh process and 3.5 GiB after a generation or an earlier step (4.7 GiB of live
+tensors either time), and runs of one config differed by up to 0.5 GiB; so no line estimates it. `render` says when
+this process's allocator does it. MALLOC_MMAP_THRESHOLD_ in the environment of `grpokit train` makes glibc map blocks
+above that size on their own and unmap them when freed: the estimate then held within 10% of the peak RSS
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     lines = []
     if process:
         lines.append(Line(name="Python process (interpreter, torch, transformers)", bytes=process, phase="persistent"))
-    lines += [Line(name=f"weights ({shape.params / 1e6:.1f}M params, {cfg.torch_dtype})", bytes=weights, phase="persistent"),
+    lines += [Line(name=f"weights ({shape.params / 1e6:.1f}M params, {cfg.torch_dtype})", bytes=weights,
+                   phase="persistent"),
               Line(name=f"AdamW state (2 x {trainable / 1e6:.2f}M trainable)", bytes=optimizer, phase="persistent")]
     if cfg.beta > 0 and not cfg.use_peft:
         lines.append(Line(name="reference model weights (beta > 0)", bytes=weights, phase="persistent"))
@@ -284,11 +286,11 @@ def allocator_keeps_freed_blocks() -> bool:
 
     torch allocates CPU tensors with posix_memalign(64). glibc's asks the heap for the size plus the alignment, so a
     freed block is too small for the next request of its own size unless it merged with a free neighbour, and before
-    the fix for glibc bug 30723 (2.39) the small remainders memalign splits off go to the per-thread cache, where they
-    stop those merges: the process grows by each freed block (by 128 MiB for 128 freed 1 MiB tensors on glibc 2.36,
-    tests/unit/test_plan.py). A fixed mmap threshold (MALLOC_MMAP_THRESHOLD_ or the glibc.malloc.mmap_threshold
-    tunable) maps larger blocks on their own and unmaps them when freed. Only glibc 2.36 is measured; later glibc and
-    other allocators are assumed to reuse."""
+    the fix for glibc bug 30723 (assumed in 2.39) the small remainders memalign splits off go to the per-thread cache,
+    where they stop those merges: the process grows by each freed block (by 128 MiB for 128 freed 1 MiB tensors on
+    glibc 2.36, tests/unit/test_plan.py). A fixed mmap threshold (MALLOC_MMAP_THRESHOLD_ or the
+    glibc.malloc.mmap_threshold tunable) maps larger blocks on their own and unmaps them when freed. Only glibc 2.36
+    is measured; later glibc and other allocators are assumed to reuse."""
     name, version = platform.libc_ver()
     if name != "glibc" or _mmap_threshold_set():
         return False
@@ -304,7 +306,7 @@ FREED_MEMORY_NOTE = [
 
 
 def _mmap_threshold_set() -> bool:
-    """A fixed glibc mmap threshold (env var or tunable): large tensors are then mapped alone and unmapped when freed."""
+    """A fixed glibc mmap threshold (env var or tunable): large tensors are mapped alone and unmapped when freed."""
     return "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
 
 

@@ -231,7 +231,7 @@ def rss():
 big = torch.ones(8 << 20, dtype=torch.uint8)
 del big  # a freed mapped block raises glibc's mmap threshold, as loading weights does: later blocks come from the heap
 keep, before = [], rss()
-for _ in range(128):  # a forward's pattern: a temporary is written, a small long-lived tensor follows, the temporary goes
+for _ in range(128):  # a forward's pattern: a temporary, then a small long-lived tensor, then the temporary freed
     block = torch.ones(1 << 20, dtype=torch.uint8)
     keep.append(torch.empty(8, dtype=torch.uint8))
     del block
