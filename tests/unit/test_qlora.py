@@ -183,18 +183,12 @@ def test_sft_refuses_4bit_before_anything_loads(tmp_path, monkeypatch):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
-def test_no_cuda_stops_train_before_anything_loads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]], ids=["train", "dry-run"])
+def test_no_cuda_stops_train_before_anything_loads(tmp_path, monkeypatch, extra):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no CUDA GPU, also on a machine that has one
-    result = run_cli("train", _qlora_config(tmp_path), cwd=tmp_path)
+    result = run_cli("train", _qlora_config(tmp_path), *extra, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "load_in_4bit: 4-bit (QLoRA) loading uses bitsandbytes, which needs a CUDA GPU here" in result.stderr
     assert "Drop load_in_4bit and train LoRA on full-precision or bf16 weights" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
-
-
-def test_no_cuda_fails_the_dry_run_too(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    result = run_cli("train", _qlora_config(tmp_path), "--dry-run", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "load_in_4bit: 4-bit (QLoRA) loading uses bitsandbytes, which needs a CUDA GPU here" in result.stderr
     assert "dry run" not in result.stdout
