@@ -85,22 +85,13 @@ def sample_and_score(engine: Engine, tokenizer, data: TokenisedPrompts, runner: 
     return Scored(completions=completions, rewards=torch.cat(rows), lengths=lengths, truncated=truncated)
 
 
-def evaluate(engine: Engine, tokenizer, data: TokenisedPrompts, runner: RewardRunner,
-             accuracy_reward: str, max_tokens: int, stop_token_ids: list[int], batch_size: int = 64,
-             context: dict | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext,
-             stop: list[str] = (), num_samples: int = 0, pass_k: Sequence[int] = (1,),
-             sampling: SamplingParams | None = None) -> dict[str, float]:
-    """eval/* metrics (eval/accuracy = mean of `accuracy_reward` over greedy completions); see the module docstring."""
-    return evaluate_per_prompt(engine, tokenizer, data, runner, accuracy_reward, max_tokens, stop_token_ids,
-                               batch_size, context, autocast, stop, num_samples, pass_k, sampling).metrics
-
-
 def evaluate_per_prompt(engine: Engine, tokenizer, data: TokenisedPrompts, runner: RewardRunner,
                         accuracy_reward: str, max_tokens: int, stop_token_ids: list[int], batch_size: int = 64,
                         context: dict | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext,
                         stop: list[str] = (), num_samples: int = 0, pass_k: Sequence[int] = (1,),
                         sampling: SamplingParams | None = None) -> EvalResult:
-    """`evaluate`'s metrics and the per-prompt values behind them."""
+    """eval/* metrics (eval/accuracy = mean of `accuracy_reward` over greedy completions; see the module docstring)
+    and the per-prompt values behind them."""
     greedy_params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids, stop=list(stop))
     greedy = sample_and_score(engine, tokenizer, data, runner, 1, greedy_params, batch_size, context, autocast)
     per_prompt: dict[str, list[float]] = {}

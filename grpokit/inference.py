@@ -3,7 +3,7 @@ sampling completions (`grpokit generate`), keeping the training prompts a model 
 always solves (`grpokit filter`) and merging a LoRA run into a full model (`grpokit export`).
 
 They reuse the trainer's pieces: the config's data and rewards, the model loaders, the in-process
-sampler and `evaluate.evaluate`, so a number printed here equals the trainer's eval/* metric.
+sampler and `evaluate.evaluate_per_prompt`, so a number printed here equals the trainer's eval/* metric.
 """
 
 from __future__ import annotations
