@@ -124,6 +124,7 @@ class GRPOConfig(BaseModel):
     max_steps: int = Field(100, gt=0, description="Optimizer steps to run.")
     num_train_epochs: float | None = Field(None, gt=0.0, description="Passes over the train prompts instead of max_steps: max_steps = ceil(epochs x ceil(prompts / prompts_per_generation)) x optimizer steps per generation, computed once the data is loaded.")
     bf16: bool = Field(False, description="bf16 autocast for generation and the update (fp32 master weights); fast on CPUs with avx512_bf16/AMX and on recent GPUs.")
+    cpu_linear: Literal["auto", "onednn", "torch"] = Field("auto", description="Kernel for float32 linear layers on CPU (generation and training): onednn (about 2x MKL on AMD CPUs, where MKL lacks AVX-512), torch (torch's own, MKL), or auto: onednn on AMD CPUs, torch elsewhere. Same float32 math; results differ in rounding only.")
     gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward instead of storing them (less memory, ~30% more time).")
     logprob_chunk_size: int = Field(128, gt=0, description="Tokens per chunk when computing log-probs, so [B, T, V] logits are never materialised.")
     share_prompt_forward: bool = Field(True, description="Run each distinct prompt of a micro-batch once when computing log-probs and reuse its KV cache for the group's completions (same result, less compute and memory; off with gradient checkpointing).")

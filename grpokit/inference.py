@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from grpokit import cpu_linear
 from grpokit import data as data_mod
 from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError
@@ -30,6 +31,7 @@ def _load(cfg: GRPOConfig):
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path)
     model = load_policy(path, getattr(torch, cfg.torch_dtype)).to(device).eval()
+    cpu_linear.apply(model, cfg.cpu_linear, device)
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     engine = TorchEngine(model, tokenizer.pad_token_id, tokenizer=tokenizer)

@@ -1,9 +1,9 @@
 """Per-token log-probs and entropies of completion tokens, without the full logits tensor.
 
 The decoder runs once over prompt + completion; the LM head, log-softmax and entropy then run
-over chunks of `chunk_size` completion positions. Under autograd each chunk is checkpointed, so
-backward keeps only the hidden states and recomputes one chunk's logits at a time: the
-[B, T, V] float32 logits are never held in memory. Prompt positions never reach the LM head.
+over chunks of `chunk_size` completion positions. Under autograd each chunk goes through
+`_HeadLogProbs`, whose backward keeps only the hidden states and recomputes one chunk's logits at a
+time: the [B, T, V] float32 logits are never held in memory. Prompt positions never reach the LM head.
 
 Log-probs are of logits / temperature, the distribution the sampler drew from (as in TRL).
 Models whose head applies more than a linear layer (logit soft-capping or scaling) take the plain
@@ -19,8 +19,9 @@ cache inside checkpointed layers) or caches other than plain growable ones (slid
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from grpokit import cpu_linear
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -38,13 +39,66 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = torch.nn.functional.linear(hidden, weight, bias)  # [C, V]
-    logprobs = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
-    token_logps = logprobs.gather(-1, targets[:, None]).squeeze(-1)  # [C]
-    entropy = -(logprobs.exp() * logprobs).sum(-1).detach()  # [C]
-    return token_logps, entropy
+def _head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                temperature: float, onednn: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token log-probs [C], entropies [C], log-normalisers [C]) of one chunk of hidden states [C, H].
+
+    Two [C, V] tensors at most, both written in place: the shifted logits s = logit / T - max and e = exp(s);
+    with Z = sum e, log p = s - log Z and the entropy is log Z - sum(e * s) / Z (a batched dot, no temporary)."""
+    shifted = _at_least_fp32((cpu_linear.linear if onednn else torch.nn.functional.linear)(hidden, weight, bias))
+    if temperature != 1.0:
+        shifted = shifted.div_(temperature)  # [C, V], in place: a fresh tensor
+    peak = shifted.amax(dim=-1, keepdim=True)  # [C, 1]
+    shifted.sub_(peak)
+    unnormalised = shifted.exp()  # [C, V]
+    total = unnormalised.sum(dim=-1)  # [C]
+    log_total = total.log()
+    token_logps = shifted.gather(-1, targets[:, None]).squeeze(-1) - log_total
+    weighted = torch.bmm(unnormalised[:, None, :], shifted[:, :, None]).view(-1)  # [C]: sum e * s
+    entropy = log_total - weighted / total
+    return token_logps, entropy, peak.squeeze(-1) + log_total
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """Token log-probs of a chunk through the LM head, with a hand-written backward that recomputes the chunk's
+    logits instead of storing them: saves the hidden states, targets and log-normalisers only. d logp_t / d logit_v
+    = [v = t] - p_v (over temperature), so the backward needs one pass over [C, V] besides the matrix products.
+    Replaces autograd through log_softmax + gather under torch.utils.checkpoint, which recomputed the entropy and
+    made several [C, V] temporaries (about a third of a 135M model's update on CPU)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, onednn):
+        ctx.device_type = hidden.device.type
+        ctx.autocast = torch.is_autocast_enabled(ctx.device_type)  # the backward recomputes the logits alike
+        ctx.autocast_dtype = torch.get_autocast_dtype(ctx.device_type)
+        token_logps, entropy, normaliser = _head_logps(hidden, weight, bias, targets, temperature, onednn)
+        ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
+        ctx.temperature, ctx.onednn = temperature, onednn
+        ctx.mark_non_differentiable(entropy)
+        return token_logps, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, _grad_entropy):
+        hidden, weight, bias, targets, normaliser = ctx.saved_tensors
+        linear = cpu_linear.linear if ctx.onednn else torch.nn.functional.linear
+        with torch.autocast(ctx.device_type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
+            logits = _at_least_fp32(linear(hidden, weight, bias))  # [C, V], recomputed as in forward
+            if ctx.temperature != 1.0:
+                logits.div_(ctx.temperature)
+            grad_logits = logits.sub_(normaliser[:, None]).exp_().mul_(-grad_logps[:, None])  # -g p, in place
+            grad_logits.scatter_add_(-1, targets[:, None], grad_logps[:, None])  # + g at the token
+            if ctx.temperature != 1.0:
+                grad_logits.div_(ctx.temperature)
+            grad_logits = grad_logits.to(ctx.autocast_dtype if ctx.autocast else weight.dtype)
+            grad_hidden = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = linear(grad_logits, weight.t().to(grad_logits.dtype)).to(hidden.dtype)  # [C, H]
+            if ctx.needs_input_grad[1]:
+                grad_weight = linear(grad_logits.t(), hidden.t().to(grad_logits.dtype)).to(weight.dtype)  # [V, H]
+            if bias is not None and ctx.needs_input_grad[2]:
+                grad_bias = grad_logits.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def _prompt_cache(model: torch.nn.Module):
@@ -120,14 +174,15 @@ def completion_logps(
     flat_hidden = hidden.reshape(batch * length, width)
     flat_targets = targets.reshape(batch * length)
     head = model.get_output_embeddings()
+    onednn = isinstance(head, cpu_linear.OneDNNLinear)  # the head's own kernel choice (grpokit.cpu_linear)
     logps, entropies = [], []
     for start in range(0, batch * length, chunk_size):
         h = flat_hidden[start:start + chunk_size]
         t = flat_targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            lp, ent = checkpoint(_chunk_logps, h, head.weight, head.bias, t, temperature, use_reentrant=False)
+        if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
+            lp, ent = _HeadLogProbs.apply(h, head.weight, head.bias, t, temperature, onednn)
         else:
-            lp, ent = _chunk_logps(h, head.weight, head.bias, t, temperature)
+            lp, ent, _ = _head_logps(h, head.weight, head.bias, t, temperature, onednn)
         logps.append(lp)
         entropies.append(ent)
     return torch.cat(logps).view(batch, length), torch.cat(entropies).view(batch, length)

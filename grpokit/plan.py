@@ -43,7 +43,8 @@ values saved by SDPA). Gradient checkpointing stores each layer's input (h x res
 recomputes one layer at a time, so activations are L*tokens*h*r + one layer's + the outside terms; it also turns
 share_prompt_forward off (transformers drops the cache inside checkpointed layers).
 
-Log-prob chunk: chunk x V x 4 bytes x `LOGIT_COPIES` (logits, log-softmax, its gradient), recomputed in backward.
+Log-prob chunk: chunk x V x 4 bytes x `LOGIT_COPIES` (the shifted logits and their exponentials; backward
+recomputes the logits and turns them into their gradient in place: logprobs.py).
 
 KV cache: 2 x L x kv_heads x head_dim x positions x dtype bytes (bf16 under autocast). Departure from "prompt
 cache once per prompt": the in-process engine prefills each prompt once but `batch_repeat_interleave` copies its
@@ -75,7 +76,7 @@ import torch
 
 from grpokit.config import GRPOConfig
 
-LOGIT_COPIES = 3  # chunk logits live at once in backward: logits, log-softmax output, gradient
+LOGIT_COPIES = 2  # [chunk, V] float32 tensors alive at once: shifted logits and exp (forward), one in backward
 GEN_LOGIT_COPIES = 4  # sampler: float logits, scaled/filtered copies, softmax
 MIN_CHUNK = 32  # smallest logprob_chunk_size `suggest` proposes
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}

@@ -40,7 +40,8 @@ def summary_lines(trainer: Trainer) -> list[str]:
     trainable = sum(p.numel() for p in params if p.requires_grad)
     device = getattr(trainer, "device", "cpu")
     lines = [f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.1f}%) "
-             f"on {device}{' (bf16 autocast)' if cfg.bf16 else ''}"]
+             f"on {device}{' (bf16 autocast)' if cfg.bf16 else ''}"
+             f"{' (float32 linear layers on oneDNN)' if getattr(trainer, 'onednn_linear', False) else ''}"]
     n_train = len(trainer.train_data.prompt_ids)
     eval_data = getattr(trainer, "eval_data", None)
     generations = math.ceil(cfg.max_steps / cfg.optimizer_steps_per_generation)

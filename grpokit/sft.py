@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from grpokit import data
+from grpokit import cpu_linear, data
 from grpokit.batches import pack
 from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError, DataError, TrainingError
@@ -258,6 +258,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
     if cfg.use_peft:
         policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     policy.train()
+    cpu_linear.apply(policy, cfg.cpu_linear, device)
     optimizer, scheduler = optimizer_and_schedule(policy, cfg)
 
     out = Path(cfg.output_dir)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from grpokit import checkpoint, runlog
+from grpokit import checkpoint, cpu_linear, runlog
 from grpokit import data as data_mod
 from grpokit.alerts import HealthMonitor, identical_fraction
 from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
@@ -114,6 +114,7 @@ class Trainer:
             self.policy = add_lora(self.policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         self.uses_adapters = peft_config is not None or cfg.use_peft
         self.policy.train()
+        self.onednn_linear = cpu_linear.apply(self.policy, cfg.cpu_linear, self.device)  # before the frozen copy
         # the reference policy: none at beta 0; with LoRA the same model with adapters disabled; else a frozen copy
         self.reference = frozen_copy(self.policy) if cfg.beta > 0 and not self.uses_adapters else None
         # vLLM when use_vllm (synced and verified now, and before each generation after an update); else in-process

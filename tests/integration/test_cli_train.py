@@ -34,10 +34,12 @@ def _setup(tmp_path, tiny_model_dir, **overrides):
     return tmp_path / "cfg.yaml"
 
 
-def test_train_changes_every_parameter_and_writes_the_run(tmp_path, tiny_model_dir):
-    cfg = _setup(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("cpu_linear", ["onednn", "torch"])
+def test_train_changes_every_parameter_and_writes_the_run(tmp_path, tiny_model_dir, cpu_linear):
+    cfg = _setup(tmp_path, tiny_model_dir, cpu_linear=cpu_linear)
     result = run_cli("train", str(cfg), cwd=tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
+    assert ("(float32 linear layers on oneDNN)" in result.stdout) == (cpu_linear == "onednn")
     run = tmp_path / "run"
 
     before = load_file(tiny_model_dir / "model.safetensors")

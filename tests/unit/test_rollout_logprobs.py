@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpokit.logprobs import completion_logps, positions_from_mask
+from grpokit.logprobs import _HeadLogProbs, completion_logps, positions_from_mask
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
 from grpokit.trainer import pack
@@ -154,3 +154,56 @@ def test_distinct_prompts_or_the_switch_off_run_rows_whole(tiny_model):
     hook.remove()
     assert batch_sizes == [3, 1, 4, 4]
     torch.testing.assert_close(shared * cmask, whole * cmask, rtol=1e-5, atol=1e-6)
+
+
+def _plain_head(hidden, weight, bias, targets, temperature):
+    """Autograd through the whole logits: the reference for the LM head's hand-written backward."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = (logits.float() if logits.dtype == torch.bfloat16 else logits) / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(-1, targets[:, None]).squeeze(-1), -(logprobs.exp() * logprobs).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_head_logps_entropy_and_gradients_match_autograd_in_float64(temperature, seed):
+    """Token log-probs, entropies and the gradients of hidden states, weight and bias (which no Llama head has)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 40, (9,), generator=gen)
+    upstream = torch.randn(9, generator=gen, dtype=torch.float64)
+
+    logps, entropy = _HeadLogProbs.apply(hidden, weight, bias, targets, temperature, False)
+    (logps * upstream).sum().backward()
+    got = [hidden.grad.clone(), weight.grad.clone(), bias.grad.clone()]
+    for t in (hidden, weight, bias):
+        t.grad = None
+    want_logps, want_entropy = _plain_head(hidden, weight, bias, targets, temperature)
+    (want_logps * upstream).sum().backward()
+    torch.testing.assert_close(logps, want_logps, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy, want_entropy, rtol=1e-12, atol=1e-12)
+    assert not entropy.requires_grad
+    for name, g, t in zip(("hidden", "weight", "bias"), got, (hidden, weight, bias), strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_head_under_bf16_autocast_matches_autograd():
+    """Under autocast the backward recomputes the logits in bf16 as the forward did; gradients as plain autograd's."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(8, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (8,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, _ = _HeadLogProbs.apply(hidden, weight, None, targets, 0.8, False)
+        logps.sum().backward()
+        got = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        want, _ = _plain_head(hidden, weight, None, targets, 0.8)
+        want.sum().backward()
+    assert logps.dtype == torch.float32
+    torch.testing.assert_close(logps, want, rtol=1e-6, atol=1e-6)  # the same bf16 logits, summed another way
+    for g, t in zip(got, (hidden, weight), strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, t.grad, rtol=2e-2, atol=2e-2 * t.grad.abs().max().item())

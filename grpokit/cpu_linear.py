@@ -1,0 +1,132 @@
+"""float32 linear layers on CPU through oneDNN instead of the BLAS torch picks (MKL).
+
+torch multiplies float32 matrices on CPU with MKL's sgemm, and only bf16/fp16 ones with oneDNN. On
+AMD CPUs MKL does not use its AVX-512 kernels: on the 2-core Zen 5 development machine a
+[2048, 576] x [576, 1536] float32 product runs at about 180 GFLOP/s with MKL and about 400 GFLOP/s
+with oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op torch's inductor uses for CPU linears), and
+decode-sized ones (16 or 64 rows) 2-3.5x faster (benchmarks/RESULTS.md). Both compute in float32
+with float32 accumulation; results differ only in rounding (the order of the sums).
+
+`use_onednn(model)` turns each plain `nn.Linear` of a model into a `OneDNNLinear` (same parameters,
+same state dict; only `forward` differs), whose forward and backward both run on oneDNN when the
+call is eligible: CPU tensors, all float32, autocast off. Any other call (CUDA, bf16 weights,
+float64, an autocast region) takes `torch.nn.functional.linear` unchanged. Subclasses of
+`nn.Linear` (bitsandbytes' 4-bit layers, peft's LoRA wrappers) are left alone; the plain layers
+inside them are converted.
+
+`cpu_linear` (a config field) chooses: `onednn`, `torch` (torch's own choice), or `auto` (the default):
+oneDNN on AMD CPUs, whose MKL path lacks AVX-512, torch's choice elsewhere (on Intel CPUs MKL runs its
+AVX-512 kernels; not measured here). The rule is deliberately not a timing probe: the same machine always
+makes the same choice, so two runs of one config (and a run and its resume) compute alike.
+"""
+
+from __future__ import annotations
+
+import platform
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from grpokit.errors import ConfigError
+
+
+@cache
+def onednn_available() -> bool:
+    """Whether this torch build has the oneDNN linear op and it runs here."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        out = op(torch.ones(2, 3), torch.ones(4, 3), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.backends.mkldnn.is_available() and out.shape == (2, 4) and torch.all(out == 3))
+
+
+def _matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] @ weight[N, K]^T (+ bias) -> [M, N] on oneDNN; any strides."""
+    return torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = _matmul(x.reshape(-1, x.shape[-1]), weight, bias)  # [M, N]
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])  # [M, N]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _matmul(grad_out, weight.t()).view(x.shape)  # [M, N] @ [N, K]
+        if ctx.needs_input_grad[1]:
+            grad_weight = _matmul(grad_out.t(), x.reshape(-1, x.shape[-1]).t())  # [N, M] @ [M, K]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and x.numel() > 0 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu") and onednn_available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.nn.functional.linear`, on oneDNN where eligible (CPU, float32, no autocast)."""
+    if _eligible(x, weight, bias):
+        return _OneDNNLinearFunction.apply(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """An `nn.Linear` whose eligible calls run on oneDNN; made by `use_onednn`, never constructed directly."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)
+
+
+def use_onednn(model: torch.nn.Module) -> int:
+    """Turn every plain `nn.Linear` in `model` into a `OneDNNLinear` in place; returns how many were turned."""
+    converted = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = OneDNNLinear
+            converted += 1
+    return converted
+
+
+def restore(model: torch.nn.Module) -> None:
+    """Undo `use_onednn`."""
+    for module in model.modules():
+        if type(module) is OneDNNLinear:
+            module.__class__ = torch.nn.Linear
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), "" where it cannot be read."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def apply(model: torch.nn.Module, mode: str, device: torch.device | str) -> bool:
+    """Put `model`'s linear layers on oneDNN if `mode` ("auto", "onednn", "torch") asks for it on this device;
+    returns whether it did."""
+    if torch.device(device).type != "cpu" or mode == "torch":
+        return False
+    if mode == "auto" and "AMD" not in cpu_vendor():
+        return False
+    if not onednn_available():
+        if mode == "onednn":
+            raise ConfigError("cpu_linear: onednn, but this torch build cannot run oneDNN's linear op "
+                              "(torch.ops.mkldnn._linear_pointwise); set cpu_linear: torch (or auto)")
+        return False
+    return use_onednn(model) > 0

@@ -1,0 +1,170 @@
+"""float32 linear layers on oneDNN (grpokit.cpu_linear): the math against float64, the fallbacks, the conversion of a
+model, and the sampler/trainer log-probs on a converted model."""
+
+import copy
+
+import pytest
+import torch
+
+from grpokit import cpu_linear
+from grpokit.errors import ConfigError
+from grpokit.logprobs import completion_logps
+from grpokit.rollout.base import SamplingParams
+from grpokit.rollout.torch_engine import TorchEngine
+from grpokit.trainer import pack
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """Counts the oneDNN matrix products (forward and backward)."""
+    calls = []
+    real = cpu_linear._matmul
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(cpu_linear, "_matmul", counting)
+    return calls
+
+
+def _reference(x, weight, bias, grad_out):
+    """float64 forward and gradients of x @ weight.T + bias, by autograd on float64 copies."""
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    b64 = None if bias is None else bias.detach().double().requires_grad_()
+    out = x64 @ w64.T + (0 if b64 is None else b64)
+    out.backward(grad_out.double())
+    return out, x64.grad, w64.grad, None if b64 is None else b64.grad
+
+
+def _close(got, want, what):
+    # float32 products of length-K sums: error grows like sqrt(K) * eps * |terms|; scale by the reference's size
+    scale = want.abs().max().item() + 1e-12
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2e-6 * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN linear op")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("lead", "features", "out_features", "bias", "layout"), [
+    ((7,), 5, 3, True, "contiguous"),
+    ((2, 9), 64, 96, False, "contiguous"),
+    ((4, 33), 48, 17, True, "transposed"),  # a non-contiguous input (a transpose of [33, 4, 48])
+    ((1,), 576, 1536, False, "contiguous"),  # one decode row of a 135M model's MLP
+    ((3, 130), 96, 513, True, "sliced"),  # a strided slice of a wider tensor
+])
+def test_forward_and_gradients_match_float64(seed, lead, features, out_features, bias, layout, onednn_calls):
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "transposed":
+        x = torch.randn(lead[1], lead[0], features, generator=gen).transpose(0, 1)
+    elif layout == "sliced":
+        x = torch.randn(*lead, features + 11, generator=gen)[..., 5:5 + features]
+    else:
+        x = torch.randn(*lead, features, generator=gen)
+    assert (layout == "contiguous") == x.is_contiguous()
+    x.requires_grad_()
+    weight = (torch.randn(out_features, features, generator=gen) / features ** 0.5).requires_grad_()
+    b = torch.randn(out_features, generator=gen).requires_grad_() if bias else None
+    grad_out = torch.randn(*lead, out_features, generator=gen)
+
+    out = cpu_linear.linear(x, weight, b)
+    out.backward(grad_out)
+    assert len(onednn_calls) == 3, "forward, input gradient and weight gradient all run on oneDNN"
+    want, want_x, want_w, want_b = _reference(x, weight, b, grad_out)
+    assert out.shape == want.shape and out.dtype == torch.float32
+    _close(out, want, "output")
+    _close(x.grad, want_x, "input gradient")
+    _close(weight.grad, want_w, "weight gradient")
+    if bias:
+        _close(b.grad, want_b, "bias gradient")
+    # and equal to torch's own float32 linear up to rounding
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN linear op")
+def test_a_frozen_weight_gets_no_gradient_and_costs_no_product(onednn_calls):
+    x = torch.randn(6, 8, requires_grad=True)
+    weight = torch.randn(4, 8)  # frozen, as a LoRA base layer
+    cpu_linear.linear(x, weight).sum().backward()
+    assert len(onednn_calls) == 2 and weight.grad is None
+    _close(x.grad, torch.ones(6, 4, dtype=torch.float64) @ weight.double(), "input gradient")
+
+
+@pytest.mark.parametrize("case", ["float64", "bfloat16 weights", "autocast"])
+def test_other_calls_take_torch_linear_unchanged(case, onednn_calls):
+    x, weight, bias = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
+    if case == "float64":
+        x, weight, bias = x.double(), weight.double(), bias.double()
+    elif case == "bfloat16 weights":
+        x, weight, bias = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        got = cpu_linear.linear(x, weight, bias)
+        want = torch.nn.functional.linear(x, weight, bias)
+    assert onednn_calls == []
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+class _Quantised(torch.nn.Linear):
+    """Stands for a subclass such as bitsandbytes' Linear4bit: its own forward must be kept."""
+
+
+def test_use_onednn_converts_plain_linears_only_and_restores(tiny_model):
+    model, _ = tiny_model
+    model.extra = _Quantised(4, 4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert plain > 0
+    assert cpu_linear.use_onednn(model) == plain
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())
+    assert type(model.extra) is _Quantised and type(model.lm_head) is cpu_linear.OneDNNLinear
+    assert isinstance(model.lm_head, torch.nn.Linear)  # code that checks isinstance still sees a Linear
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    assert type(copy.deepcopy(model).lm_head) is cpu_linear.OneDNNLinear  # the frozen reference copy keeps it
+    cpu_linear.restore(model)
+    assert sum(type(m) is torch.nn.Linear for m in model.modules()) == plain
+
+
+def test_apply_follows_the_setting_device_and_vendor(tiny_model, monkeypatch):
+    model, _ = tiny_model
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    assert cpu_linear.apply(model, "auto", "cpu") is False
+    assert cpu_linear.apply(model, "torch", "cpu") is False
+    assert cpu_linear.apply(copy.deepcopy(model), "onednn", "cuda") is False
+    assert type(model.lm_head) is torch.nn.Linear
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu_linear.apply(model, "auto", "cpu") is cpu_linear.onednn_available()
+    cpu_linear.restore(model)
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
+    assert cpu_linear.apply(model, "auto", "cpu") is False
+    with pytest.raises(ConfigError, match="cpu_linear: onednn, but this torch build"):
+        cpu_linear.apply(model, "onednn", "cpu")
+
+
+def test_cpu_vendor_is_read():
+    assert isinstance(cpu_linear.cpu_vendor(), str)
+
+
+@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN linear op")
+def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
+    """On a converted model the sampler's log-probs are still the trainer's (the LM head chunks on oneDNN too),
+    and close to the unconverted model's."""
+    model, tokenizer = tiny_model
+    converted = copy.deepcopy(model)
+    cpu_linear.use_onednn(converted)
+    prompts = [tokenizer(t)["input_ids"] for t in ("What is 2 + 3?", "Hi", "A longer prompt about 17 - 4.")]
+    params = SamplingParams(max_tokens=10, temperature=0.7, seed=3)
+    rollout = TorchEngine(converted, 0).generate(prompts, 4, params)
+    assert onednn_calls, "the sampler's forward ran on oneDNN"
+    rows = [p for p in prompts for _ in range(4)]
+    input_ids, attention, cmask = pack(rows, rollout.completion_ids, 0, "cpu")
+    onednn_calls.clear()
+    logps, _ = completion_logps(converted, input_ids, attention, cmask.shape[1], temperature=0.7, chunk_size=7)
+    head_calls = [shape for shape in onednn_calls if shape[0] <= 7]
+    assert head_calls, "the LM head's chunks ran on oneDNN"
+    with torch.no_grad():
+        plain, _ = completion_logps(model, input_ids, attention, cmask.shape[1], temperature=0.7, chunk_size=7)
+    for i, sampled in enumerate(rollout.sampler_logps):
+        n = len(sampled)
+        torch.testing.assert_close(logps[i, :n].detach(), torch.tensor(sampled), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logps[i, :n].detach(), plain[i, :n], rtol=1e-4, atol=1e-5)
