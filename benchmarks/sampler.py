@@ -6,8 +6,12 @@ variant gets a short warm-up run (16 tokens), then the variants alternate for --
 drift on the machine hits both alike. Tokens/s counts generated completion tokens (up to and including EOS);
 seconds are wall time of the whole call (prefill + decode + sampling).
 
-  grpokit  TorchEngine.generate(prompt_ids, n=G, params)
-  hf       model.generate(do_sample=True, num_return_sequences=G) on the left-padded prompts
+  grpokit               TorchEngine.generate(prompt_ids, n=G, params), float32 linear layers as a grpokit
+                        run on this machine has them (cpu_linear: auto; --cpu-linear to force)
+  grpokit-torch-linear  the same with torch's own linear kernel (MKL)
+  hf                    model.generate(do_sample=True, num_return_sequences=G) on the left-padded prompts
+  hf-onednn-linear      the same on the model with grpokit's oneDNN linear layers (isolates the kernels'
+                        share of the difference from the sampler's)
 
 Usage: python benchmarks/sampler.py [--model PATH] [--prompts 8 --group 8 --new-tokens 128]
        [--repeats 5 --threads 2] [--temperature 1.0 --top-p 1.0 --top-k 0] [--no-stop]
@@ -88,12 +92,16 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--no-stop", action="store_true", help="ignore EOS: every completion runs to --new-tokens")
-    parser.add_argument("--variants", default="grpokit,hf", help="comma-separated subset of grpokit,hf")
+    parser.add_argument("--variants", default="grpokit,hf",
+                        help="comma-separated subset of grpokit, grpokit-torch-linear, hf, hf-onednn-linear")
+    parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
+                        help="grpokit's cpu_linear setting for the 'grpokit' variant (auto: as a run here chooses)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
+    from grpokit import cpu_linear
     from grpokit.models import load_policy, resolve_model_path
     from grpokit.rollout.torch_engine import TorchEngine
 
@@ -103,13 +111,25 @@ def main() -> None:
     prompts = _prompt_ids(tokenizer, args.prompts)
     stop_ids = [] if args.no_stop else [tokenizer.eos_token_id]
     engine = TorchEngine(model, tokenizer.pad_token_id)
+
+    def linears(onednn: bool):  # the model's float32 linear layers on oneDNN (as grpokit trains) or torch's own
+        if onednn:
+            cpu_linear.use_onednn(model)
+        else:
+            cpu_linear.restore(model)
+
+    grpokit_onednn = cpu_linear.apply(torch.nn.Linear(1, 1), args.cpu_linear, "cpu")  # what a grpokit run would choose
     runners = {
-        "grpokit": lambda seed: run_grpokit(engine, prompts, args, stop_ids, seed),
-        "hf": lambda seed: run_hf(model, tokenizer, prompts, args, stop_ids, seed),
+        "grpokit": lambda seed: linears(grpokit_onednn) or run_grpokit(engine, prompts, args, stop_ids, seed),
+        "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(engine, prompts, args, stop_ids, seed),
+        "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
+        "hf-onednn-linear": lambda seed: linears(True) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
     }
     variants = args.variants.split(",")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; model {path}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; model {path}; CPU vendor "
+          f"{cpu_linear.cpu_vendor() or 'unknown'}: the 'grpokit' variant's linear layers on "
+          f"{'oneDNN' if grpokit_onednn else 'torch'} (cpu_linear: {args.cpu_linear})")
     print(f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, T={args.temperature}, "
           f"top_p={args.top_p}, top_k={args.top_k}, stop={'none' if args.no_stop else 'eos'}")
 
@@ -136,13 +156,13 @@ def main() -> None:
         print(f"| {name} | {statistics.median(seconds[name]):.2f} ({min(seconds[name]):.2f}-{max(seconds[name]):.2f}) "
               f"| {statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) "
               f"| {statistics.median(tokens[name]):.0f} |")
-    if len(variants) == 2:
-        a, b = variants
-        rate = {name: statistics.median([t / s for t, s in zip(tokens[name], seconds[name], strict=True)])
-                for name in variants}
-        print(f"tokens/s ratio {a}/{b}: {rate[a] / rate[b]:.2f}; "
-              f"seconds ratio {b}/{a}: {statistics.median(seconds[b]) / statistics.median(seconds[a]):.2f}")
-
+    rate = {name: statistics.median([t / s for t, s in zip(tokens[name], seconds[name], strict=True)])
+            for name in variants}
+    if "hf" in variants:
+        for name in variants:
+            if name != "hf":
+                print(f"tokens/s ratio {name}/hf: {rate[name] / rate['hf']:.2f}; seconds ratio hf/{name}: "
+                      f"{statistics.median(seconds['hf']) / statistics.median(seconds[name]):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,7 @@ TRL is not a grpokit dependency: build its environment with benchmarks/setup_trl
 Usage (from the repository root, with grpokit's venv):
   python benchmarks/vs_trl.py --model {tiny,30m,smollm2} --steps 5 --warmup 1 --rounds 3 \
       --trl-python .venv-trl/bin/python [--grpokit-src DIR] [--json out.json] [--frameworks grpokit]
+      [--grpokit-set cpu_linear=torch]
   python benchmarks/vs_trl.py --report out.json     # the table of a finished or interrupted run
 Results and the machine they were measured on: benchmarks/RESULTS.md.
 """
@@ -165,6 +166,7 @@ def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
         "beta": spec["beta"], "loss_type": "dapo", "scale_rewards": "group", "learning_rate": spec["lr"],
         "max_steps": spec["warmup"] + spec["steps"], "torch_dtype": "float32", "bf16": spec["bf16"],
         "gradient_checkpointing": False, "device": "cpu", "seed": spec["seed"], "output_dir": str(out),
+        **{key: yaml.safe_load(value) for key, value in spec["grpokit_set"].items()},
     }
     config_path = work / "grpokit.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -305,6 +307,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true",
                         help="bf16 mixed precision in both (fp32 weights, bf16 autocast: `bf16: true` / bf16=True)")
+    parser.add_argument("--grpokit-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a grpokit config setting on top of the benchmark's (e.g. cpu_linear=torch); repeatable")
     parser.add_argument("--frameworks", default="grpokit,trl", help="which to run, comma-separated")
     parser.add_argument("--natural-stops", action="store_true", help="keep the model's EOS (lengths may differ)")
     parser.add_argument("--trl-python", default=".venv-trl/bin/python", help="python of TRL's venv")
@@ -335,7 +339,7 @@ def main() -> None:
                 "rows": str(write_rows(tmp / "rows.jsonl", 512)), "G": args.G, "prompts": args.prompts,
                 "completion": args.completion, "beta": args.beta, "lr": args.lr, "threads": args.threads,
                 "seed": args.seed, "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout,
-                "bf16": args.bf16}
+                "bf16": args.bf16, "grpokit_set": dict(item.split("=", 1) for item in args.grpokit_set)}
         info = {"args": vars(args), "versions": _versions(args.trl_python, args.grpokit_src),
                 "load_before": _uptime(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
