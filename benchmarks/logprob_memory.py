@@ -34,8 +34,10 @@ def _rss_kib(field: str) -> int:
 
 
 def measure(variant: str, batch: int, prompt: int, completion: int, chunk: int, bf16: bool, checkpointing: bool,
-            group: int = 1) -> dict:
+            group: int = 1, linear: str = "auto") -> dict:
     import torch
+
+    from grpokit import cpu_linear
 
     from grpokit.logprobs import completion_logps, positions_from_mask
     from grpokit.loss import LossSettings, StepTotals, grpo_loss
@@ -43,6 +45,7 @@ def measure(variant: str, batch: int, prompt: int, completion: int, chunk: int, 
 
     torch.manual_seed(0)
     model = load_policy(resolve_model_path("smollm2-135m-instruct"))
+    cpu_linear.apply(model, linear, "cpu")  # as a grpokit run on this machine (auto) unless --cpu-linear says
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -83,17 +86,19 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
+                        help="grpokit's cpu_linear setting, for every variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.batch, args.prompt, args.completion, args.chunk, args.bf16,
-                                 args.gradient_checkpointing, args.group)))
+                                 args.gradient_checkpointing, args.group, args.cpu_linear)))
         return
     import torch
     import transformers
 
     shape = ["--batch", str(args.batch), "--prompt", str(args.prompt), "--completion", str(args.completion),
-             "--chunk", str(args.chunk), "--group", str(args.group)] + (["--bf16"] if args.bf16 else []) + \
+             "--chunk", str(args.chunk), "--group", str(args.group), "--cpu-linear", args.cpu_linear] + (["--bf16"] if args.bf16 else []) + \
         (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     runs: dict[str, list[dict]] = {name: [] for name in args.variants.split(",")}
     for _ in range(args.repeats):
@@ -105,7 +110,7 @@ def main() -> None:
           f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"# B={args.batch} completions in groups of {args.group}, prompt {args.prompt} + completion {args.completion} tokens, "
           f"chunk {args.chunk}, {'bf16 autocast' if args.bf16 else 'fp32'}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, {args.repeats} runs each")
+          f"{'on' if args.gradient_checkpointing else 'off'}, cpu_linear {args.cpu_linear}, {args.repeats} runs each")
     print("| variant | step peak over baseline, MiB: median (min-max) | process peak RSS, MiB | seconds: median (min-max) |")
     print("|---|---|---|---|")
     for variant, rs in runs.items():
