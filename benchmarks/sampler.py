@@ -118,7 +118,7 @@ def main() -> None:
         else:
             cpu_linear.restore(model)
 
-    grpokit_onednn = cpu_linear.apply(torch.nn.Linear(1, 1), args.cpu_linear, "cpu")  # what a grpokit run would choose
+    grpokit_onednn = cpu_linear.apply(model, args.cpu_linear, "cpu")  # what a grpokit run here chooses
     runners = {
         "grpokit": lambda seed: linears(grpokit_onednn) or run_grpokit(engine, prompts, args, stop_ids, seed),
         "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(engine, prompts, args, stop_ids, seed),

@@ -15,8 +15,8 @@ float64, an autocast region) takes `torch.nn.functional.linear` unchanged. Subcl
 inside them are converted.
 
 `cpu_linear` (a config field) chooses: `onednn`, `torch` (torch's own choice), or `auto` (the default):
-oneDNN on AMD CPUs, whose MKL path lacks AVX-512, torch's choice elsewhere (on Intel CPUs MKL runs its
-AVX-512 kernels; not measured here). The rule is deliberately not a timing probe: the same machine always
+oneDNN on AMD CPUs, whose MKL path lacks AVX-512, for layers of at least `AUTO_MIN_WEIGHT` weights, and
+torch's choice elsewhere (on Intel CPUs MKL runs its AVX-512 kernels; not measured here). The rule is deliberately not a timing probe: the same machine always
 makes the same choice, so two runs of one config (and a run and its resume) compute alike.
 """
 
@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 
 from grpokit.errors import ConfigError
+
+# auto leaves smaller layers to torch: a oneDNN call costs ~15 us more than MKL's on a 64 x 32 weight and wins
+# from 256 x 256 on (a 37-row input: 87 us vs 425 us on the development machine); tiny test models stay on MKL
+AUTO_MIN_WEIGHT = 1 << 14
 
 
 @cache
@@ -90,11 +94,12 @@ class OneDNNLinear(torch.nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
-def use_onednn(model: torch.nn.Module) -> int:
-    """Turn every plain `nn.Linear` in `model` into a `OneDNNLinear` in place; returns how many were turned."""
+def use_onednn(model: torch.nn.Module, min_weight: int = 0) -> int:
+    """Turn every plain `nn.Linear` in `model` with at least `min_weight` weights into a `OneDNNLinear` in place;
+    returns how many were turned."""
     converted = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if type(module) is torch.nn.Linear and module.weight.numel() >= min_weight:
             module.__class__ = OneDNNLinear
             converted += 1
     return converted
@@ -129,4 +134,4 @@ def apply(model: torch.nn.Module, mode: str, device: torch.device | str) -> bool
             raise ConfigError("cpu_linear: onednn, but this torch build cannot run oneDNN's linear op "
                               "(torch.ops.mkldnn._linear_pointwise); set cpu_linear: torch (or auto)")
         return False
-    return use_onednn(model) > 0
+    return use_onednn(model, AUTO_MIN_WEIGHT if mode == "auto" else 0) > 0

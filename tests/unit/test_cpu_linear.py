@@ -133,7 +133,11 @@ def test_apply_follows_the_setting_device_and_vendor(tiny_model, monkeypatch):
     assert cpu_linear.apply(copy.deepcopy(model), "onednn", "cuda") is False
     assert type(model.lm_head) is torch.nn.Linear
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
-    assert cpu_linear.apply(model, "auto", "cpu") is cpu_linear.onednn_available()
+    assert cpu_linear.apply(model, "auto", "cpu") is False, "auto leaves a tiny model's layers to torch"
+    big = torch.nn.Sequential(torch.nn.Linear(576, 1536), torch.nn.Linear(4, 4))
+    assert cpu_linear.apply(big, "auto", "cpu") is cpu_linear.onednn_available()
+    assert [type(m) for m in big] == [cpu_linear.OneDNNLinear, torch.nn.Linear]
+    assert cpu_linear.apply(model, "onednn", "cpu") is True and type(model.lm_head) is cpu_linear.OneDNNLinear
     cpu_linear.restore(model)
     monkeypatch.setattr(cpu_linear, "onednn_available", lambda: False)
     assert cpu_linear.apply(model, "auto", "cpu") is False
