@@ -2,6 +2,7 @@
 model, and the sampler/trainer log-probs on a converted model."""
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -12,6 +13,17 @@ from grpokit.logprobs import completion_logps
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
 from grpokit.trainer import pack
+
+
+# torch's x86-64 wheels (the pinned torch==2.13.0 among them) ship oneDNN's linear op; elsewhere it may be missing,
+# and grpokit then keeps torch's kernel. On x86-64 a missing op is a failure (below), never a skip.
+X86_ONLY = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                              reason="oneDNN's linear op is only required of torch's x86-64 builds")
+
+
+@X86_ONLY
+def test_onednn_linear_op_runs_with_the_installed_torch():
+    assert cpu_linear.onednn_available(), "torch.ops.mkldnn._linear_pointwise is missing or fails in this torch build"
 
 
 @pytest.fixture
@@ -44,7 +56,7 @@ def _close(got, want, what):
     assert err <= 2e-6 * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN linear op")
+@X86_ONLY
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize(("lead", "features", "out_features", "bias", "layout"), [
     ((7,), 5, 3, True, "contiguous"),
@@ -81,7 +93,7 @@ def test_forward_and_gradients_match_float64(seed, lead, features, out_features,
     torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN linear op")
+@X86_ONLY
 def test_a_frozen_weight_gets_no_gradient_and_costs_no_product(onednn_calls):
     x = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(4, 8)  # frozen, as a LoRA base layer
@@ -149,7 +161,7 @@ def test_cpu_vendor_is_read():
     assert isinstance(cpu_linear.cpu_vendor(), str)
 
 
-@pytest.mark.skipif(not cpu_linear.onednn_available(), reason="this torch build has no oneDNN linear op")
+@X86_ONLY
 def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
     """On a converted model the sampler's log-probs are still the trainer's (the LM head chunks on oneDNN too),
     and close to the unconverted model's."""
@@ -172,3 +184,15 @@ def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
         n = len(sampled)
         torch.testing.assert_close(logps[i, :n].detach(), torch.tensor(sampled), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(logps[i, :n].detach(), plain[i, :n], rtol=1e-4, atol=1e-5)
+
+
+@X86_ONLY
+@pytest.mark.parametrize(("setting", "converted"), [("onednn", True), ("torch", False)])
+def test_eval_and_generate_load_the_model_with_the_setting(tiny_model_dir, setting, converted):
+    """`grpokit eval` / `generate` load through inference._load, which applies cpu_linear as training does."""
+    from grpokit import inference
+    from grpokit.config import validate_config
+
+    cfg = validate_config({"model": str(tiny_model_dir), "device": "cpu", "cpu_linear": setting})
+    model, _, engine, _ = inference._load(cfg)
+    assert (type(model.lm_head) is cpu_linear.OneDNNLinear) is converted and engine.model is model
