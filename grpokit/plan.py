@@ -16,7 +16,8 @@ Each line is in bytes and belongs to one phase:
   each linear saves its bf16 weight for backward), and the AdamW step's temporaries (one trainable-sized
   buffer; counted instead of the activations when larger, since the step runs after backward has freed them).
 - generation: the KV cache, the sampler's [rows, V] fp32 logits (x `GEN_LOGIT_COPIES`), one layer's prefill
-  intermediates, and the bf16 weight copies autocast caches for trainable weights.
+  intermediates, the bf16 weight copies autocast caches for trainable weights, and (float32 on CPU, linear layers
+  on oneDNN) the sampler's packed copy of those layers' weights.
 peak = persistent + max(training, generation).
 
 Activations: bytes per token per decoder layer, from what autograd saves (checked against
@@ -96,6 +97,7 @@ class ModelShape:
     params: int  # distinct parameters (tied embeddings once)
     linear_weights: int  # weights of every nn.Linear, lm_head included (tied or not): what bf16 autocast copies
     lora_modules: dict[str, tuple[int, int]]  # module name -> (in_features, out_features) for every decoder Linear
+    linear_sizes: tuple[int, ...] = ()  # weights of each nn.Linear, lm_head included
 
 
 @dataclass(slots=True, kw_only=True)
@@ -142,6 +144,7 @@ def shape_from_config(config, model_class=None) -> ModelShape:
         kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim, vocab=text.vocab_size,
         params=sum(p.numel() for p in meta.parameters()),
         linear_weights=sum(m.weight.numel() for m in linears.values()),
+        linear_sizes=tuple(m.weight.numel() for m in linears.values()),
         lora_modules={name: (m.in_features, m.out_features) for name, m in linears.items() if m is not output})
 
 
@@ -225,6 +228,7 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     gen_logits = total_rows * shape.vocab * 4 * GEN_LOGIT_COPIES
     prefill = int(gen_prompts * P * (4 * h + 3 * i) * act + gen_prompts * P * P * act)
     gen_casts = (shape.linear_weights * 2 if not cfg.use_peft else 0) if autocast else 0
+    packed = packed_weight_bytes(cfg, shape, autocast)
 
     lines = []
     if process:
@@ -252,6 +256,9 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
                   Line(name="sampler logits and prefill", bytes=gen_logits + prefill, phase="generation")]
         if gen_casts:
             lines.append(Line(name="bf16 weight copies (autocast)", bytes=gen_casts, phase="generation"))
+        if packed:
+            lines.append(Line(name="oneDNN-packed copies of float32 linear weights (sampler)", bytes=packed,
+                              phase="generation"))
 
     persistent = sum(x.bytes for x in lines if x.phase == "persistent")
     adam_temporaries = trainable * train_bytes
@@ -260,6 +267,16 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     return Estimate(lines=lines, persistent=persistent, training=training, generation=generation,
                     total=persistent + max(training, generation), activations_without_checkpointing=act_plain,
                     activations_with_checkpointing=act_ckpt, tokens=tokens_per_step(cfg, prompts, shared))
+
+
+def packed_weight_bytes(cfg: GRPOConfig, shape: ModelShape, autocast: bool) -> int:
+    """The in-process sampler's copies of the float32 linear weights that run on oneDNN (cpu_linear.packed_weights)."""
+    from grpokit import cpu_linear
+
+    if (cfg.use_vllm or autocast or cfg.torch_dtype != "float32" or cfg.load_in_4bit or not trains_on_cpu(cfg)):
+        return 0
+    smallest = cpu_linear.min_weight(cfg.cpu_linear, "cpu")
+    return 0 if smallest is None else 4 * sum(n for n in shape.linear_sizes if n >= smallest)
 
 
 def trains_on_cpu(cfg: GRPOConfig) -> bool:

@@ -7,6 +7,13 @@ ignored) until at least `_COMPACT_FRACTION` of the batch has finished; then they
 the batch and the KV cache in one copy. Because the engine runs on the policy module, there are no
 weights to sync after an optimizer step.
 
+On CPU three things keep the decode step to the model's own work (grpokit.rollout.decode,
+grpokit.cpu_linear): the KV cache is preallocated for the whole completion and written in place
+(transformers' cache copies itself with `torch.cat` every step), single-token attention runs as two
+batched matmuls instead of torch's SDPA kernel (whose per-call setup dominated at one query token),
+and float32 linear layers on oneDNN use weights reordered once per call into oneDNN's blocked layout.
+The sampling weights go into one [N, V] buffer reused every step.
+
 Sampling draws one uniform number per row and step and inverts the filtered distribution's CDF
 (cumsum + searchsorted) instead of `torch.multinomial`, which on CPU draws an exponential variate
 for every vocabulary entry (about half of a 135M model's step time at batch 64). Top-p looks for
@@ -37,9 +44,11 @@ import secrets
 import torch
 from transformers import DynamicCache
 
+from grpokit import cpu_linear
+from grpokit.rollout import decode
 from grpokit.rollout.base import FinishReason, Rollout, SamplingParams
 
-_COMPACT_FRACTION = 0.25  # drop finished rows once this fraction of the batch has finished
+_COMPACT_FRACTION = 0.1  # drop finished rows once this fraction of the batch has finished (benchmarks/RESULTS.md)
 _TOP_P_CANDIDATES = 1024  # top-p searches the nucleus among this many tokens before sorting the vocabulary
 
 
@@ -71,7 +80,8 @@ class TorchEngine:
         was_training = model.training
         model.eval()
         try:
-            return self._generate(prompt_ids, n, params, samples)
+            with decode.decode_attention(model), cpu_linear.packed_weights(model):
+                return self._generate(prompt_ids, n, params, samples)
         finally:
             model.train(was_training)
 
@@ -105,6 +115,7 @@ class TorchEngine:
             cache.batch_select_indices(torch.arange(len(prompt_ids), device=device).repeat_interleave(repeats))
         elif n > 1:
             cache.batch_repeat_interleave(n)
+        decode.preallocate(cache, steps)
         logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)  # [N, V]
         attention = attention.repeat_interleave(repeats, dim=0)  # [N, L + steps]
         next_pos = positions[:, -1].repeat_interleave(repeats, dim=0) + 1  # [N]
@@ -124,8 +135,10 @@ class TorchEngine:
         live = torch.ones(total, dtype=torch.bool, device=device)  # [N] False once the row has finished
         live_count = total
 
+        work = torch.empty_like(logits) if uniforms is not None else None  # [N, V] sampling weights, reused each step
         for step in range(steps):
-            token, token_logp = sample(logits, params, None if uniforms is None else uniforms[rows, step], seen)
+            token, token_logp = sample(logits, params, None if uniforms is None else uniforms[rows, step], seen,
+                                       None if work is None else work[:len(rows)])
             completion[rows, step] = token
             sampler_logps[rows, step] = token_logp
             finished = torch.isin(token, stop_ids) & live  # [N]
@@ -158,10 +171,12 @@ class TorchEngine:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None,
-           seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           seen: torch.Tensor | None = None, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row: (token [N], its log-prob [N] under logits / temperature, unpenalised, unfiltered).
 
-    logits [N, V] float32; uniform [N] in [0, 1), None for greedy; seen [N, V] bool for the repetition penalty.
+    logits [N, V] float32; uniform [N] in [0, 1), None for greedy; seen [N, V] bool for the repetition penalty;
+    work: an optional [N, V] float32 buffer for the sampling weights (a decode loop passes one, so no step allocates
+    and page-faults a fresh [N, V] tensor).
     """
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = logits / temperature if temperature != 1.0 else logits  # [N, V]
@@ -172,7 +187,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor |
         token = drawn_from.argmax(dim=-1)
     else:
         filtered = filter_logits(drawn_from, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
-        token = draw(filtered, uniform)
+        token, top, mass = _draw(filtered, uniform, work)
+        if filtered is scaled:  # the weights drawn from are those of the recorded distribution: reuse their sum
+            return token, scaled.gather(-1, token[:, None]).squeeze(-1) - (top + mass.log())
     token_logp = scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
     return token, token_logp
 
@@ -231,11 +248,21 @@ def draw(filtered: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
     The drawn index i has cdf[i] > u >= cdf[i - 1], so a token of probability 0 is never drawn.
     """
-    weights = (filtered - filtered.amax(dim=-1, keepdim=True)).exp_()  # [N, V], unnormalised
+    return _draw(filtered, uniform)[0]
+
+
+def _draw(filtered: torch.Tensor, uniform: torch.Tensor,
+          work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`draw`, also returning each row's max logit and sum of exp(filtered - max) ([N] each): the row's log-normaliser
+    is max + log(sum). `work` [N, V] receives the weights and their cumulative sums (a new tensor if None)."""
+    top = filtered.amax(dim=-1, keepdim=True)  # [N, 1]
+    weights = torch.sub(filtered, top, out=work) if work is not None else filtered - top
+    weights.exp_()  # [N, V], unnormalised
+    mass = weights.sum(dim=-1)  # pairwise sum: as accurate as logsumexp's
     cdf = weights.cumsum_(dim=-1)  # in place: weights are not needed again
-    mass = cdf[:, -1]
-    target = torch.minimum(uniform * mass, torch.nextafter(mass, torch.zeros_like(mass)))  # strictly below mass
-    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1)
+    total = cdf[:, -1]
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below total
+    return torch.searchsorted(cdf, target[:, None], right=True).squeeze(-1), top.squeeze(-1), mass
 
 
 def row_uniforms(prompt_ids: list[list[int]], n: int, steps: int, seed: int | None) -> torch.Tensor:

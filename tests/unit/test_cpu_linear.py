@@ -116,6 +116,35 @@ def test_other_calls_take_torch_linear_unchanged(case, onednn_calls):
     assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+@X86_ONLY
+@pytest.mark.parametrize(("rows", "features", "out_features", "bias"), [(64, 576, 1536, False), (5, 48, 17, True),
+                                                                       ((3, 1), 96, 513, True)])
+def test_packed_weights_serve_no_grad_calls_and_match_float64(rows, features, out_features, bias, monkeypatch):
+    """Inside `packed_weights` a layer's no-grad calls use the weight reordered once (a oneDNN tensor), with the
+    float64 result; calls that need gradients keep the plain weight; leaving the context drops the copy."""
+    weights_used = []
+    real = cpu_linear._matmul
+    monkeypatch.setattr(cpu_linear, "_matmul", lambda a, w, b=None: weights_used.append(w.is_mkldnn) or real(a, w, b))
+    gen = torch.Generator().manual_seed(rows if isinstance(rows, int) else 9)
+    layer = torch.nn.Linear(features, out_features, bias=bias)
+    model = torch.nn.Sequential(layer, torch.nn.Linear(out_features, 2))
+    assert cpu_linear.use_onednn(model, min_weight=out_features * features) == 1  # the second stays plain
+    lead = (rows,) if isinstance(rows, int) else rows
+    x = torch.randn(*lead, features, generator=gen)
+    with cpu_linear.packed_weights(model) as packed:
+        assert packed == 1 and layer._packed is not None
+        with torch.no_grad():
+            out = layer(x)
+        assert weights_used == [True]
+        x_grad = x.clone().requires_grad_()
+        layer(x_grad).sum().backward()
+        assert weights_used[1:] == [False, False, False] and layer.weight.grad is not None
+    assert layer._packed is None
+    want = x.double() @ layer.weight.detach().double().T + (layer.bias.detach().double() if bias else 0)
+    assert out.shape == want.shape
+    _close(out, want, "packed output")
+
+
 class _Quantised(torch.nn.Linear):
     """Stands for a subclass such as bitsandbytes' Linear4bit: its own forward must be kept."""
 

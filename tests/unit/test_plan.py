@@ -3,6 +3,7 @@ DynamicCache, the bytes autograd actually saves in `completion_logps` (the train
 `grpokit train` process, and the C allocator's handling of freed tensors."""
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from grpokit import plan
+from grpokit import cpu_linear, plan
 from grpokit.config import GRPOConfig
 from grpokit.logprobs import completion_logps
 from grpokit.models import add_lora, load_policy
@@ -172,6 +173,34 @@ def test_process_line_is_given_and_counted_on_cpu_only(tiny_model_dir):
         rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
     assert abs(plan.process_bytes(cfg) - rss) < 64 << 20  # this process's resident memory, read the same way
     assert plan.process_bytes(cfg.model_copy(update={"device": "cuda"})) == 0  # device memory is the budget there
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="oneDNN's linear op is only required of torch's x86-64 builds (tests/unit/test_cpu_linear.py)")
+@pytest.mark.parametrize(("setting", "vendor"), [("onednn", "GenuineIntel"), ("auto", "AuthenticAMD"),
+                                                 ("auto", "GenuineIntel"), ("torch", "AuthenticAMD")])
+def test_packed_weight_line_equals_what_the_sampler_packs(tiny_model_dir, monkeypatch, setting, vendor):
+    """The generation phase counts the sampler's packed float32 weights: exactly the layers cpu_linear puts on oneDNN
+    (auto: by vendor and size), none under bf16 autocast."""
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 2048)  # splits the tiny model's layers by size
+    cfg = _cfg(tiny_model_dir, cpu_linear=setting)
+    model = load_policy(str(tiny_model_dir))
+    cpu_linear.apply(model, setting, "cpu")
+    with cpu_linear.packed_weights(model):
+        packed = [m for m in model.modules() if getattr(m, "_packed", None) is not None]
+        real = sum(m.weight.nbytes for m in packed)
+    shape = plan.model_shape(str(tiny_model_dir))
+    est = plan.estimate(cfg, shape)
+    names = [line.name for line in est.lines]
+    if real:
+        assert _line(est, "oneDNN-packed") == real
+        assert 0 < len(packed) < len(shape.linear_sizes) if setting == "auto" else len(packed) == len(shape.linear_sizes)
+    else:
+        assert not any(name.startswith("oneDNN-packed") for name in names)
+    assert (setting, vendor) in {("onednn", "GenuineIntel"), ("auto", "AuthenticAMD")} or real == 0
+    autocast = plan.estimate(cfg.model_copy(update={"bf16": True}), shape)
+    assert not any(line.name.startswith("oneDNN-packed") for line in autocast.lines)
 
 
 # `python -m grpokit ARGS`, printing the process's peak RSS at exit. VmHWM, not wait4's ru_maxrss: Linux carries a
