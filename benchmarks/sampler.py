@@ -9,6 +9,9 @@ seconds are wall time of the whole call (prefill + decode + sampling).
   grpokit               TorchEngine.generate(prompt_ids, n=G, params), float32 linear layers as a grpokit
                         run on this machine has them (cpu_linear: auto; --cpu-linear to force)
   grpokit-torch-linear  the same with torch's own linear kernel (MKL)
+  grpokit-cat-cache     grpokit without its in-place KV cache (transformers' cache, grown by torch.cat)
+  grpokit-sdpa          grpokit with torch's SDPA for single-token attention instead of its two matmuls
+  grpokit-unpacked      grpokit with oneDNN linears on the plain weights (not reordered once per call)
   hf                    model.generate(do_sample=True, num_return_sequences=G) on the left-padded prompts
   hf-onednn-linear      the same on the model with grpokit's oneDNN linear layers (isolates the kernels'
                         share of the difference from the sampler's)
@@ -93,7 +96,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--no-stop", action="store_true", help="ignore EOS: every completion runs to --new-tokens")
     parser.add_argument("--variants", default="grpokit,hf",
-                        help="comma-separated subset of grpokit, grpokit-torch-linear, hf, hf-onednn-linear")
+                        help="comma-separated subset of grpokit, grpokit-torch-linear, grpokit-cat-cache, grpokit-sdpa, "
+                             "grpokit-unpacked, hf, hf-onednn-linear")
     parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                         help="grpokit's cpu_linear setting for the 'grpokit' variant (auto: as a run here chooses)")
     args = parser.parse_args()
@@ -118,9 +122,25 @@ def main() -> None:
         else:
             cpu_linear.restore(model)
 
+    def without(name: str, seed: int) -> int:  # grpokit with one of its decode helpers switched off
+        from contextlib import nullcontext
+        from unittest import mock
+
+        from grpokit.rollout import decode
+
+        patch = {"cat-cache": mock.patch.object(decode, "preallocate", lambda cache, extra: 0),
+                 "sdpa": mock.patch.object(decode, "decode_attention", lambda model: nullcontext(False)),
+                 "unpacked": mock.patch.object(cpu_linear, "packed_weights", lambda model: nullcontext(0))}[name]
+        linears(grpokit_onednn)
+        with patch:
+            return run_grpokit(engine, prompts, args, stop_ids, seed)
+
     grpokit_onednn = cpu_linear.apply(model, args.cpu_linear, "cpu")  # what a grpokit run here chooses
     runners = {
         "grpokit": lambda seed: linears(grpokit_onednn) or run_grpokit(engine, prompts, args, stop_ids, seed),
+        "grpokit-cat-cache": lambda seed: without("cat-cache", seed),
+        "grpokit-sdpa": lambda seed: without("sdpa", seed),
+        "grpokit-unpacked": lambda seed: without("unpacked", seed),
         "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(engine, prompts, args, stop_ids, seed),
         "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
         "hf-onednn-linear": lambda seed: linears(True) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
