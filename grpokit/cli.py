@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grpokit: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from grpokit import distributed
+
+        if not distributed.peer_lost(exc):
+            raise
+        print(f"grpokit: error: {distributed.peer_lost_message(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # config.py reads world_size(): importing this module must not import torch
@@ -29,6 +30,32 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+# what gloo and NCCL say when a collective's peer process has gone (crashed, killed, or stopped on its own error)
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "communicator was aborted",
+              "socket timeout", "remote worker crashing")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc`, raised in a job of several processes, is a collective failing because another process left."""
+    if world_size() <= 1:
+        return False
+    import torch.distributed
+
+    if isinstance(exc, getattr(torch.distributed, "DistNetworkError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _PEER_GONE)
+
+
+def peer_lost_message(exc: BaseException) -> str:
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())  # gloo prefixes its source file and line
+    reason = re.split(r"(?<=\S)\. ", text.splitlines()[0] if text else type(exc).__name__)[0][:200]
+    return (f"process {rank()} of {world_size()} stopped: another process of this job left a collective operation "
+            f"({reason}). That process's own error is above (the launcher's summary lists each process's exit "
+            "code). The run directory keeps what was written before, checkpoints included: fix that error, then "
+            "resume with --resume")
 
 
 def share(rows: int, count: int, index: int) -> tuple[int, int]:

@@ -126,3 +126,26 @@ def test_two_processes_resume_mid_generation_exactly(tmp_path, tiny_model_dir):
     _run(tmp_path, 2, "train", str(cfg), "--resume", "run/checkpoint-1")
     a, b = load_file(tmp_path / "straight/model.safetensors"), load_file(tmp_path / "run/final_model/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_process_that_fails_stops_the_job_with_each_error_said_once(tmp_path, tiny_model_dir):
+    """Process 1's reward function always fails: it stops with the reward error; process 0, waiting in the
+    generation's gather, stops at once with one line that points at it (no hang, no traceback)."""
+    (tmp_path / "failing_rewards.py").write_text(
+        "import os\n"
+        "def fails_on_process_1(completions, **kwargs):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('process 1 cannot score')\n"
+        "    return [0.5] * len(completions)\n")
+    config = _config(tmp_path, tiny_model_dir, "failing",
+                     reward_funcs=["my_rewards.text_hash_reward", "failing_rewards.fails_on_process_1"])
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "grpokit", "train", str(config)], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=180)
+    err = done.stderr
+    assert done.returncode != 0
+    assert "grpokit: error: reward function 'fails_on_process_1' failed on 8 of 8 completions" in err, err[-3000:]
+    assert ("grpokit: error: process 0 of 2 stopped: another process of this job left a collective operation"
+            in err), err[-3000:]
+    assert "[rank0]: Traceback" not in err and "[rank1]: Traceback" not in err, err[-3000:]
+    assert (tmp_path / "failing" / "reward_errors.rank1.jsonl").exists()

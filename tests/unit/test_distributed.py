@@ -4,6 +4,7 @@ The processes themselves are tested in tests/integration/test_distributed.py (to
 
 import pytest
 
+from grpokit import distributed
 from grpokit.distributed import check_strategy, sample_ranges, share
 from grpokit.errors import ConfigError
 
@@ -23,3 +24,18 @@ def test_sharded_strategies_are_refused_with_the_way_out(kind):
         check_strategy(kind)
     check_strategy("DistributedType.MULTI_GPU")  # DDP passes
     check_strategy("DistributedType.MULTI_CPU")
+
+
+def test_peer_lost_recognises_a_collective_whose_peer_left(monkeypatch):
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:28310. This is typically caused by a remote worker crashing. Check the logs.")
+    assert not distributed.peer_lost(gloo)  # one process: never a lost peer
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.peer_lost(gloo)
+    assert not distributed.peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not distributed.peer_lost(ValueError("Connection closed by peer"))
+    message = distributed.peer_lost_message(gloo)
+    assert message.startswith("process 1 of 2 stopped: another process of this job left a collective operation "
+                              "(Connection closed by peer [127.0.0.1]:28310)")
+    assert "--resume" in message
