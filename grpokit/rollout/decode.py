@@ -80,7 +80,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
     """transformers' attention contract: query [B, H, 1, D], key/value [B, Hkv, L, D] -> ([B, 1, H, D], None)."""
     if (query.shape[2] != 1 or query.device.type != "cpu" or dropout != 0.0 or kwargs.get("softcap") is not None
             or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None or key.shape[1] == 0
-            or query.shape[1] % key.shape[1] or key.shape[-1] != value.shape[-1]):
+            or query.shape[1] % key.shape[1] or key.shape[-1] != value.shape[-1]
+            or (attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[1] != 1))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, _, dim = query.shape

@@ -63,7 +63,7 @@ def test_default_scale_is_one_over_sqrt_dim():
     torch.testing.assert_close(out.double(), _reference(query, key, value, mask, 16 ** -0.5), rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("case", ["prefill", "softcap", "dropout", "position_bias"])
+@pytest.mark.parametrize("case", ["prefill", "softcap", "dropout", "position_bias", "per-head mask"])
 def test_other_calls_go_to_transformers_sdpa(case, monkeypatch):
     calls = []
     monkeypatch.setattr(decode, "sdpa_attention_forward", lambda *args, **kwargs: calls.append(kwargs) or "sdpa")
@@ -75,8 +75,10 @@ def test_other_calls_go_to_transformers_sdpa(case, monkeypatch):
         kwargs["softcap"] = 30.0
     elif case == "dropout":
         kwargs["dropout"] = 0.1
-    else:
+    elif case == "position_bias":
         kwargs["position_bias"] = torch.zeros(1, 4, 1, 6)
+    else:
+        mask = mask.expand(2, 4, 1, 6)
     assert decode._attention(_Module(2), query, key, value, mask, **kwargs) == "sdpa"
     assert len(calls) == 1 and calls[0]["scaling"] == 0.5
 
