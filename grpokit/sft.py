@@ -258,7 +258,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
     if cfg.use_peft:
         policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     policy.train()
-    cpu_linear.apply(policy, cfg.cpu_linear, device)
+    onednn = cpu_linear.apply(policy, cfg.cpu_linear, device)
     optimizer, scheduler = optimizer_and_schedule(policy, cfg)
 
     out = Path(cfg.output_dir)
@@ -269,9 +269,9 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
     logging.getLogger("grpokit").addHandler(handler)
     metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=log.info, report_to=cfg.report_to,
                                 run_config=cfg.model_dump(mode="json"), run_name=out.name)
-    log.info("SFT of %s on %d examples (%d dropped) from %s: %d steps of %d rows, lr %g, %s", cfg.model, len(examples),
-             dropped, cfg.dataset, cfg.max_steps, rows_per_step, cfg.learning_rate,
-             "LoRA" if cfg.use_peft else "all weights")
+    log.info("SFT of %s on %d examples (%d dropped) from %s: %d steps of %d rows, lr %g, %s%s", cfg.model,
+             len(examples), dropped, cfg.dataset, cfg.max_steps, rows_per_step, cfg.learning_rate,
+             "LoRA" if cfg.use_peft else "all weights", " (float32 linear layers on oneDNN)" if onednn else "")
     order_rng = random.Random(cfg.seed)
     order: list[int] = []
     losses: list[float] = []

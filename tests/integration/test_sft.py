@@ -4,6 +4,7 @@ starts from, and names the config key when the data has no target."""
 import json
 import shlex
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -63,6 +64,22 @@ def test_sft_lowers_the_loss_and_raises_the_answers_likelihood(tmp_path, tiny_mo
     assert yaml.safe_load((run / "config.yaml").read_text())["learning_rate"] == 3e-3
     assert "train loss" in result.stdout and f"saved {run.relative_to(tmp_path) / 'final_model'}" in result.stdout
     assert "grpokit train cfg.yaml --preset from_sft --sft-model run/final_model" in result.stdout
+
+
+@pytest.mark.parametrize("setting", ["onednn", "torch"])
+def test_sft_puts_linear_layers_on_the_kernel_the_setting_names(tmp_path, tiny_model_dir, setting):
+    """cpu_linear applies to SFT as to GRPO: said in the summary line; the saved model is a plain transformers one."""
+    cfg = _config(tmp_path, tiny_model_dir, max_steps=2, cpu_linear=setting)
+    result = run_cli("sft", cfg.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert ("(float32 linear layers on oneDNN)" in result.stdout) is (setting == "onednn"), result.stdout
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final_model")
+    assert all(type(m) is torch.nn.Linear for m in saved.modules() if isinstance(m, torch.nn.Linear))
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert saved.state_dict().keys() == start.keys()
+    assert any(not torch.equal(saved.state_dict()[k], start[k]) for k in start), "two steps changed the weights"
 
 
 def _cfg(**overrides) -> GRPOConfig:
