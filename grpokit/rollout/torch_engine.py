@@ -7,12 +7,12 @@ ignored) until at least `_COMPACT_FRACTION` of the batch has finished; then they
 the batch and the KV cache in one copy. Because the engine runs on the policy module, there are no
 weights to sync after an optimizer step.
 
-On CPU three things keep the decode step to the model's own work (grpokit.rollout.decode,
+Three things keep the decode step to the model's own work (grpokit.rollout.decode,
 grpokit.cpu_linear): the KV cache is preallocated for the whole completion and written in place
-(transformers' cache copies itself with `torch.cat` every step), single-token attention runs as two
-batched matmuls instead of torch's SDPA kernel (whose per-call setup dominated at one query token),
-and float32 linear layers on oneDNN use weights reordered once per call into oneDNN's blocked layout.
-The sampling weights go into one [N, V] buffer reused every step.
+(transformers' cache copies itself with `torch.cat` every step; on any device), single-token attention
+on CPU runs as two batched matmuls instead of torch's SDPA kernel (whose per-call setup dominated at
+one query token), and float32 linear layers on oneDNN use weights reordered once per call into
+oneDNN's blocked layout. The sampling weights go into one [N, V] buffer reused every step.
 
 Sampling draws one uniform number per row and step and inverts the filtered distribution's CDF
 (cumsum + searchsorted) instead of `torch.multinomial`, which on CPU draws an exponential variate
