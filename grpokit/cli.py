@@ -217,10 +217,20 @@ def _load(args: argparse.Namespace):
     return cfg
 
 
+# commands that load a model restart once on tcmalloc where glibc would hold freed tensor memory (grpokit.allocator)
+_LOADS_MODELS = {"train", "sft", "eval", "generate", "filter", "export"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
     try:
+        if argv is None and args.command in _LOADS_MODELS and not getattr(args, "dry_run", False):  # the program itself
+            from grpokit import allocator
+
+            library = allocator.choose()
+            if library is not None:
+                allocator.restart_with(library)
         if args.command == "train":
             return _train(args)
         if args.command == "check":

@@ -60,17 +60,14 @@ not reuse a freed block for the next block of the same size unless it merged wit
 `allocator_keeps_freed_blocks`), so the same-shaped temporaries of every layer and log-prob chunk take fresh heap.
 How much stays depends on the heap's history, not on the config alone: the update's forward with LoRA on
 SmolLM2-135M kept 0.15 GiB in a fresh process and 3.5 GiB after a generation or an earlier step (4.7 GiB of live
-tensors either time), and runs of one config differed by up to 0.5 GiB; so no line estimates it. `render` says when
-this process's allocator does it. MALLOC_MMAP_THRESHOLD_ in the environment of `grpokit train` makes glibc map blocks
-above that size on their own and unmap them when freed: the estimate then held within 10% of the peak RSS
-(benchmarks/RESULTS.md).
+tensors either time), and runs of one config differed by up to 0.5 GiB; so no line estimates it. `grpokit train`
+therefore restarts itself on tcmalloc where it is installed (grpokit.allocator): the estimate then held within 12% of
+the peak RSS on the benchmark configs (benchmarks/RESULTS.md). `render` says when training would stay on such a glibc.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -300,32 +297,25 @@ def process_bytes(cfg: GRPOConfig) -> int:
 
 
 def allocator_keeps_freed_blocks() -> bool:
-    """Whether freed CPU tensors stay in this process's heap instead of serving the next tensors of their size.
+    """Whether `grpokit train`, started from this environment, would hold freed CPU tensor memory.
 
     torch allocates CPU tensors with posix_memalign(64). glibc's asks the heap for the size plus the alignment, so a
     freed block is too small for the next request of its own size unless it merged with a free neighbour, and before
     the fix for glibc bug 30723 (assumed in 2.39) the small remainders memalign splits off go to the per-thread cache,
     where they stop those merges: the process grows by each freed block (by 128 MiB for 128 freed 1 MiB tensors on
-    glibc 2.36, tests/unit/test_plan.py). A fixed mmap threshold (MALLOC_MMAP_THRESHOLD_ or the
-    glibc.malloc.mmap_threshold tunable) maps larger blocks on their own and unmaps them when freed. Only glibc 2.36
-    is measured; later glibc and other allocators are assumed to reuse."""
-    name, version = platform.libc_ver()
-    if name != "glibc" or _mmap_threshold_set():
-        return False
-    return tuple(int(part) for part in version.split(".")[:2]) < (2, 39)
+    glibc 2.36, tests/unit/test_plan.py). `grpokit train` restarts itself on tcmalloc there when it is installed
+    (grpokit.allocator), so this holds only when it is not, or when GRPOKIT_ALLOCATOR=system keeps glibc's."""
+    from grpokit import allocator
+
+    return allocator.choose() is None and allocator.keeps_freed_blocks()
 
 
 FREED_MEMORY_NOTE = [
-    "note: this machine's C allocator (glibc < 2.39) does not reuse a freed CPU tensor's block for the next tensor of",
-    "  its size, so `grpokit train` also holds freed memory that this estimate does not count; how much depends on the",
-    "  heap's history (SmolLM2-135M: peak RSS 1.2x to 3.6x the estimate, benchmarks/RESULTS.md). With",
-    "  MALLOC_MMAP_THRESHOLD_=1048576 in its environment, freed tensors over 1 MiB go back to the system (there: the",
-    "  estimate within 10% of the peak, steps 1.2x to 1.8x slower)."]
-
-
-def _mmap_threshold_set() -> bool:
-    """A fixed glibc mmap threshold (env var or tunable): large tensors are mapped alone and unmapped when freed."""
-    return "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    "note: `grpokit train` here runs on glibc < 2.39, which does not reuse a freed CPU tensor's block for the next",
+    "  tensor of its size, so it also holds freed memory that this estimate does not count; how much depends on the",
+    "  heap's history (SmolLM2-135M: peak RSS up to 3.6x the estimate, benchmarks/RESULTS.md). With tcmalloc installed",
+    "  (apt install libtcmalloc-minimal4, or conda install gperftools) grpokit runs on it, which reuses them (there:",
+    "  the estimate within 12% of the peak, steps no slower); GRPOKIT_ALLOCATOR=system keeps glibc's."]
 
 
 def kv_cache_bytes(shape: ModelShape, positions: int, dtype_bytes: int) -> int:

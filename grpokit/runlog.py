@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grpokit import allocator
 from grpokit.distributed import world_size
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ def summary_lines(trainer: Trainer) -> list[str]:
     lines = [f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.1f}%) "
              f"on {device}{' (bf16 autocast)' if cfg.bf16 else ''}"
              f"{' (float32 linear layers on oneDNN)' if getattr(trainer, 'onednn_linear', False) else ''}"]
+    if str(device).startswith("cpu"):  # where freed tensor memory is the C allocator's to keep or reuse
+        lines.append(allocator.describe())
     n_train = len(trainer.train_data.prompt_ids)
     eval_data = getattr(trainer, "eval_data", None)
     generations = math.ceil(cfg.max_steps / cfg.optimizer_steps_per_generation)

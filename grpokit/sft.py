@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from grpokit import cpu_linear, data
+from grpokit import allocator, cpu_linear, data
 from grpokit.batches import pack
 from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError, DataError, TrainingError
@@ -272,6 +272,8 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
     log.info("SFT of %s on %d examples (%d dropped) from %s: %d steps of %d rows, lr %g, %s%s", cfg.model,
              len(examples), dropped, cfg.dataset, cfg.max_steps, rows_per_step, cfg.learning_rate,
              "LoRA" if cfg.use_peft else "all weights", " (float32 linear layers on oneDNN)" if onednn else "")
+    if device.type == "cpu":
+        log.info("%s", allocator.describe())
     order_rng = random.Random(cfg.seed)
     order: list[int] = []
     losses: list[float] = []

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpokit import data
+from grpokit import allocator, data
 from grpokit.config import GRPOConfig
 from grpokit.models import prepare_tokenizer
 from grpokit.sft import IGNORE_INDEX, build_examples, collate, load_sft_records
@@ -73,6 +73,8 @@ def test_sft_puts_linear_layers_on_the_kernel_the_setting_names(tmp_path, tiny_m
     result = run_cli("sft", cfg.name, cwd=tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     assert ("(float32 linear layers on oneDNN)" in result.stdout) is (setting == "onednn"), result.stdout
+    restarts = allocator.choose() is not None  # sft restarts on tcmalloc as train does (grpokit.allocator)
+    assert ("C allocator: tcmalloc" in result.stdout) is restarts and "C allocator: " in result.stdout, result.stdout
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final_model")

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from grpokit import cpu_linear, plan
+from grpokit import allocator, cpu_linear, plan
 from grpokit.config import GRPOConfig
 from grpokit.logprobs import completion_logps
 from grpokit.models import add_lora, load_policy
@@ -258,7 +258,7 @@ def test_cli_plan_is_itemised_and_within_25_percent_of_a_real_training_process(t
     for text in ("component", "Python process", "weights", "KV cache", "total peak", "tokens per optimizer step",
                  "does NOT fit", "(same effective batch)"):
         assert text in planned, planned
-    assert ("MALLOC_MMAP_THRESHOLD_" in planned) == plan.allocator_keeps_freed_blocks(), planned  # the same environment
+    assert ("glibc < 2.39" in planned) == plan.allocator_keeps_freed_blocks(), planned  # the same environment
     assert "step 1/1" in output, output
     process = _bytes(re.search(r"^Python process.*?persistent\s+(.+)$", planned, re.M).group(1))
     total = _bytes(re.search(r"^total peak.*?\s{2,}(\S+ \S+)$", planned, re.M).group(1))
@@ -282,14 +282,22 @@ print(rss() - before)
 """
 
 
+TCMALLOC = allocator.find("tcmalloc") if sys.platform.startswith("linux") else None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-@pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "1048576"}], ids=["as-is", "mmap-threshold"])
+@pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "1048576"}, {"LD_PRELOAD": TCMALLOC or "tcmalloc"}],
+                         ids=["as-is", "mmap-threshold", "tcmalloc"])
 def test_allocator_check_agrees_with_what_the_heap_does(env, monkeypatch):
-    """128 freed 1 MiB tensors: a process grows by them exactly when `allocator_keeps_freed_blocks` says so, in the
-    same environment (glibc 2.36: by ~128 MiB as is, by nothing with a fixed mmap threshold). The child imports only
-    torch: the heap layout grpokit's imports leave can hide the effect for some hash seeds."""
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    """128 freed 1 MiB tensors: a process grows by them exactly when `allocator.keeps_freed_blocks` says so, in the
+    same environment (glibc 2.36: by ~128 MiB as is, by nothing with a fixed mmap threshold or tcmalloc preloaded, the
+    allocator `grpokit train` restarts on). The child imports only torch: the heap layout grpokit's imports leave can
+    hide the effect for some hash seeds."""
+    if "LD_PRELOAD" in env:
+        assert TCMALLOC, "tcmalloc is not installed: `make test` installs libtcmalloc-minimal4"
+    for key in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     grown = int(subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True).stdout)
-    assert plan.allocator_keeps_freed_blocks() == (grown > 64 << 20), grown >> 20
+    assert allocator.keeps_freed_blocks() == (grown > 64 << 20), grown >> 20
