@@ -8,18 +8,22 @@ meta device, as `grpokit plan` does. The plan bounds prompts and completions at 
 max_completion_length, so short arithmetic prompts and completions that stop early make the measurement fall below
 the estimate; --prompt-length sets max_prompt_length for both (arithmetic prompts fit).
 
-Each config runs twice: with the C allocator as it is, and with MALLOC_MMAP_THRESHOLD_=--mmap-threshold in the
-child's environment (0: skip), which makes glibc map tensors above that size on their own and unmap them when freed.
-glibc before 2.39 otherwise keeps freed tensor blocks it cannot reuse (grpokit/plan.py, "Not counted"); the second
-run shows what the estimate is about once that memory goes back to the system, and at what cost in s/step.
+Each config runs under each --allocators setting, --repeats times, the settings alternating:
+  auto      `grpokit train` as users start it: it restarts itself on tcmalloc where glibc < 2.39 would keep freed
+            tensor blocks and tcmalloc is installed (grpokit/allocator.py)
+  system    GRPOKIT_ALLOCATOR=system: glibc's malloc as is (before 2.39 it holds freed blocks it cannot reuse)
+  mmap      system with MALLOC_MMAP_THRESHOLD_=1048576: glibc maps tensors over 1 MiB alone and unmaps them when freed
+  jemalloc  GRPOKIT_ALLOCATOR=jemalloc
+The allocator a run used is read from its summary ("C allocator: ...").
 
   full       all weights trained (fp32)          full-gc   the same with gradient_checkpointing
   lora       use_peft (r 16, all-linear)         lora-gc   the same with gradient_checkpointing
 
 Usage: python benchmarks/plan_vs_measured.py [--configs full,full-gc,lora,lora-gc] [--steps 2]
-       [--prompt-length 128] [--completion-length 128] [--mmap-threshold 1048576] [--set KEY=VALUE ...]
-Prints a markdown table: config, estimate MiB, then for each allocator setting the measured MiB, error %
-((estimate - measured) / measured) and the last step's s/step. Each config trains the 135M model in its own process:
+       [--allocators auto,system] [--repeats 1] [--prompt-length 128] [--completion-length 128] [--set KEY=VALUE ...]
+Prints a markdown table: config, estimate MiB, then for each allocator setting the allocator used, the measured MiB
+(median, min-max over repeats), error % ((estimate - measured) / measured, of the median) and the last step's s/step
+(median, min-max). Each config trains the 135M model in its own process:
 run it on a quiet machine for the s/step columns (peak RSS does not depend on load).
 """
 
@@ -29,12 +33,20 @@ import argparse
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "GRPOKIT_ALLOCATOR", "LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF")
+ALLOCATORS = {
+    "auto": {},
+    "system": {"GRPOKIT_ALLOCATOR": "system"},
+    "mmap": {"GRPOKIT_ALLOCATOR": "system", "MALLOC_MMAP_THRESHOLD_": "1048576"},
+    "jemalloc": {"GRPOKIT_ALLOCATOR": "jemalloc"},
+}
 CONFIGS = {
     "full": [],
     "full-gc": ["gradient_checkpointing=true"],
@@ -45,7 +57,7 @@ CONFIGS = {
 
 def peak_rss_mib(cmd: list[str], log: Path, extra_env: dict[str, str]) -> float:
     """Run `cmd` to completion with `extra_env`; its peak RSS in MiB (wait4 ru_maxrss, KiB on Linux)."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}  # "as is" means as is
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}  # each setting says all of its own
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra_env})
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -61,14 +73,20 @@ def last_step_seconds(log: Path) -> float:
     return float(re.findall(r"s/step ([0-9.]+)", log.read_text())[-1])
 
 
+def _spread(values, fmt: str) -> str:
+    """The median, and the min-max when there are several."""
+    text = format(statistics.median(values), fmt)
+    return text if len(values) == 1 else f"{text} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--prompt-length", type=int, default=128, help="max_prompt_length for plan and train")
     parser.add_argument("--completion-length", type=int, default=128, help="max_completion_length")
-    parser.add_argument("--mmap-threshold", type=int, default=1 << 20, metavar="BYTES",
-                        help="MALLOC_MMAP_THRESHOLD_ of the second run of each config (0: no second run)")
+    parser.add_argument("--allocators", default="auto,system", help=f"comma-separated, from {', '.join(ALLOCATORS)}")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each config and allocator, alternating")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every config (repeatable)")
     args = parser.parse_args()
@@ -76,6 +94,9 @@ def main() -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    if [a for a in allocators if a not in ALLOCATORS]:
+        parser.error(f"unknown allocator(s) in {allocators}; choose from {', '.join(ALLOCATORS)}")
 
     sys.path.insert(0, str(REPO))
     from grpokit import plan
@@ -87,24 +108,29 @@ def main() -> int:
               "report_to=none", "eval_steps=null", "logging_steps=1", *args.overrides]
     shape = plan.model_shape("smollm2-135m-instruct")
     process = plan.process_bytes(load_config(None, common))  # after model_shape, as `grpokit plan` measures it
-    settings = {"glibc as is": {}}
-    if args.mmap_threshold:
-        settings[f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"] = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
     work = Path(tempfile.mkdtemp(prefix="plan-vs-measured-"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"libc {' '.join(platform.libc_ver())}; Python process line: {process / 2**20:.0f} MiB; logs in {work}\n")
-    print("| config | estimate MiB | " + " | ".join(f"{k}: measured MiB | error % | s/step" for k in settings) + " |")
-    print("|---|---:|" + "---:|---:|---:|" * len(settings))
+          f"libc {' '.join(platform.libc_ver())}; Python process line: {process / 2**20:.0f} MiB; "
+          f"{args.repeats} run(s) each; logs in {work}\n")
+    print("| config | estimate MiB | " + " | ".join(f"{a}: allocator | measured MiB | error % | s/step"
+                                                   for a in allocators) + " |")
+    print("|---|---:|" + "---|---:|---:|---:|" * len(allocators))
     for name in names:
         estimate = plan.estimate(load_config(None, [*common, *CONFIGS[name]]), shape, process).total / 2**20
+        runs = {a: [] for a in allocators}
+        for repeat in range(args.repeats):
+            for allocator in allocators:
+                overrides = [*common, *CONFIGS[name], f"output_dir={work / name}-{allocator}-{repeat}"]
+                cmd = [sys.executable, "-m", "grpokit", "train"] + [x for o in overrides for x in ("--set", o)]
+                log = work / f"{name}-{allocator}-{repeat}.log"
+                measured = peak_rss_mib(cmd, log, ALLOCATORS[allocator])
+                used = re.search(r"^C allocator: (\S+(?: [0-9.]+)?)", log.read_text(), re.M)
+                runs[allocator].append((measured, last_step_seconds(log), used.group(1) if used else "?"))
         cells = []
-        for index, extra_env in enumerate(settings.values()):
-            overrides = [*common, *CONFIGS[name], f"output_dir={work / name}-{index}"]
-            cmd = [sys.executable, "-m", "grpokit", "train"] + [x for o in overrides for x in ("--set", o)]
-            log = work / f"{name}-{index}.log"
-            measured = peak_rss_mib(cmd, log, extra_env)
-            error = 100 * (estimate - measured) / measured
-            cells.append(f"{measured:.0f} | {error:+.1f} | {last_step_seconds(log):.1f}")
+        for allocator in allocators:
+            rss, seconds, used = zip(*runs[allocator], strict=True)
+            error = 100 * (estimate - statistics.median(rss)) / statistics.median(rss)
+            cells.append(f"{'/'.join(sorted(set(used)))} | {_spread(rss, '.0f')} | {error:+.1f} | {_spread(seconds, '.1f')}")
         print(f"| {name} | {estimate:.0f} | " + " | ".join(cells) + " |", flush=True)
     return 0
 
