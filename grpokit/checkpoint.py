@@ -8,6 +8,7 @@
       rng_state.pt                        Python, NumPy, torch (CPU and CUDA) and the data order's RNG
       pending.pt                          the part of the current generation not yet trained on
       trainer_state.json                  step, data position, sampler counter, eval before training, best model so far
+                                          (`grpokit sft`'s: "kind": "sft", step, data order, losses, token count)
       config.yaml                         the resolved config
 
 A checkpoint is written under a temporary name (`.checkpoint-N.tmp`) and renamed when complete,
@@ -260,6 +261,9 @@ def restore_run(trainer, path: Path, force: bool) -> None:
     """Put a Trainer (built from the same config) back into the state `path` was saved in."""
     saved = load(path)
     state = saved.state
+    if state.get("kind") == "sft":
+        raise ConfigError(f"--resume {path}: a `grpokit sft` checkpoint, not a GRPO one; go on with it with `grpokit sft "
+                          f"CONFIG --resume {path}`, or start GRPO from an SFT run's final_model (--sft-model)")
     processes, count = state.get("processes", 1), trainer.procs.count
     if not force:
         check_config(saved.config, trainer.cfg.model_dump(mode="json"), path)

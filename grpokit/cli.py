@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
                                      "or 'messages' conversations; writes OUTPUT_DIR/final_model for --sft-model")
     sft.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
     _add_common(sft)
+    sft.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                     help="go on from the newest checkpoint-N in output_dir, or from the checkpoint PATH")
+    sft.add_argument("--force", action="store_true",
+                     help="with --resume: go on even though settings that change the results differ from the checkpoint's")
     plan = sub.add_parser("plan", help="estimate memory (itemised) and tokens per step of a config from the model's "
                                        "config.json alone, and suggest settings that fit a memory budget")
     plan.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml); omitted: all defaults")
@@ -409,7 +413,9 @@ def _generate(args) -> int:
 def _sft(args) -> int:
     from grpokit.sft import run_sft
 
-    run_sft(_load(args), config_name=args.config or "CONFIG")
+    if args.force and not args.resume:
+        raise ConfigError("--force only applies with --resume")
+    run_sft(_load(args), config_name=args.config or "CONFIG", resume=args.resume, force=args.force)
     return 0
 
 

@@ -18,7 +18,9 @@ Departures from the GRPO run's settings, applied only where the config leaves th
 logged): `learning_rate` 2e-5 (2e-4 with LoRA) instead of GRPO's 1e-6; one epoch over the data instead
 of `max_steps: 100`; `output_dir` 'outputs/sft'. Rows whose prompt is longer than `max_prompt_length`
 or whose target (with EOS) is longer than `max_completion_length` tokens are dropped and counted.
-There are no intermediate checkpoints and no `--resume`: SFT runs are short; rerun to repeat one.
+Checkpoints as GRPO's (checkpoint.py): OUTPUT_DIR/checkpoint-N every `save_steps` and on SIGINT / SIGTERM (after
+the step in progress), with the weights or adapter, optimizer, scheduler, every RNG and the data order; `grpokit
+sft CONFIG --resume [PATH]` goes on from one, and N steps, resume, N more equal 2N steps.
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpokit import allocator, cpu_linear, data
+from grpokit import allocator, checkpoint, cpu_linear, data
 from grpokit.batches import pack
 from grpokit.config import GRPOConfig
-from grpokit.errors import ConfigError, DataError, TrainingError
+from grpokit.errors import ConfigError, DataError, Interrupted, TrainingError
 from grpokit.logprobs import completion_logps
 from grpokit.metrics import MetricsLogger, check_sinks
 from grpokit.models import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
@@ -228,8 +231,12 @@ def answer_nll(model, batch: SFTBatch, chunk_size: int, share_prompts: bool) -> 
     return -torch.where(trained, logps, torch.zeros_like(logps)).sum()
 
 
-def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
-    """Fine-tune `cfg.model` on `cfg.dataset`'s targets; save OUTPUT_DIR/final_model, metrics.jsonl, config.yaml."""
+def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | None = None,
+            force: bool = False) -> SFTResult:
+    """Fine-tune `cfg.model` on `cfg.dataset`'s targets; save OUTPUT_DIR/final_model, metrics.jsonl, config.yaml.
+
+    `resume`: go on from the newest checkpoint-N in output_dir (True) or from a checkpoint's path; `force` skips the
+    check that the settings which change the results are the checkpoint's."""
     if cfg.load_in_4bit:  # final_model is LoRA merged into the loaded base: a 4-bit base would save rounded 4-bit weights
         raise ConfigError("load_in_4bit: `grpokit sft` does not train on 4-bit weights: it saves final_model as the "
                           "LoRA adapter merged into the base it trained on, and a 4-bit base would make that a rounded, "
@@ -262,67 +269,50 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
     optimizer, scheduler = optimizer_and_schedule(policy, cfg)
 
     out = Path(cfg.output_dir)
+    order_rng = random.Random(cfg.seed)
+    run, resumed_from = _SFTState(), checkpoint.find(out, resume) if resume else None
+    if resumed_from is not None:
+        run = _restore(cfg, resumed_from, force, policy, optimizer, scheduler, order_rng)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
     handler = logging.FileHandler(out / "training_log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("grpokit").addHandler(handler)
     metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=log.info, report_to=cfg.report_to,
-                                run_config=cfg.model_dump(mode="json"), run_name=out.name)
+                                run_config=cfg.model_dump(mode="json"), run_name=out.name,
+                                resume_step=run.step if resumed_from else None)
     log.info("SFT of %s on %d examples (%d dropped) from %s: %d steps of %d rows, lr %g, %s%s", cfg.model,
              len(examples), dropped, cfg.dataset, cfg.max_steps, rows_per_step, cfg.learning_rate,
              "LoRA" if cfg.use_peft else "all weights", " (float32 linear layers on oneDNN)" if onednn else "")
     if device.type == "cpu":
         log.info("%s", allocator.describe())
-    order_rng = random.Random(cfg.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    seen_tokens = skips = 0
+    if resumed_from is not None:
+        log.info("resumed from %s: step %d of %d", resumed_from, run.step, cfg.max_steps)
+
+    def save_checkpoint() -> Path:
+        state = {"kind": "sft", "global_step": run.step, "order": run.order, "losses": run.losses,
+                 "num_tokens": run.seen_tokens, "consecutive_skips": run.skips}
+        return checkpoint.save(out, run.step, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
+                               scheduler=scheduler, state=state, rng=checkpoint.rng_state(order_rng), pending=None,
+                               config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
+
     try:
-        for step in range(1, cfg.max_steps + 1):
-            started = time.perf_counter()
-            window = []
-            for _ in range(cfg.gradient_accumulation_steps):
-                rows = []
-                while len(rows) < cfg.per_device_train_batch_size:
-                    if not order:
-                        order = list(range(len(examples)))
-                        order_rng.shuffle(order)
-                    rows.append(examples[order.pop()])
-                window.append(collate(rows, tokenizer.pad_token_id, device))
-            trained_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in window)  # the step's normaliser
-            loss_total = torch.zeros((), device=device)
-            for batch in window:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = answer_nll(policy, batch, cfg.logprob_chunk_size, cfg.share_prompt_forward) / trained_tokens
-                loss.backward()
-                loss_total += loss.detach()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm))
-            loss_value, learning_rate = float(loss_total), scheduler.get_last_lr()[0]
-            losses.append(loss_value)
-            skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-            if skipped:  # weights and optimizer state stay as they were
-                skips += 1
-                log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped (%d in a row, "
-                            "the run stops at %d)", step, loss_value, grad_norm, skips, cfg.max_consecutive_skips)
-                if skips >= cfg.max_consecutive_skips:
-                    raise TrainingError(f"SFT stopped at step {step}: {skips} optimizer steps in a row had a non-finite "
-                                        "loss or gradient norm; nothing was saved. Lower learning_rate or "
-                                        "max_grad_norm, or use bf16/fp32")
-            else:
-                optimizer.step()
-                scheduler.step()
-                skips = 0
-            optimizer.zero_grad(set_to_none=True)
-            seen_tokens += sum(int(b.attention_mask.sum()) for b in window)
-            metrics_log.log(step, {"loss": loss_value, "grad_norm": grad_norm, "learning_rate": learning_rate,
-                                   "tokens": float(trained_tokens), "num_tokens": float(seen_tokens),
-                                   "epoch": step * rows_per_step / len(examples), "skipped_step": float(skipped),
-                                   "step_time": time.perf_counter() - started})
+        with checkpoint.StopSignals(log.info) as signals:
+            while run.step < cfg.max_steps:
+                run.step += 1
+                _sft_step(run, cfg, examples, order_rng, policy, optimizer, scheduler, tokenizer, device, metrics_log,
+                          rows_per_step)
+                if signals.received is not None:
+                    path = save_checkpoint()
+                    raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {run.step}; "
+                                      f"checkpoint written to {path}. Resume with: grpokit sft {config_name} --resume",
+                                      128 + signals.received)
+                if cfg.save_steps and run.step % cfg.save_steps == 0 and run.step < cfg.max_steps:
+                    save_checkpoint()
         model_dir = out / "final_model"
         (policy.merge_and_unload() if cfg.use_peft else policy).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        log.info("train loss %.4f at the first step -> %.4f at the last", losses[0], losses[-1])
+        log.info("train loss %.4f at the first step -> %.4f at the last", run.losses[0], run.losses[-1])
         log.info("saved %s (%s)", model_dir, "LoRA merged into the base weights" if cfg.use_peft else "all weights")
         log.info("continue with GRPO: grpokit train %s --preset from_sft --sft-model %s%s", config_name, model_dir,
                  f" --output-dir {out}-grpo" if separate_output else "")
@@ -331,4 +321,77 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG") -> SFTResult:
         logging.getLogger("grpokit").removeHandler(handler)
         handler.close()
     return SFTResult(output_dir=out, model_dir=model_dir, steps=cfg.max_steps, examples=len(examples), dropped=dropped,
-                     first_loss=losses[0], last_loss=losses[-1])
+                     first_loss=run.losses[0], last_loss=run.losses[-1])
+
+
+@dataclass(slots=True, kw_only=True)
+class _SFTState:
+    """What an SFT run carries from step to step, and what its checkpoints keep."""
+
+    step: int = 0
+    order: list[int] = field(default_factory=list)  # the current epoch's shuffled example indices not yet used
+    losses: list[float] = field(default_factory=list)
+    seen_tokens: int = 0
+    skips: int = 0  # optimizer steps skipped in a row (non-finite loss or gradient norm)
+
+
+def _restore(cfg: GRPOConfig, path: Path, force: bool, policy, optimizer, scheduler, order_rng) -> _SFTState:
+    """Put a freshly built SFT run back into the state checkpoint `path` was written in."""
+    saved = checkpoint.load(path)
+    if saved.state.get("kind") != "sft":
+        raise ConfigError(f"--resume {path}: a `grpokit train` (GRPO) checkpoint, not an SFT one; go on with it with "
+                          f"`grpokit train CONFIG --resume {path}`, or name an SFT run's checkpoint")
+    if not force:
+        checkpoint.check_config(saved.config, cfg.model_dump(mode="json"), path)
+    checkpoint.load_weights(policy, path, cfg.use_peft)
+    optimizer.load_state_dict(saved.optimizer)
+    scheduler.load_state_dict(saved.scheduler)
+    checkpoint.set_rng_state(saved.rng, order_rng)
+    state = saved.state
+    return _SFTState(step=state["global_step"], order=state["order"], losses=state["losses"],
+                     seen_tokens=state["num_tokens"], skips=state["consecutive_skips"])
+
+
+def _sft_step(run: _SFTState, cfg: GRPOConfig, examples, order_rng, policy, optimizer, scheduler, tokenizer, device,
+              metrics_log, rows_per_step: int) -> None:
+    """Optimizer step `run.step`: its micro-batches from the shuffled order, one global normaliser, metrics."""
+    step = run.step
+    started = time.perf_counter()
+    window = []
+    for _ in range(cfg.gradient_accumulation_steps):
+        rows = []
+        while len(rows) < cfg.per_device_train_batch_size:
+            if not run.order:
+                run.order = list(range(len(examples)))
+                order_rng.shuffle(run.order)
+            rows.append(examples[run.order.pop()])
+        window.append(collate(rows, tokenizer.pad_token_id, device))
+    trained_tokens = sum(int((b.labels != IGNORE_INDEX).sum()) for b in window)  # the step's normaliser
+    loss_total = torch.zeros((), device=device)
+    for batch in window:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = answer_nll(policy, batch, cfg.logprob_chunk_size, cfg.share_prompt_forward) / trained_tokens
+        loss.backward()
+        loss_total += loss.detach()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.max_grad_norm))
+    loss_value, learning_rate = float(loss_total), scheduler.get_last_lr()[0]
+    run.losses.append(loss_value)
+    skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+    if skipped:  # weights and optimizer state stay as they were
+        run.skips += 1
+        log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped (%d in a row, "
+                    "the run stops at %d)", step, loss_value, grad_norm, run.skips, cfg.max_consecutive_skips)
+        if run.skips >= cfg.max_consecutive_skips:
+            raise TrainingError(f"SFT stopped at step {step}: {run.skips} optimizer steps in a row had a non-finite "
+                                "loss or gradient norm; final_model was not written (checkpoints written before "
+                                "this step are kept). Lower learning_rate or max_grad_norm, or use bf16/fp32")
+    else:
+        optimizer.step()
+        scheduler.step()
+        run.skips = 0
+    optimizer.zero_grad(set_to_none=True)
+    run.seen_tokens += sum(int(b.attention_mask.sum()) for b in window)
+    metrics_log.log(step, {"loss": loss_value, "grad_norm": grad_norm, "learning_rate": learning_rate,
+                           "tokens": float(trained_tokens), "num_tokens": float(run.seen_tokens),
+                           "epoch": step * rows_per_step / len(examples), "skipped_step": float(skipped),
+                           "step_time": time.perf_counter() - started})

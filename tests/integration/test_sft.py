@@ -1,8 +1,13 @@
 """`grpokit sft`: it learns the answers, trains on answer / assistant tokens only, writes a model `grpokit train`
-starts from, and names the config key when the data has no target."""
+starts from, names the config key when the data has no target, and checkpoints and resumes exactly."""
 
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -182,3 +187,67 @@ def test_sft_defaults_replace_grpo_defaults_only_where_unset():
     assert sft_defaults(load_config(None, ["use_peft=true"])).learning_rate == 2e-4
     mine = sft_defaults(load_config(None, ["learning_rate=1e-6", "max_steps=7", "output_dir=out"]))
     assert (mine.learning_rate, mine.max_steps, mine.num_train_epochs, mine.output_dir) == (1e-6, 7, None, "out")
+
+
+def _same_final_weights(a, b) -> None:
+    first, second = load_file(a / "final_model" / "model.safetensors"), load_file(b / "final_model" / "model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, tiny_model_dir, lora):
+    """N steps, resume, N more = 2N steps: the same losses after the checkpoint and bit-identical final weights.
+    30 rows, 8 per micro-batch, 2 per step: the epoch ends inside step 2, so the saved data order matters."""
+    cfg = _config(tmp_path, tiny_model_dir, max_steps=6, save_steps=3, gradient_accumulation_steps=2, use_peft=lora,
+                  lora_r=4, lora_alpha=8, lora_target_modules="all-linear", learning_rate=3e-3 if lora else 1e-3)
+    straight = run_cli("sft", cfg.name, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr + straight.stdout
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["kind"] == "sft" and state["global_step"] == 3 and len(state["order"]) == 30 - 3 * 16 % 30
+    assert (run / "checkpoint-3" / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+    resumed = run_cli("sft", cfg.name, "--resume", "run/checkpoint-3", "--set", "output_dir=resumed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert "resumed from run/checkpoint-3: step 3 of 6" in resumed.stdout
+    losses = {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    again = {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(again) == [4, 5, 6] and all(again[s] == losses[s] for s in again), (losses, again)
+    _same_final_weights(run, tmp_path / "resumed")
+
+
+def test_a_signal_stops_sft_with_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, max_steps=100_000, lr_scheduler_type="constant", save_steps=None)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRPOKIT_CACHE": str(tmp_path / ".cache")}
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "grpokit", "sft", cfg.name], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    text = (tmp_path / "out.txt").read_text()
+    assert rc == 128 + signal.SIGTERM, text
+    saved = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert len(saved) == 1 and f"checkpoint written to {saved[0].relative_to(tmp_path)}" in text, text
+    assert f"grpokit sft {cfg.name} --resume" in text and not (tmp_path / "run" / "final_model").exists()
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["global_step"]
+    resumed = run_cli("sft", cfg.name, "--resume", "--set", f"max_steps={step + 2}", cwd=tmp_path)  # constant lr
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 3)) and (tmp_path / "run" / "final_model").is_dir()
+
+
+def test_sft_and_grpo_checkpoints_are_not_mixed_up_and_a_changed_setting_is_refused(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, max_steps=2, save_steps=1)
+    assert run_cli("sft", cfg.name, cwd=tmp_path).returncode == 0
+    changed = run_cli("sft", cfg.name, "--resume", "--set", "learning_rate=1e-2", cwd=tmp_path)
+    assert changed.returncode == 2 and "settings that change the results: learning_rate: 0.003 -> 0.01" in changed.stderr
+    grpo = run_cli("train", cfg.name, "--resume", "run/checkpoint-1", "--set", "dataset=arithmetic",
+                   "--set", "num_generations=2", "--set", "save_steps=null", cwd=tmp_path)
+    assert grpo.returncode == 2 and "a `grpokit sft` checkpoint, not a GRPO one" in grpo.stderr, grpo.stderr
+    forced = run_cli("sft", cfg.name, "--force", cwd=tmp_path)
+    assert forced.returncode == 2 and "--force only applies with --resume" in forced.stderr
