@@ -244,6 +244,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
                           "use_peft: true, torch_dtype: bfloat16), then GRPO with load_in_4bit from its final_model")
     separate_output = "output_dir" in cfg.model_fields_set  # then GRPO with the same config would write here too
     cfg = sft_defaults(cfg)
+    resumed_from = checkpoint.find(Path(cfg.output_dir), resume) if resume else None  # before anything loads
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -270,7 +271,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
 
     out = Path(cfg.output_dir)
     order_rng = random.Random(cfg.seed)
-    run, resumed_from = _SFTState(), checkpoint.find(out, resume) if resume else None
+    run = _SFTState()
     if resumed_from is not None:
         run = _restore(cfg, resumed_from, force, policy, optimizer, scheduler, order_rng)
     out.mkdir(parents=True, exist_ok=True)

@@ -251,3 +251,6 @@ def test_sft_and_grpo_checkpoints_are_not_mixed_up_and_a_changed_setting_is_refu
     assert grpo.returncode == 2 and "a `grpokit sft` checkpoint, not a GRPO one" in grpo.stderr, grpo.stderr
     forced = run_cli("sft", cfg.name, "--force", cwd=tmp_path)
     assert forced.returncode == 2 and "--force only applies with --resume" in forced.stderr
+    nothing = run_cli("sft", cfg.name, "--resume", "--set", "output_dir=empty", cwd=tmp_path)
+    assert nothing.returncode == 2 and "--resume: no checkpoint in empty" in nothing.stderr, nothing.stderr
+    assert "SFT of" not in nothing.stdout + nothing.stderr  # said before the model loads
