@@ -18,8 +18,9 @@ fires nor clears an alert):
 - identical_completions: `completions/frac_identical_in_group` high (see `identical_fraction`).
 
 "Early-run" levels are the median of the first `window` finite values the monitor sees of a metric
-(the median, so one outlier step does not move the baseline). A monitor made on resume therefore
-measures against the first steps after the resume, not the first steps of the run.
+(the median, so one outlier step does not move the baseline). Checkpoints keep the monitor's state
+(`state` / `restore`: windows, baselines, which alerts are active), so a resumed run measures against
+the first steps of the run and alerts at the steps the uninterrupted run would.
 
 Firing and hysteresis: an alert fires at the first step its condition holds. It can fire again
 only after its condition has been checked and found false on `rearm_steps` consecutive steps
@@ -35,11 +36,14 @@ A check also waits until it has a full window (two for the growth test of kl_blo
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(slots=True, kw_only=True)
@@ -170,6 +174,22 @@ class HealthMonitor:
                        fix="cap or length-normalise the length-related rewards; lower their weights relative to the "
                            "correctness reward; add soft_overlong_punishment"))
 
+    def state(self) -> dict[str, Any]:
+        """Everything `observe` has accumulated, as JSON-ready values (checkpoints keep it)."""
+        return {"recent": {key: list(values) for key, values in self._recent.items()},
+                "early": {key: list(values) for key, values in self._early.items()},
+                "checks": {check.name: [check.active, check.false_streak] for check in self._checks}}
+
+    def restore(self, state: Mapping[str, Any] | None) -> None:
+        """Go on from `state()` of a monitor with the same settings; None (a checkpoint from before the monitor's
+        state was kept) leaves this one fresh."""
+        if not state:
+            return
+        self._recent = {key: deque(values, maxlen=2 * self.window) for key, values in state["recent"].items()}
+        self._early = {key: list(values) for key, values in state["early"].items()}
+        for check in self._checks:
+            check.active, check.false_streak = state["checks"].get(check.name, (False, 0))
+
     def observe(self, step: int, metrics: Mapping[str, float | None]) -> list[Alert]:
         """Record one optimizer step's metrics; return the alerts whose condition starts at this step."""
         present = set()
@@ -275,3 +295,10 @@ class HealthMonitor:
                        f"{correct:.3g} against {correct0:.3g} ({correct - correct0:+.3g}; alert when length grows "
                        f">= {1 + self.length_growth:.3g}x and reward by >= {self.reward_rise:.3g} while correctness "
                        f"gains <= {self.correctness_delta:.3g})")
+
+
+def drop_after(path: Path, step: int) -> None:
+    """Keep only the alerts of steps up to `step` in an alerts.jsonl: a resumed run writes the later ones again."""
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        path.write_text("".join(line + "\n" for line in lines if line.strip() and json.loads(line)["step"] <= step))

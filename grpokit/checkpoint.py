@@ -7,7 +7,8 @@
       optimizer.pt, scheduler.pt
       rng_state.pt                        Python, NumPy, torch (CPU and CUDA) and the data order's RNG
       pending.pt                          the part of the current generation not yet trained on
-      trainer_state.json                  step, data position, sampler counter, eval before training, best model so far
+      trainer_state.json                  step, data position, sampler counter, eval before training, best model so far,
+                                          the health monitor's windows
                                           (`grpokit sft`'s: "kind": "sft", step, data order, losses, token count)
       config.yaml                         the resolved config
 
@@ -246,7 +247,7 @@ def save_run(trainer) -> Path:
             pending["micro_batches"] = procs.gather(mine)  # one list per process
     state = {"global_step": trainer.global_step, "generations": trainer.generations, "num_tokens": trainer.num_tokens,
              "order": trainer._order, "consecutive_skips": trainer.consecutive_skips, "eval_before": trainer.eval_before,
-             "best_model": trainer.best.state(), "processes": procs.count}
+             "best_model": trainer.best.state(), "processes": procs.count, "health": trainer.health.state()}
     cfg = trainer.cfg
     path = Path(cfg.output_dir) / f"checkpoint-{trainer.global_step}"
     if procs.is_main:
@@ -280,6 +281,7 @@ def restore_run(trainer, path: Path, force: bool) -> None:
     trainer._order, trainer.consecutive_skips = state["order"], state["consecutive_skips"]
     trainer.eval_before = state["eval_before"]
     trainer.best.restore(state.get("best_model"))  # absent in checkpoints written before best_model existed
+    trainer.health.restore(state.get("health"))  # likewise
     trainer.engine_stale = True  # a vLLM engine still holds the starting weights
     if saved.pending is None:
         return

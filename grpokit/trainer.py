@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from grpokit import checkpoint, cpu_linear, runlog
+from grpokit import alerts, checkpoint, cpu_linear, runlog
 from grpokit import data as data_mod
 from grpokit.alerts import HealthMonitor, identical_fraction
 from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
@@ -187,6 +187,8 @@ class Trainer:
         main = self.procs.is_main  # with several processes, only the main one writes the run directory
         if main:
             (out / "config.yaml").write_text(cfg.to_yaml())
+            if resume:  # as metrics.jsonl: the stopped run's alerts after the checkpoint come again
+                alerts.drop_after(out / "alerts.jsonl", self.global_step)
         handler = logging.FileHandler(out / "training_log.txt") if main else logging.NullHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("grpokit").addHandler(handler)

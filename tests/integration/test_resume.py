@@ -79,6 +79,8 @@ def test_resume_mid_generation_equals_a_straight_run(tmp_path, tiny_model_dir):
     assert _metrics(resumed / "metrics.jsonl") == [m for m in straight if m["step"] > 3]
     state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and (run / "checkpoint-3" / "pending.pt").is_file()
+    health = state["health"]  # the monitor's windows: a resumed run alerts as this one (tests/unit/test_alerts.py)
+    assert [m["reward"] for m in straight[:3]] == health["recent"]["reward"] == health["early"]["reward"]
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "config.yaml", "model.safetensors", "config.json"):
         assert (run / "checkpoint-3" / name).is_file(), name
 

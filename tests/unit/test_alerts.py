@@ -187,3 +187,43 @@ def test_identical_fraction_on_hand_computed_groups():
     assert identical_fraction([], 4) == 0.0
     with pytest.raises(ValueError, match="groups of 4"):
         identical_fraction([a, b, c], 4)
+
+
+@pytest.mark.parametrize("split", [5, 25, 38, 45, 49, 80])
+def test_a_monitor_restored_from_its_state_alerts_as_the_uninterrupted_one(split):
+    """A checkpoint's JSON round trip of `state()` at step `split`, then the same steps: the same alerts at the same
+    steps as one monitor over the whole run (a fresh monitor after the split would re-learn its baselines)."""
+    import json
+
+    def trouble(step, m):
+        m["frac_reward_zero_std"] = 0.4 if step <= 30 or 60 < step <= 90 else 1.0
+        m["entropy"] = 1.0 if step <= 40 else 0.09  # below 0.3 x the first steps' 1.0, not below 0.3 x 0.09
+
+    whole = fired(run(HealthMonitor(correctness_reward="accuracy"), range(1, 151), trouble))
+    assert whole == [("zero_reward_spread", 39), ("entropy_collapse", 50), ("zero_reward_spread", 99)]
+    first = HealthMonitor(correctness_reward="accuracy")
+    rng, before, after = random.Random(1234), [], []
+    for step in range(1, 151):
+        metrics = healthy(step, rng)
+        trouble(step, metrics)
+        if step == split + 1:
+            second = HealthMonitor(correctness_reward="accuracy")
+            second.restore(json.loads(json.dumps(first.state())))
+            first = second
+        (before if step <= split else after).extend(first.observe(step, metrics))
+    assert fired(before + after) == whole
+    fresh = HealthMonitor(correctness_reward="accuracy")
+    fresh.restore(None)
+    assert fresh.state()["recent"] == {} and not any(active for active, _ in fresh.state()["checks"].values())
+
+
+def test_drop_after_keeps_the_alerts_up_to_the_checkpoint(tmp_path):
+    from grpokit.alerts import drop_after
+
+    path = tmp_path / "alerts.jsonl"
+    drop_after(path, 3)  # no file: nothing to do
+    assert not path.exists()
+    path.write_text("".join(f'{{"name": "kl_blowup", "step": {s}}}\n' for s in (2, 3, 4, 9)))
+    drop_after(path, 3)
+    assert [line for line in path.read_text().splitlines()] == ['{"name": "kl_blowup", "step": 2}',
+                                                                '{"name": "kl_blowup", "step": 3}']
