@@ -8,7 +8,7 @@
       rng_state.pt                        Python, NumPy, torch (CPU and CUDA) and the data order's RNG
       pending.pt                          the part of the current generation not yet trained on
       trainer_state.json                  step, data position, sampler counter, eval before training, best model so far,
-                                          the health monitor's windows
+                                          the health monitor's windows, the reward functions' failure counts
                                           (`grpokit sft`'s: "kind": "sft", step, data order, losses, token count)
       config.yaml                         the resolved config
 
@@ -245,9 +245,13 @@ def save_run(trainer) -> Path:
         pending = {"windows": trainer.pending.windows, "metrics": trainer.pending.metrics, "micro_batches": mine}
         if procs.count > 1:
             pending["micro_batches"] = procs.gather(mine)  # one list per process
+    rewards = trainer.rewards.state()  # each process's runner counts the completions it scored
+    if procs.count > 1:
+        rewards = procs.gather(rewards)
     state = {"global_step": trainer.global_step, "generations": trainer.generations, "num_tokens": trainer.num_tokens,
              "order": trainer._order, "consecutive_skips": trainer.consecutive_skips, "eval_before": trainer.eval_before,
-             "best_model": trainer.best.state(), "processes": procs.count, "health": trainer.health.state()}
+             "best_model": trainer.best.state(), "processes": procs.count, "health": trainer.health.state(),
+             "rewards": rewards}
     cfg = trainer.cfg
     path = Path(cfg.output_dir) / f"checkpoint-{trainer.global_step}"
     if procs.is_main:
@@ -282,6 +286,10 @@ def restore_run(trainer, path: Path, force: bool) -> None:
     trainer.eval_before = state["eval_before"]
     trainer.best.restore(state.get("best_model"))  # absent in checkpoints written before best_model existed
     trainer.health.restore(state.get("health"))  # likewise
+    rewards = state.get("rewards")
+    if isinstance(rewards, list):  # one per process
+        rewards = rewards[trainer.procs.index] if len(rewards) == count else None  # --force with another count: fresh
+    trainer.rewards.restore(rewards)
     trainer.engine_stale = True  # a vLLM engine still holds the starting weights
     if saved.pending is None:
         return

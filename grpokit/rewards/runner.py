@@ -30,7 +30,7 @@ import signal
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,21 @@ class RewardRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def state(self) -> dict[str, Any]:
+        """The run-long counts behind the error-rate limit and the once-only warnings, JSON-ready (checkpoints keep
+        them, so a resumed run stops where the uninterrupted one would). The `expensive` caches are not kept."""
+        return {"stats": {f.name: asdict(s) for f, s in zip(self.funcs, self.stats, strict=True)},
+                "warned_all_missing": sorted(self._warned_all_missing)}
+
+    def restore(self, state: dict[str, Any] | None) -> None:
+        """Go on from `state()` (None: a checkpoint from before it was kept; this runner stays fresh)."""
+        if not state:
+            return
+        for k, f in enumerate(self.funcs):
+            if f.name in state["stats"]:
+                self.stats[k] = RewardStats(**state["stats"][f.name])
+        self._warned_all_missing = set(state["warned_all_missing"])
 
     # ---- one step --------------------------------------------------------------------------------
     def score(self, batch: RewardBatch) -> torch.Tensor:

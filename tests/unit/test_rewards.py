@@ -243,6 +243,27 @@ def test_failures_above_the_error_rate_limit_stop_with_a_clear_error():
         runner.score(_batch(["bad"] * 4))  # every completion failed: no need to wait for 32
 
 
+def test_a_restored_runner_stops_where_the_uninterrupted_one_does():
+    """The error-rate limit counts over the whole run: a checkpoint's `state()` (JSON round trip) carries the counts,
+    so a resumed run stops at the same call, where a fresh runner would go on."""
+    first, second, third = ["ok"] * 15 + ["bad"], ["ok"] * 14 + ["bad"] * 2, ["bad"] * 2 + ["ok"] * 14
+    with _runner(fails_on_bad, error_rate_limit=0.1) as straight:
+        straight.score(_batch(first))
+        straight.score(_batch(second))  # 3 of 32: under 10%
+        saved = json.loads(json.dumps(straight.state()))
+        with pytest.raises(RewardError, match="failed on 5 of 48"):
+            straight.score(_batch(third))
+    assert saved["stats"]["fails_on_bad"]["scored"] == 32 and saved["stats"]["fails_on_bad"]["failures"] == 3
+    with _runner(fails_on_bad, error_rate_limit=0.1) as resumed:
+        resumed.restore(saved)
+        assert resumed.state() == saved
+        with pytest.raises(RewardError, match="failed on 5 of 48"):
+            resumed.score(_batch(third))
+    with _runner(fails_on_bad, error_rate_limit=0.1) as fresh:
+        fresh.restore(None)
+        assert torch.isnan(fresh.score(_batch(third))[:2, 0]).all()  # 2 of 16: too few to judge, the run goes on
+
+
 def hangs(completions, **kwargs):
     time.sleep(10)
     return [1.0] * len(completions)
