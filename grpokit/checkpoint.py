@@ -72,18 +72,29 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find(output_dir: Path, resume: str | bool) -> Path:
-    """The checkpoint `--resume` names: the newest in `output_dir` (True), or a path."""
+def find(output_dir: Path, resume: str | bool, kind: str = "grpo") -> Path:
+    """The checkpoint `--resume` names: the newest in `output_dir` (True), or a path; one written by a run of `kind`
+    ("grpo": `grpokit train`, "sft": `grpokit sft`). Cheap: the CLI calls it before anything loads."""
     if resume is True or resume == "latest":
         found = checkpoints(output_dir)
         if not found:
             raise ConfigError(f"--resume: no checkpoint in {output_dir} (runs write checkpoint-N every save_steps); "
                               "start without --resume, or give --resume PATH")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {path}: not a complete grpokit checkpoint (no {STATE_FILE}); "
-                          f"complete ones in {output_dir}: {[p.name for p in checkpoints(output_dir)] or 'none'}")
+        path = found[-1]
+    else:
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"--resume {path}: not a complete grpokit checkpoint (no {STATE_FILE}); "
+                              f"complete ones in {output_dir}: {[p.name for p in checkpoints(output_dir)] or 'none'}")
+    try:
+        written_by = json.loads((path / STATE_FILE).read_text()).get("kind", "grpo")
+    except (ValueError, AttributeError):
+        written_by = kind  # a damaged state file: `load` says what is wrong with it
+    if written_by != kind:
+        ours, theirs = ("sft", "train") if kind == "sft" else ("train", "sft")
+        raise ConfigError(f"--resume {path}: a `grpokit {theirs}` checkpoint, not a `grpokit {ours}` one; go on with it "
+                          f"with `grpokit {theirs} CONFIG --resume {path}`"
+                          + (", or start GRPO from an SFT run's final_model (--sft-model)" if kind == "grpo" else ""))
     return path
 
 
@@ -266,9 +277,6 @@ def restore_run(trainer, path: Path, force: bool) -> None:
     """Put a Trainer (built from the same config) back into the state `path` was saved in."""
     saved = load(path)
     state = saved.state
-    if state.get("kind") == "sft":
-        raise ConfigError(f"--resume {path}: a `grpokit sft` checkpoint, not a GRPO one; go on with it with `grpokit sft "
-                          f"CONFIG --resume {path}`, or start GRPO from an SFT run's final_model (--sft-model)")
     processes, count = state.get("processes", 1), trainer.procs.count
     if not force:
         check_config(saved.config, trainer.cfg.model_dump(mode="json"), path)

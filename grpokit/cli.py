@@ -318,6 +318,12 @@ def _train(args) -> int:
         return 0
     if args.force and not args.resume:
         raise ConfigError("--force only applies with --resume")
+    if args.resume:  # a missing or foreign checkpoint is said before the model loads
+        from pathlib import Path
+
+        from grpokit import checkpoint
+
+        checkpoint.find(Path(cfg.output_dir), args.resume)
     from grpokit.trainer import Trainer
 
     Trainer(cfg).train(resume=args.resume, force=args.force)

@@ -244,7 +244,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
                           "use_peft: true, torch_dtype: bfloat16), then GRPO with load_in_4bit from its final_model")
     separate_output = "output_dir" in cfg.model_fields_set  # then GRPO with the same config would write here too
     cfg = sft_defaults(cfg)
-    resumed_from = checkpoint.find(Path(cfg.output_dir), resume) if resume else None  # before anything loads
+    resumed_from = checkpoint.find(Path(cfg.output_dir), resume, kind="sft") if resume else None  # before loading
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -339,9 +339,6 @@ class _SFTState:
 def _restore(cfg: GRPOConfig, path: Path, force: bool, policy, optimizer, scheduler, order_rng) -> _SFTState:
     """Put a freshly built SFT run back into the state checkpoint `path` was written in."""
     saved = checkpoint.load(path)
-    if saved.state.get("kind") != "sft":
-        raise ConfigError(f"--resume {path}: a `grpokit train` (GRPO) checkpoint, not an SFT one; go on with it with "
-                          f"`grpokit train CONFIG --resume {path}`, or name an SFT run's checkpoint")
     if not force:
         checkpoint.check_config(saved.config, cfg.model_dump(mode="json"), path)
     checkpoint.load_weights(policy, path, cfg.use_peft)

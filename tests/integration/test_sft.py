@@ -196,7 +196,8 @@ def _same_final_weights(a, b) -> None:
         assert torch.equal(first[key], second[key]), key
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+# the adapter's own reload is GRPO's (checkpoint.load_weights, tested in test_resume.py): LoRA runs with the slow tests
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
 def test_sft_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, tiny_model_dir, lora):
     """N steps, resume, N more = 2N steps: the same losses after the checkpoint and bit-identical final weights.
     30 rows, 8 per micro-batch, 2 per step: the epoch ends inside step 2, so the saved data order matters."""
@@ -248,7 +249,13 @@ def test_sft_and_grpo_checkpoints_are_not_mixed_up_and_a_changed_setting_is_refu
     assert changed.returncode == 2 and "settings that change the results: learning_rate: 0.003 -> 0.01" in changed.stderr
     grpo = run_cli("train", cfg.name, "--resume", "run/checkpoint-1", "--set", "dataset=arithmetic",
                    "--set", "num_generations=2", "--set", "save_steps=null", cwd=tmp_path)
-    assert grpo.returncode == 2 and "a `grpokit sft` checkpoint, not a GRPO one" in grpo.stderr, grpo.stderr
+    assert grpo.returncode == 2 and "a `grpokit sft` checkpoint, not a `grpokit train` one" in grpo.stderr, grpo.stderr
+    assert "grpokit sft CONFIG --resume run/checkpoint-1" in grpo.stderr and "model " not in grpo.stdout  # nothing loaded
+    grpo_checkpoint = tmp_path / "grpo" / "checkpoint-9"  # what `grpokit train` writes: no "kind"
+    grpo_checkpoint.mkdir(parents=True)
+    (grpo_checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 9, "generations": 3}))
+    foreign = run_cli("sft", cfg.name, "--resume", "grpo/checkpoint-9", cwd=tmp_path)
+    assert foreign.returncode == 2 and "a `grpokit train` checkpoint, not a `grpokit sft` one" in foreign.stderr
     forced = run_cli("sft", cfg.name, "--force", cwd=tmp_path)
     assert forced.returncode == 2 and "--force only applies with --resume" in forced.stderr
     nothing = run_cli("sft", cfg.name, "--resume", "--set", "output_dir=empty", cwd=tmp_path)
