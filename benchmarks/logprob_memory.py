@@ -37,11 +37,11 @@ def measure(variant: str, batch: int, prompt: int, completion: int, chunk: int, 
             group: int = 1, linear: str = "auto") -> dict:
     import torch
 
-    from grpokit import cpu_linear
+    from grpokit.models import cpu_linear
 
-    from grpokit.logprobs import completion_logps, positions_from_mask
-    from grpokit.loss import LossSettings, StepTotals, grpo_loss
-    from grpokit.models import load_policy, resolve_model_path
+    from grpokit.models.logprobs import completion_logps, positions_from_mask
+    from grpokit.algo.loss import LossSettings, StepTotals, grpo_loss
+    from grpokit.models.loading import load_policy, resolve_model_path
 
     torch.manual_seed(0)
     model = load_policy(resolve_model_path("smollm2-135m-instruct"))

@@ -3,14 +3,14 @@
 For each config, `grpokit train` runs for --steps optimizer steps (default 2; G=8, 2 prompts per generation,
 max_completion_length 128, the built-in arithmetic data) in a fresh subprocess, and the child's peak RSS is
 read from wait4 (ru_maxrss: the largest process of its tree, reward workers included, not a sum). The estimate is
-grpokit.plan's total with its "Python process" line, measured in this process after it has built the model on the
+grpokit.evaluation.plan's total with its "Python process" line, measured in this process after it has built the model on the
 meta device, as `grpokit plan` does. The plan bounds prompts and completions at max_prompt_length /
 max_completion_length, so short arithmetic prompts and completions that stop early make the measurement fall below
 the estimate; --prompt-length sets max_prompt_length for both (arithmetic prompts fit).
 
 Each config runs under each --allocators setting, --repeats times, the settings alternating:
   auto      `grpokit train` as users start it: it restarts itself on tcmalloc where glibc < 2.39 would keep freed
-            tensor blocks and tcmalloc is installed (grpokit/allocator.py)
+            tensor blocks and tcmalloc is installed (grpokit/runtime/allocator.py)
   system    GRPOKIT_ALLOCATOR=system: glibc's malloc as is (before 2.39 it holds freed blocks it cannot reuse)
   mmap      system with MALLOC_MMAP_THRESHOLD_=1048576: glibc maps tensors over 1 MiB alone and unmaps them when freed
   jemalloc  GRPOKIT_ALLOCATOR=jemalloc
@@ -99,8 +99,8 @@ def main() -> int:
         parser.error(f"unknown allocator(s) in {allocators}; choose from {', '.join(ALLOCATORS)}")
 
     sys.path.insert(0, str(REPO))
-    from grpokit import plan
-    from grpokit.config import load_config
+    from grpokit.evaluation import plan
+    from grpokit.config.schema import load_config
 
     common = ["model=smollm2-135m-instruct", "device=cpu", "num_generations=8", "per_device_train_batch_size=16",
               "gradient_accumulation_steps=1", f"max_completion_length={args.completion_length}",

@@ -105,8 +105,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    from grpokit import cpu_linear
-    from grpokit.models import load_policy, resolve_model_path
+    from grpokit.models import cpu_linear
+    from grpokit.models.loading import load_policy, resolve_model_path
     from grpokit.rollout.torch_engine import TorchEngine
 
     path = resolve_model_path(args.model)

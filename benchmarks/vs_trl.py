@@ -67,7 +67,7 @@ def build_model(kind: str, dest: Path, force_length: bool) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from grpokit.models import resolve_model_path
+    from grpokit.models.loading import resolve_model_path
 
     smollm2 = Path(resolve_model_path("smollm2-135m-instruct"))
     model_dir = dest / kind
@@ -110,7 +110,7 @@ def build_model(kind: str, dest: Path, force_length: bool) -> Path:
 
 
 def write_rows(path: Path, count: int) -> Path:
-    from grpokit.data import read_rows
+    from grpokit.data.loading import read_rows
 
     rows = read_rows("arithmetic")[:count]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -15,7 +15,7 @@ from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from grpokit import GRPOConfig, GRPOTrainer  # was: from trl import GRPOConfig, GRPOTrainer
-from grpokit.models import resolve_model_path
+from grpokit.models.loading import resolve_model_path
 
 
 def length_reward(completions, prompts=None):

@@ -2,7 +2,7 @@
 
 TRL code moves over by changing `from trl import GRPOConfig, GRPOTrainer` to
 `from grpokit import GRPOConfig, GRPOTrainer`. Both are thin: the arguments are translated onto
-grpokit's own config (`grpokit.config.GRPOConfig`, validated there, so bad values get its errors)
+grpokit's own config (`grpokit.config.schema.GRPOConfig`, validated there, so bad values get its errors)
 and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
 
 - Where TRL's default differs from grpokit's schema, the API takes TRL's: `lr_scheduler_type`
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpokit.config import GRPOConfig as RunConfig
-from grpokit.config import validate_config
+from grpokit.config.schema import GRPOConfig as RunConfig
+from grpokit.config.schema import validate_config
 from grpokit.errors import ConfigError, DataError, GrpokitError
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 
@@ -251,7 +251,7 @@ class GRPOTrainer:
         if not isinstance(self.args, GRPOConfig):
             raise ConfigError(f"GRPOTrainer: args must be grpokit.GRPOConfig, got {type(self.args).__name__}; "
                               "import GRPOConfig from grpokit, not trl")
-        from grpokit.data import normalise_records
+        from grpokit.data.loading import normalise_records
 
         run = self.args.run_config
         train_records = normalise_records(_rows(train_dataset, "train_dataset"), run.prompt_column, run.system_prompt,
@@ -266,10 +266,10 @@ class GRPOTrainer:
             if not getattr(model, "name_or_path", ""):
                 raise ConfigError("GRPOTrainer: the model object has no name_or_path to load its tokenizer from; "
                                   "pass processing_class=tokenizer")
-            from grpokit.models import load_tokenizer
+            from grpokit.models.loading import load_tokenizer
 
             processing_class = load_tokenizer(model.name_or_path)
-        from grpokit.trainer import Trainer
+        from grpokit.train.trainer import Trainer
 
         self._trainer = Trainer(cfg, train_records=train_records, eval_records=eval_records,
                                 model=None if isinstance(model, str) else model, tokenizer=processing_class,

@@ -134,14 +134,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--base-model", default=None, metavar="PATH_OR_HUB_ID",
                         help="the adapter's base model, when its base_model_name_or_path moved or cannot be reached")
 
-    from grpokit import vllm_server
+    from grpokit.rollout import vllm_server
 
     vllm_server.add_arguments(sub.add_parser(
         "vllm-serve", help="serve a model with vLLM for `use_vllm: true, vllm_mode: server` (extra `vllm`, a GPU)",
         description="Serve a model with vLLM for server-mode generation: the trainer sends prompt ids and pushes "
                     "its weights after each update (each push verified). Binds to 127.0.0.1 unless --host says "
                     "otherwise."))
-    from grpokit import report
+    from grpokit.observe import report
 
     report.add_arguments(sub.add_parser(
         "report", help="write RUN_DIR/report.html: plots, sample completions, alerts and config of a run (opens offline)"))
@@ -209,7 +209,7 @@ def _config_option(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from grpokit.config import load_config
+    from grpokit.config.schema import load_config
 
     _config_option(args)
     cli = cli_config(args)
@@ -221,7 +221,7 @@ def _load(args: argparse.Namespace):
     return cfg
 
 
-# commands that load a model restart once on tcmalloc where glibc would hold freed tensor memory (grpokit.allocator)
+# commands that load a model restart once on tcmalloc where glibc would hold freed tensor memory (grpokit.runtime.allocator)
 _LOADS_MODELS = {"train", "sft", "eval", "generate", "filter", "export"}
 
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         if argv is None and args.command in _LOADS_MODELS and not getattr(args, "dry_run", False):  # the program itself
-            from grpokit import allocator
+            from grpokit.runtime import allocator
 
             library = allocator.choose()
             if library is not None:
@@ -240,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command == "report":
-            from grpokit import report
+            from grpokit.observe import report
 
             return report.main(args)
         if args.command == "vllm-serve":
-            from grpokit import vllm_server
+            from grpokit.rollout import vllm_server
 
             return vllm_server.main(args)
         commands = {"eval": _eval, "generate": _generate, "export": _export, "filter": _filter, "sft": _sft,
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print("grpokit: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:
-        from grpokit import distributed
+        from grpokit.runtime import distributed
 
         if not distributed.peer_lost(exc):
             raise
@@ -294,8 +294,8 @@ def _setup_logging() -> None:
 def _train(args) -> int:
     cfg = _load(args)
     if args.dry_run:
-        from grpokit import data
-        from grpokit.models import check_quantization
+        from grpokit.data import loading as data
+        from grpokit.models.loading import check_quantization
         from grpokit.rewards import resolve_rewards
 
         check_quantization(cfg)  # load_in_4bit needs a CUDA GPU and bitsandbytes: said here as train would say it
@@ -308,7 +308,7 @@ def _train(args) -> int:
         held = data.dataset_records(cfg, "eval") or []
         if held:
             held = data.without_train_prompts(held, train, cfg.eval_dataset)
-        from grpokit.best_model import BestModel
+        from grpokit.train.best_model import BestModel
 
         BestModel(cfg, funcs, bool(held))  # metric_for_best_model: held-out data and a metric the evaluation has
         if cfg.num_train_epochs is not None:
@@ -321,22 +321,22 @@ def _train(args) -> int:
     if args.resume:  # a missing or foreign checkpoint is said before the model loads
         from pathlib import Path
 
-        from grpokit import checkpoint
+        from grpokit.train import checkpoint
 
         checkpoint.find(Path(cfg.output_dir), args.resume)
-    from grpokit.trainer import Trainer
+    from grpokit.train.trainer import Trainer
 
     Trainer(cfg).train(resume=args.resume, force=args.force)
     return 0
 
 
 def _check(args) -> int:
-    from grpokit.config import GRPOConfig, describe_fields, load_config
+    from grpokit.config.schema import GRPOConfig, describe_fields, load_config
 
     if args.help_config:
         print(describe_fields())
         return 0
-    from grpokit.preflight import preflight
+    from grpokit.evaluation.preflight import preflight
 
     cfg = load_config(args.config, args.overrides, preset=args.preset)
     if not args.quiet_config:
@@ -351,9 +351,9 @@ def _eval(args) -> int:
     import json
     from pathlib import Path
 
-    from grpokit.config import load_config
-    from grpokit.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, compare, jsonable
-    from grpokit.inference import evaluate_models
+    from grpokit.config.schema import load_config
+    from grpokit.evaluation.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, compare, jsonable
+    from grpokit.evaluation.inference import evaluate_models
 
     cfg = load_config(args.config, args.overrides, preset=args.preset,
                       cli={key: getattr(args, key) for key, *_ in EVAL_OPTIONS.values() if getattr(args, key) is not None})
@@ -385,7 +385,7 @@ def _eval(args) -> int:
 def _filter(args) -> int:
     from pathlib import Path
 
-    from grpokit.inference import filter_by_pass_rate, write_jsonl
+    from grpokit.evaluation.inference import filter_by_pass_rate, write_jsonl
 
     if args.samples < 2 or (args.limit is not None and args.limit < 1):
         raise ConfigError("filter: --samples must be >= 2 (with one sample every pass rate is 0 or 1) and --limit >= 1")
@@ -402,7 +402,7 @@ def _generate(args) -> int:
     import json
     from pathlib import Path
 
-    from grpokit.inference import generate, write_jsonl
+    from grpokit.evaluation.inference import generate, write_jsonl
 
     if args.num_completions < 1 or args.limit < 1:
         raise ConfigError("generate: --num-completions and --limit must be >= 1")
@@ -417,7 +417,7 @@ def _generate(args) -> int:
 
 
 def _sft(args) -> int:
-    from grpokit.sft import run_sft
+    from grpokit.train.sft import run_sft
 
     if args.force and not args.resume:
         raise ConfigError("--force only applies with --resume")
@@ -426,7 +426,7 @@ def _sft(args) -> int:
 
 
 def _plan(args) -> int:
-    from grpokit import plan
+    from grpokit.evaluation import plan
 
     cfg = _load(args)
     try:
@@ -441,7 +441,7 @@ def _plan(args) -> int:
 def _export(args) -> int:
     from pathlib import Path
 
-    from grpokit.inference import default_export_dir, export_merged
+    from grpokit.evaluation.inference import default_export_dir, export_merged
 
     if args.base_model and not args.merge:
         raise ConfigError("export: --base-model only applies with --merge")

@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from grpokit.data import load_records
+from grpokit.data.loading import load_records
 
 OPTIONS = "seed=1&max_terms=3&max_digits=2"  # the same options as examples/pipeline/grpo.yaml's dataset
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grpokit.rewards.builtin import completion_text
-from grpokit.sandbox import Outcome, SandboxLimits, SandboxResult, run_many
+from grpokit.rewards.sandbox import Outcome, SandboxLimits, SandboxResult, run_many
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _PYTHON_TAGS = ("", "python", "py", "python3", "py3")
@@ -58,7 +58,7 @@ class TestProgram:
 
 
 class CodeTests:
-    """Fraction of test cases a completion's code passes, run in `grpokit.sandbox`."""
+    """Fraction of test cases a completion's code passes, run in `grpokit.rewards.sandbox`."""
 
     expensive = True
     isolation = "inline"  # the sandbox bounds every run (wall, CPU, memory); a worker around it would add nothing

@@ -8,7 +8,7 @@ the batch and the KV cache in one copy. Because the engine runs on the policy mo
 weights to sync after an optimizer step.
 
 Three things keep the decode step to the model's own work (grpokit.rollout.decode,
-grpokit.cpu_linear): the KV cache is preallocated for the whole completion and written in place
+grpokit.models.cpu_linear): the KV cache is preallocated for the whole completion and written in place
 (transformers' cache copies itself with `torch.cat` every step; on any device), single-token attention
 on CPU runs as two batched matmuls instead of torch's SDPA kernel (whose per-call setup dominated at
 one query token), and float32 linear layers on oneDNN use weights reordered once per call into
@@ -22,7 +22,7 @@ nucleus is larger.
 
 Deliberate choices:
 - Recorded log-probs are those of logits / temperature, before repetition penalty and before
-  top-k / top-p / min-p filtering: the distribution the trainer recomputes (grpokit.logprobs,
+  top-k / top-p / min-p filtering: the distribution the trainer recomputes (grpokit.models.logprobs,
   as in TRL). With a repetition penalty or a filter the sampler draws from a different
   distribution than the one recorded; the trainer's importance ratio does not correct for that.
 - A stop string ends a completion at the token that completed it: the ids up to and including
@@ -44,7 +44,7 @@ import secrets
 import torch
 from transformers import DynamicCache
 
-from grpokit import cpu_linear
+from grpokit.models import cpu_linear
 from grpokit.rollout import decode
 from grpokit.rollout.base import FinishReason, Rollout, SamplingParams
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from grpokit import checkpoint, cli, runlog
-from grpokit.trainer import Trainer
+from grpokit import cli
+from grpokit.train import checkpoint
+from grpokit.observe import runlog
+from grpokit.train.trainer import Trainer
 
 record = {"params": [], "completions": [], "rewards": [], "advantages": [], "writes": []}
 step, micro_batches = Trainer._step, Trainer._micro_batches

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from grpokit.config import validate_config
-from grpokit.trainer import Generation, Trainer
+from grpokit.config.schema import validate_config
+from grpokit.train.trainer import Generation, Trainer
 from tests.conftest import run_cli, write_jsonl
 
 REWARDS = '''
@@ -158,7 +158,7 @@ def test_beta_zero_loads_no_reference_and_runs_no_reference_forward(workdir, tin
 def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(workdir, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from grpokit.logprobs import completion_logps
+    from grpokit.models.logprobs import completion_logps
 
     trainer = Trainer(make_config(tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, beta=0.1,
                                   learning_rate=5e-2))

@@ -1,4 +1,4 @@
-"""`grpokit train` restarts itself on tcmalloc where glibc would keep freed tensor memory (grpokit.allocator), through
+"""`grpokit train` restarts itself on tcmalloc where glibc would keep freed tensor memory (grpokit.runtime.allocator), through
 the real entry point (`python -m grpokit`). `make test` installs tcmalloc (Debian's libtcmalloc-minimal4)."""
 
 import os
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from grpokit import allocator
+from grpokit.runtime import allocator
 from tests.conftest import run_cli
 
 TINY = ["--set", "dataset=arithmetic", "--set", "max_steps=1", "--set", "num_generations=2",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from grpokit.config import PRESETS_DIR, GRPOConfig, load_config
+from grpokit.config.schema import PRESETS_DIR, GRPOConfig, load_config
 from tests.conftest import run_cli, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_eval_and_filter_generate_under_bf16_autocast_when_bf16_is_set(tmp_path,
     """The tiny model's completions do not change under bf16, so the test above cannot see this: watch the engine."""
     import torch
 
-    from grpokit.inference import evaluate_model, filter_by_pass_rate
+    from grpokit.evaluation.inference import evaluate_model, filter_by_pass_rate
     from grpokit.rollout.torch_engine import TorchEngine
 
     seen = []

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_converted_model_matches_gguf_logits(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grpokit.models import _GGUF_FILE, resolve_model_path
+    from grpokit.models.loading import _GGUF_FILE, resolve_model_path
 
     monkeypatch.setenv("GRPOKIT_CACHE", str(tmp_path))
     path = Path(resolve_model_path("smollm2-135m-instruct"))

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from grpokit.config import load_config
-from grpokit.inference import generate
+from grpokit.config.schema import load_config
+from grpokit.evaluation.inference import generate
 from tests.conftest import build_tiny_model, run_cli, write_jsonl
 
 COMMON = ["--set", "max_completion_length=6", "--set", "device=cpu", "--set", "output_dir=run"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from grpokit.config import validate_config
+from grpokit.config.schema import validate_config
 from grpokit.errors import DataError
-from grpokit.trainer import Trainer
+from grpokit.train.trainer import Trainer
 from tests.conftest import build_tiny_model, run_cli, write_jsonl
 from tests.unit.test_judge import reply, server  # noqa: F401 - server is the fake judge fixture
 

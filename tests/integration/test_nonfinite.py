@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from grpokit.config import validate_config
+from grpokit.config.schema import validate_config
 from grpokit.errors import TrainingError
-from grpokit.trainer import Trainer
+from grpokit.train.trainer import Trainer
 from tests.conftest import write_jsonl
 
 

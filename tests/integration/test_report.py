@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpokit import report
+from grpokit.observe import report
 from grpokit.errors import GrpokitError
 from tests.conftest import run_cli, write_jsonl
 
@@ -137,8 +137,8 @@ def crafted_run(tmp_path) -> Path:
                                         "too small", "fix": "raise max_completion_length"}])
     write_jsonl(run / "reward_errors.jsonl", [{"reward": "acc", "step": 2, "kind": "exception", "error": "ValueError: x",
                                                "traceback": "", "prompt": "p", "completion": "c", "row": {}}] * 3)
-    (run / "training_log.txt").write_text("2026-01-02 03:04:05,000 INFO grpokit.trainer: step 1/6\n"
-                                          "2026-01-02 03:09:00,000 INFO grpokit.trainer: saved run/final_model\n")
+    (run / "training_log.txt").write_text("2026-01-02 03:04:05,000 INFO grpokit.train.trainer: step 1/6\n"
+                                          "2026-01-02 03:09:00,000 INFO grpokit.train.trainer: saved run/final_model\n")
     return run
 
 

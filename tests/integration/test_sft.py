@@ -14,10 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpokit import allocator, data
-from grpokit.config import GRPOConfig
-from grpokit.models import prepare_tokenizer
-from grpokit.sft import IGNORE_INDEX, build_examples, collate, load_sft_records
+from grpokit.runtime import allocator
+from grpokit.data import loading as data
+from grpokit.config.schema import GRPOConfig
+from grpokit.models.loading import prepare_tokenizer
+from grpokit.train.sft import IGNORE_INDEX, build_examples, collate, load_sft_records
 from tests.conftest import build_tokenizer, run_cli, write_jsonl
 
 ROWS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(6) for b in range(5)]
@@ -78,7 +79,7 @@ def test_sft_puts_linear_layers_on_the_kernel_the_setting_names(tmp_path, tiny_m
     result = run_cli("sft", cfg.name, cwd=tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     assert ("(float32 linear layers on oneDNN)" in result.stdout) is (setting == "onednn"), result.stdout
-    restarts = allocator.choose() is not None  # sft restarts on tcmalloc as train does (grpokit.allocator)
+    restarts = allocator.choose() is not None  # sft restarts on tcmalloc as train does (grpokit.runtime.allocator)
     assert ("C allocator: tcmalloc" in result.stdout) is restarts and "C allocator: " in result.stdout, result.stdout
     from transformers import AutoModelForCausalLM
 
@@ -179,8 +180,8 @@ def test_missing_target_column_names_the_columns_and_the_key(tmp_path, tiny_mode
 
 
 def test_sft_defaults_replace_grpo_defaults_only_where_unset():
-    from grpokit.config import load_config
-    from grpokit.sft import sft_defaults
+    from grpokit.config.schema import load_config
+    from grpokit.train.sft import sft_defaults
 
     plain = sft_defaults(load_config(None))
     assert (plain.learning_rate, plain.num_train_epochs, plain.output_dir) == (2e-5, 1.0, "outputs/sft")

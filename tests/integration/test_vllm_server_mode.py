@@ -7,7 +7,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpokit import vllm_server
+from grpokit.rollout import vllm_server
 from grpokit.rollout.torch_engine import TorchEngine
 from grpokit.rollout.vllm_engine import read_safetensors, weights_checksum
 from tests.conftest import run_cli, write_jsonl

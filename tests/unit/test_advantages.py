@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from grpokit.advantages import STD_EPS, compute_advantages
+from grpokit.algo.advantages import STD_EPS, compute_advantages
 
 
 def reference_advantages(rewards: list[list[float]], weights: list[float], group_size: int, scale: str) -> list[float]:
@@ -150,7 +150,7 @@ def test_normalize_then_sum_keeps_silent_groups_at_zero_and_differs_from_sum_fir
 
 
 def test_gate_zeroes_the_other_rewards_where_the_gate_fails():
-    from grpokit.advantages import gate_rewards
+    from grpokit.algo.advantages import gate_rewards
 
     nan = math.nan
     rng = random.Random(7)
@@ -163,7 +163,7 @@ def test_gate_zeroes_the_other_rewards_where_the_gate_fails():
 
 
 def test_gated_correctness_behind_format_changes_the_advantages():
-    from grpokit.advantages import gate_rewards
+    from grpokit.algo.advantages import gate_rewards
 
     # columns: format (the gate), correctness. The 2nd completion is correct but badly formatted.
     rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)

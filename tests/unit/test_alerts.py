@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from grpokit.alerts import Alert, HealthMonitor, identical_fraction
+from grpokit.observe.alerts import Alert, HealthMonitor, identical_fraction
 
 
 def healthy(step: int, rng: random.Random) -> dict[str, float]:
@@ -218,7 +218,7 @@ def test_a_monitor_restored_from_its_state_alerts_as_the_uninterrupted_one(split
 
 
 def test_drop_after_keeps_the_alerts_up_to_the_checkpoint(tmp_path):
-    from grpokit.alerts import drop_after
+    from grpokit.observe.alerts import drop_after
 
     path = tmp_path / "alerts.jsonl"
     drop_after(path, 3)  # no file: nothing to do

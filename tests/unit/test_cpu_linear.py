@@ -1,4 +1,4 @@
-"""float32 linear layers on oneDNN (grpokit.cpu_linear): the math against float64, the fallbacks, the conversion of a
+"""float32 linear layers on oneDNN (grpokit.models.cpu_linear): the math against float64, the fallbacks, the conversion of a
 model, and the sampler/trainer log-probs on a converted model."""
 
 import copy
@@ -7,12 +7,12 @@ import platform
 import pytest
 import torch
 
-from grpokit import cpu_linear
+from grpokit.models import cpu_linear
 from grpokit.errors import ConfigError
-from grpokit.logprobs import completion_logps
+from grpokit.models.logprobs import completion_logps
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
-from grpokit.trainer import pack
+from grpokit.train.trainer import pack
 
 
 # torch's x86-64 wheels (the pinned torch==2.13.0 among them) ship oneDNN's linear op; elsewhere it may be missing,
@@ -219,8 +219,8 @@ def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
 @pytest.mark.parametrize(("setting", "converted"), [("onednn", True), ("torch", False)])
 def test_eval_and_generate_load_the_model_with_the_setting(tiny_model_dir, setting, converted):
     """`grpokit eval` / `generate` load through inference._load, which applies cpu_linear as training does."""
-    from grpokit import inference
-    from grpokit.config import validate_config
+    from grpokit.evaluation import inference
+    from grpokit.config.schema import validate_config
 
     cfg = validate_config({"model": str(tiny_model_dir), "device": "cpu", "cpu_linear": setting})
     model, _, engine, _ = inference._load(cfg)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from grpokit.config import validate_config
-from grpokit.data import dataset_records, load_records, tokenise_prompts, without_train_prompts
+from grpokit.config.schema import validate_config
+from grpokit.data.loading import dataset_records, load_records, tokenise_prompts, without_train_prompts
 from grpokit.errors import DataError
 from grpokit.rewards.builtin import number_correct
 from tests.conftest import build_tokenizer, write_jsonl

@@ -4,8 +4,8 @@ The processes themselves are tested in tests/integration/test_distributed.py (to
 
 import pytest
 
-from grpokit import distributed
-from grpokit.distributed import check_strategy, sample_ranges, share
+from grpokit.runtime import distributed
+from grpokit.runtime.distributed import check_strategy, sample_ranges, share
 from grpokit.errors import ConfigError
 
 

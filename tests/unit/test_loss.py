@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from grpokit.loss import LossSettings, StepTotals, grpo_loss
+from grpokit.algo.loss import LossSettings, StepTotals, grpo_loss
 
 
 def reference_loss(policy, old, ref, adv, mask, s: LossSettings, entropy=None) -> float:

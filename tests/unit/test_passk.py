@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from grpokit.eval_stats import majority_at_k, normalise_answer, paired_bootstrap_ci, pass_at_k
+from grpokit.evaluation.stats import majority_at_k, normalise_answer, paired_bootstrap_ci, pass_at_k
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> Fraction:

@@ -1,4 +1,4 @@
-"""grpokit.plan against the real thing on a tiny Llama: parameter bytes, LoRA parameters of a real peft model, a real
+"""grpokit.evaluation.plan against the real thing on a tiny Llama: parameter bytes, LoRA parameters of a real peft model, a real
 DynamicCache, the bytes autograd actually saves in `completion_logps` (the trainer's forward), the peak RSS of a real
 `grpokit train` process, and the C allocator's handling of freed tensors."""
 
@@ -12,10 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from grpokit import allocator, cpu_linear, plan
-from grpokit.config import GRPOConfig
-from grpokit.logprobs import completion_logps
-from grpokit.models import add_lora, load_policy
+from grpokit.runtime import allocator
+from grpokit.models import cpu_linear
+from grpokit.evaluation import plan
+from grpokit.config.schema import GRPOConfig
+from grpokit.models.logprobs import completion_logps
+from grpokit.models.loading import add_lora, load_policy
 from tests.conftest import run_cli
 
 

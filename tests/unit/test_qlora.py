@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from grpokit import models
-from grpokit.config import load_config, validate_config
+from grpokit.models import loading as models
+from grpokit.config.schema import load_config, validate_config
 from grpokit.errors import ConfigError
 from tests.conftest import build_tiny_model, run_cli
 
@@ -139,7 +139,7 @@ def test_load_policy_quantises_onto_the_cuda_device_and_prepares_for_kbit_traini
 def test_export_merge_reloads_the_base_unquantised(monkeypatch, tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from grpokit.inference import export_merged
+    from grpokit.evaluation.inference import export_merged
 
     policy = models.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, "all-linear")
     policy.save_pretrained(tmp_path / "adapter")

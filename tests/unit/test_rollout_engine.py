@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from grpokit.logprobs import completion_logps
+from grpokit.models.logprobs import completion_logps
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine, apply_repetition_penalty, draw, filter_logits, row_uniforms
-from grpokit.trainer import pack
+from grpokit.train.trainer import pack
 
 
 def _prompts(tokenizer):

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpokit import runlog
-from grpokit.config import validate_config
+from grpokit.observe import runlog
+from grpokit.config.schema import validate_config
 
 
 def test_log_completions_writes_one_line_per_completion(tmp_path):

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from grpokit import sandbox
-from grpokit.sandbox import Isolation, SandboxLimits, run_many, run_python
+from grpokit.rewards import sandbox
+from grpokit.rewards.sandbox import Isolation, SandboxLimits, run_many, run_python
 
 FAST = SandboxLimits(wall_s=1.0, cpu_s=2, memory_mb=256, max_output_bytes=100_000)
 
@@ -373,7 +373,7 @@ def test_runs_die_with_their_parent():
     if not iso.dies_with_parent:
         pytest.skip(f"no parent-death signal here: {iso.describe()}")
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
-        from grpokit.sandbox import SandboxLimits, run_python
+        from grpokit.rewards.sandbox import SandboxLimits, run_python
         run_python("import time\\ntime.sleep(60)", limits=SandboxLimits(wall_s=60))
     """)], cwd=os.getcwd(), start_new_session=True)
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from grpokit.errors import ConfigError
-from grpokit.metrics import ConsoleSink, MetricsLogger, check_sinks, flatten, mlflow_name
+from grpokit.observe.metrics import ConsoleSink, MetricsLogger, check_sinks, flatten, mlflow_name
 
 STEPS = {1: {"reward": 0.25, "kl": 0.01, "rewards/acc/mean": math.nan, "time/generate": 1.5, "tokens_per_second": 100.0},
          2: {"reward": 0.5, "kl": 0.02, "rewards/acc/mean": 1.0, "time/generate": 2.5, "tokens_per_second": 200.0},
@@ -235,7 +235,7 @@ def test_trackio_local_run_holds_logs(tmp_path):
     script = textwrap.dedent(f"""
         import json, math
         from pathlib import Path
-        from grpokit.metrics import MetricsLogger
+        from grpokit.observe.metrics import MetricsLogger
         from trackio.sqlite_storage import SQLiteStorage
         logger = MetricsLogger(Path({str(tmp_path)!r}), 2, echo=lambda line: None, report_to=["trackio"],
                                run_name="tiny-run", run_config={{"beta": 0.04}})

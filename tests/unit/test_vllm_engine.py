@@ -15,7 +15,7 @@ import pytest
 import requests
 import torch
 
-from grpokit import vllm_server
+from grpokit.rollout import vllm_server
 from grpokit.errors import GrpokitError
 from grpokit.rollout import vllm_engine
 from grpokit.rollout.base import Rollout, SamplingParams
@@ -121,7 +121,7 @@ def test_checksum_sees_names_dtypes_shapes_and_values():
 
 
 def test_lora_weights_are_merged_under_the_base_models_names():
-    from grpokit.models import add_lora
+    from grpokit.models.loading import add_lora
 
     model, _ = build_tiny_model()
     policy = add_lora(model, 4, 8, 0.0, "all-linear")

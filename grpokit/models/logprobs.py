@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from grpokit import cpu_linear
+from grpokit.models import cpu_linear
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ def completion_logps(
     flat_hidden = hidden.reshape(batch * length, width)
     flat_targets = targets.reshape(batch * length)
     head = model.get_output_embeddings()
-    onednn = isinstance(head, cpu_linear.OneDNNLinear)  # the head's own kernel choice (grpokit.cpu_linear)
+    onednn = isinstance(head, cpu_linear.OneDNNLinear)  # the head's own kernel choice (grpokit.models.cpu_linear)
     logps, entropies = [], []
     for start in range(0, batch * length, chunk_size):
         h = flat_hidden[start:start + chunk_size]

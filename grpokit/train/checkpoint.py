@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import yaml
 
-from grpokit.batches import MicroBatch, Pending
-from grpokit.config import GRPOConfig
+from grpokit.algo.batches import MicroBatch, Pending
+from grpokit.config.schema import GRPOConfig
 from grpokit.errors import ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -3,7 +3,7 @@
 Each run gets a throwaway working directory holding the program as a file; the interpreter starts
 as `sys.executable -I -B -c BOOTSTRAP CONFIG` from an argument list (never a shell), in its own
 session and process group, with an environment of four variables (no API keys leak in). The
-bootstrap (`grpokit/sandbox_child.py`) sets the limits, installs the guard, then runs the program.
+bootstrap (`grpokit/rewards/sandbox_child.py`) sets the limits, installs the guard, then runs the program.
 Outcomes are typed: passed (exit 0), failed (a Python exception: exit 1), timeout (wall or CPU
 limit), crashed (a signal, the memory or output limit, any other exit), sandbox_error (the
 sandbox could not run the program; callers treat it as missing, not as a failure of the code).

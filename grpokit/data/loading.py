@@ -48,7 +48,7 @@ from urllib.parse import parse_qsl
 
 import yaml
 
-from grpokit import tasks
+from grpokit.data import tasks
 from grpokit.errors import DataError
 from grpokit.userimport import import_user_object
 

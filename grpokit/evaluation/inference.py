@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from grpokit import cpu_linear
-from grpokit import data as data_mod
-from grpokit.config import GRPOConfig
+from grpokit.models import cpu_linear
+from grpokit.data import loading as data_mod
+from grpokit.config.schema import GRPOConfig
 from grpokit.errors import ConfigError
-from grpokit.evaluate import EvalResult, decode_completions, eval_sampling, evaluate_per_prompt, sample_and_score
-from grpokit.models import load_policy, load_tokenizer, resolve_model_path
+from grpokit.evaluation.evaluate import EvalResult, decode_completions, eval_sampling, evaluate_per_prompt, sample_and_score
+from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path
 from grpokit.rewards import RewardRunner, resolve_rewards
 from grpokit.rollout.torch_engine import TorchEngine
 

@@ -10,12 +10,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpokit import allocator
-from grpokit.distributed import world_size
+from grpokit.runtime import allocator
+from grpokit.runtime.distributed import world_size
 
 if TYPE_CHECKING:
-    from grpokit.config import GRPOConfig
-    from grpokit.trainer import Trainer
+    from grpokit.config.schema import GRPOConfig
+    from grpokit.train.trainer import Trainer
 
 SAMPLE_CHARS = 300  # a console sample shows at most this many characters of the prompt and of the completion
 

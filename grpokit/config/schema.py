@@ -4,7 +4,7 @@ Option names follow TRL's `GRPOConfig` wherever TRL has the option. Unknown keys
 with a did-you-mean; cross-field checks (batch geometry) run at load, before any model is loaded.
 `--set key=value` overrides are parsed as YAML values, so numbers, booleans and lists work.
 
-Layers, lowest precedence first: a preset (`grpokit/presets/NAME.yaml`, chosen by `--preset` or a
+Layers, lowest precedence first: a preset (`grpokit/config/presets/NAME.yaml`, chosen by `--preset` or a
 `preset:` key), the config file, `--set`, explicit CLI options. `max_steps` and `num_train_epochs`
 are alternatives: the higher layer's choice wins. Keys of other tools' configs are translated to
 grpokit's before validation (`translate_keys`): Axolotl's `rl`, `trl:`, `vllm:`, `micro_batch_size`,
@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from grpokit.distributed import world_size
+from grpokit.runtime.distributed import world_size
 from grpokit.errors import ConfigError
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 

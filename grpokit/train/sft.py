@@ -36,13 +36,16 @@ from typing import Any
 
 import torch
 
-from grpokit import allocator, checkpoint, cpu_linear, data
-from grpokit.batches import pack
-from grpokit.config import GRPOConfig
+from grpokit.runtime import allocator
+from grpokit.train import checkpoint
+from grpokit.models import cpu_linear
+from grpokit.data import loading as data
+from grpokit.algo.batches import pack
+from grpokit.config.schema import GRPOConfig
 from grpokit.errors import ConfigError, DataError, Interrupted, TrainingError
-from grpokit.logprobs import completion_logps
-from grpokit.metrics import MetricsLogger, check_sinks
-from grpokit.models import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
+from grpokit.models.logprobs import completion_logps
+from grpokit.observe.metrics import MetricsLogger, check_sinks
+from grpokit.models.loading import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
 
 log = logging.getLogger(__name__)
 

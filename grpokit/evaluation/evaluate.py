@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from grpokit.data import TokenisedPrompts
-from grpokit.eval_stats import majority_at_k, normalise_answer, paired_bootstrap_ci, pass_at_k
-from grpokit.metrics import nanmean
+from grpokit.data.loading import TokenisedPrompts
+from grpokit.evaluation.stats import majority_at_k, normalise_answer, paired_bootstrap_ci, pass_at_k
+from grpokit.observe.metrics import nanmean
 from grpokit.rewards import RewardBatch, RewardRunner
 from grpokit.rewards.builtin import completion_text
 from grpokit.rewards.verifiers import completion_answer

@@ -1,6 +1,6 @@
 """The first code a sandbox child runs: limits, privilege drop, audit hook, then the untrusted program.
 
-`grpokit.sandbox` passes this file's source to `python -I -B -c SOURCE CONFIG_JSON`, so it imports
+`grpokit.rewards.sandbox` passes this file's source to `python -I -B -c SOURCE CONFIG_JSON`, so it imports
 nothing from grpokit and works whatever the child may read. In order:
 
 1. PID 1 of a new PID namespace forks: the parent stays as a supervisor (it reaps, and writes how

@@ -25,21 +25,24 @@ from pathlib import Path
 
 import torch
 
-from grpokit import alerts, checkpoint, cpu_linear, runlog
-from grpokit import data as data_mod
-from grpokit.alerts import HealthMonitor, identical_fraction
-from grpokit.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
-from grpokit.batches import Generation, MicroBatch, Pending, pack
-from grpokit.best_model import BestModel
-from grpokit.config import GRPOConfig
-from grpokit.distributed import Processes, sample_ranges, share, world_size
-from grpokit.distributed import rank as process_rank
+from grpokit.observe import alerts
+from grpokit.train import checkpoint
+from grpokit.models import cpu_linear
+from grpokit.observe import runlog
+from grpokit.data import loading as data_mod
+from grpokit.observe.alerts import HealthMonitor, identical_fraction
+from grpokit.algo.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
+from grpokit.algo.batches import Generation, MicroBatch, Pending, pack
+from grpokit.train.best_model import BestModel
+from grpokit.config.schema import GRPOConfig
+from grpokit.runtime.distributed import Processes, sample_ranges, share, world_size
+from grpokit.runtime.distributed import rank as process_rank
 from grpokit.errors import ConfigError, Interrupted, TrainingError
-from grpokit.evaluate import columns_of, decode_completions, eval_sampling, evaluate_per_prompt, merge_results
-from grpokit.logprobs import CompletionLogProbs, completion_logps
-from grpokit.loss import LossSettings, StepTotals, grpo_loss
-from grpokit.metrics import MetricsLogger, Timers, check_sinks, generation_metrics
-from grpokit.models import (add_lora, bnb_4bit_kwargs, check_quantization, frozen_copy, load_policy, load_tokenizer,
+from grpokit.evaluation.evaluate import columns_of, decode_completions, eval_sampling, evaluate_per_prompt, merge_results
+from grpokit.models.logprobs import CompletionLogProbs, completion_logps
+from grpokit.algo.loss import LossSettings, StepTotals, grpo_loss
+from grpokit.observe.metrics import MetricsLogger, Timers, check_sinks, generation_metrics
+from grpokit.models.loading import (add_lora, bnb_4bit_kwargs, check_quantization, frozen_copy, load_policy, load_tokenizer,
                             optimizer_and_schedule, prepare_tokenizer, resolve_model_path)
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rollout.base import SamplingParams

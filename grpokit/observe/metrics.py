@@ -130,7 +130,7 @@ class ConsoleSink:
 
     def __init__(self, total_steps: int, logging_steps: int = 1, echo=print, resume_step: int | None = None,
                  stream=None):
-        from grpokit.progress import progress_bar
+        from grpokit.observe.progress import progress_bar
 
         self.total_steps = total_steps
         self.logging_steps = logging_steps
@@ -274,7 +274,7 @@ def generation_metrics(totals, rewards, names: list[str], completion_ids: list[l
     """TRL's reward and length metrics of one generation: `totals` [N] combined rewards, `rewards` [N, K]."""
     import torch
 
-    from grpokit.advantages import group_stats
+    from grpokit.algo.advantages import group_stats
 
     _, group_std, zero_spread = group_stats(totals, group_size)
     lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float64)

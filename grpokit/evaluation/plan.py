@@ -61,7 +61,7 @@ not reuse a freed block for the next block of the same size unless it merged wit
 How much stays depends on the heap's history, not on the config alone: the update's forward with LoRA on
 SmolLM2-135M kept 0.15 GiB in a fresh process and 3.5 GiB after a generation or an earlier step (4.7 GiB of live
 tensors either time), and runs of one config differed by up to 0.5 GiB; so no line estimates it. `grpokit train`
-therefore restarts itself on tcmalloc where it is installed (grpokit.allocator): the estimate then held within 12% of
+therefore restarts itself on tcmalloc where it is installed (grpokit.runtime.allocator): the estimate then held within 12% of
 the peak RSS on the benchmark configs (benchmarks/RESULTS.md). `render` says when training would stay on such a glibc.
 """
 
@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpokit.config import GRPOConfig
+from grpokit.config.schema import GRPOConfig
 
 LOGIT_COPIES = 2  # [chunk, V] float32 tensors alive at once: shifted logits and exp (forward), one in backward
 GEN_LOGIT_COPIES = 4  # sampler: float logits, scaled/filtered copies, softmax
@@ -120,7 +120,7 @@ def model_shape(model: str) -> ModelShape:
     """Read config.json of `model` (hub id, directory, or the embedded default) and count parameters on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from grpokit.models import resolve_model_path
+    from grpokit.models.loading import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model))
     return shape_from_config(config, AutoModelForCausalLM)
@@ -268,7 +268,7 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
 
 def packed_weight_bytes(cfg: GRPOConfig, shape: ModelShape, autocast: bool) -> int:
     """The in-process sampler's copies of the float32 linear weights that run on oneDNN (cpu_linear.packed_weights)."""
-    from grpokit import cpu_linear
+    from grpokit.models import cpu_linear
 
     if (cfg.use_vllm or autocast or cfg.torch_dtype != "float32" or cfg.load_in_4bit or not trains_on_cpu(cfg)):
         return 0
@@ -304,8 +304,8 @@ def allocator_keeps_freed_blocks() -> bool:
     the fix for glibc bug 30723 (assumed in 2.39) the small remainders memalign splits off go to the per-thread cache,
     where they stop those merges: the process grows by each freed block (by 128 MiB for 128 freed 1 MiB tensors on
     glibc 2.36, tests/unit/test_plan.py). `grpokit train` restarts itself on tcmalloc there when it is installed
-    (grpokit.allocator), so this holds only when it is not, or when GRPOKIT_ALLOCATOR=system keeps glibc's."""
-    from grpokit import allocator
+    (grpokit.runtime.allocator), so this holds only when it is not, or when GRPOKIT_ALLOCATOR=system keeps glibc's."""
+    from grpokit.runtime import allocator
 
     return allocator.choose() is None and allocator.keeps_freed_blocks()
 

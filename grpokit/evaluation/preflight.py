@@ -16,8 +16,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from grpokit import data as data_mod
-from grpokit.config import GRPOConfig
+from grpokit.data import loading as data_mod
+from grpokit.config.schema import GRPOConfig
 from grpokit.errors import RewardError
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rewards.contract import REFERENCE_ALIASES

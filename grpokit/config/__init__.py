@@ -1,0 +1,1 @@
+"""The run configuration: the typed schema, loading from YAML/TOML, other tools' keys, presets."""

@@ -1,0 +1,1 @@
+"""The process a run lives in: several processes (accelerate / torchrun) and the memory allocator."""

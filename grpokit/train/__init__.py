@@ -1,0 +1,1 @@
+"""Training: the GRPO trainer, its state and checkpoints, best-model keeping, SFT, the run harness."""
