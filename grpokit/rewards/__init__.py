@@ -5,6 +5,9 @@ working directory (`my_module.my_reward`), a file path (`rewards.py:my_reward`),
 mapping `{func: <one of those>, name:, args: {...}, weight:, cache:, isolation:}`. A class is
 constructed with `args` (its config parameters); a function given `args` gets them as fixed keyword
 arguments. See contract.py for how they are called and runner.py for how they are run.
+
+Importing this package loads no torch (the config imports registry.py through it): `RewardRunner`
+is imported on first use, and `score` imports torch when called.
 """
 
 from __future__ import annotations
@@ -13,18 +16,29 @@ import difflib
 import functools
 import importlib
 import inspect
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from grpokit.errors import GrpokitError, RewardError
 from grpokit.rewards.contract import RewardBatch, RewardFunction, per_sample
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
-from grpokit.rewards.runner import RewardRunner
 from grpokit.userimport import import_user_object
+
+if TYPE_CHECKING:
+    import torch
+
+    from grpokit.rewards.runner import RewardRunner
 
 __all__ = ["RewardBatch", "RewardFunction", "RewardRunner", "per_sample", "resolve_reward", "resolve_rewards",
            "reward_name", "score"]
+
+
+def __getattr__(name: str) -> Any:
+    """`RewardRunner` on first use (PEP 562): runner.py imports torch, which a config check does not need."""
+    if name == "RewardRunner":
+        from grpokit.rewards.runner import RewardRunner
+
+        return RewardRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _load(spec: str) -> Any:
@@ -52,7 +66,8 @@ def _instantiate(name: str, obj: Any, args: dict[str, Any]) -> Any:
         except GrpokitError:
             raise
         except Exception as exc:  # a constructor refusing its settings is a config error, not a crash
-            raise RewardError(f"reward '{name}': {obj.__name__}(**{args}) failed: {type(exc).__name__}: {exc}") from None
+            raise RewardError(f"reward '{name}': {obj.__name__}(**{args}) failed: "
+                              f"{type(exc).__name__}: {exc}") from None
     if args:
         if not callable(obj):
             raise RewardError(f"reward '{name}': args given, but {type(obj).__name__} takes none")
@@ -92,6 +107,8 @@ def resolve_rewards(entries: list[Any]) -> list[RewardFunction]:
 def score(funcs: list[RewardFunction], prompts: list, completions: list, completion_ids: list[list[int]],
           columns: dict[str, list], **context: Any) -> torch.Tensor:
     """[N, K] float64 rewards in this process, no timeouts: a convenience for tools and tests."""
+    import torch
+
     matrix = [f(prompts, completions, completion_ids, columns, context) for f in funcs]
     return torch.tensor(matrix, dtype=torch.float64).T.reshape(len(completions), len(funcs))
 
