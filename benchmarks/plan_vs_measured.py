@@ -100,7 +100,7 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from grpokit.evaluation import plan
-    from grpokit.config.schema import load_config
+    from grpokit.config import load_config
 
     common = ["model=smollm2-135m-instruct", "device=cpu", "num_generations=8", "per_device_train_batch_size=16",
               "gradient_accumulation_steps=1", f"max_completion_length={args.completion_length}",

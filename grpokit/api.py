@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpokit.config.schema import GRPOConfig as RunConfig
-from grpokit.config.schema import validate_config
+from grpokit.config import GRPOConfig as RunConfig
+from grpokit.config import validate_config
 from grpokit.errors import ConfigError, DataError, GrpokitError
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 

@@ -209,7 +209,7 @@ def _config_option(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from grpokit.config.schema import load_config
+    from grpokit.config import load_config
 
     _config_option(args)
     cli = cli_config(args)
@@ -331,7 +331,7 @@ def _train(args) -> int:
 
 
 def _check(args) -> int:
-    from grpokit.config.schema import GRPOConfig, describe_fields, load_config
+    from grpokit.config import GRPOConfig, describe_fields, load_config
 
     if args.help_config:
         print(describe_fields())
@@ -351,7 +351,7 @@ def _eval(args) -> int:
     import json
     from pathlib import Path
 
-    from grpokit.config.schema import load_config
+    from grpokit.config import load_config
     from grpokit.evaluation.evaluate import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, compare, jsonable
     from grpokit.evaluation.inference import evaluate_models
 

@@ -1,41 +1,25 @@
-"""The run configuration: one typed schema, loaded from YAML or TOML, validated once.
+"""The run configuration's schema: `GRPOConfig` (every setting, typed, with its default and help) and `RewardSpec`.
 
-Option names follow TRL's `GRPOConfig` wherever TRL has the option. Unknown keys are an error
-with a did-you-mean; cross-field checks (batch geometry) run at load, before any model is loaded.
-`--set key=value` overrides are parsed as YAML values, so numbers, booleans and lists work.
+Option names follow TRL's `GRPOConfig` wherever TRL has the option. Field constraints and the
+cross-field checks (batch geometry, rewards, quantisation) run when a config is built, before any
+model is loaded; derived quantities (completions per generation, optimizer steps per generation,
+reward names and weights) are properties here.
 
-Layers, lowest precedence first: a preset (`grpokit/config/presets/NAME.yaml`, chosen by `--preset` or a
-`preset:` key), the config file, `--set`, explicit CLI options. `max_steps` and `num_train_epochs`
-are alternatives: the higher layer's choice wins. Keys of other tools' configs are translated to
-grpokit's before validation (`translate_keys`): Axolotl's `rl`, `trl:`, `vllm:`, `micro_batch_size`,
-`base_model`, `datasets:`, `sequence_len`, `adapter` (lora, qlora), `bnb_config_kwargs`; TRL's
-`use_bnb_nested_quant`; training-wizard's `reward_specs`, `recipe_class`.
+Loading (layers, `--set`, unknown keys) is loading.py; other tools' keys are compat.py; presets are
+presets.py. Importing this package loads no torch.
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
 import math
-import sys
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from grpokit.runtime.distributed import world_size
-from grpokit.errors import ConfigError
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
-log = logging.getLogger(__name__)
-PRESETS_DIR = Path(__file__).parent / "presets"
-PRESETS = ("default", "fast_test", "full_training", "low_memory", "from_sft")
+from grpokit.runtime.distributed import world_size
 
 
 class RewardSpec(BaseModel):
@@ -44,49 +28,92 @@ class RewardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     func: str = Field(description="Built-in name, 'module.function_or_Class', or 'file.py:function_or_Class'.")
     name: str | None = Field(None, description="Name in metrics and errors (default: the built-in or attribute name).")
-    args: dict[str, Any] = Field(default_factory=dict, description="Constructor arguments of a class; fixed keyword arguments of a function.")
+    args: dict[str, Any] = Field(default_factory=dict, description=(
+        "Constructor arguments of a class; fixed keyword arguments of a function."))
     weight: float | None = Field(None, description="This reward's weight (or use reward_weights, not both).")
-    cache: bool | None = Field(None, description="Score identical (prompt, completion, row) once (default: on for expensive built-ins).")
-    isolation: Literal["process", "inline"] | None = Field(None, description="'process': a killable worker with reward_timeout (default); 'inline': in the trainer process, no timeout.")
+    cache: bool | None = Field(None, description=(
+        "Score identical (prompt, completion, row) once (default: on for expensive built-ins)."))
+    isolation: Literal["process", "inline"] | None = Field(None, description=(
+        "'process': a killable worker with reward_timeout (default); 'inline': in the trainer process, no timeout."))
 
 
 class GRPOConfig(BaseModel):
+    """Every setting of a run, with its default and help; built once per run and checked as a whole."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     # model and data
-    model: str = Field("smollm2-135m-instruct", description="Hub id, local HF directory, or 'smollm2-135m-instruct' (embedded, no download).")
-    dataset: str = Field("arithmetic", description="Train data: a built-in ('arithmetic[?key=value&...]', 'gsm8k', 'humaneval', 'reasoning_gym:<task>?size=N&...'), a .jsonl/.json/.csv/.parquet file, a save_to_disk directory ('dir[:split]'), or a hub id when online.")
-    eval_dataset: str | None = Field(None, description="Held-out data, same forms as `dataset`; 'arithmetic:held_out' and 'gsm8k:held_out' are the built-ins' fixed held-out splits.")
-    eval_limit: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts.")
-    torch_dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description="dtype the policy's weights are loaded and trained in (bf16: see also `bf16` for autocast with fp32 weights).")
-    use_peft: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; the reference policy is then the same model with adapters disabled.")
+    model: str = Field("smollm2-135m-instruct", description=(
+        "Hub id, local HF directory, or 'smollm2-135m-instruct' (embedded, no download)."))
+    dataset: str = Field("arithmetic", description=(
+        "Train data: a built-in ('arithmetic[?key=value&...]', 'gsm8k', 'humaneval', "
+        "'reasoning_gym:<task>?size=N&...'), a .jsonl/.json/.csv/.parquet file, a save_to_disk directory "
+        "('dir[:split]'), or a hub id when online."))
+    eval_dataset: str | None = Field(None, description=(
+        "Held-out data, same forms as `dataset`; 'arithmetic:held_out' and 'gsm8k:held_out' are the built-ins' fixed "
+        "held-out splits."))
+    eval_limit: int | None = Field(None, gt=0, description=(
+        "Evaluate on at most this many held-out prompts."))
+    torch_dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description=(
+        "dtype the policy's weights are loaded and trained in (bf16: see also `bf16` for autocast with fp32 weights)."))
+    use_peft: bool = Field(False, description=(
+        "Train LoRA adapters (peft) instead of all weights; the reference policy is then the same model with adapters "
+        "disabled."))
     lora_r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = lora_alpha / lora_r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
-    lora_target_modules: list[str] | str = Field("all-linear", description="Modules that get adapters: names, or 'all-linear'.")
-    load_in_4bit: bool = Field(False, description="QLoRA: load the policy's linear weights in 4 bits (bitsandbytes, extra `qlora`, a CUDA GPU) and train LoRA adapters on them (needs use_peft); compute dtype bfloat16 under bf16 or torch_dtype bfloat16, float16 for torch_dtype float16, else float32.")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="With load_in_4bit: the 4-bit data type, nf4 (NormalFloat, the QLoRA paper's) or fp4.")
-    bnb_4bit_use_double_quant: bool = Field(True, description="With load_in_4bit: quantise the quantisation constants too (~0.4 bit per weight saved; the QLoRA paper's and Axolotl's default; TRL's use_bnb_nested_quant, default false there).")
+    lora_target_modules: list[str] | str = Field("all-linear", description=(
+        "Modules that get adapters: names, or 'all-linear'."))
+    load_in_4bit: bool = Field(False, description=(
+        "QLoRA: load the policy's linear weights in 4 bits (bitsandbytes, extra `qlora`, a CUDA GPU) and train LoRA "
+        "adapters on them (needs use_peft); compute dtype bfloat16 under bf16 or torch_dtype bfloat16, float16 for "
+        "torch_dtype float16, else float32."))
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description=(
+        "With load_in_4bit: the 4-bit data type, nf4 (NormalFloat, the QLoRA paper's) or fp4."))
+    bnb_4bit_use_double_quant: bool = Field(True, description=(
+        "With load_in_4bit: quantise the quantisation constants too (~0.4 bit per weight saved; the QLoRA paper's and "
+        "Axolotl's default; TRL's use_bnb_nested_quant, default false there)."))
     prompt_column: str = Field("prompt", description="Column holding the prompt: a string, or a list of chat messages.")
-    system_prompt: str | None = Field(None, description="System message prepended to conversational prompts that have none.")
-    prompt_template: str | None = Field(None, description="Build each prompt from the row's columns: a format string ('Solve: {question}') or a Jinja template (contains '{{'); the text becomes the user message.")
-    transform: str | None = Field(None, description="Per-row function 'module.fn' or 'file.py:fn', called as fn(example, tokenizer=None) -> dict, after column_mapping and before prompt_template.")
-    column_mapping: dict[str, str] | None = Field(None, description="Rename dataset columns first: {their_name: our_name}, e.g. {instruction: prompt}.")
-    max_prompt_length: int | None = Field(512, gt=0, description="Prompts longer than this many tokens are dropped (counted and logged).")
-    sft_target_column: str | None = Field(None, description="`grpokit sft`: the column holding each prompt's target answer (default: 'completion', else 'answer', else 'solution'); rows with a 'messages' column train on its assistant turns instead.")
-    output_dir: str = Field("outputs/grpo", description="Run directory: config.yaml, metrics.jsonl, final_model/.")
+    system_prompt: str | None = Field(None, description=(
+        "System message prepended to conversational prompts that have none."))
+    prompt_template: str | None = Field(None, description=(
+        "Build each prompt from the row's columns: a format string ('Solve: {question}') or a Jinja template "
+        "(contains '{{'); the text becomes the user message."))
+    transform: str | None = Field(None, description=(
+        "Per-row function 'module.fn' or 'file.py:fn', called as fn(example, tokenizer=None) -> dict, after "
+        "column_mapping and before prompt_template."))
+    column_mapping: dict[str, str] | None = Field(None, description=(
+        "Rename dataset columns first: {their_name: our_name}, e.g. {instruction: prompt}."))
+    max_prompt_length: int | None = Field(512, gt=0, description=(
+        "Prompts longer than this many tokens are dropped (counted and logged)."))
+    sft_target_column: str | None = Field(None, description=(
+        "`grpokit sft`: the column holding each prompt's target answer (default: 'completion', else 'answer', else "
+        "'solution'); rows with a 'messages' column train on its assistant turns instead."))
+    output_dir: str = Field("outputs/grpo", description=(
+        "Run directory: config.yaml, metrics.jsonl, final_model/."))
 
     # rewards
-    reward_funcs: list[str | RewardSpec] = Field(default_factory=lambda: ["number_correct", "answer_format"], min_length=1,
-                                                 description="Reward functions: built-in names, dotted paths ('pkg.module.fn'), 'file.py:fn', or {func:, name:, args:, weight:} entries.")
+    reward_funcs: list[str | RewardSpec] = Field(
+        default_factory=lambda: ["number_correct", "answer_format"], min_length=1, description=(
+            "Reward functions: built-in names, dotted paths ('pkg.module.fn'), 'file.py:fn', or "
+            "{func:, name:, args:, weight:} entries."))
     reward_weights: list[float] | None = Field(None, description="One weight per reward function (default: all 1.0).")
-    reward_combination: Literal["weighted_sum", "normalize_then_sum", "gated"] = Field(
-        "weighted_sum", description="weighted_sum: sum the weighted rewards, then normalise in the group; normalize_then_sum: z-score each reward in its group first (GDPO; TRL's multi_objective_aggregation); gated: like weighted_sum, but the other rewards count only where reward_gate passes.")
-    reward_gate: str | None = Field(None, description="With reward_combination=gated: the reward that must pass (>= reward_gate_threshold) for the others to count, e.g. a format check in front of correctness.")
+    reward_combination: Literal["weighted_sum", "normalize_then_sum", "gated"] = Field("weighted_sum", description=(
+        "weighted_sum: sum the weighted rewards, then normalise in the group; normalize_then_sum: z-score each reward "
+        "in its group first (GDPO; TRL's multi_objective_aggregation); gated: like weighted_sum, but the other "
+        "rewards count only where reward_gate passes."))
+    reward_gate: str | None = Field(None, description=(
+        "With reward_combination=gated: the reward that must pass (>= reward_gate_threshold) for the others to count, "
+        "e.g. a format check in front of correctness."))
     reward_gate_threshold: float = Field(1.0, description="The gate passes where its reward is >= this.")
-    reward_timeout: float | None = Field(60.0, gt=0.0, description="Seconds one reward call may take (per completion for per-sample functions) before its worker is killed and the result counts as missing; None: no limit.")
-    reward_error_rate_limit: float = Field(0.1, ge=0.0, le=1.0, description="Stop the run when a reward function fails (raises, times out, returns inf) on more than this fraction of the completions it scored.")
-    eval_accuracy_reward: str | None = Field(None, description="Reward whose mean is reported as eval/accuracy (default: the first).")
+    reward_timeout: float | None = Field(60.0, gt=0.0, description=(
+        "Seconds one reward call may take (per completion for per-sample functions) before its worker is killed and "
+        "the result counts as missing; None: no limit."))
+    reward_error_rate_limit: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "Stop the run when a reward function fails (raises, times out, returns inf) on more than this fraction of the "
+        "completions it scored."))
+    eval_accuracy_reward: str | None = Field(None, description=(
+        "Reward whose mean is reported as eval/accuracy (default: the first)."))
 
     # GRPO
     num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the group size G).")
@@ -94,22 +121,42 @@ class GRPOConfig(BaseModel):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature for training rollouts.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Min-p sampling: keep tokens with probability >= min_p x the top token's (0: off).")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="transformers' repetition penalty over prompt and completion tokens while sampling (1: off); the loss still scores the unpenalised policy, as in TRL.")
-    stop_strings: list[str] = Field(default_factory=list, description="Completions end at the first of these strings (kept in the completion, finish reason 'stop'); also in evaluation.")
-    beta: float = Field(0.0, ge=0.0, description="KL coefficient to the reference policy (k3 estimator); 0 loads no reference.")
-    epsilon: float = Field(0.2, gt=0.0, description="Lower clip range of the importance ratio (and upper, unless epsilon_high).")
-    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clip range (DAPO clip-higher); default: epsilon.")
-    delta: float | None = Field(None, gt=1.0, description="Two-sided clipping: cap on the unclipped importance ratio (INTELLECT-2); None: no cap.")
-    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="Importance ratio per token (GRPO) or one per completion from its mean log-ratio (GSPO).")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss normalisation: grpo (per-sequence mean), bnpo/dapo (per token over the batch), dr_grpo (by batch x max_completion_length).")
-    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by the reward std of the group, of the batch, or not at all.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "Min-p sampling: keep tokens with probability >= min_p x the top token's (0: off)."))
+    repetition_penalty: float = Field(1.0, gt=0.0, description=(
+        "transformers' repetition penalty over prompt and completion tokens while sampling (1: off); the loss still "
+        "scores the unpenalised policy, as in TRL."))
+    stop_strings: list[str] = Field(default_factory=list, description=(
+        "Completions end at the first of these strings (kept in the completion, finish reason 'stop'); also in "
+        "evaluation."))
+    beta: float = Field(0.0, ge=0.0, description=(
+        "KL coefficient to the reference policy (k3 estimator); 0 loads no reference."))
+    epsilon: float = Field(0.2, gt=0.0, description=(
+        "Lower clip range of the importance ratio (and upper, unless epsilon_high)."))
+    epsilon_high: float | None = Field(None, gt=0.0, description=(
+        "Upper clip range (DAPO clip-higher); default: epsilon."))
+    delta: float | None = Field(None, gt=1.0, description=(
+        "Two-sided clipping: cap on the unclipped importance ratio (INTELLECT-2); None: no cap."))
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description=(
+        "Importance ratio per token (GRPO) or one per completion from its mean log-ratio (GSPO)."))
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description=(
+        "Loss normalisation: grpo (per-sequence mean), bnpo/dapo (per token over the batch), dr_grpo (by batch x "
+        "max_completion_length)."))
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description=(
+        "Divide advantages by the reward std of the group, of the batch, or not at all."))
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generation (mu in the paper).")
-    steps_per_generation: int | None = Field(None, gt=0, description="Micro-batches each generation fills (default: gradient_accumulation_steps); more gives several optimizer steps per generation.")
-    mask_truncated_completions: bool = Field(False, description="Leave completions cut off at max_completion_length out of the loss (DAPO).")
-    top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0, description="Train only on this top fraction of tokens by entropy (per micro-batch); 1.0: all tokens.")
-    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop groups whose rewards have zero spread and refill from fresh prompts.")
-    max_resample_rounds: int = Field(3, ge=0, description="With dynamic_sampling: at most this many refill rounds per generation; then zero-spread groups fill the rest (and a warning says so).")
+    steps_per_generation: int | None = Field(None, gt=0, description=(
+        "Micro-batches each generation fills (default: gradient_accumulation_steps); more gives several optimizer "
+        "steps per generation."))
+    mask_truncated_completions: bool = Field(False, description=(
+        "Leave completions cut off at max_completion_length out of the loss (DAPO)."))
+    top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0, description=(
+        "Train only on this top fraction of tokens by entropy (per micro-batch); 1.0: all tokens."))
+    dynamic_sampling: bool = Field(False, description=(
+        "DAPO dynamic sampling: drop groups whose rewards have zero spread and refill from fresh prompts."))
+    max_resample_rounds: int = Field(3, ge=0, description=(
+        "With dynamic_sampling: at most this many refill rounds per generation; then zero-spread groups fill the rest "
+        "(and a warning says so)."))
 
     # optimisation
     learning_rate: float = Field(1e-6, gt=0.0, description="AdamW peak learning rate.")
@@ -117,46 +164,88 @@ class GRPOConfig(BaseModel):
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = Field("constant", description=(
+        "Learning-rate schedule after warmup."))
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     per_device_train_batch_size: int = Field(8, gt=0, description="Completions per micro-batch.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step; one generation fills them all.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description=(
+        "Micro-batches per optimizer step; one generation fills them all."))
     max_steps: int = Field(100, gt=0, description="Optimizer steps to run.")
-    num_train_epochs: float | None = Field(None, gt=0.0, description="Passes over the train prompts instead of max_steps: max_steps = ceil(epochs x ceil(prompts / prompts_per_generation)) x optimizer steps per generation, computed once the data is loaded.")
-    bf16: bool = Field(False, description="bf16 autocast for generation and the update (fp32 master weights); fast on CPUs with avx512_bf16/AMX and on recent GPUs.")
-    cpu_linear: Literal["auto", "onednn", "torch"] = Field("auto", description="Kernel for float32 linear layers on CPU (generation and training): onednn (about 2x MKL on AMD CPUs, where MKL lacks AVX-512), torch (torch's own, MKL), or auto: onednn on AMD CPUs for layers of at least 16,384 weights, torch elsewhere. Same float32 math; results differ in rounding only.")
-    gradient_checkpointing: bool = Field(False, description="Recompute decoder activations in backward instead of storing them (less memory, ~30% more time).")
-    logprob_chunk_size: int = Field(128, gt=0, description="Tokens per chunk when computing log-probs, so [B, T, V] logits are never materialised.")
-    share_prompt_forward: bool = Field(True, description="Run each distinct prompt of a micro-batch once when computing log-probs and reuse its KV cache for the group's completions (same result, less compute and memory; off with gradient checkpointing).")
+    num_train_epochs: float | None = Field(None, gt=0.0, description=(
+        "Passes over the train prompts instead of max_steps: max_steps = ceil(epochs x ceil(prompts / "
+        "prompts_per_generation)) x optimizer steps per generation, computed once the data is loaded."))
+    bf16: bool = Field(False, description=(
+        "bf16 autocast for generation and the update (fp32 master weights); fast on CPUs with avx512_bf16/AMX and on "
+        "recent GPUs."))
+    cpu_linear: Literal["auto", "onednn", "torch"] = Field("auto", description=(
+        "Kernel for float32 linear layers on CPU (generation and training): onednn (about 2x MKL on AMD CPUs, where "
+        "MKL lacks AVX-512), torch (torch's own, MKL), or auto: onednn on AMD CPUs for layers of at least 16,384 "
+        "weights, torch elsewhere. Same float32 math; results differ in rounding only."))
+    gradient_checkpointing: bool = Field(False, description=(
+        "Recompute decoder activations in backward instead of storing them (less memory, ~30% more time)."))
+    logprob_chunk_size: int = Field(128, gt=0, description=(
+        "Tokens per chunk when computing log-probs, so [B, T, V] logits are never materialised."))
+    share_prompt_forward: bool = Field(True, description=(
+        "Run each distinct prompt of a micro-batch once when computing log-probs and reuse its KV cache for the "
+        "group's completions (same result, less compute and memory; off with gradient checkpointing)."))
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
-    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1', ... (default: cuda when available).")
+    device: str | None = Field(None, description=(
+        "'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)."))
 
     # generation engine (vLLM: the engine itself is not in this build yet; the fields hold Axolotl/TRL settings)
-    use_vllm: bool = Field(False, description="Generate with vLLM (extra `vllm`) instead of the in-process sampler; weights are synced and verified before each generation.")
-    vllm_mode: Literal["server", "colocate"] = Field("server", description="vLLM on its own GPUs behind `grpokit vllm-serve` (server) or inside the trainer process (colocate).")
-    vllm_host: str = Field("127.0.0.1", description="Host of the `grpokit vllm-serve` server (server mode).")
-    vllm_port: int = Field(8000, gt=0, lt=65536, description="Port of the vLLM server (server mode).")
-    vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Fraction of GPU memory vLLM may take.")
+    use_vllm: bool = Field(False, description=(
+        "Generate with vLLM (extra `vllm`) instead of the in-process sampler; weights are synced and verified before "
+        "each generation."))
+    vllm_mode: Literal["server", "colocate"] = Field("server", description=(
+        "vLLM on its own GPUs behind `grpokit vllm-serve` (server) or inside the trainer process (colocate)."))
+    vllm_host: str = Field("127.0.0.1", description=(
+        "Host of the `grpokit vllm-serve` server (server mode)."))
+    vllm_port: int = Field(8000, gt=0, lt=65536, description=(
+        "Port of the vLLM server (server mode)."))
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description=(
+        "Fraction of GPU memory vLLM may take."))
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM model is split across.")
-    vllm_max_model_len: int | None = Field(None, gt=0, description="vLLM context length (prompt + completion tokens); default: the model's.")
-    vllm_enable_sleep_mode: bool = Field(False, description="Colocate mode: vLLM releases its GPU memory between generations (sleep / wake_up).")
+    vllm_max_model_len: int | None = Field(None, gt=0, description=(
+        "vLLM context length (prompt + completion tokens); default: the model's."))
+    vllm_enable_sleep_mode: bool = Field(False, description=(
+        "Colocate mode: vLLM releases its GPU memory between generations (sleep / wake_up)."))
 
     # evaluation and logging
     eval_on_start: bool = Field(False, description="Evaluate before the first step.")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every this many steps (and always at the end when eval_dataset is set).")
-    eval_max_completion_length: int | None = Field(None, gt=0, description="Token limit for evaluation (default: max_completion_length).")
-    eval_num_samples: int = Field(0, ge=0, description="Besides the greedy completion, sample this many completions per held-out prompt (the training sampling settings) for eval/pass@k and eval/maj@k; 0: greedy only.")
-    eval_pass_k: list[int] = Field([1], description="The k of eval/pass@k and eval/maj@k (each at most eval_num_samples).")
-    metric_for_best_model: str | None = Field(None, description="An eval metric ('accuracy', 'eval/pass@4', 'eval/rewards/NAME/mean'; the 'eval/' prefix is optional): after each evaluation the model is saved to OUTPUT_DIR/best_model/ when this metric is the best so far.")
-    greater_is_better: bool | None = Field(None, description="Whether a larger metric_for_best_model is better (default: true, false for names ending in 'loss' or 'length').")
-    logging_steps: int = Field(1, gt=0, description="Print metrics to the console every this many steps (metrics.jsonl gets every step).")
-    log_completions_steps: int | None = Field(None, gt=0, description="Every this many steps, write the generation's completions with their rewards to OUTPUT_DIR/completions/step_N.jsonl and print one (training-wizard's sample_rate); None: never.")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | Literal["auto", "all", "none"] = Field("auto", description="Metric sinks besides the console and metrics.jsonl (always written): a list of tensorboard, wandb, mlflow, trackio; 'auto': tensorboard when installed; 'all': every installed one; 'none'.")
+    eval_steps: int | None = Field(None, gt=0, description=(
+        "Evaluate every this many steps (and always at the end when eval_dataset is set)."))
+    eval_max_completion_length: int | None = Field(None, gt=0, description=(
+        "Token limit for evaluation (default: max_completion_length)."))
+    eval_num_samples: int = Field(0, ge=0, description=(
+        "Besides the greedy completion, sample this many completions per held-out prompt (the training sampling "
+        "settings) for eval/pass@k and eval/maj@k; 0: greedy only."))
+    eval_pass_k: list[int] = Field([1], description=(
+        "The k of eval/pass@k and eval/maj@k (each at most eval_num_samples)."))
+    metric_for_best_model: str | None = Field(None, description=(
+        "An eval metric ('accuracy', 'eval/pass@4', 'eval/rewards/NAME/mean'; the 'eval/' prefix is optional): after "
+        "each evaluation the model is saved to OUTPUT_DIR/best_model/ when this metric is the best so far."))
+    greater_is_better: bool | None = Field(None, description=(
+        "Whether a larger metric_for_best_model is better (default: true, false for names ending in 'loss' or "
+        "'length')."))
+    logging_steps: int = Field(1, gt=0, description=(
+        "Print metrics to the console every this many steps (metrics.jsonl gets every step)."))
+    log_completions_steps: int | None = Field(None, gt=0, description=(
+        "Every this many steps, write the generation's completions with their rewards to "
+        "OUTPUT_DIR/completions/step_N.jsonl and print one (training-wizard's sample_rate); None: never."))
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | Literal["auto", "all", "none"] = Field(
+        "auto", description=(
+            "Metric sinks besides the console and metrics.jsonl (always written): a list of tensorboard, wandb, "
+            "mlflow, trackio; 'auto': tensorboard when installed; 'all': every installed one; 'none'."))
 
     # checkpoints and faults
-    save_steps: int | None = Field(500, gt=0, description="Write OUTPUT_DIR/checkpoint-N every this many optimizer steps (weights, optimizer, scheduler, RNG, data position); None: only final_model.")
-    save_total_limit: int | None = Field(3, gt=0, description="Keep only the newest this many checkpoint-N directories (each holds the optimizer state: ~3x the weights); None: keep all.")
-    max_consecutive_skips: int = Field(3, gt=0, description="Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error.")
+    save_steps: int | None = Field(500, gt=0, description=(
+        "Write OUTPUT_DIR/checkpoint-N every this many optimizer steps (weights, optimizer, scheduler, RNG, data "
+        "position); None: only final_model."))
+    save_total_limit: int | None = Field(3, gt=0, description=(
+        "Keep only the newest this many checkpoint-N directories (each holds the optimizer state: ~3x the weights); "
+        "None: keep all."))
+    max_consecutive_skips: int = Field(3, gt=0, description=(
+        "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."))
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -186,7 +275,8 @@ class GRPOConfig(BaseModel):
                 "repetition_penalty": self.repetition_penalty, "stop": list(self.stop_strings)}
 
     def steps_for_epochs(self, num_prompts: int) -> int:
-        """max_steps for `num_train_epochs` passes over `num_prompts` train prompts (rounded up to whole generations)."""
+        """max_steps for `num_train_epochs` passes over `num_prompts` train prompts (rounded up to whole
+        generations)."""
         generations = math.ceil(self.num_train_epochs * math.ceil(num_prompts / self.prompts_per_generation))
         return max(1, generations * self.optimizer_steps_per_generation)
 
@@ -202,7 +292,8 @@ class GRPOConfig(BaseModel):
             valid = [g for g in range(2, gbs + 1) if gbs % g == 0]
             processes = f" x {world_size()} processes" if world_size() > 1 else ""
             raise ValueError(
-                f"per_device_train_batch_size x steps_per_generation (default gradient_accumulation_steps){processes} = {gbs} "
+                f"per_device_train_batch_size x steps_per_generation (default gradient_accumulation_steps)"
+                f"{processes} = {gbs} "
                 f"completions per generation is not divisible by num_generations = {self.num_generations}; with this "
                 f"batch, num_generations can be {valid}, or make the batch a multiple of {self.num_generations}")
         if any(k < 1 for k in self.eval_pass_k):
@@ -218,9 +309,9 @@ class GRPOConfig(BaseModel):
         if not self.load_in_4bit:
             return
         if not self.use_peft:
-            raise ValueError("load_in_4bit: 4-bit weights cannot be trained directly; QLoRA trains LoRA adapters on the "
-                             "frozen 4-bit base. Set use_peft: true (Axolotl: adapter: qlora), or drop load_in_4bit to "
-                             "train all weights")
+            raise ValueError("load_in_4bit: 4-bit weights cannot be trained directly; QLoRA trains LoRA adapters on "
+                             "the frozen 4-bit base. Set use_peft: true (Axolotl: adapter: qlora), or drop "
+                             "load_in_4bit to train all weights")
         if self.torch_dtype == "float64":
             raise ValueError("load_in_4bit: bitsandbytes computes in bfloat16, float16 or float32, not float64; set "
                              "torch_dtype: bfloat16 (or float32)")
@@ -238,12 +329,13 @@ class GRPOConfig(BaseModel):
             if "." not in func and ":" not in func and func not in BUILTIN_REWARDS:
                 close = difflib.get_close_matches(func, BUILTIN_REWARDS, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ValueError(f"reward_funcs[{i}]: unknown reward '{func}'{hint} Built-ins: {sorted(BUILTIN_REWARDS)}; "
-                                 "or give 'module.function' or 'file.py:function'")
+                raise ValueError(f"reward_funcs[{i}]: unknown reward '{func}'{hint} Built-ins: "
+                                 f"{sorted(BUILTIN_REWARDS)}; or give 'module.function' or 'file.py:function'")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values but reward_funcs has "
                              f"{len(self.reward_funcs)} functions; give one weight per function")
-        if self.reward_weights is not None and any(not isinstance(e, str) and e.weight is not None for e in self.reward_funcs):
+        if self.reward_weights is not None and any(not isinstance(e, str) and e.weight is not None
+                                                   for e in self.reward_funcs):
             raise ValueError("weights are given both in reward_weights and in reward_funcs entries; use one place")
         names = self.reward_names
         if self.eval_accuracy_reward is not None and self.eval_accuracy_reward not in names:
@@ -274,188 +366,3 @@ class GRPOConfig(BaseModel):
         exclude = {"max_steps"} if self.num_train_epochs is not None else None
         return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
-
-def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: str | None = None,
-                cli: dict[str, Any] | None = None) -> GRPOConfig:
-    """Merge preset < file < `key=value` overrides < `cli` options, translate other tools' keys, validate."""
-    source = str(path) if path else "--set"
-    file_data = _read_file(Path(path)) if path is not None else {}
-    file_preset = file_data.pop("preset", None)
-    set_data: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set learning_rate=1e-6")
-        try:
-            set_data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse '{raw}' as a value ({exc.problem})") from None
-    name = preset or set_data.pop("preset", None) or file_preset
-    layers = [(f"preset '{name}'", load_preset(name) if name else {}), (source, file_data), ("--set", set_data),
-              ("command line", dict(cli or {}))]
-    layers = [translate_keys(layer, where) for where, layer in layers]
-    data: dict[str, Any] = {}
-    for layer in layers:
-        if "max_steps" in layer and "num_train_epochs" not in layer:  # the higher layer's length wins
-            data.pop("num_train_epochs", None)
-        if "num_train_epochs" in layer and "max_steps" not in layer:
-            data.pop("max_steps", None)
-        data.update(layer)
-    if name == "from_sft" and not any("model" in layer for layer in layers[1:]):
-        raise ConfigError("preset 'from_sft' starts from a fine-tuned model: give --sft-model PATH "
-                          "(or `sft_model: PATH` in the config)")
-    return validate_config(data, source=source)
-
-
-def load_preset(name: str) -> dict[str, Any]:
-    """The keys of a shipped preset; an unknown name is an error with a did-you-mean."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(str(name), PRESETS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"preset: unknown preset '{name}'{hint} Presets: {', '.join(PRESETS)}")
-    return _read_file(PRESETS_DIR / f"{name}.yaml")
-
-
-# TRL's key and values for the combination strategy
-_AGGREGATION = {"sum_then_normalize": "weighted_sum", "normalize_then_sum": "normalize_then_sum"}
-# Axolotl's `vllm:` block -> grpokit's fields
-_VLLM_KEYS = {"mode": "vllm_mode", "host": "vllm_host", "port": "vllm_port", "tensor_parallel_size": "vllm_tensor_parallel_size",
-              "gpu_memory_utilization": "vllm_gpu_memory_utilization", "max_model_len": "vllm_max_model_len"}
-# one key of another tool -> grpokit's key, where only the name differs
-_RENAMES = {"micro_batch_size": "per_device_train_batch_size", "base_model": "model", "sft_model": "model",
-            "sample_rate": "log_completions_steps", "use_bnb_nested_quant": "bnb_4bit_use_double_quant"}
-# Axolotl's `adapter:` -> grpokit's keys (Axolotl's qlora also wants load_in_4bit: true, which it implies here)
-_ADAPTERS = {"lora": {"use_peft": True}, "qlora": {"use_peft": True, "load_in_4bit": True}}
-# Axolotl's `bnb_config_kwargs:` overrides grpokit has fields for
-_BNB_KWARGS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
-
-
-def _move(data: dict[str, Any], key: str, target: str, value: Any, where: str) -> None:
-    if target in data and data[target] != value:
-        raise ConfigError(f"{where}: {key} and {target} are both set (to {value!r} and {data[target]!r}); give one")
-    data[target] = value
-
-
-def translate_keys(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
-    """Other tools' keys (Axolotl, TRL, training-wizard, the math-QA trainer) -> grpokit's, before validation."""
-    data = dict(data)
-    if "trl" in data:  # Axolotl nests TRL's GRPOConfig options under `trl:`
-        block = data.pop("trl") or {}
-        if not isinstance(block, dict):
-            raise ConfigError(f"{where}: trl: expected a mapping of TRL GRPOConfig options, got {block!r}")
-        for key, value in block.items():
-            _move(data, f"trl.{key}", key, value, where)
-    if "rl" in data:
-        rl = data.pop("rl")
-        if rl != "grpo":
-            raise ConfigError(f"{where}: rl: '{rl}' is not supported; grpokit trains with GRPO only (rl: grpo)")
-    if "vllm" in data:
-        block = data.pop("vllm") or {}
-        if not isinstance(block, dict):
-            raise ConfigError(f"{where}: vllm: expected a mapping (host, port, ...), got {block!r}")
-        for key, value in block.items():
-            if key not in _VLLM_KEYS:
-                close = difflib.get_close_matches(key, _VLLM_KEYS, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"{where}: vllm.{key}: unknown key{hint} Known: {sorted(_VLLM_KEYS)}")
-            _move(data, f"vllm.{key}", _VLLM_KEYS[key], value, where)
-    for key, target in _RENAMES.items():
-        if key in data:
-            _move(data, key, target, data.pop(key), where)
-    if "datasets" in data:  # Axolotl: a list of {path:, type:, ...}; grpokit trains on one dataset
-        entries = data.pop("datasets")
-        if not isinstance(entries, list) or not entries:
-            raise ConfigError(f"{where}: datasets: expected a non-empty list of {{path: ...}} entries")
-        first = entries[0]["path"] if isinstance(entries[0], dict) and "path" in entries[0] else entries[0]
-        if not isinstance(first, str):
-            raise ConfigError(f"{where}: datasets[0]: expected a path or a mapping with `path:`, got {entries[0]!r}")
-        if len(entries) > 1:
-            log.warning("%s: datasets: only the first entry (%s) is used; %d more ignored", where, first, len(entries) - 1)
-        _move(data, "datasets[0].path", "dataset", first, where)
-    if "reward_specs" in data:  # training-wizard: [[reward_specs]] tables with spec_class (or class) and settings
-        specs = data.pop("reward_specs")
-        specs = [specs] if isinstance(specs, dict) else specs
-        funcs = []
-        for i, spec in enumerate(specs or []):
-            spec = dict(spec) if isinstance(spec, dict) else {"spec_class": spec}
-            func = spec.pop("spec_class", None) or spec.pop("class", None)
-            if not func:
-                raise ConfigError(f"{where}: reward_specs[{i}]: needs spec_class (or class): a reward name or path")
-            entry = {"func": func, **{k: spec.pop(k) for k in ("weight", "name") if k in spec}}
-            funcs.append({**entry, "args": spec} if spec else entry)
-        _move(data, "reward_specs", "reward_funcs", funcs, where)
-    if "recipe_class" in data:
-        log.info("%s: recipe_class '%s' ignored: grpokit runs its own GRPO loop", where, data.pop("recipe_class"))
-    if "multi_objective_aggregation" in data:
-        value = data.pop("multi_objective_aggregation")
-        _move(data, "multi_objective_aggregation", "reward_combination", _AGGREGATION.get(value, value), where)
-    if "adapter" in data:  # Axolotl: adapter: lora | qlora (unset: all weights train)
-        adapter = data.pop("adapter")
-        if adapter is not None and adapter not in _ADAPTERS:
-            raise ConfigError(f"{where}: adapter: '{adapter}' is not supported; grpokit trains LoRA (adapter: lora), "
-                              "QLoRA (adapter: qlora) or all weights (no adapter key)")
-        for key, value in _ADAPTERS.get(adapter, {}).items():
-            _move(data, f"adapter: {adapter}", key, value, where)
-    if "bnb_config_kwargs" in data:  # Axolotl's overrides of its BitsAndBytesConfig
-        block = data.pop("bnb_config_kwargs") or {}
-        if not isinstance(block, dict) or any(k not in _BNB_KWARGS for k in block):
-            raise ConfigError(f"{where}: bnb_config_kwargs: only {', '.join(_BNB_KWARGS)} are supported, got {block!r}")
-        for key, value in block.items():
-            _move(data, f"bnb_config_kwargs.{key}", key, value, where)
-    return data
-
-
-def validate_config(data: dict[str, Any], source: str = "config") -> GRPOConfig:
-    data = translate_keys(data, source)
-    if "sequence_len" in data:  # Axolotl: prompt + completion tokens; grpokit limits the prompt
-        total = data.pop("sequence_len")
-        completion = data.get("max_completion_length", GRPOConfig.model_fields["max_completion_length"].default)
-        if not isinstance(total, int) or total <= completion:
-            raise ConfigError(f"{source}: sequence_len = {total!r} must be an integer above max_completion_length = "
-                              f"{completion} (the prompt gets sequence_len - max_completion_length tokens)")
-        _move(data, "sequence_len", "max_prompt_length", total - completion, source)
-    unknown = [k for k in data if k not in GRPOConfig.model_fields]
-    if unknown:
-        lines = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, GRPOConfig.model_fields, n=1, cutoff=0.6)
-            lines.append(f"  {key}: unknown key" + (f"; did you mean '{close[0]}'?" if close else ""))
-        raise ConfigError(f"{source}: unknown config key(s):\n" + "\n".join(lines) + "\n  (`grpokit check --help-config` lists every key)")
-    try:
-        return GRPOConfig(**data)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "config"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {where}: {msg}" + (f" (got {err['input']!r})" if err["loc"] else ""))
-        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from None
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"config file '{path}': expected a .yaml, .yml or .toml file")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file '{path}' is not valid {path.suffix[1:].upper()}: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}': expected a mapping of keys to values at the top level")
-    return data
-
-
-def describe_fields() -> str:
-    """Every key with its type, default and help, for `grpokit check --help-config`."""
-    rows = []
-    for name, field in GRPOConfig.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
-        rows.append(f"{name} (default {default!r}): {field.description}")
-    return "\n".join(rows)

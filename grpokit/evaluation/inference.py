@@ -18,7 +18,7 @@ import torch
 
 from grpokit.models import cpu_linear
 from grpokit.data import loading as data_mod
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError
 from grpokit.evaluation.evaluate import EvalResult, decode_completions, eval_sampling, evaluate_per_prompt, sample_and_score
 from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 
 LOGIT_COPIES = 2  # [chunk, V] float32 tensors alive at once: shifted logits and exp (forward), one in backward
 GEN_LOGIT_COPIES = 4  # sampler: float logits, scaled/filtered copies, softmax

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from grpokit.data import loading as data_mod
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 from grpokit.errors import RewardError
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rewards.contract import REFERENCE_ALIASES

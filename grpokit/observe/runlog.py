@@ -14,7 +14,7 @@ from grpokit.runtime import allocator
 from grpokit.runtime.distributed import world_size
 
 if TYPE_CHECKING:
-    from grpokit.config.schema import GRPOConfig
+    from grpokit.config import GRPOConfig
     from grpokit.train.trainer import Trainer
 
 SAMPLE_CHARS = 300  # a console sample shows at most this many characters of the prompt and of the completion

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from grpokit.algo.batches import MicroBatch, Pending
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")

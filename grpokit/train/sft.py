@@ -41,7 +41,7 @@ from grpokit.train import checkpoint
 from grpokit.models import cpu_linear
 from grpokit.data import loading as data
 from grpokit.algo.batches import pack
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 from grpokit.errors import ConfigError, DataError, Interrupted, TrainingError
 from grpokit.models.logprobs import completion_logps
 from grpokit.observe.metrics import MetricsLogger, check_sinks

@@ -34,7 +34,7 @@ from grpokit.observe.alerts import HealthMonitor, identical_fraction
 from grpokit.algo.advantages import combine_rewards, compute_advantages, gate_rewards, group_stats
 from grpokit.algo.batches import Generation, MicroBatch, Pending, pack
 from grpokit.train.best_model import BestModel
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 from grpokit.runtime.distributed import Processes, sample_ranges, share, world_size
 from grpokit.runtime.distributed import rank as process_rank
 from grpokit.errors import ConfigError, Interrupted, TrainingError

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from grpokit.config.schema import validate_config
+from grpokit.config import validate_config
 from grpokit.train.trainer import Generation, Trainer
 from tests.conftest import run_cli, write_jsonl
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from grpokit.config.schema import PRESETS_DIR, GRPOConfig, load_config
+from grpokit.config import PRESETS_DIR, GRPOConfig, load_config
 from tests.conftest import run_cli, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

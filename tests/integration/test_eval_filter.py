@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from grpokit.config.schema import load_config
+from grpokit.config import load_config
 from grpokit.evaluation.inference import generate
 from tests.conftest import build_tiny_model, run_cli, write_jsonl
 

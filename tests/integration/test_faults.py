@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from grpokit.config.schema import validate_config
+from grpokit.config import validate_config
 from grpokit.errors import DataError
 from grpokit.train.trainer import Trainer
 from tests.conftest import build_tiny_model, run_cli, write_jsonl

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from grpokit.config.schema import validate_config
+from grpokit.config import validate_config
 from grpokit.errors import TrainingError
 from grpokit.train.trainer import Trainer
 from tests.conftest import write_jsonl

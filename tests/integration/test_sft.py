@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from grpokit.runtime import allocator
 from grpokit.data import loading as data
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 from grpokit.models.loading import prepare_tokenizer
 from grpokit.train.sft import IGNORE_INDEX, build_examples, collate, load_sft_records
 from tests.conftest import build_tokenizer, run_cli, write_jsonl
@@ -180,7 +180,7 @@ def test_missing_target_column_names_the_columns_and_the_key(tmp_path, tiny_mode
 
 
 def test_sft_defaults_replace_grpo_defaults_only_where_unset():
-    from grpokit.config.schema import load_config
+    from grpokit.config import load_config
     from grpokit.train.sft import sft_defaults
 
     plain = sft_defaults(load_config(None))

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from grpokit.config.schema import GRPOConfig, load_config, validate_config
+from grpokit.config import GRPOConfig, load_config, validate_config
 from grpokit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -220,7 +220,7 @@ def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
 def test_eval_and_generate_load_the_model_with_the_setting(tiny_model_dir, setting, converted):
     """`grpokit eval` / `generate` load through inference._load, which applies cpu_linear as training does."""
     from grpokit.evaluation import inference
-    from grpokit.config.schema import validate_config
+    from grpokit.config import validate_config
 
     cfg = validate_config({"model": str(tiny_model_dir), "device": "cpu", "cpu_linear": setting})
     model, _, engine, _ = inference._load(cfg)

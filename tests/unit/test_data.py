@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from grpokit.config.schema import validate_config
+from grpokit.config import validate_config
 from grpokit.data.loading import dataset_records, load_records, tokenise_prompts, without_train_prompts
 from grpokit.errors import DataError
 from grpokit.rewards.builtin import number_correct

@@ -15,7 +15,7 @@ import torch
 from grpokit.runtime import allocator
 from grpokit.models import cpu_linear
 from grpokit.evaluation import plan
-from grpokit.config.schema import GRPOConfig
+from grpokit.config import GRPOConfig
 from grpokit.models.logprobs import completion_logps
 from grpokit.models.loading import add_lora, load_policy
 from tests.conftest import run_cli

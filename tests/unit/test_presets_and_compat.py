@@ -3,7 +3,7 @@
 import pytest
 
 from grpokit.cli import _load, _parser, cli_config
-from grpokit.config.schema import PRESETS, PRESETS_DIR, GRPOConfig, load_config, validate_config
+from grpokit.config import PRESETS, PRESETS_DIR, GRPOConfig, load_config, validate_config
 from grpokit.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from grpokit.models import loading as models
-from grpokit.config.schema import load_config, validate_config
+from grpokit.config import load_config, validate_config
 from grpokit.errors import ConfigError
 from tests.conftest import build_tiny_model, run_cli
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from grpokit.observe import runlog
-from grpokit.config.schema import validate_config
+from grpokit.config import validate_config
 
 
 def test_log_completions_writes_one_line_per_completion(tmp_path):

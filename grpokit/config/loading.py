@@ -1,0 +1,93 @@
+"""Loading a run configuration: layers merged, other tools' keys translated, the schema validated once.
+
+Layers, lowest precedence first: a preset (`grpokit/config/presets/NAME.yaml`, chosen by `--preset` or a
+`preset:` key), the config file (YAML or TOML), `--set`, explicit CLI options. `max_steps` and
+`num_train_epochs` are alternatives: the higher layer's choice wins. `--set key=value` overrides are
+parsed as YAML values, so numbers, booleans and lists work. Unknown keys are an error with a
+did-you-mean; pydantic's errors are rewritten one line per key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from grpokit.config.compat import _move, translate_keys
+from grpokit.config.files import read_file
+from grpokit.config.presets import load_preset
+from grpokit.config.schema import GRPOConfig
+from grpokit.errors import ConfigError
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: str | None = None,
+                cli: dict[str, Any] | None = None) -> GRPOConfig:
+    """Merge preset < file < `key=value` overrides < `cli` options, translate other tools' keys, validate."""
+    source = str(path) if path else "--set"
+    file_data = read_file(Path(path)) if path is not None else {}
+    file_preset = file_data.pop("preset", None)
+    set_data: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set '{item}': expected key=value, e.g. --set learning_rate=1e-6")
+        try:
+            set_data[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse '{raw}' as a value ({exc.problem})") from None
+    name = preset or set_data.pop("preset", None) or file_preset
+    layers = [(f"preset '{name}'", load_preset(name) if name else {}), (source, file_data), ("--set", set_data),
+              ("command line", dict(cli or {}))]
+    layers = [translate_keys(layer, where) for where, layer in layers]
+    data: dict[str, Any] = {}
+    for layer in layers:
+        if "max_steps" in layer and "num_train_epochs" not in layer:  # the higher layer's length wins
+            data.pop("num_train_epochs", None)
+        if "num_train_epochs" in layer and "max_steps" not in layer:
+            data.pop("max_steps", None)
+        data.update(layer)
+    if name == "from_sft" and not any("model" in layer for layer in layers[1:]):
+        raise ConfigError("preset 'from_sft' starts from a fine-tuned model: give --sft-model PATH "
+                          "(or `sft_model: PATH` in the config)")
+    return validate_config(data, source=source)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> GRPOConfig:
+    """One merged mapping -> a GRPOConfig; unknown keys and invalid values are a ConfigError naming each key."""
+    data = translate_keys(data, source)
+    if "sequence_len" in data:  # Axolotl: prompt + completion tokens; grpokit limits the prompt
+        total = data.pop("sequence_len")
+        completion = data.get("max_completion_length", GRPOConfig.model_fields["max_completion_length"].default)
+        if not isinstance(total, int) or total <= completion:
+            raise ConfigError(f"{source}: sequence_len = {total!r} must be an integer above max_completion_length = "
+                              f"{completion} (the prompt gets sequence_len - max_completion_length tokens)")
+        _move(data, "sequence_len", "max_prompt_length", total - completion, source)
+    unknown = [k for k in data if k not in GRPOConfig.model_fields]
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, GRPOConfig.model_fields, n=1, cutoff=0.6)
+            lines.append(f"  {key}: unknown key" + (f"; did you mean '{close[0]}'?" if close else ""))
+        raise ConfigError(f"{source}: unknown config key(s):\n" + "\n".join(lines)
+                          + "\n  (`grpokit check --help-config` lists every key)")
+    try:
+        return GRPOConfig(**data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg}" + (f" (got {err['input']!r})" if err["loc"] else ""))
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from None
+
+
+def describe_fields() -> str:
+    """Every key with its type, default and help, for `grpokit check --help-config`."""
+    rows = []
+    for name, field in GRPOConfig.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append(f"{name} (default {default!r}): {field.description}")
+    return "\n".join(rows)
