@@ -3,7 +3,9 @@
 Option names follow TRL's `GRPOConfig` wherever TRL has the option. Field constraints and the
 cross-field checks (batch geometry, rewards, quantisation) run when a config is built, before any
 model is loaded; derived quantities (completions per generation, optimizer steps per generation,
-reward names and weights) are properties here.
+reward names and weights) are properties here. A field marked `json_schema_extra=RESUME_NEUTRAL`
+changes what a run logs or keeps, not what it computes: it may differ when a run resumes
+(`resume_neutral_keys`, read by the checkpoint's config check).
 
 Loading (layers, `--set`, unknown keys) is loading.py; other tools' keys are compat.py; presets are
 presets.py. Importing this package loads no torch.
@@ -12,6 +14,7 @@ presets.py. Importing this package loads no torch.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from typing import Any, Literal
 
@@ -20,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 from grpokit.runtime.distributed import world_size
+
+# a field's mark: it changes what a run logs or keeps, not what it computes, so it may differ on resume
+RESUME_NEUTRAL: dict[str, Any] = {"resume_neutral": True}
 
 
 class RewardSpec(BaseModel):
@@ -49,10 +55,10 @@ class GRPOConfig(BaseModel):
         "Train data: a built-in ('arithmetic[?key=value&...]', 'gsm8k', 'humaneval', "
         "'reasoning_gym:<task>?size=N&...'), a .jsonl/.json/.csv/.parquet file, a save_to_disk directory "
         "('dir[:split]'), or a hub id when online."))
-    eval_dataset: str | None = Field(None, description=(
+    eval_dataset: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "Held-out data, same forms as `dataset`; 'arithmetic:held_out' and 'gsm8k:held_out' are the built-ins' fixed "
         "held-out splits."))
-    eval_limit: int | None = Field(None, gt=0, description=(
+    eval_limit: int | None = Field(None, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Evaluate on at most this many held-out prompts."))
     torch_dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description=(
         "dtype the policy's weights are loaded and trained in (bf16: see also `bf16` for autocast with fp32 weights)."))
@@ -86,10 +92,10 @@ class GRPOConfig(BaseModel):
         "Rename dataset columns first: {their_name: our_name}, e.g. {instruction: prompt}."))
     max_prompt_length: int | None = Field(512, gt=0, description=(
         "Prompts longer than this many tokens are dropped (counted and logged)."))
-    sft_target_column: str | None = Field(None, description=(
+    sft_target_column: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "`grpokit sft`: the column holding each prompt's target answer (default: 'completion', else 'answer', else "
         "'solution'); rows with a 'messages' column train on its assistant turns instead."))
-    output_dir: str = Field("outputs/grpo", description=(
+    output_dir: str = Field("outputs/grpo", json_schema_extra=RESUME_NEUTRAL, description=(
         "Run directory: config.yaml, metrics.jsonl, final_model/."))
 
     # rewards
@@ -106,13 +112,13 @@ class GRPOConfig(BaseModel):
         "With reward_combination=gated: the reward that must pass (>= reward_gate_threshold) for the others to count, "
         "e.g. a format check in front of correctness."))
     reward_gate_threshold: float = Field(1.0, description="The gate passes where its reward is >= this.")
-    reward_timeout: float | None = Field(60.0, gt=0.0, description=(
+    reward_timeout: float | None = Field(60.0, gt=0.0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Seconds one reward call may take (per completion for per-sample functions) before its worker is killed and "
         "the result counts as missing; None: no limit."))
-    reward_error_rate_limit: float = Field(0.1, ge=0.0, le=1.0, description=(
+    reward_error_rate_limit: float = Field(0.1, ge=0.0, le=1.0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Stop the run when a reward function fails (raises, times out, returns inf) on more than this fraction of the "
         "completions it scored."))
-    eval_accuracy_reward: str | None = Field(None, description=(
+    eval_accuracy_reward: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "Reward whose mean is reported as eval/accuracy (default: the first)."))
 
     # GRPO
@@ -189,7 +195,7 @@ class GRPOConfig(BaseModel):
         "Run each distinct prompt of a micro-batch once when computing log-probs and reuse its KV cache for the "
         "group's completions (same result, less compute and memory; off with gradient checkpointing)."))
     seed: int = Field(42, description="Seed for data order, sampling and initialisation.")
-    device: str | None = Field(None, description=(
+    device: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "'cpu', 'cuda', 'cuda:1', ... (default: cuda when available)."))
 
     # generation engine (vLLM: the engine itself is not in this build yet; the fields hold Axolotl/TRL settings)
@@ -198,53 +204,53 @@ class GRPOConfig(BaseModel):
         "each generation."))
     vllm_mode: Literal["server", "colocate"] = Field("server", description=(
         "vLLM on its own GPUs behind `grpokit vllm-serve` (server) or inside the trainer process (colocate)."))
-    vllm_host: str = Field("127.0.0.1", description=(
+    vllm_host: str = Field("127.0.0.1", json_schema_extra=RESUME_NEUTRAL, description=(
         "Host of the `grpokit vllm-serve` server (server mode)."))
-    vllm_port: int = Field(8000, gt=0, lt=65536, description=(
+    vllm_port: int = Field(8000, gt=0, lt=65536, json_schema_extra=RESUME_NEUTRAL, description=(
         "Port of the vLLM server (server mode)."))
-    vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description=(
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Fraction of GPU memory vLLM may take."))
     vllm_tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM model is split across.")
     vllm_max_model_len: int | None = Field(None, gt=0, description=(
         "vLLM context length (prompt + completion tokens); default: the model's."))
-    vllm_enable_sleep_mode: bool = Field(False, description=(
+    vllm_enable_sleep_mode: bool = Field(False, json_schema_extra=RESUME_NEUTRAL, description=(
         "Colocate mode: vLLM releases its GPU memory between generations (sleep / wake_up)."))
 
     # evaluation and logging
-    eval_on_start: bool = Field(False, description="Evaluate before the first step.")
-    eval_steps: int | None = Field(None, gt=0, description=(
+    eval_on_start: bool = Field(False, json_schema_extra=RESUME_NEUTRAL, description="Evaluate before the first step.")
+    eval_steps: int | None = Field(None, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Evaluate every this many steps (and always at the end when eval_dataset is set)."))
-    eval_max_completion_length: int | None = Field(None, gt=0, description=(
+    eval_max_completion_length: int | None = Field(None, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Token limit for evaluation (default: max_completion_length)."))
-    eval_num_samples: int = Field(0, ge=0, description=(
+    eval_num_samples: int = Field(0, ge=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Besides the greedy completion, sample this many completions per held-out prompt (the training sampling "
         "settings) for eval/pass@k and eval/maj@k; 0: greedy only."))
-    eval_pass_k: list[int] = Field([1], description=(
+    eval_pass_k: list[int] = Field([1], json_schema_extra=RESUME_NEUTRAL, description=(
         "The k of eval/pass@k and eval/maj@k (each at most eval_num_samples)."))
-    metric_for_best_model: str | None = Field(None, description=(
+    metric_for_best_model: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "An eval metric ('accuracy', 'eval/pass@4', 'eval/rewards/NAME/mean'; the 'eval/' prefix is optional): after "
         "each evaluation the model is saved to OUTPUT_DIR/best_model/ when this metric is the best so far."))
-    greater_is_better: bool | None = Field(None, description=(
+    greater_is_better: bool | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "Whether a larger metric_for_best_model is better (default: true, false for names ending in 'loss' or "
         "'length')."))
-    logging_steps: int = Field(1, gt=0, description=(
+    logging_steps: int = Field(1, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Print metrics to the console every this many steps (metrics.jsonl gets every step)."))
-    log_completions_steps: int | None = Field(None, gt=0, description=(
+    log_completions_steps: int | None = Field(None, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Every this many steps, write the generation's completions with their rewards to "
         "OUTPUT_DIR/completions/step_N.jsonl and print one (training-wizard's sample_rate); None: never."))
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] | Literal["auto", "all", "none"] = Field(
-        "auto", description=(
+        "auto", json_schema_extra=RESUME_NEUTRAL, description=(
             "Metric sinks besides the console and metrics.jsonl (always written): a list of tensorboard, wandb, "
             "mlflow, trackio; 'auto': tensorboard when installed; 'all': every installed one; 'none'."))
 
     # checkpoints and faults
-    save_steps: int | None = Field(500, gt=0, description=(
+    save_steps: int | None = Field(500, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Write OUTPUT_DIR/checkpoint-N every this many optimizer steps (weights, optimizer, scheduler, RNG, data "
         "position); None: only final_model."))
-    save_total_limit: int | None = Field(3, gt=0, description=(
+    save_total_limit: int | None = Field(3, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Keep only the newest this many checkpoint-N directories (each holds the optimizer state: ~3x the weights); "
         "None: keep all."))
-    max_consecutive_skips: int = Field(3, gt=0, description=(
+    max_consecutive_skips: int = Field(3, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."))
 
     @field_validator("report_to", mode="before")
@@ -366,3 +372,9 @@ class GRPOConfig(BaseModel):
         exclude = {"max_steps"} if self.num_train_epochs is not None else None
         return yaml.safe_dump(self.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
+
+@functools.cache
+def resume_neutral_keys() -> frozenset[str]:
+    """The fields marked RESUME_NEUTRAL: they may differ between a checkpoint's config and the resumed run's."""
+    return frozenset(name for name, field in GRPOConfig.model_fields.items()
+                     if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume_neutral"))

@@ -34,20 +34,12 @@ import torch
 import yaml
 
 from grpokit.algo.batches import MicroBatch, Pending
-from grpokit.config import GRPOConfig
+from grpokit.config import GRPOConfig, resume_neutral_keys
 from grpokit.errors import ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
-# settings that change what a run logs or keeps, not what it computes: they may differ on resume
-_NEUTRAL_KEYS = frozenset({"output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps",
-                           "report_to", "eval_steps", "eval_on_start", "eval_limit", "eval_max_completion_length",
-                           "eval_dataset", "eval_accuracy_reward", "eval_num_samples", "eval_pass_k",
-                           "metric_for_best_model", "greater_is_better", "sft_target_column", "reward_timeout",
-                           "reward_error_rate_limit",
-                           "max_consecutive_skips", "device", "vllm_host", "vllm_port", "vllm_gpu_memory_utilization",
-                           "vllm_enable_sleep_mode"})
 
 
 @dataclass(slots=True, kw_only=True)
@@ -151,7 +143,7 @@ def load(path: Path) -> Saved:
 
 def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Resuming under settings that change the results is an error (the CLI's --force skips this check)."""
-    neutral = set(_NEUTRAL_KEYS)
+    neutral = set(resume_neutral_keys())  # the schema marks the settings that change what a run logs, not computes
     if saved.get("lr_scheduler_type") == current.get("lr_scheduler_type") == "constant":
         neutral.add("max_steps")  # a constant schedule does not depend on the run's length: training longer is fine
     fields = GRPOConfig.model_fields  # a setting newer than the checkpoint was at its default when it was written

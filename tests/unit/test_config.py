@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,11 +83,13 @@ def test_reward_entries_names_weights_and_combination():
                            "reward_combination": "gated", "reward_gate": "fmt", "eval_accuracy_reward": "tests"})
     assert cfg.reward_names == ["math_accuracy", "tests", "fmt"] and cfg.weights == [1.0, 0.5, 1.0]
     assert validate_config({"multi_objective_aggregation": "sum_then_normalize"}).reward_combination == "weighted_sum"
-    assert validate_config({"multi_objective_aggregation": "normalize_then_sum"}).reward_combination == "normalize_then_sum"
+    assert (validate_config({"multi_objective_aggregation": "normalize_then_sum"}).reward_combination
+            == "normalize_then_sum")
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [
-    ({"reward_funcs": ["math_acuracy"]}, "reward_funcs[0]: unknown reward 'math_acuracy'; did you mean 'math_accuracy'?"),
+    ({"reward_funcs": ["math_acuracy"]},
+     "reward_funcs[0]: unknown reward 'math_acuracy'; did you mean 'math_accuracy'?"),
     ({"reward_funcs": [{"fun": "length"}]}, "reward_funcs.0"),
     ({"reward_combination": "gated"}, "needs reward_gate: one of the rewards ['number_correct', 'answer_format']"),
     ({"reward_gate": "answer_format"}, "set reward_combination: gated"),
@@ -108,3 +112,48 @@ def test_a_setting_newer_than_a_checkpoint_counts_as_its_default_on_resume(tmp_p
     check_config(saved, current, tmp_path)  # at its default: the same run
     with pytest.raises(ConfigError, match="share_prompt_forward: True -> False"):
         check_config(saved, {**current, "share_prompt_forward": False}, tmp_path)
+
+
+# the settings that change what a run logs or keeps, not what it computes (marked RESUME_NEUTRAL in the schema)
+RESUME_NEUTRAL_SETTINGS = {
+    "output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps", "report_to",
+    "eval_steps", "eval_on_start", "eval_limit", "eval_max_completion_length", "eval_dataset", "eval_accuracy_reward",
+    "eval_num_samples", "eval_pass_k", "metric_for_best_model", "greater_is_better", "sft_target_column",
+    "reward_timeout", "reward_error_rate_limit", "max_consecutive_skips", "device", "vllm_host", "vllm_port",
+    "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode",
+}
+
+
+@pytest.mark.parametrize("key", sorted(GRPOConfig.model_fields))
+def test_only_the_neutral_settings_may_differ_on_resume(tmp_path, key):
+    from grpokit.train.checkpoint import check_config
+
+    saved = GRPOConfig(lr_scheduler_type="linear").model_dump(mode="json")  # linear: max_steps changes the schedule
+    current = {**saved, key: "<changed>"}
+    if key in RESUME_NEUTRAL_SETTINGS:
+        check_config(saved, current, tmp_path)
+    else:
+        with pytest.raises(ConfigError, match=f"settings that change the results: {key}: "):
+            check_config(saved, current, tmp_path)
+
+
+def test_max_steps_may_grow_on_resume_under_a_constant_schedule(tmp_path):
+    from grpokit.train.checkpoint import check_config
+
+    saved = GRPOConfig().model_dump(mode="json")
+    check_config(saved, {**saved, "max_steps": saved["max_steps"] * 2}, tmp_path)
+    with pytest.raises(ConfigError, match="lr_scheduler_type: 'constant' -> 'cosine'"):
+        check_config(saved, {**saved, "max_steps": saved["max_steps"] * 2, "lr_scheduler_type": "cosine"}, tmp_path)
+
+
+def test_help_config_lists_every_key_with_its_default_and_help():
+    from grpokit.config import describe_fields
+
+    rows = describe_fields().splitlines()
+    assert [row.partition(" (default ")[0] for row in rows] == list(GRPOConfig.model_fields)
+    assert "output_dir (default 'outputs/grpo'): Run directory: config.yaml, metrics.jsonl, final_model/." in rows
+    assert ("reward_funcs (default ['number_correct', 'answer_format']): Reward functions: built-in names, dotted "
+            "paths ('pkg.module.fn'), 'file.py:fn', or {func:, name:, args:, weight:} entries.") in rows
+    help_text = subprocess.run([sys.executable, "-m", "grpokit", "check", "--help-config"], capture_output=True,
+                               text=True, cwd=REPO, check=True).stdout
+    assert help_text.splitlines() == rows
