@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # tcmalloc: grpokit restarts on it where glibc < 2.39 would keep freed CPU tensor memory (grpokit/runtime/allocator.py)
-HAS_TCMALLOC := $(PY) -c "import sys; from grpokit import allocator; sys.exit(allocator.find('tcmalloc') is None)"
+HAS_TCMALLOC := $(PY) -c "import sys; from grpokit.runtime.allocator import find; sys.exit(find('tcmalloc') is None)"
 
 demo: setup
 	$(HAS_TCMALLOC) || (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4) || \
@@ -34,7 +34,9 @@ system-packages: setup
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null && $(HAS_TCMALLOC) || \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver libtcmalloc-minimal4)
 
+# ruff first, on its own line: a lint finding stops `make test` with ruff's message before the tests start
 test: setup system-packages
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 test-slow: setup
