@@ -275,6 +275,12 @@ class GRPOConfig(BaseModel):
     def optimizer_steps_per_generation(self) -> int:
         return self.num_iterations * self.micro_batches_per_generation // self.gradient_accumulation_steps
 
+    @property
+    def policy_moves(self) -> bool:
+        """The policy takes an optimizer step before some micro-batch of a generation is trained on (several
+        passes, or several steps per pass): that generation then needs its old log-probs stored."""
+        return self.num_iterations > 1 or self.micro_batches_per_generation > self.gradient_accumulation_steps
+
     def sampling(self) -> dict[str, Any]:
         """The rollout sampling settings, as SamplingParams keyword arguments."""
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,

@@ -214,8 +214,7 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     cast_copies = shape.linear_weights * 2 if autocast else 0
     optimizer = 2 * trainable * train_bytes
     grads = trainable * train_bytes
-    policy_moves = cfg.num_iterations > 1 or cfg.micro_batches_per_generation > cfg.gradient_accumulation_steps
-    stored_logps = total_rows * T * 4 * (int(policy_moves) + int(cfg.beta > 0))
+    stored_logps = total_rows * T * 4 * (int(cfg.policy_moves) + int(cfg.beta > 0))
 
     vllm_server = cfg.use_vllm and cfg.vllm_mode == "server"
     kv_bytes = 2 if autocast else w
@@ -329,8 +328,7 @@ def tokens_per_step(cfg: GRPOConfig, prompts_per_micro_batch: int, shared: bool)
     shared = shared and not cfg.gradient_checkpointing
     prompt_tokens = (prompts_per_micro_batch if shared else B) * P
     steps = cfg.optimizer_steps_per_generation
-    policy_moves = cfg.num_iterations > 1 or cfg.micro_batches_per_generation > cfg.gradient_accumulation_steps
-    scoring = cfg.micro_batches_per_generation * (int(policy_moves) + int(cfg.beta > 0)) / steps  # no-grad passes
+    scoring = cfg.micro_batches_per_generation * (int(cfg.policy_moves) + int(cfg.beta > 0)) / steps  # no-grad passes
     passes = cfg.gradient_accumulation_steps + scoring
     return {"prompt tokens forwarded": int(passes * prompt_tokens),
             "completion tokens forwarded": int(passes * B * T),
