@@ -9,8 +9,9 @@ unclipped ratio; None leaves it uncapped. e_it is 1, or with `top_entropy_quanti
 only tokens whose entropy is in that top fraction of the micro-batch's tokens (TRL computes the
 threshold over its local batch too); the KL term is not masked.
 
-`normalise` owns the aggregation for every loss_type. Its denominators are those of the whole
-optimizer step (all micro-batches), passed in as `StepTotals`, so summing micro-batch losses
+Everything that depends on loss_type is here (`LOSS_TYPES`): how `normalise` aggregates, which counts
+`step_totals` gives it, and how the start-of-run summary words it. The denominators are those of the
+whole optimizer step (all micro-batches), passed in as `StepTotals`, so summing micro-batch losses
 gives the same loss and gradient whatever the micro-batch / accumulation split:
     grpo     sum_i mean_t(loss_it) / num_sequences
     bnpo     sum_it loss_it / num_tokens      (tokens of this process's batch)
@@ -49,17 +50,59 @@ class StepTotals:
     num_tokens: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LossTypeRule:
+    """How one loss_type turns per-token losses into the step's scalar."""
+
+    divides_by: Literal["sequences", "tokens", "constant"]  # sequence means / completion tokens / sequences x length
+    process_tokens: bool = False  # the token count is this process's own (x processes), not the whole step's
+    wording: str  # the summary's `loss = ...`; {seqs} {local} {length} {constant} are filled in by `describe`
+
+
+LOSS_TYPES: dict[str, LossTypeRule] = {
+    "grpo": LossTypeRule(divides_by="sequences", wording="the mean over each completion's tokens, then the mean "
+                         "over the {seqs} completions of the step"),
+    # DDP averages gradients over processes: counting this process's tokens x processes undoes that mean
+    "bnpo": LossTypeRule(divides_by="tokens", process_tokens=True,
+                         wording="the sum over tokens / the completion tokens in the step (this process's {local} "
+                         "completions; averaged over processes)"),
+    "dapo": LossTypeRule(divides_by="tokens", wording="the sum over tokens / the completion tokens in the step (all "
+                         "{seqs} completions, over every process)"),
+    "dr_grpo": LossTypeRule(divides_by="constant", wording="the sum over tokens / ({seqs} completions x "
+                            "max_completion_length {length}) = {constant}, a constant"),
+}
+
+
+def rule(loss_type: str) -> LossTypeRule:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return LOSS_TYPES[loss_type]
+
+
+def step_totals(loss_type: str, step_tokens: list[int], process_tokens: list[int], processes: int) -> StepTotals:
+    """The counts `normalise` divides by for one optimizer step, as one process sees it: `step_tokens` are the
+    loss tokens of each completion of the step (every process), `process_tokens` those of this process's part."""
+    if rule(loss_type).process_tokens:
+        return StepTotals(num_sequences=len(step_tokens), num_tokens=sum(process_tokens) * processes)
+    return StepTotals(num_sequences=len(step_tokens), num_tokens=sum(step_tokens))
+
+
+def describe(loss_type: str, *, step_sequences: int, process_sequences: int, max_completion_length: int) -> str:
+    """The summary's wording of the normaliser, with the run's numbers."""
+    return rule(loss_type).wording.format(seqs=step_sequences, local=process_sequences, length=max_completion_length,
+                                          constant=step_sequences * max_completion_length)
+
+
 def normalise(per_token: torch.Tensor, mask: torch.Tensor, settings: LossSettings, totals: StepTotals) -> torch.Tensor:
     """[B, T] values, [B, T] 0/1 mask -> this micro-batch's share of the step's scalar."""
+    divides_by = rule(settings.loss_type).divides_by
     masked = per_token * mask
-    if settings.loss_type == "grpo":
+    if divides_by == "sequences":
         per_seq = masked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
         return per_seq.sum() / totals.num_sequences
-    if settings.loss_type in ("bnpo", "dapo"):
+    if divides_by == "tokens":
         return masked.sum() / max(totals.num_tokens, 1)
-    if settings.loss_type == "dr_grpo":
-        return masked.sum() / (totals.num_sequences * settings.max_completion_length)
-    raise ValueError(f"unknown loss_type {settings.loss_type!r}")
+    return masked.sum() / (totals.num_sequences * settings.max_completion_length)
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:

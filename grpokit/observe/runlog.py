@@ -10,47 +10,33 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grpokit.algo import loss
 from grpokit.runtime import allocator
 from grpokit.runtime.distributed import world_size
 
 if TYPE_CHECKING:
-    from grpokit.config import GRPOConfig
-    from grpokit.train.trainer import Trainer
+    from grpokit.config.schema import GRPOConfig
 
 SAMPLE_CHARS = 300  # a console sample shows at most this many characters of the prompt and of the completion
 
-# how each loss_type divides the summed per-token loss (loss.py's `normalise` is the implementation)
-_NORMALISERS = {
-    "grpo": "the mean over each completion's tokens, then the mean over the {seqs} completions of the step",
-    "bnpo": "the sum over tokens / the completion tokens in the step (this process's {local} completions; "
-            "averaged over processes)",
-    "dapo": "the sum over tokens / the completion tokens in the step (all {seqs} completions, over every process)",
-    "dr_grpo": "the sum over tokens / ({seqs} completions x max_completion_length {length}) = {constant}, a constant",
-}
 
-
-def summary(trainer: Trainer) -> None:
-    for line in summary_lines(trainer):
-        trainer._say(line)
-
-
-def summary_lines(trainer: Trainer) -> list[str]:
-    cfg = trainer.cfg
-    params = list(trainer.policy.parameters())
+def summary_lines(cfg: GRPOConfig, policy, *, device, train_prompts: int, eval_prompts: int | None,
+                  onednn_linear: bool = False) -> list[str]:
+    """The start-of-run summary: the model and its trainable share, the data, the batch accounting, checkpoints.
+    `policy`: the model (its parameters are counted); `eval_prompts`: None without held-out data."""
+    params = list(policy.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    device = getattr(trainer, "device", "cpu")
-    lines = [f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.1f}%) "
-             f"on {device}{' (bf16 autocast)' if cfg.bf16 else ''}"
-             f"{' (float32 linear layers on oneDNN)' if getattr(trainer, 'onednn_linear', False) else ''}"]
+    share = 100 * trainable / max(total, 1)
+    lines = [f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters ({share:.1f}%) on {device}"
+             f"{' (bf16 autocast)' if cfg.bf16 else ''}"
+             f"{' (float32 linear layers on oneDNN)' if onednn_linear else ''}"]
     if str(device).startswith("cpu"):  # where freed tensor memory is the C allocator's to keep or reuse
         lines.append(allocator.describe())
-    n_train = len(trainer.train_data.prompt_ids)
-    eval_data = getattr(trainer, "eval_data", None)
     generations = math.ceil(cfg.max_steps / cfg.optimizer_steps_per_generation)
-    lines.append(f"data: {n_train} train prompts" + (f", {len(eval_data.prompt_ids)} held-out" if eval_data else "")
+    lines.append(f"data: {train_prompts} train prompts" + (f", {eval_prompts} held-out" if eval_prompts else "")
                  + f"; {cfg.max_steps} optimizer steps = {generations} generation(s) of {cfg.prompts_per_generation} "
-                 f"prompts = {generations * cfg.prompts_per_generation / max(n_train, 1):.2f} epoch(s)")
+                 f"prompts = {generations * cfg.prompts_per_generation / max(train_prompts, 1):.2f} epoch(s)")
     lines.extend(batch_lines(cfg))
     if cfg.save_steps and cfg.save_steps <= cfg.max_steps:
         kept = f", the newest {cfg.save_total_limit} kept" if cfg.save_total_limit else ""
@@ -77,9 +63,8 @@ def batch_lines(cfg: GRPOConfig) -> list[str]:
                      f"{steps - 1} update(s) old (importance ratios clipped to [1 - {cfg.epsilon:g}, "
                      f"1 + {cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon:g}], "
                      f"per {cfg.importance_sampling_level})")
-    normaliser = _NORMALISERS[cfg.loss_type].format(seqs=seqs_per_step, local=per_micro * accum,
-                                                    length=cfg.max_completion_length,
-                                                    constant=seqs_per_step * cfg.max_completion_length)
+    normaliser = loss.describe(cfg.loss_type, step_sequences=seqs_per_step, process_sequences=per_micro * accum,
+                               max_completion_length=cfg.max_completion_length)
     lines.append(f"loss_type {cfg.loss_type}: loss = {normaliser}")
     if cfg.max_prompt_length is None:
         lines.append(f"tokens: prompts unbounded (max_prompt_length none) + at most {cfg.max_completion_length} "

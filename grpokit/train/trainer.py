@@ -199,7 +199,10 @@ class Trainer:
                                      resume_step=self.global_step if resume else None, report_to=cfg.report_to,
                                      run_config=cfg.model_dump(mode="json"), run_name=out.name)
                        if main else _Silent())
-        runlog.summary(self)
+        for line in runlog.summary_lines(cfg, self.policy, device=self.device, train_prompts=len(self.train_data.prompt_ids),
+                                         eval_prompts=len(self.eval_data.prompt_ids) if self.eval_data else None,
+                                         onednn_linear=self.onednn_linear):
+            self._say(line)
         eval_after = None
         try:
             with checkpoint.StopSignals(self._say) as signals:

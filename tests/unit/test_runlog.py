@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from grpokit.observe import runlog
 from grpokit.config import validate_config
+from grpokit.observe import runlog
 
 
 def test_log_completions_writes_one_line_per_completion(tmp_path):
@@ -51,21 +50,17 @@ def test_log_completions_lengths_must_line_up(tmp_path):
                                echo=None)
 
 
-def _fake_trainer(**overrides):
+def _summary(**overrides) -> list[str]:
     cfg = validate_config({"num_generations": 4, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
                            "steps_per_generation": 4, "num_iterations": 2, "max_prompt_length": 100,
                            "max_completion_length": 50, "max_steps": 8, "save_steps": None, **overrides})
     policy = torch.nn.Linear(4, 3)
     policy.bias.requires_grad_(False)
-    said = []
-    trainer = SimpleNamespace(cfg=cfg, policy=policy, device="cpu", _say=said.append,
-                              train_data=SimpleNamespace(prompt_ids=[[1]] * 10), eval_data=SimpleNamespace(prompt_ids=[[1]] * 3))
-    return trainer, said
+    return runlog.summary_lines(cfg, policy, device="cpu", train_prompts=10, eval_prompts=3)
 
 
 def test_summary_batch_accounting():
-    trainer, said = _fake_trainer(loss_type="dr_grpo")
-    runlog.summary(trainer)
+    said = _summary(loss_type="dr_grpo")
     text = "\n".join(said)
     assert "12 trainable of 15 parameters (80.0%)" in text
     assert "10 train prompts, 3 held-out; 8 optimizer steps = 2 generation(s) of 8 prompts = 1.60 epoch(s)" in text
@@ -75,7 +70,8 @@ def test_summary_batch_accounting():
             "(num_iterations 2 x 2 step(s) per pass)") in text
     assert "each generation is used for 4 optimizer steps; the last uses a policy 3 update(s) old" in text
     assert "(16 completions x max_completion_length 50) = 800, a constant" in text
-    assert "at most 4,800 per generation (8 prompts x 4 x (100 + 50)), 2,400 per optimizer step, 1,200 per micro-batch" in text
+    assert ("at most 4,800 per generation (8 prompts x 4 x (100 + 50)), 2,400 per optimizer step, "
+            "1,200 per micro-batch") in text
 
 
 @pytest.mark.parametrize(("loss_type", "expected"), [
@@ -84,9 +80,8 @@ def test_summary_batch_accounting():
     ("dapo", "the completion tokens in the step (all 8 completions, over every process)"),
 ])
 def test_summary_on_policy_and_loss_normalisers(loss_type, expected):
-    trainer, said = _fake_trainer(loss_type=loss_type, steps_per_generation=None, num_iterations=1,
-                                  gradient_accumulation_steps=1, max_prompt_length=None)
-    runlog.summary(trainer)
+    said = _summary(loss_type=loss_type, steps_per_generation=None, num_iterations=1, gradient_accumulation_steps=1,
+                    max_prompt_length=None)
     text = "\n".join(said)
     assert "on-policy: each generation is used for 1 optimizer step" in text
     assert f"loss_type {loss_type}: loss = " in text and expected in text
@@ -95,9 +90,8 @@ def test_summary_on_policy_and_loss_normalisers(loss_type, expected):
 
 def test_summary_counts_every_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    trainer, said = _fake_trainer(loss_type="dapo", steps_per_generation=None, num_iterations=1,
-                                  gradient_accumulation_steps=1, max_prompt_length=None)
-    runlog.summary(trainer)
+    said = _summary(loss_type="dapo", steps_per_generation=None, num_iterations=1, gradient_accumulation_steps=1,
+                    max_prompt_length=None)
     text = "\n".join(said)
     assert "= 16 completions in 1 micro-batch(es) of 8 in each of 2 processes" in text
     assert "per optimizer step: 1 micro-batch(es) in each of 2 processes = 16 completions (4 prompts)" in text
