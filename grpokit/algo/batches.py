@@ -1,10 +1,13 @@
-"""The data one generation becomes: scored completions, packed micro-batches, and what is left of them."""
+"""The data one generation becomes: scored completions, the plan of its micro-batches, packed micro-batches,
+and what is left of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from grpokit.algo.loss import StepTotals, step_totals
 
 
 @dataclass(slots=True, kw_only=True)
@@ -50,6 +53,36 @@ class Pending:
     metrics: dict[str, float]  # the generation's metrics, logged with its next step
 
 
+@dataclass(slots=True, kw_only=True)
+class PlannedMicroBatch:
+    """Which rows of a generation one micro-batch trains on, and its optimizer step's loss normaliser counts."""
+
+    rows: slice
+    totals: StepTotals  # shared by every micro-batch of the same window
+
+
+def plan_micro_batches(completion_lengths: list[int], finish_reasons: list[str], *, batch_size: int,
+                       accumulation: int, loss_type: str, mask_truncated: bool, process_index: int = 0,
+                       process_count: int = 1) -> list[PlannedMicroBatch]:
+    """This process's micro-batches of a generation, window by window (a window is one optimizer step).
+
+    A window is `batch_size x accumulation x process_count` consecutive rows; process r trains on the r-th part of
+    each window, `accumulation` micro-batches of `batch_size` rows. A row counts its completion's tokens in the
+    loss, or none when `mask_truncated` and it did not finish by "stop"."""
+    counted = [n if f == "stop" or not mask_truncated else 0
+               for n, f in zip(completion_lengths, finish_reasons, strict=True)]  # tokens in the loss
+    local = batch_size * accumulation
+    window = local * process_count
+    planned = []
+    for window_start in range(0, len(counted), window):
+        part = window_start + process_index * local
+        totals = step_totals(loss_type, counted[window_start:window_start + window], counted[part:part + local],
+                             process_count)
+        planned.extend(PlannedMicroBatch(rows=slice(start, start + batch_size), totals=totals)
+                       for start in range(part, part + local, batch_size))
+    return planned
+
+
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Left-pad prompts and right-pad completions -> input_ids, attention_mask [M, P + T], completion_mask [M, T]."""
     width_p = max(len(p) for p in prompt_ids)
@@ -62,3 +95,16 @@ def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: i
         input_ids[i, width_p:width_p + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[i, width_p - len(p):width_p + len(c)] = 1
     return input_ids.to(device), attention.to(device), attention[:, width_p:].to(device)
+
+
+def make_micro_batch(batch: Generation, advantages: torch.Tensor, planned: PlannedMicroBatch, *, pad_id: int,
+                     device, dtype: torch.dtype, mask_truncated: bool) -> MicroBatch:
+    """The planned rows of `batch`, packed on `device`, with their advantages in `dtype` (the loss's)."""
+    sl = planned.rows
+    input_ids, attention, cmask = pack(batch.prompt_ids[sl], batch.completion_ids[sl], pad_id, device)
+    if mask_truncated:
+        finished = torch.tensor([f == "stop" for f in batch.finish_reasons[sl]], device=device)
+        cmask = cmask * finished[:, None]
+    return MicroBatch(input_ids=input_ids, attention_mask=attention, completion_mask=cmask,
+                      advantages=advantages[sl].to(device, dtype), step_sequences=planned.totals.num_sequences,
+                      step_tokens=planned.totals.num_tokens)

@@ -36,6 +36,8 @@ import yaml
 from grpokit.algo.batches import MicroBatch, Pending
 from grpokit.config import GRPOConfig, resume_neutral_keys
 from grpokit.errors import ConfigError
+from grpokit.runtime.distributed import Processes
+from grpokit.train.state import TrainState
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 log = logging.getLogger(__name__)
@@ -84,8 +86,8 @@ def find(output_dir: Path, resume: str | bool, kind: str = "grpo") -> Path:
         written_by = kind  # a damaged state file: `load` says what is wrong with it
     if written_by != kind:
         ours, theirs = ("sft", "train") if kind == "sft" else ("train", "sft")
-        raise ConfigError(f"--resume {path}: a `grpokit {theirs}` checkpoint, not a `grpokit {ours}` one; go on with it "
-                          f"with `grpokit {theirs} CONFIG --resume {path}`"
+        raise ConfigError(f"--resume {path}: a `grpokit {theirs}` checkpoint, not a `grpokit {ours}` one; go on "
+                          f"with it with `grpokit {theirs} CONFIG --resume {path}`"
                           + (", or start GRPO from an SFT run's final_model (--sft-model)" if kind == "grpo" else ""))
     return path
 
@@ -238,72 +240,83 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def save_run(trainer) -> Path:
-    """Checkpoint a Trainer at its current step. With several processes every one calls this (each holds its own
-    unused micro-batches, gathered here); the main process writes."""
-    procs = trainer.procs
+@dataclass(slots=True, kw_only=True)
+class Restored:
+    """What `restore_train` read besides what it put into the model, optimizer and scheduler: the loop's state, and
+    the state() of each part that keeps its own (None: absent, in checkpoints written before the part kept one)."""
+
+    state: TrainState
+    best_model: dict[str, Any] | None
+    health: dict[str, Any] | None
+    rewards: dict[str, Any] | None  # this process's reward runner's
+
+
+def save_train(output_dir: Path, state: TrainState, *, policy, tokenizer, optimizer, scheduler,
+               best_model: dict[str, Any], health: dict[str, Any], rewards: dict[str, Any], procs: Processes,
+               config_yaml: str, keep: int | None) -> Path:
+    """Checkpoint a GRPO run at `state.global_step`; `best_model`, `health`, `rewards`: those parts' state().
+    With several processes every one calls this (each holds its own unused micro-batches and reward counts,
+    gathered here); the main process writes."""
     pending = None
-    if trainer.pending:
-        mine = [{f: _to_cpu(getattr(mb, f)) for f in MicroBatch.__slots__} for mb in trainer.pending.micro_batches]
-        pending = {"windows": trainer.pending.windows, "metrics": trainer.pending.metrics, "micro_batches": mine}
+    if state.pending:
+        mine = [{f: _to_cpu(getattr(mb, f)) for f in MicroBatch.__slots__} for mb in state.pending.micro_batches]
+        pending = {"windows": state.pending.windows, "metrics": state.pending.metrics, "micro_batches": mine}
         if procs.count > 1:
             pending["micro_batches"] = procs.gather(mine)  # one list per process
-    rewards = trainer.rewards.state()  # each process's runner counts the completions it scored
-    if procs.count > 1:
+    if procs.count > 1:  # each process's runner counts the completions it scored
         rewards = procs.gather(rewards)
-    state = {"global_step": trainer.global_step, "generations": trainer.generations, "num_tokens": trainer.num_tokens,
-             "order": trainer._order, "consecutive_skips": trainer.consecutive_skips, "eval_before": trainer.eval_before,
-             "best_model": trainer.best.state(), "processes": procs.count, "health": trainer.health.state(),
-             "rewards": rewards}
-    cfg = trainer.cfg
-    path = Path(cfg.output_dir) / f"checkpoint-{trainer.global_step}"
+    saved = {"global_step": state.global_step, "generations": state.generations, "num_tokens": state.num_tokens,
+             "order": state.order, "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
+             "best_model": best_model, "processes": procs.count, "health": health, "rewards": rewards}
+    path = output_dir / f"checkpoint-{state.global_step}"
     if procs.is_main:
-        path = save(Path(cfg.output_dir), trainer.global_step, policy=trainer.policy, tokenizer=trainer.tokenizer,
-                    optimizer=trainer.optimizer, scheduler=trainer.scheduler, state=state,
-                    rng=rng_state(trainer._order_rng), pending=pending, config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
+        path = save(output_dir, state.global_step, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
+                    scheduler=scheduler, state=saved, rng=rng_state(state.order_rng), pending=pending,
+                    config_yaml=config_yaml, keep=keep)
     procs.wait()  # nobody reads or moves on before the checkpoint is complete
     return path
 
 
-def restore_run(trainer, path: Path, force: bool) -> None:
-    """Put a Trainer (built from the same config) back into the state `path` was saved in."""
+def restore_train(path: Path, *, config: dict[str, Any], force: bool, policy, uses_adapters: bool, optimizer,
+                  scheduler, procs: Processes, device) -> Restored:
+    """Read the GRPO checkpoint `path` for a run built from `config` (its model_dump): its weights, optimizer and
+    scheduler state go into the given ones, the RNGs are set; the rest is returned. Refused (unless `force`) when
+    the config changed in a way that changes the results, or the process count differs."""
     saved = load(path)
-    state = saved.state
-    processes, count = state.get("processes", 1), trainer.procs.count
+    written = saved.state
+    processes, count = written.get("processes", 1), procs.count
     if not force:
-        check_config(saved.config, trainer.cfg.model_dump(mode="json"), path)
+        check_config(saved.config, config, path)
         if processes != count:
-            raise ConfigError(f"--resume {path}: written by a run of {processes} process(es), this one has {count}: each "
-                              "optimizer step would train on a different number of completions (per_device_train_batch_size"
-                              f" x processes). Resume with {processes} process(es), or pass --force to go on with {count}")
-    load_weights(trainer.policy, path, trainer.uses_adapters)
-    trainer.optimizer.load_state_dict(saved.optimizer)
-    trainer.scheduler.load_state_dict(saved.scheduler)
-    set_rng_state(saved.rng, trainer._order_rng)
-    trainer.global_step, trainer.generations, trainer.num_tokens = (state["global_step"], state["generations"],
-                                                                     state["num_tokens"])
-    trainer._order, trainer.consecutive_skips = state["order"], state["consecutive_skips"]
-    trainer.eval_before = state["eval_before"]
-    trainer.best.restore(state.get("best_model"))  # absent in checkpoints written before best_model existed
-    trainer.health.restore(state.get("health"))  # likewise
-    rewards = state.get("rewards")
+            raise ConfigError(f"--resume {path}: written by a run of {processes} process(es), this one has {count}: "
+                              "each optimizer step would train on a different number of completions "
+                              f"(per_device_train_batch_size x processes). Resume with {processes} process(es), or "
+                              f"pass --force to go on with {count}")
+    load_weights(policy, path, uses_adapters)
+    optimizer.load_state_dict(saved.optimizer)
+    scheduler.load_state_dict(saved.scheduler)
+    state = TrainState(order_rng=random.Random(), global_step=written["global_step"],
+                       generations=written["generations"], num_tokens=written["num_tokens"], order=written["order"],
+                       consecutive_skips=written["consecutive_skips"], eval_before=written["eval_before"])
+    set_rng_state(saved.rng, state.order_rng)
+    rewards = written.get("rewards")
     if isinstance(rewards, list):  # one per process
-        rewards = rewards[trainer.procs.index] if len(rewards) == count else None  # --force with another count: fresh
-    trainer.rewards.restore(rewards)
-    trainer.engine_stale = True  # a vLLM engine still holds the starting weights
+        rewards = rewards[procs.index] if len(rewards) == count else None  # --force with another count: fresh
+    restored = Restored(state=state, best_model=written.get("best_model"), health=written.get("health"),
+                        rewards=rewards)
     if saved.pending is None:
-        return
+        return restored
     if processes != count:  # --force: the rest of that generation was cut for another process count
         log.warning("--force: the %d unused optimizer step(s) of the generation in %s were cut for %d process(es); "
                     "they are dropped and the run goes on with a new generation", len(saved.pending["windows"]), path,
                     processes)
-        return
+        return restored
     mine = saved.pending["micro_batches"]
     if count > 1:
-        mine = mine[trainer.procs.index]
-    trainer.pending = Pending(windows=saved.pending["windows"], metrics=saved.pending["metrics"],
-                              micro_batches=[MicroBatch(**{k: _to(v, trainer.device) for k, v in mb.items()})
-                                             for mb in mine])
+        mine = mine[procs.index]
+    state.pending = Pending(windows=saved.pending["windows"], metrics=saved.pending["metrics"],
+                            micro_batches=[MicroBatch(**{k: _to(v, device) for k, v in mb.items()}) for mb in mine])
+    return restored
 
 
 def _to_cpu(value):

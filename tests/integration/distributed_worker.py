@@ -20,7 +20,7 @@ from grpokit.observe import runlog
 from grpokit.train.trainer import Trainer
 
 record = {"params": [], "completions": [], "rewards": [], "advantages": [], "writes": []}
-step, micro_batches = Trainer._step, Trainer._micro_batches
+step, micro_batches = Trainer.step, Trainer.micro_batches
 
 
 def counted(module, name):
@@ -34,7 +34,7 @@ def counted(module, name):
     setattr(module, name, wrapper)
 
 
-for module, name in ((runlog, "log_completions"), (checkpoint, "save"), (Trainer, "_save")):
+for module, name in ((runlog, "log_completions"), (checkpoint, "save"), (Trainer, "save_model")):
     counted(module, name)
 
 
@@ -52,7 +52,7 @@ def recording_micro_batches(self, batch, advantages):
     return out
 
 
-Trainer._step, Trainer._micro_batches = recording_step, recording_micro_batches
+Trainer.step, Trainer.micro_batches = recording_step, recording_micro_batches
 directory = Path(sys.argv[1])
 try:
     code = cli.main(sys.argv[2:])

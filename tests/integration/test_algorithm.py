@@ -49,6 +49,12 @@ def _state(trainer):
     return {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
 
 
+def _generation(trainer) -> tuple[list, dict[str, float]]:
+    """A new generation's micro-batches (old and reference log-probs filled in) and its metrics."""
+    pending = trainer.next_generation()
+    return pending.micro_batches, pending.metrics
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
 def test_accumulation_1x8_equals_8x1(workdir, tiny_model_dir, loss_type):
     results = []
@@ -59,8 +65,8 @@ def test_accumulation_1x8_equals_8x1(workdir, tiny_model_dir, loss_type):
                           torch_dtype="float64", beta=0.1, loss_type=loss_type, output_dir=f"run{per_device}",
                           share_prompt_forward=False)
         trainer = Trainer(cfg)
-        batch, _ = trainer._generate_and_score()
-        metrics = trainer._update(batch)
+        batch, _ = _generation(trainer)
+        metrics = trainer.updater.update(batch)
         results.append((_state(trainer), metrics))
     (state_a, m_a), (state_b, m_b) = results
     assert m_a["grad_norm"] > 0
@@ -72,10 +78,10 @@ def test_accumulation_1x8_equals_8x1(workdir, tiny_model_dir, loss_type):
 
 def test_ratio_is_one_on_first_pass_and_moves_on_the_second(workdir, tiny_model_dir):
     trainer = Trainer(make_config(tiny_model_dir, num_iterations=2, learning_rate=5e-2, max_steps=2))
-    batch, _ = trainer._generate_and_score()
+    batch, _ = _generation(trainer)
     assert all(mb.old_logps is not None for mb in batch)  # computed once per generation
-    first = trainer._update(batch)
-    second = trainer._update(batch)
+    first = trainer.updater.update(batch)
+    second = trainer.updater.update(batch)
     assert first["clip_ratio/region_mean"] == 0.0
     assert second["clip_ratio/region_mean"] > 0.0
 
@@ -86,8 +92,8 @@ def test_steps_per_generation_gives_several_optimizer_steps_per_generation(workd
     assert cfg.prompts_per_generation == 4 and cfg.micro_batches_per_generation == 4
     trainer = Trainer(cfg)
     calls = []
-    original = trainer._sample_groups
-    trainer._sample_groups = lambda n: calls.append(n) or original(n)
+    original = trainer.collector.sample_groups
+    trainer.collector.sample_groups = lambda state, n: calls.append(n) or original(state, n)
     trainer.train()
     assert calls == [4, 4]  # 4 optimizer steps, 2 per generation
     lines = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -98,7 +104,7 @@ def test_mask_truncated_completions_leaves_cut_off_rows_out(workdir, tiny_model_
     trainer = Trainer(make_config(tiny_model_dir, mask_truncated_completions=True, per_device_train_batch_size=4))
     generation = Generation(prompts=["p"] * 4, completions=["c"] * 4, prompt_ids=[[5, 6]] * 4, completion_ids=[[7, 8, 1], [7, 8, 9], [7, 1], [7]],
                             finish_reasons=["stop", "length", "stop", "length"], rewards=torch.zeros(4, 1))
-    (mb,) = trainer._micro_batches(generation, torch.ones(4))
+    (mb,) = trainer.micro_batches(generation, torch.ones(4))
     assert mb.completion_mask.sum(dim=1).tolist() == [3, 0, 2, 0]
 
 
@@ -106,7 +112,7 @@ def test_dynamic_sampling_keeps_only_groups_with_spread_and_fills_the_batch(work
     cfg = make_config(tiny_model_dir, reward_funcs=["my_rewards.constant_for_c"], dynamic_sampling=True,
                       max_resample_rounds=8, per_device_train_batch_size=8, gradient_accumulation_steps=2)
     trainer = Trainer(cfg)
-    batch, metrics = trainer._generate_and_score()
+    batch, metrics = _generation(trainer)
     texts = [trainer.tokenizer.decode(row) for mb in batch for row in mb.input_ids]
     assert len(texts) == cfg.generation_batch_size == 16
     assert all("V: what is" in t and "C: what is" not in t for t in texts)
@@ -118,7 +124,7 @@ def test_dynamic_sampling_tops_up_when_rounds_run_out(workdir, tiny_model_dir, c
     cfg = make_config(tiny_model_dir, reward_funcs=["my_rewards.constant_for_c"], dynamic_sampling=True,
                       max_resample_rounds=0, per_device_train_batch_size=16)
     trainer = Trainer(cfg)
-    batch, metrics = trainer._generate_and_score()
+    batch, metrics = _generation(trainer)
     assert sum(len(mb.advantages) for mb in batch) == 16  # still full
     assert metrics["dynamic_sampling/zero_spread_groups_kept"] > 0  # seed 3 draws C prompts in the first round
     assert metrics["dynamic_sampling/rounds"] == 0
@@ -144,14 +150,14 @@ def test_options_reach_the_loss(workdir, tiny_model_dir):
                                   top_entropy_quantile=0.5, reward_combination="normalize_then_sum"))
     s = trainer.loss_settings
     assert (s.importance_sampling_level, s.delta, s.epsilon_high, s.top_entropy_quantile) == ("sequence", 1.5, 0.28, 0.5)
-    batch, _ = trainer._generate_and_score()
-    assert trainer._update(batch)["grad_norm"] > 0
+    batch, _ = _generation(trainer)
+    assert trainer.updater.update(batch)["grad_norm"] > 0
 
 
 def test_beta_zero_loads_no_reference_and_runs_no_reference_forward(workdir, tiny_model_dir):
     trainer = Trainer(make_config(tiny_model_dir, beta=0.0))
     assert trainer.reference is None
-    batch, _ = trainer._generate_and_score()
+    batch, _ = _generation(trainer)
     assert all(mb.ref_logps is None for mb in batch)
 
 
@@ -164,14 +170,14 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base_model(workdir, 
                                   learning_rate=5e-2))
     assert trainer.reference is None  # no second copy: adapters are switched off instead
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
-    batch, _ = trainer._generate_and_score()
+    batch, _ = _generation(trainer)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     for mb in batch:
         with torch.no_grad():
             want, _ = completion_logps(base, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1])
         torch.testing.assert_close(mb.ref_logps, want, rtol=1e-5, atol=1e-6)
-    trainer._update(batch)
-    trainer._update(batch)  # LoRA starts with B = 0, so A's gradient is zero until B has moved once
+    trainer.updater.update(batch)
+    trainer.updater.update(batch)  # LoRA starts with B = 0, so A's gradient is zero until B has moved once
     for name, p in trainer.policy.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == ("lora_" in name), name
@@ -200,7 +206,7 @@ def test_sampling_settings_reach_the_sampler(workdir, tiny_model_dir):
     seen = []
     real_generate = trainer.engine.generate
     trainer.engine.generate = lambda ids, n, params: seen.append(params) or real_generate(ids, n, params)
-    generation = trainer._sample_groups(2)
+    generation = trainer.collector.sample_groups(trainer.state, 2)
     params = seen[0]
     assert (params.min_p, params.repetition_penalty, params.stop, params.temperature) == (0.05, 1.3, ["e", "7"], 1.5)
     texts = [trainer.tokenizer.decode(c, skip_special_tokens=True) for c in generation.completion_ids]

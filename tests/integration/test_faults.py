@@ -49,14 +49,14 @@ def _config(model_dir, **overrides):
 
 def _capture_micro_batches(trainer: Trainer) -> list:
     seen = []
-    real = trainer._micro_batches
+    real = trainer.micro_batches
 
     def micro_batches(batch, advantages):
         made = real(batch, advantages)
         seen.extend(made)
         return made
 
-    trainer._micro_batches = micro_batches
+    trainer.micro_batches = micro_batches
     return seen
 
 

@@ -28,12 +28,12 @@ def _trainer(model_dir, poisoned: set[int], **overrides) -> tuple[Trainer, dict]
                            "max_completion_length": 6, "learning_rate": 1e-2, "seed": 5, "save_steps": None,
                            **overrides})
     trainer = Trainer(cfg)
-    real_logps, real_step = trainer._logps, trainer._step
+    real_logps, real_step = trainer.logprobs.of, trainer.step
     after: dict[int, tuple[dict, dict]] = {0: _snapshot(trainer)}
 
     def logps(model, mb):  # the policy's log-probs turn NaN on the poisoned steps (the reference's stay finite)
         values, entropy = real_logps(model, mb)
-        if torch.is_grad_enabled() and trainer.global_step in poisoned:
+        if torch.is_grad_enabled() and trainer.state.global_step in poisoned:
             values = values * float("nan")
         return values, entropy
 
@@ -42,7 +42,7 @@ def _trainer(model_dir, poisoned: set[int], **overrides) -> tuple[Trainer, dict]
         after[n] = _snapshot(trainer)
         return n
 
-    trainer._logps, trainer._step = logps, step
+    trainer.logprobs.of, trainer.step = logps, step
     return trainer, after
 
 

@@ -1,0 +1,118 @@
+"""The model passes of a step: the log-probs a micro-batch needs, and the optimizer step over one window.
+
+Old log-probs are computed once per generation when the policy moves before a micro-batch is used
+(`GRPOConfig.policy_moves`); otherwise the detached policy log-probs stand in (the ratio is then exactly 1
+and only its gradient matters). Reference log-probs come from a frozen copy of the starting policy, or
+with LoRA from the same model with its adapters off, and only when `beta > 0`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+
+from grpokit.algo.batches import MicroBatch
+from grpokit.algo.loss import LossSettings, StepTotals, grpo_loss
+from grpokit.config.schema import GRPOConfig
+from grpokit.models.logprobs import completion_logps
+from grpokit.runtime.distributed import Processes
+
+
+def loss_settings(cfg: GRPOConfig) -> LossSettings:
+    """The config's loss settings, as the pure loss function takes them."""
+    return LossSettings(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+                        epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta, beta=cfg.beta,
+                        top_entropy_quantile=cfg.top_entropy_quantile, max_completion_length=cfg.max_completion_length)
+
+
+class LogProbs:
+    """Log-probs of a micro-batch's completions: the policy's with autograd for the update (through the
+    data-parallel wrapper `train_module` when there is one), and without autograd the old policy's and the
+    reference's. `reference`: the frozen copy, or None (beta 0, or LoRA: the adapters are switched off)."""
+
+    def __init__(self, cfg: GRPOConfig, policy, *, reference, uses_adapters: bool, train_module,
+                 autocast: Callable[[], AbstractContextManager]):
+        self.cfg, self.policy, self.reference, self.uses_adapters = cfg, policy, reference, uses_adapters
+        self.train_module, self.autocast = train_module, autocast
+
+    def of(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[M, T] log-probs and entropies of `model` (autograd as the caller has it)."""
+        return completion_logps(model, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1],
+                                self.cfg.temperature, self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
+
+    def train(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs with autograd, through the data-parallel wrapper when there is one."""
+        if self.train_module is None:
+            return self.of(self.policy, mb)
+        return self.train_module(mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1], self.cfg.temperature,
+                                 self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
+
+    def score(self, mb: MicroBatch, policy_moves: bool) -> None:
+        """Fill `mb.old_logps` (only when the policy moves before `mb` is used) and `mb.ref_logps` (beta > 0)."""
+        with torch.no_grad(), self.autocast():
+            if policy_moves:
+                mb.old_logps, _ = self.of(self.policy, mb)
+            mb.ref_logps = self._reference(mb)
+
+    def _reference(self, mb: MicroBatch) -> torch.Tensor | None:
+        if self.cfg.beta == 0:
+            return None
+        if self.uses_adapters:
+            with self.policy.disable_adapter():
+                return self.of(self.policy, mb)[0]
+        return self.of(self.reference, mb)[0]
+
+
+class Updater:
+    """One optimizer step over the micro-batches of one accumulation window. A step whose loss or gradient norm
+    is not finite is skipped: weights, optimizer state and schedule stay as they were (the caller counts skips)."""
+
+    def __init__(self, cfg: GRPOConfig, policy, *, optimizer, scheduler, logprobs: LogProbs, settings: LossSettings,
+                 procs: Processes, train_module, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager]):
+        self.cfg, self.policy, self.optimizer, self.scheduler = cfg, policy, optimizer, scheduler
+        self.logprobs, self.settings, self.procs, self.train_module = logprobs, settings, procs, train_module
+        self.device, self.autocast = device, autocast
+
+    def update(self, window: list[MicroBatch]) -> dict[str, float]:
+        """Train on `window`: metrics (token means over the window, every process's), loss, grad_norm, skipped_step."""
+        if window[0].step_sequences is None:  # micro-batches from a checkpoint written before the fields existed
+            totals = StepTotals(num_sequences=sum(len(mb.advantages) for mb in window),
+                                num_tokens=int(sum(mb.completion_mask.sum() for mb in window)))
+        else:  # the whole window's, over every process
+            totals = StepTotals(num_sequences=window[0].step_sequences, num_tokens=window[0].step_tokens)
+        sums: dict[str, torch.Tensor] = {}
+        loss_total = torch.zeros((), device=self.device)
+        for i, mb in enumerate(window):
+            with self.procs.no_sync(self.train_module, skip=i < len(window) - 1):  # all-reduce on the last one
+                with self.autocast():
+                    policy_logps, entropy = self.logprobs.train(mb)
+                old = mb.old_logps if mb.old_logps is not None else policy_logps.detach()
+                loss, metrics = grpo_loss(policy_logps, old, mb.ref_logps, mb.advantages, mb.completion_mask,
+                                          self.settings, totals, entropy=entropy)
+                self.procs.backward(loss)
+            loss_total = loss_total + loss.detach()
+            n_tok = mb.completion_mask.sum()
+            metrics["entropy"] = (entropy * mb.completion_mask).sum() / n_tok.clamp(min=1)
+            for key, value in metrics.items():  # tensors until the end of the step: no device sync per micro-batch
+                sums[key] = sums.get(key, 0.0) + value.detach() * n_tok
+        if self.procs.count > 1:  # the loss and metric sums over every process, in one all-reduce
+            keys = sorted(sums)
+            summed = self.procs.sum(torch.stack([loss_total, *(sums[k].to(loss_total.dtype) for k in keys)]))
+            loss_total, sums = summed[0], dict(zip(keys, summed[1:], strict=True))
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grad_norm = self.procs.clip_grad_norm(params, self.cfg.max_grad_norm)
+        loss_total = float(loss_total)
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(loss_total))
+        if skipped:  # weights and optimizer state stay as they were
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()  # the schedule moves with real updates only
+        self.optimizer.zero_grad(set_to_none=True)
+        out = {key: float(value) / max(totals.num_tokens, 1) for key, value in sums.items()}
+        out.update(loss=loss_total, grad_norm=grad_norm, skipped_step=float(skipped))
+        return out
