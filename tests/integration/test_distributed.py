@@ -102,7 +102,7 @@ def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, tiny_mode
         tmp_path / "two/final_model/model.safetensors")
     assert max((final_one[k] - final_two[k]).abs().max() for k in final_one) < 1e-5
     # the main process alone writes and speaks
-    assert ranks[1]["writes"] == [] and set(ranks[0]["writes"]) == {"log_completions", "save", "_save"}
+    assert ranks[1]["writes"] == [] and set(ranks[0]["writes"]) == {"log_completions", "save", "save_model"}
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert done.stdout.count("step 3/3") == 1 and done.stdout.count("saved two/final_model") == 1
 
