@@ -50,7 +50,8 @@ def main() -> None:
     matmul = cpu_linear._matmul  # the op OneDNNLinear's forward and backward call
     print(f"# {platform.machine()}, CPU vendor {cpu_linear.cpu_vendor() or 'unknown'}, {os.cpu_count()} CPUs, "
           f"{args.threads} threads, torch {torch.__version__}; GFLOP/s, best of {args.repeats}")
-    print("| rows | shape (out x in) | forward: torch / oneDNN | input grad: torch / oneDNN | weight grad: torch / oneDNN |")
+    print("| rows | shape (out x in) | forward: torch / oneDNN | input grad: torch / oneDNN "
+          "| weight grad: torch / oneDNN |")
     print("|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for rows in (int(r) for r in args.rows.split(",")):

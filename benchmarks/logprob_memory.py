@@ -37,11 +37,10 @@ def measure(variant: str, batch: int, prompt: int, completion: int, chunk: int, 
             group: int = 1, linear: str = "auto") -> dict:
     import torch
 
-    from grpokit.models import cpu_linear
-
-    from grpokit.models.logprobs import completion_logps, positions_from_mask
     from grpokit.algo.loss import LossSettings, StepTotals, grpo_loss
+    from grpokit.models import cpu_linear
     from grpokit.models.loading import load_policy, resolve_model_path
+    from grpokit.models.logprobs import completion_logps, positions_from_mask
 
     torch.manual_seed(0)
     model = load_policy(resolve_model_path("smollm2-135m-instruct"))
@@ -98,8 +97,8 @@ def main() -> None:
     import transformers
 
     shape = ["--batch", str(args.batch), "--prompt", str(args.prompt), "--completion", str(args.completion),
-             "--chunk", str(args.chunk), "--group", str(args.group), "--cpu-linear", args.cpu_linear] + (["--bf16"] if args.bf16 else []) + \
-        (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+             "--chunk", str(args.chunk), "--group", str(args.group), "--cpu-linear", args.cpu_linear] + \
+        (["--bf16"] if args.bf16 else []) + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     runs: dict[str, list[dict]] = {name: [] for name in args.variants.split(",")}
     for _ in range(args.repeats):
         for variant in runs:
@@ -108,10 +107,12 @@ def main() -> None:
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, python "
           f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
-    print(f"# B={args.batch} completions in groups of {args.group}, prompt {args.prompt} + completion {args.completion} tokens, "
+    print(f"# B={args.batch} completions in groups of {args.group}, "
+          f"prompt {args.prompt} + completion {args.completion} tokens, "
           f"chunk {args.chunk}, {'bf16 autocast' if args.bf16 else 'fp32'}, gradient checkpointing "
           f"{'on' if args.gradient_checkpointing else 'off'}, cpu_linear {args.cpu_linear}, {args.repeats} runs each")
-    print("| variant | step peak over baseline, MiB: median (min-max) | process peak RSS, MiB | seconds: median (min-max) |")
+    print("| variant | step peak over baseline, MiB: median (min-max) | process peak RSS, MiB "
+          "| seconds: median (min-max) |")
     print("|---|---|---|---|")
     for variant, rs in runs.items():
         over = [r["step_peak_over_baseline_mib"] for r in rs]

@@ -3,8 +3,8 @@
 For each config, `grpokit train` runs for --steps optimizer steps (default 2; G=8, 2 prompts per generation,
 max_completion_length 128, the built-in arithmetic data) in a fresh subprocess, and the child's peak RSS is
 read from wait4 (ru_maxrss: the largest process of its tree, reward workers included, not a sum). The estimate is
-grpokit.evaluation.plan's total with its "Python process" line, measured in this process after it has built the model on the
-meta device, as `grpokit plan` does. The plan bounds prompts and completions at max_prompt_length /
+grpokit.evaluation.plan's total with its "Python process" line, measured in this process after it has built the
+model on the meta device, as `grpokit plan` does. The plan bounds prompts and completions at max_prompt_length /
 max_completion_length, so short arithmetic prompts and completions that stop early make the measurement fall below
 the estimate; --prompt-length sets max_prompt_length for both (arithmetic prompts fit).
 
@@ -99,8 +99,8 @@ def main() -> int:
         parser.error(f"unknown allocator(s) in {allocators}; choose from {', '.join(ALLOCATORS)}")
 
     sys.path.insert(0, str(REPO))
-    from grpokit.evaluation import plan
     from grpokit.config import load_config
+    from grpokit.evaluation import plan
 
     common = ["model=smollm2-135m-instruct", "device=cpu", "num_generations=8", "per_device_train_batch_size=16",
               "gradient_accumulation_steps=1", f"max_completion_length={args.completion_length}",
@@ -130,7 +130,8 @@ def main() -> int:
         for allocator in allocators:
             rss, seconds, used = zip(*runs[allocator], strict=True)
             error = 100 * (estimate - statistics.median(rss)) / statistics.median(rss)
-            cells.append(f"{'/'.join(sorted(set(used)))} | {_spread(rss, '.0f')} | {error:+.1f} | {_spread(seconds, '.1f')}")
+            cells.append(f"{'/'.join(sorted(set(used)))} | {_spread(rss, '.0f')} | {error:+.1f} | "
+                         f"{_spread(seconds, '.1f')}")
         print(f"| {name} | {estimate:.0f} | " + " | ".join(cells) + " |", flush=True)
     return 0
 

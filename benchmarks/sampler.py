@@ -85,7 +85,8 @@ def run_hf(model, tokenizer, prompts, args, stop_ids, seed) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model directory, hub id or grpokit model name")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="model directory, hub id or grpokit model name")
     parser.add_argument("--prompts", type=int, default=8, help="number of distinct prompts")
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--new-tokens", type=int, default=128, help="max new tokens per completion")
@@ -96,8 +97,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--no-stop", action="store_true", help="ignore EOS: every completion runs to --new-tokens")
     parser.add_argument("--variants", default="grpokit,hf",
-                        help="comma-separated subset of grpokit, grpokit-torch-linear, grpokit-cat-cache, grpokit-sdpa, "
-                             "grpokit-unpacked, hf, hf-onednn-linear")
+                        help="comma-separated subset of grpokit, grpokit-torch-linear, grpokit-cat-cache, "
+                             "grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear")
     parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                         help="grpokit's cpu_linear setting for the 'grpokit' variant (auto: as a run here chooses)")
     args = parser.parse_args()

@@ -2,9 +2,10 @@
 
 Both frameworks train the same model on the same rows (grpokit's built-in arithmetic task,
 written to a JSONL file) with the same reward (`number_match` below), group size G, prompts per
-step, completion length, beta, learning rate, seed and torch thread count, fp32 on CPU (or bf16 mixed precision in both with --bf16). Each
-generation feeds exactly one optimizer step (one micro-batch of prompts x G completions, one
-iteration), so a step is: sample, score, one forward/backward, one AdamW update.
+step, completion length, beta, learning rate, seed and torch thread count, fp32 on CPU (or bf16 mixed
+precision in both with --bf16). Each generation feeds exactly one optimizer step (one micro-batch of
+prompts x G completions, one iteration), so a step is: sample, score, one forward/backward, one AdamW
+update.
 
 Every run is a fresh subprocess; runs alternate (grpokit, TRL, grpokit, TRL, ...) so drift on a
 shared machine hits both alike. Per run the first `--warmup` steps are dropped. Peak RSS is the

@@ -80,11 +80,13 @@ def main() -> None:
         reward_funcs=[length_reward, format_reward],
         reward_weights=[0.5, 0.5],
         peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"]),
     )
     output = trainer.train()
     trainer.save_model()
-    print(f"global_step={output.global_step} training_loss={output.training_loss:.4f} saved to {grpo_config.output_dir}")
+    print(f"global_step={output.global_step} training_loss={output.training_loss:.4f} "
+          f"saved to {grpo_config.output_dir}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Import an object a user names in a config: 'module.attr' (importable from the working directory) or 'file.py:attr'."""
+"""Import an object a user names in a config: 'module.attr' (importable from the working directory) or
+'file.py:attr'."""
 
 from __future__ import annotations
 

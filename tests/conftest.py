@@ -66,7 +66,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, timeout: int = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m grpokit ARGS` as a user would, offline (`env`: more environment variables)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "GRPOKIT_CACHE": str(cwd / ".grpokit-cache"), "HF_HOME": str(cwd / ".hf-home"), **(env or {})}

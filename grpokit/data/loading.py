@@ -11,8 +11,9 @@ Where rows come from (`dataset` / `eval_dataset`):
   string, columns test/entry_point/canonical_solution kept for the `code_tests` reward;
   `reasoning_gym:<task>?size=N&seed=S&<generator options>` and its held-out split
   `reasoning_gym:<task>:held_out?<same options>` (`eval_size` items, default 200, drawn from seeds the
-  train items never use) (package `reasoning-gym`): question -> prompt, answer -> answer, the entry's metadata as a JSON string column `metadata` (the
-  `reasoning_gym` reward scores with the generator's own `score_answer`);
+  train items never use) (package `reasoning-gym`): question -> prompt, answer -> answer, the entry's
+  metadata as a JSON string column `metadata` (the `reasoning_gym` reward scores with the generator's
+  own `score_answer`);
 - a local .jsonl / .json / .csv / .parquet file;
 - a directory written by `datasets.save_to_disk` (`dir`, or `dir:split` for a DatasetDict; a
   DatasetDict without a split named gives its `train` split);
@@ -26,8 +27,9 @@ Axolotl's transform_fn) rewrites each row; `prompt_template` (a Python format st
 columns; then the prompt column is found (`prompt_column`, else `prompt`, `question`, `problem`).
 These three shape the user's data (files, directories, hub datasets); built-in tasks already come
 in this form and are left as they are, so `eval_dataset: gsm8k:held_out` works next to a
-`column_mapping` meant for the train file. A template's text becomes the user message of a chat prompt (instruct models expect their chat
-template); for a plain-string prompt (base models), write a `transform` that returns one.
+`column_mapping` meant for the train file. A template's text becomes the user message of a chat
+prompt (instruct models expect their chat template); for a plain-string prompt (base models), write
+a `transform` that returns one.
 Conversational prompts are rendered with the tokenizer's chat template; prompts longer than
 `max_prompt_length` tokens are dropped and counted. Held-out prompts that are also training prompts
 are left out of evaluation, with a count (`without_train_prompts`).
@@ -310,7 +312,8 @@ def load_transform(name: str) -> Callable:
     return fn
 
 
-def _apply_transform(rows: list[dict[str, Any]], transform: str | Callable, tokenizer, spec: str) -> list[dict[str, Any]]:
+def _apply_transform(rows: list[dict[str, Any]], transform: str | Callable, tokenizer,
+                     spec: str) -> list[dict[str, Any]]:
     fn = load_transform(transform) if isinstance(transform, str) else transform
     fn_name = getattr(fn, "__name__", repr(fn))
     out = []
@@ -340,7 +343,8 @@ def _apply_template(rows: list[dict[str, Any]], template: str, spec: str) -> lis
         try:
             names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
         except ValueError as exc:
-            raise DataError(f"prompt_template is not a valid format string: {exc}; write literal braces as {{{{ }}}}") from None
+            raise DataError(f"prompt_template is not a valid format string: {exc}; "
+                            "write literal braces as {{ }}") from None
         if any(not n.isidentifier() for n in names):
             raise DataError(f"prompt_template: placeholders must be column names, got {sorted(names)}")
         render, errors = (lambda row: template.format(**row)), (KeyError,)
@@ -383,7 +387,8 @@ def normalise_records(rows: list[dict[str, Any]], prompt_column: str, system_pro
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
         records.append({**{k: v for k, v in row.items() if k != column}, "prompt": prompt})
     if len(kinds) > 1:
-        raise DataError(f"dataset '{spec}', column '{column}': mixes plain-string and chat-message prompts; use one form")
+        raise DataError(f"dataset '{spec}', column '{column}': mixes plain-string and chat-message prompts; "
+                        "use one form")
     return records
 
 
@@ -394,7 +399,8 @@ class TokenisedPrompts:
     dropped: int
 
 
-def tokenise_prompts(records: list[dict[str, Any]], tokenizer, max_prompt_length: int | None, spec: str) -> TokenisedPrompts:
+def tokenise_prompts(records: list[dict[str, Any]], tokenizer, max_prompt_length: int | None,
+                     spec: str) -> TokenisedPrompts:
     """Render and tokenise every prompt; drop (and count) those over `max_prompt_length` tokens."""
     conversational = isinstance(records[0]["prompt"], list)
     if conversational and not tokenizer.chat_template:

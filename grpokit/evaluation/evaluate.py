@@ -76,8 +76,9 @@ def sample_and_score(engine: Engine, tokenizer, data: TokenisedPrompts, runner: 
         with autocast():
             rollout = engine.generate(prompt_ids, n, params)
         texts = decode_completions(tokenizer, rollout.completion_ids, conversational)
-        rows.append(runner.score(RewardBatch(prompts=[r["prompt"] for r in records for _ in range(n)], completions=texts,
-                                              completion_ids=rollout.completion_ids, columns=columns_of(records, n),
+        rows.append(runner.score(RewardBatch(prompts=[r["prompt"] for r in records for _ in range(n)],
+                                              completions=texts, completion_ids=rollout.completion_ids,
+                                              columns=columns_of(records, n),
                                               context=context or {})))
         completions += texts
         lengths += [len(c) for c in rollout.completion_ids]
@@ -92,7 +93,8 @@ def evaluate_per_prompt(engine: Engine, tokenizer, data: TokenisedPrompts, runne
                         sampling: SamplingParams | None = None) -> EvalResult:
     """eval/* metrics (eval/accuracy = mean of `accuracy_reward` over greedy completions; see the module docstring)
     and the per-prompt values behind them."""
-    greedy_params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids, stop=list(stop))
+    greedy_params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=stop_token_ids,
+                                   stop=list(stop))
     greedy = sample_and_score(engine, tokenizer, data, runner, 1, greedy_params, batch_size, context, autocast)
     per_prompt: dict[str, list[float]] = {}
     metrics: dict[str, float] = {}
@@ -110,7 +112,8 @@ def evaluate_per_prompt(engine: Engine, tokenizer, data: TokenisedPrompts, runne
     if num_samples:
         if sampling is None:
             raise ValueError("evaluate: num_samples > 0 needs the sampling params (see eval_sampling)")
-        sampled = sample_and_score(engine, tokenizer, data, runner, num_samples, sampling, batch_size, context, autocast)
+        sampled = sample_and_score(engine, tokenizer, data, runner, num_samples, sampling, batch_size, context,
+                                   autocast)
         per_prompt.update(_sampled_per_prompt(sampled, runner, accuracy_reward, num_samples, pass_k))
     runner.pop_metrics()  # eval failures are logged and counted toward the limit, not mixed into train metrics
     for key, values in per_prompt.items():
@@ -175,7 +178,8 @@ def compare(a: EvalResult, b: EvalResult) -> dict[str, dict]:
         ci = None
         if key in a.per_prompt and key in b.per_prompt:
             ci = list(paired_bootstrap_ci(a.per_prompt[key], b.per_prompt[key], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED))
-        rows[key] = {"a": a.metrics[key], "b": b.metrics[key], "difference": b.metrics[key] - a.metrics[key], "ci95": ci}
+        rows[key] = {"a": a.metrics[key], "b": b.metrics[key], "difference": b.metrics[key] - a.metrics[key],
+                     "ci95": ci}
     return {key: rows[key] for key in a.metrics if key in rows}  # A's metric order
 
 

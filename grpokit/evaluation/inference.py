@@ -16,11 +16,17 @@ from pathlib import Path
 
 import torch
 
-from grpokit.models import cpu_linear
-from grpokit.data import loading as data_mod
 from grpokit.config import GRPOConfig
+from grpokit.data import loading as data_mod
 from grpokit.errors import ConfigError
-from grpokit.evaluation.evaluate import EvalResult, decode_completions, eval_sampling, evaluate_per_prompt, sample_and_score
+from grpokit.evaluation.evaluate import (
+    EvalResult,
+    decode_completions,
+    eval_sampling,
+    evaluate_per_prompt,
+    sample_and_score,
+)
+from grpokit.models import cpu_linear
 from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path
 from grpokit.rewards import RewardRunner, resolve_rewards
 from grpokit.rollout.torch_engine import TorchEngine
@@ -98,7 +104,8 @@ class FilterReport:
     not_scored: int  # the accuracy reward applied to none of the prompt's samples
 
 
-def filter_by_pass_rate(cfg: GRPOConfig, samples: int, limit: int | None = None, keep_all: bool = False) -> FilterReport:
+def filter_by_pass_rate(cfg: GRPOConfig, samples: int, limit: int | None = None,
+                        keep_all: bool = False) -> FilterReport:
     """Sample `samples` completions per training prompt with `cfg.model` (the config's sampling settings,
     seed = cfg.seed) and keep the original rows whose pass rate is strictly between 0 and 1.
 
@@ -220,12 +227,13 @@ def _merged(adapter_dir: Path, base_model: str | None):
     except (ConfigError, OSError) as exc:
         where = "--base-model" if base_model else f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
         raise ConfigError(f"export: cannot load the adapter's base model '{base}' ({where}): {exc}\n  Give the "
-                          "base model's local directory (or a hub id, online) with --base-model PATH_OR_HUB_ID") from None
+                          "base model's local directory (or a hub id, online) with --base-model "
+                          "PATH_OR_HUB_ID") from None
     try:
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     except RuntimeError as exc:  # shapes that do not fit: the base is another model than the one trained
-        raise ConfigError(f"export: the adapter in {adapter_dir} does not fit the base model '{base}' ({exc}); give the "
-                          "model the run trained with --base-model PATH_OR_HUB_ID") from None
+        raise ConfigError(f"export: the adapter in {adapter_dir} does not fit the base model '{base}' ({exc}); "
+                          "give the model the run trained with --base-model PATH_OR_HUB_ID") from None
     return merged.to(base_dtype), base
 
 

@@ -5,7 +5,8 @@ first rows of the train data with synthetic completions: the reference answer an
 completion, both in the form training produces (message lists for conversational data, strings
 otherwise), and the reference in the other form. The report gives, per function and form, the
 values (None = not applicable), the call time and any failure. A failure on a form training
-produces makes the check fail; one on the other form is a note. completion_ids are the UTF-8 bytes of the text: no tokenizer is loaded.
+produces makes the check fail; one on the other form is a note. completion_ids are the UTF-8 bytes of
+the text: no tokenizer is loaded.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from grpokit.data import loading as data_mod
 from grpokit.config import GRPOConfig
+from grpokit.data import loading as data_mod
 from grpokit.errors import RewardError
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rewards.contract import REFERENCE_ALIASES

@@ -16,8 +16,9 @@ inside them are converted.
 
 `cpu_linear` (a config field) chooses: `onednn`, `torch` (torch's own choice), or `auto` (the default):
 oneDNN on AMD CPUs, whose MKL path lacks AVX-512, for layers of at least `AUTO_MIN_WEIGHT` weights, and
-torch's choice elsewhere (on Intel CPUs MKL runs its AVX-512 kernels; not measured here). The rule is deliberately not a timing probe: the same machine always
-makes the same choice, so two runs of one config (and a run and its resume) compute alike.
+torch's choice elsewhere (on Intel CPUs MKL runs its AVX-512 kernels; not measured here). The rule is
+deliberately not a timing probe: the same machine always makes the same choice, so two runs of one
+config (and a run and its resume) compute alike.
 """
 
 from __future__ import annotations

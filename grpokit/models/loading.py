@@ -110,7 +110,8 @@ def prepare_tokenizer(tokenizer, path: str = "the given tokenizer"):
     """Pad token from eos when missing (with a note); left padding, so completions line up."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ConfigError(f"tokenizer of '{path}' has neither a pad nor an eos token; set one in its tokenizer_config.json")
+            raise ConfigError(f"tokenizer of '{path}' has neither a pad nor an eos token; "
+                              "set one in its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
     tokenizer.padding_side = "left"
@@ -148,8 +149,8 @@ def _cuda_device_for_4bit(device: torch.device | str | None) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError("load_in_4bit: 4-bit (QLoRA) loading uses bitsandbytes, which needs a CUDA GPU here, and "
                           "torch.cuda.is_available() is False on this machine. Drop load_in_4bit and train LoRA on "
-                          "full-precision or bf16 weights (use_peft: true, optionally torch_dtype: bfloat16), or run on "
-                          "a machine with a CUDA GPU")
+                          "full-precision or bf16 weights (use_peft: true, optionally torch_dtype: bfloat16), "
+                          "or run on a machine with a CUDA GPU")
     try:
         import bitsandbytes
     except ImportError:
@@ -194,7 +195,8 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_
     """Wrap `model` with trainable LoRA adapters; the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 

@@ -132,8 +132,8 @@ def _shared_prompt_hidden(model: torch.nn.Module, input_ids: torch.Tensor, atten
         return None
     prompt_ids, prompt_mask = distinct[:, :width_p], distinct[:, width_p:]
     decoder = model.get_decoder()
-    prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions_from_mask(prompt_mask),
-                         past_key_values=cache, use_cache=True)
+    prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         position_ids=positions_from_mask(prompt_mask), past_key_values=cache, use_cache=True)
     cache.batch_select_indices(row_prompt)  # [U, ...] -> [B, ...]; differentiable indexing
     positions = prompt_mask.sum(-1)[row_prompt, None] + torch.arange(completion_length, device=input_ids.device)
     completion_out = decoder(input_ids=input_ids[:, width_p:], attention_mask=attention_mask, position_ids=positions,

@@ -70,7 +70,8 @@ def identical_fraction(completion_ids: list[list[int]], group_size: int) -> floa
     if group_size < 1:
         raise ValueError(f"identical_fraction: group_size must be >= 1, got {group_size}")
     if len(completion_ids) % group_size:
-        raise ValueError(f"identical_fraction: {len(completion_ids)} completions do not split into groups of {group_size}")
+        raise ValueError(f"identical_fraction: {len(completion_ids)} completions do not split into groups of "
+                         f"{group_size}")
     n_groups = len(completion_ids) // group_size
     if n_groups == 0:
         return 0.0
@@ -160,7 +161,8 @@ class HealthMonitor:
             _Check(name="kl_blowup", keys=("kl",), test=self._kl_blowup,
                    causes="learning_rate too high; beta too small to hold the policy; large updates from a few "
                           "high-advantage batches",
-                   fix="lower learning_rate; raise beta; lower max_grad_norm; resume from a checkpoint before the rise"),
+                   fix="lower learning_rate; raise beta; lower max_grad_norm; "
+                       "resume from a checkpoint before the rise"),
             _Check(name="identical_completions", keys=("completions/frac_identical_in_group",), test=self._identical,
                    causes="temperature or top_p too low; the policy has collapsed onto one answer per prompt",
                    fix="raise temperature or top_p; check the entropy metric; lower learning_rate if entropy fell"),
@@ -291,7 +293,8 @@ class HealthMonitor:
                  and correct - correct0 <= self.correctness_delta)
         return holds, (f"over the last {self.window} steps completions/mean_length averaged {length:.4g} tokens "
                        f"against an early median of {length0:.4g} ({length / length0 if length0 else math.inf:.2f}x), "
-                       f"reward {reward:.3g} against {reward0:.3g} ({reward - reward0:+.3g}), but {self.correctness_key} "
+                       f"reward {reward:.3g} against {reward0:.3g} ({reward - reward0:+.3g}), "
+                       f"but {self.correctness_key} "
                        f"{correct:.3g} against {correct0:.3g} ({correct - correct0:+.3g}; alert when length grows "
                        f">= {1 + self.length_growth:.3g}x and reward by >= {self.reward_rise:.3g} while correctness "
                        f"gains <= {self.correctness_delta:.3g})")

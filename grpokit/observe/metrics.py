@@ -111,7 +111,8 @@ class JsonlSink:
         kept = []
         if resume_step is not None and path.is_file():
             # drop the lines the stopped run logged after the checkpoint it resumes from
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
         self._file = path.open("w")
         self._file.writelines(line + "\n" for line in kept)
 
@@ -282,7 +283,8 @@ def generation_metrics(totals, rewards, names: list[str], completion_ids: list[l
     m = {"reward": nanmean(totals), "reward_std": nanmean(group_std),
          "frac_reward_zero_std": float(zero_spread.double().mean()),
          "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-         "completions/max_length": float(lengths.max()), "completions/clipped_ratio": float((~terminated).double().mean()),
+         "completions/max_length": float(lengths.max()),
+         "completions/clipped_ratio": float((~terminated).double().mean()),
          "completions/mean_terminated_length": float(lengths[terminated].mean()) if terminated.any() else 0.0}
     for k, name in enumerate(names):
         column = rewards[:, k]

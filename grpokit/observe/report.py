@@ -243,7 +243,8 @@ def _inline_svg(svg: str) -> str:
 CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1500px;
        padding: 1em 2em; color: #222; background: #fff; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 dl.meta { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
 dl.meta dt { font-weight: 600; } dl.meta dd { margin: 0; font-family: ui-monospace, monospace; }
 nav a { margin-right: 1em; }
@@ -257,7 +258,8 @@ th { background: #f5f5f5; } td.num { text-align: right; font-family: ui-monospac
 pre, .text { white-space: pre-wrap; word-break: break-word; font-family: ui-monospace, monospace; margin: 0; }
 td .text { max-width: 48em; }
 details summary { cursor: pointer; color: #225; }
-.note { color: #7a5a00; } .alert { border-left: 4px solid #c33; background: #fff6f6; padding: 0.5em 1em; margin: 0.8em 0; }
+.note { color: #7a5a00; }
+.alert { border-left: 4px solid #c33; background: #fff6f6; padding: 0.5em 1em; margin: 0.8em 0; }
 .alert p { margin: 0.2em 0; } pre.config { background: #f7f7f7; padding: 1em; border-radius: 6px; }
 """
 

@@ -129,7 +129,8 @@ def humaneval_program(completion: str, prompt: str, test: str, entry_point: str,
         test_module = ast.parse(test)
     except SyntaxError as exc:
         raise ValueError(f"code_tests: row {row}: the 'test' column does not parse: {exc}") from None
-    check = next((node for node in test_module.body if isinstance(node, ast.FunctionDef) and node.name == "check"), None)
+    check = next((node for node in test_module.body
+                  if isinstance(node, ast.FunctionDef) and node.name == "check"), None)
     if check is None or not check.args.args:
         raise ValueError(f"code_tests: row {row}: the 'test' column defines no 'def check(candidate)'")
     preamble = [node for node in test_module.body if node is not check]
@@ -171,7 +172,8 @@ def _as_one_case(body: list[ast.stmt]) -> ast.stmt:
 def _assemble(code: str, preamble: list[ast.stmt], statements: list[ast.stmt], *, param: str | None,
               argument: str | None) -> TestProgram:
     nonce = secrets.token_hex(16)
-    function = ast.parse(f"def _grpokit_cases({param or ''}):\n    _grpokit_passed = 0\n    return _grpokit_passed").body[0]
+    function = ast.parse(f"def _grpokit_cases({param or ''}):\n"
+                         "    _grpokit_passed = 0\n    return _grpokit_passed").body[0]
     total = 0
     body: list[ast.stmt] = [function.body[0]]
     for statement in statements:
@@ -281,7 +283,8 @@ def _prompt_context(prompt: str, entry_point: str) -> str:
 
 
 def _prompt_code(prompt: Any) -> str:
-    """The code part of a prompt: the text itself, or a chat prompt's last user message (its fenced code if it is prose)."""
+    """The code part of a prompt: the text itself, or a chat prompt's last user message (its fenced code if it is
+    prose)."""
     if prompt is None:
         return ""
     if isinstance(prompt, list):

@@ -96,7 +96,8 @@ class RewardFunction:
     source: Any = None  # the object given (for close())
 
     @classmethod
-    def wrap(cls, name: str, obj: Any, *, expensive: bool | None = None, isolation: str | None = None) -> RewardFunction:
+    def wrap(cls, name: str, obj: Any, *, expensive: bool | None = None,
+             isolation: str | None = None) -> RewardFunction:
         fn = obj
         if not callable(obj) and hasattr(obj, "compute_reward"):
             fn = _compute_reward_adapter(obj)
@@ -105,7 +106,8 @@ class RewardFunction:
                               "compute_reward(questions, answers, references)")
         call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
         return cls(name=name, fn=fn,
-                   per_sample=bool(getattr(obj, "__grpokit_per_sample__", False) or getattr(obj, "per_sample", False) is True),
+                   per_sample=bool(getattr(obj, "__grpokit_per_sample__", False)
+                                   or getattr(obj, "per_sample", False) is True),
                    expensive=bool(getattr(obj, "expensive", False)) if expensive is None else expensive,
                    isolation=isolation or getattr(obj, "isolation", "process"),
                    is_async=inspect.iscoroutinefunction(call), source=obj)
@@ -116,7 +118,8 @@ class RewardFunction:
         for name, p in params.items():
             if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.POSITIONAL_ONLY):
                 raise RewardError(f"reward function '{self.name}': positional-only or *args parameter '{name}' "
-                                  "cannot be bound by name; use named parameters such as (prompts, completions, **kwargs)")
+                                  "cannot be bound by name; use named parameters such as "
+                                  "(prompts, completions, **kwargs)")
         return params
 
     def _bind_from(self, available: dict[str, Any], aliases: dict[str, Any]) -> dict[str, Any]:
@@ -194,8 +197,8 @@ class RewardFunction:
             raise RewardError(f"reward function '{self.name}' returned {type(result).__name__}; "
                               f"expected a list of {expected} floats (None for not applicable)")
         if len(result) != expected:
-            raise RewardError(f"reward function '{self.name}' returned {len(result)} values for {expected} completions; "
-                              "return one value per completion (None for not applicable)")
+            raise RewardError(f"reward function '{self.name}' returned {len(result)} values for {expected} "
+                              "completions; return one value per completion (None for not applicable)")
         return [self.check_value(v, i) for i, v in enumerate(result)]
 
     def check_value(self, value: Any, i: int) -> float:

@@ -199,7 +199,8 @@ class LLMJudge:
         if session is None:  # one connection pool per worker thread; requests.Session is not thread-safe
             session = self._sessions.session = requests.Session()
         body = {"model": self.model, "messages": [{"role": "user", "content": user_message}],
-                "temperature": self.temperature, **({"max_tokens": self.max_tokens} if self.max_tokens is not None else {}),
+                "temperature": self.temperature,
+                **({"max_tokens": self.max_tokens} if self.max_tokens is not None else {}),
                 **self.extra_body}
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         problem = ""
@@ -213,7 +214,8 @@ class LLMJudge:
                 response = session.post(self.url, json=body, headers=headers, timeout=min(self.timeout_s, remaining))
             except requests.RequestException as exc:  # connection refused, timeout, reset: worth another try
                 problem = f"{type(exc).__name__} after {attempt + 1} attempt(s): {str(exc)[:_TEXT_SHOWN]}"
-                refused = refused and isinstance(exc, requests.ConnectionError) and not isinstance(exc, requests.Timeout)
+                refused = (refused and isinstance(exc, requests.ConnectionError)
+                           and not isinstance(exc, requests.Timeout))
             else:
                 refused = False
                 status, text = response.status_code, response.text

@@ -349,13 +349,15 @@ class RewardRunner:
         return False  # "done"
 
     def _expire(self, job: _Job, batch: RewardBatch) -> bool:
-        return self._lost(job, batch, "timeout", f"no result within reward_timeout={self.timeout:g}s; the worker was killed")
+        return self._lost(job, batch, "timeout",
+                          f"no result within reward_timeout={self.timeout:g}s; the worker was killed")
 
     def _lost(self, job: _Job, batch: RewardBatch, kind: str, detail: str) -> bool:
         """The worker is gone (killed or died): the rows in flight are missing; go on with the rest."""
         worker = self.workers[job.k]
         worker.restart()
-        if job.mode == "batch" and kind == "error" and len(job.rows) > 1:  # a crash may be one completion's: retry one by one
+        # a crash may be one completion's: retry one by one
+        if job.mode == "batch" and kind == "error" and len(job.rows) > 1:
             job.mode = "rows"
             self._submit(job, batch)
             return True
@@ -375,7 +377,8 @@ class RewardRunner:
         for i, value in job.values.items():
             value = f.check_value(value, i)
             if math.isinf(value):
-                job.failures.append(_Failure(i, "error", f"returned {value} (rewards must be finite; None = not applicable)"))
+                job.failures.append(_Failure(i, "error",
+                                             f"returned {value} (rewards must be finite; None = not applicable)"))
                 continue
             matrix[i, job.k] = value
             if keys is not None:

@@ -129,7 +129,8 @@ class Isolation:
     """Which kernel layers this machine gives the sandbox (the audit hook is always installed)."""
 
     is_root: bool
-    launcher: tuple[str, ...] = ()  # argv before the interpreter: setpriv (parent death), unshare, setpriv (capabilities)
+    # argv before the interpreter: setpriv (parent death), unshare, setpriv (capabilities)
+    launcher: tuple[str, ...] = ()
     dies_with_parent: bool = False  # SIGKILL when the thread that started the run dies
     user_namespace: bool = False  # non-root: namespaces come with a user namespace
     net_namespace: bool = False

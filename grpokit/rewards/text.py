@@ -44,7 +44,8 @@ def _units(reward: str, unit: str, completions: list, completion_ids: list | Non
     """Each completion as a sequence of units: token ids, white-space words, or characters."""
     if unit == "tokens":
         if completion_ids is None:
-            raise ValueError(f"{reward}: unit 'tokens' needs completion_ids; the runner passes them, a direct call must too")
+            raise ValueError(f"{reward}: unit 'tokens' needs completion_ids; the runner passes them, "
+                             "a direct call must too")
         return [list(ids) for ids in completion_ids]
     texts = [completion_text(c).lower() if lower else completion_text(c) for c in completions]
     return [t.split() if unit == "words" else t for t in texts]
@@ -59,7 +60,8 @@ class _RegexFormat:
         try:
             self.pattern = re.compile(pattern)
         except re.error as exc:
-            raise ValueError(f"{self.reward_name}: pattern {pattern!r} is not a valid regular expression: {exc}") from None
+            raise ValueError(f"{self.reward_name}: pattern {pattern!r} is not a valid regular expression: "
+                             f"{exc}") from None
 
     def __call__(self, completions: list, **kwargs) -> list[float]:
         return [1.0 if self.pattern.search(completion_text(c).strip()) else 0.0 for c in completions]

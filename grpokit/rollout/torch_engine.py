@@ -154,7 +154,8 @@ class TorchEngine:
             if len(rows) - live_count >= max(1, math.ceil(_COMPACT_FRACTION * len(rows))):
                 keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                rows, token, attention, next_pos, live = rows[keep], token[keep], attention[keep], next_pos[keep], live[keep]
+                rows, token, attention = rows[keep], token[keep], attention[keep]
+                next_pos, live = next_pos[keep], live[keep]
                 seen = None if seen is None else seen[keep]
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
@@ -195,7 +196,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor |
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor: seen tokens' logits divided by penalty if > 0, else multiplied."""
+    """transformers' RepetitionPenaltyLogitsProcessor: seen tokens' logits divided by penalty if > 0, else
+    multiplied."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 

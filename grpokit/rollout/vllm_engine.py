@@ -267,7 +267,8 @@ def rollout_from_outputs(outputs: list[Any], n: int) -> Rollout:
             if completion.logprobs is None or len(completion.logprobs) != len(ids):
                 raise EngineError("vLLM returned no log-prob for some sampled tokens (was logprobs=0 set?)")
             completion_ids.append(ids)
-            sampler_logps.append([float(step[token].logprob) for step, token in zip(completion.logprobs, ids, strict=True)])
+            sampler_logps.append([float(step[token].logprob)
+                                  for step, token in zip(completion.logprobs, ids, strict=True)])
             finish_reasons.append(normalise_finish_reason(completion.finish_reason))
     return Rollout(completion_ids=completion_ids, sampler_logps=sampler_logps, finish_reasons=finish_reasons,
                    group_size=n)
@@ -370,7 +371,8 @@ class VLLMServerEngine:
 
     def _unreachable(self, url: str, exc: Exception) -> EngineError:
         port = self.base_url.rsplit(":", 1)[-1].split("/")[0]
-        return EngineError(f"no vLLM server answered at {url} within {self.connect_timeout_s:g} s ({type(exc).__name__}); "
+        return EngineError(f"no vLLM server answered at {url} within {self.connect_timeout_s:g} s "
+                           f"({type(exc).__name__}); "
                            f"start it with `grpokit vllm-serve --model {self.model} --host 127.0.0.1 --port {port}` "
                            "(and check vllm_host / vllm_port)")
 
@@ -417,7 +419,8 @@ def rollout_from_json(body: dict, prompts: int, n: int, where: str) -> Rollout:
         raise EngineError(f"vLLM server {where}: malformed /generate answer ({exc!r})") from exc
     if not ok:
         raise EngineError(f"vLLM server {where}: /generate answer does not match the request ({prompts} prompts x "
-                          f"n={n}: expected {prompts * n} rows of ids, one log-prob per id, finish reasons stop/length)")
+                          f"n={n}: expected {prompts * n} rows of ids, one log-prob per id, "
+                          "finish reasons stop/length)")
     return Rollout(completion_ids=[[int(t) for t in row] for row in ids],
                    sampler_logps=[[float(x) for x in row] for row in logps], finish_reasons=list(reasons), group_size=n)
 

@@ -139,7 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/health":
             self._answer(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: GET {self.path} (try GET /health)"})
             return
-        self._answer(HTTPStatus.OK, {"status": "ok", "model": self.server.backend.model, "grpokit": grpokit.__version__})
+        self._answer(HTTPStatus.OK,
+                     {"status": "ok", "model": self.server.backend.model, "grpokit": grpokit.__version__})
 
     def do_POST(self) -> None:  # noqa: N802
         routes = {"/generate": self._generate, "/load_weights": self._load_weights}
@@ -191,7 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(backend: Backend, host: str = "127.0.0.1", port: int = 8000) -> GrpokitHTTPServer:
-    """Start serving `backend` in a background thread; returns the server (`.url`, `.shutdown()`). Port 0: any free port."""
+    """Start serving `backend` in a background thread; returns the server (`.url`, `.shutdown()`). Port 0: any
+    free port."""
     server = GrpokitHTTPServer((host, port), backend)
     server.thread = threading.Thread(target=server.serve_forever, name="grpokit-vllm-serve", daemon=True)
     server.thread.start()
@@ -205,7 +207,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                             "0.0.0.0 exposes weight loading to the network)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory vLLM may take")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory vLLM may take")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + completion); "
                                                                         "default: the model's")
     parser.add_argument("--dtype", default="auto", help="weights' dtype in vLLM: auto, bfloat16, float16, float32")

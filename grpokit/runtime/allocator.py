@@ -2,10 +2,10 @@
 
 torch allocates CPU tensors with posix_memalign(64). glibc before 2.39 does not reuse such a freed block for the
 next tensor of its size (see `plan.allocator_keeps_freed_blocks`), so a training process on CPU holds freed memory
-that depends on its heap's history: SmolLM2-135M's LoRA run peaked at 8.1 GiB where its tensors need 6.0 GiB. gperftools'
-tcmalloc reuses those blocks and was not slower (benchmarks/RESULTS.md). So `grpokit train` and the other commands
-that load a model restart themselves once, before torch is imported, with tcmalloc in LD_PRELOAD when the
-process is on such a glibc and a tcmalloc library is installed (Debian/Ubuntu: libtcmalloc-minimal4; conda:
+that depends on its heap's history: SmolLM2-135M's LoRA run peaked at 8.1 GiB where its tensors need 6.0 GiB.
+gperftools' tcmalloc reuses those blocks and was not slower (benchmarks/RESULTS.md). So `grpokit train` and the
+other commands that load a model restart themselves once, before torch is imported, with tcmalloc in LD_PRELOAD
+when the process is on such a glibc and a tcmalloc library is installed (Debian/Ubuntu: libtcmalloc-minimal4; conda:
 gperftools). The restart is an exec: the process keeps its pid, arguments, environment and launcher (torchrun,
 accelerate). GRPOKIT_ALLOCATOR chooses:
 

@@ -68,7 +68,8 @@ def sample_ranges(lo: int, hi: int, group_size: int) -> tuple[int, list[range]]:
     if hi <= lo:
         return lo // group_size, []
     first, last = lo // group_size, (hi - 1) // group_size
-    return first, [range(max(lo - p * group_size, 0), min(hi - p * group_size, group_size)) for p in range(first, last + 1)]
+    return first, [range(max(lo - p * group_size, 0), min(hi - p * group_size, group_size))
+                   for p in range(first, last + 1)]
 
 
 def check_strategy(distributed_type: str) -> None:

@@ -1,5 +1,5 @@
-"""`grpokit train` restarts itself on tcmalloc where glibc would keep freed tensor memory (grpokit.runtime.allocator), through
-the real entry point (`python -m grpokit`). `make test` installs tcmalloc (Debian's libtcmalloc-minimal4)."""
+"""`grpokit train` restarts itself on tcmalloc where glibc would keep freed tensor memory (grpokit.runtime.allocator),
+through the real entry point (`python -m grpokit`). `make test` installs tcmalloc (Debian's libtcmalloc-minimal4)."""
 
 import os
 import re
@@ -22,10 +22,12 @@ def _without_allocator_settings() -> dict[str, str]:
 @pytest.mark.skipif(not LINUX_GLIBC_BEFORE_2_39, reason="the restart applies on glibc before 2.39 only")
 def test_train_restarts_itself_on_tcmalloc_and_keeps_its_arguments(tiny_model_dir, tmp_path):
     assert allocator.find("tcmalloc"), "tcmalloc is not installed: `make test` installs libtcmalloc-minimal4"
-    result = run_cli("train", "--set", f"model={tiny_model_dir}", *TINY, cwd=tmp_path, env=_without_allocator_settings())
+    result = run_cli("train", "--set", f"model={tiny_model_dir}", *TINY, cwd=tmp_path,
+                     env=_without_allocator_settings())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "C allocator: tcmalloc" in result.stdout, result.stdout  # read from the process's own memory map
-    assert "step 1/1" in result.stdout and (tmp_path / "run" / "final_model").is_dir()  # the arguments survived the exec
+    # the arguments survived the exec
+    assert "step 1/1" in result.stdout and (tmp_path / "run" / "final_model").is_dir()
     assert "tcmalloc: large alloc" not in result.stderr
 
 
@@ -41,12 +43,14 @@ def test_system_keeps_glibc_and_the_summary_and_plan_say_what_that_costs(tiny_mo
     assert planned.returncode == 0, planned.stderr
     assert "`grpokit train` here runs on glibc < 2.39" in planned.stdout
     assert "freed memory of the note above not counted" in planned.stdout
-    default = run_cli("plan", "--set", f"model={tiny_model_dir}", *TINY, cwd=tmp_path, env=_without_allocator_settings())
+    default = run_cli("plan", "--set", f"model={tiny_model_dir}", *TINY, cwd=tmp_path,
+                      env=_without_allocator_settings())
     assert "glibc < 2.39" not in default.stdout and "not counted)" not in default.stdout, default.stdout  # tcmalloc
 
 
-@pytest.mark.parametrize("value, says", [("/no/such/libtcmalloc.so", "GRPOKIT_ALLOCATOR=/no/such/libtcmalloc.so: no such file"),
-                                         ("tcmaloc", "GRPOKIT_ALLOCATOR='tcmaloc' is not an allocator grpokit knows")])
+@pytest.mark.parametrize("value, says",
+                         [("/no/such/libtcmalloc.so", "GRPOKIT_ALLOCATOR=/no/such/libtcmalloc.so: no such file"),
+                          ("tcmaloc", "GRPOKIT_ALLOCATOR='tcmaloc' is not an allocator grpokit knows")])
 def test_a_bad_allocator_setting_stops_before_loading_anything(tiny_model_dir, tmp_path, value, says):
     result = run_cli("train", "--set", f"model={tiny_model_dir}", *TINY, cwd=tmp_path, env={"GRPOKIT_ALLOCATOR": value})
     assert result.returncode == 2 and f"grpokit: error: {says}" in result.stderr, result.stderr

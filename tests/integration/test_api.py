@@ -15,7 +15,6 @@ from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.errors import ConfigError, DataError, GrpokitError
 from tests.conftest import build_tiny_model
 
-
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trl_python_api.py"
 
 
@@ -73,7 +72,8 @@ def _reference_002_run(tmp_path, reward_funcs, reward_weights):
     assert output.global_step == 2 and output.training_loss == output.training_loss  # not NaN
     base_after = trainer.model.get_base_model().state_dict()
     for name, value in base_before.items():
-        key = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight", "v_proj.base_layer.weight")
+        key = name.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight",
+                                                                                "v_proj.base_layer.weight")
         assert torch.equal(value, base_after[key]), f"base weight {name} changed"
     return trainer, lora_before
 
@@ -156,7 +156,8 @@ def test_harmless_trl_arguments_are_noted(caplog):
 def test_trl_defaults_and_translations():
     args = GRPOConfig(max_steps=3)
     run = args.run_config
-    assert (run.lr_scheduler_type, run.logging_steps, run.bf16, run.output_dir) == ("linear", 10, True, "trainer_output")
+    assert (run.lr_scheduler_type, run.logging_steps, run.bf16, run.output_dir) == ("linear", 10, True,
+                                                                                     "trainer_output")
     assert GRPOConfig(max_steps=3, fp16=True).run_config.bf16 is False
     assert GRPOConfig(max_steps=3, lr_scheduler_type="constant", logging_steps=1).run_config.logging_steps == 1
     assert GRPOConfig(max_steps=3, save_strategy="no").run_config.save_steps is None

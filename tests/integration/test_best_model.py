@@ -13,9 +13,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpokit.train.best_model import BestModel, eval_metric_names, greater_is_better
 from grpokit.config import GRPOConfig, load_config
 from grpokit.errors import ConfigError
+from grpokit.train.best_model import BestModel, eval_metric_names, greater_is_better
 from tests.conftest import run_cli, write_jsonl
 
 REWARDS = '''

@@ -93,7 +93,8 @@ def test_eval_of_the_final_model_equals_the_trainers_last_evaluation(tmp_path, q
     write_jsonl(tmp_path / "held.jsonl", [{"prompt": f"What is {a} - {b}?", "answer": str(a - b)} for a in range(3)
                                           for b in range(2)])
     common = [*qa_setup, "--set", "eval_dataset=held.jsonl", "--set", f"bf16={str(bf16).lower()}",
-              "--set", "eval_num_samples=2", "--set", "eval_pass_k=[1, 2]", "--set", "temperature=1.0", "--set", "seed=3"]
+              "--set", "eval_num_samples=2", "--set", "eval_pass_k=[1, 2]", "--set", "temperature=1.0",
+              "--set", "seed=3"]
     train = run_cli("train", *common, *TINY, "--set", "max_steps=2", "--set", "learning_rate=0.05", cwd=tmp_path)
     assert train.returncode == 0, train.stderr + train.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -102,7 +103,8 @@ def test_eval_of_the_final_model_equals_the_trainers_last_evaluation(tmp_path, q
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "m.json").read_text())
     shared = sorted(k for k in metrics if k in last and k != "eval/time")
-    assert {"eval/accuracy", "eval/pass@2", "eval/completions/mean_length", "eval/sampled/completions/mean_length"} <= set(shared)
+    assert {"eval/accuracy", "eval/pass@2", "eval/completions/mean_length",
+            "eval/sampled/completions/mean_length"} <= set(shared)
     for key in shared:
         assert metrics[key] == pytest.approx(last[key], abs=1e-9), key
 
@@ -144,7 +146,8 @@ def test_export_merges_a_lora_run(tmp_path, qa_setup):
     result = run_cli("export", "run/final_model", "merged", "--merge", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "merged the LoRA adapter" in result.stdout
-    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert (tmp_path / "merged" / "config.json").is_file()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
 
 
 def test_pipeline_example_runs_each_stage_on_the_previous_ones_output(tmp_path, tiny_model_dir):
@@ -156,12 +159,13 @@ def test_pipeline_example_runs_each_stage_on_the_previous_ones_output(tmp_path, 
     first = json.loads((tmp_path / "outputs/pipeline/sft_train.jsonl").read_text().splitlines()[0])
     assert first["completion"].endswith(f"Answer: {first['answer']}")
     small = ["--set", "bf16=false", "--set", "device=cpu"]
-    sft = run_cli("sft", "examples/pipeline/sft.yaml", "--set", f"model={tiny_model_dir}", "--set", "num_train_epochs=null",
-                  "--set", "max_steps=2", *small, cwd=tmp_path)
+    sft = run_cli("sft", "examples/pipeline/sft.yaml", "--set", f"model={tiny_model_dir}",
+                  "--set", "num_train_epochs=null", "--set", "max_steps=2", *small, cwd=tmp_path)
     assert sft.returncode == 0, sft.stderr + sft.stdout
     sft_model = tmp_path / "outputs" / "pipeline" / "sft" / "final_model"
     assert (sft_model / "config.json").is_file()
-    grpo = ["examples/pipeline/grpo.yaml", *small, "--set", "dataset=reasoning_gym:chain_sum?size=16&seed=1&max_terms=3",
+    grpo = ["examples/pipeline/grpo.yaml", *small,
+            "--set", "dataset=reasoning_gym:chain_sum?size=16&seed=1&max_terms=3",
             "--set", "max_completion_length=4", "--set", "eval_limit=4"]
     # a random tiny model is never right, so every prompt has pass rate 0: keep them all to train on
     filtered = run_cli("filter", *grpo, "--samples", "2", "--keep-all", "--output", "outputs/pipeline/filtered.jsonl",

@@ -67,7 +67,8 @@ def _metrics(path):
 
 
 def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, tiny_model_dir):
-    held_out = {"eval_dataset": "held_out.jsonl", "eval_steps": 2, "log_completions_steps": 1}  # 5 prompts: 2 on process 0, 3 on process 1
+    # 5 prompts: 2 on process 0, 3 on process 1
+    held_out = {"eval_dataset": "held_out.jsonl", "eval_steps": 2, "log_completions_steps": 1}
     one = _config(tmp_path, tiny_model_dir, "one", per_device_train_batch_size=12, save_steps=2, **held_out)
     two = _config(tmp_path, tiny_model_dir, "two", per_device_train_batch_size=6, save_steps=2,  # x 2 processes = 12
                   **held_out)

@@ -1,4 +1,5 @@
-"""`grpokit eval --compare` of two tiny models, `grpokit filter` by pass rate, and sampled evaluation during training."""
+"""`grpokit eval --compare` of two tiny models, `grpokit filter` by pass rate, and sampled evaluation during
+training."""
 
 import importlib.util
 import json
@@ -38,7 +39,8 @@ def test_eval_compare_two_models(tmp_path, tiny_model_dir, second_model_dir):
     (tmp_path / "coin.py").write_text(REWARD_MODULE)
     write_jsonl(tmp_path / "qa.jsonl", [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
                                         for a in range(3) for b in range(2)])
-    result = run_cli("eval", "--model", str(tiny_model_dir), "--data", "qa.jsonl", "--rewards", "coin.py:first_odd,number_correct",
+    result = run_cli("eval", "--model", str(tiny_model_dir), "--data", "qa.jsonl",
+                     "--rewards", "coin.py:first_odd,number_correct",
                      "--samples", "4", "--k", "1,4", "--limit", "5", "--compare", str(second_model_dir),
                      "--output", "cmp.json", *COMMON, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -30,7 +30,8 @@ def lora_run(tmp_path_factory, tiny_model_dir):
     assert result.returncode == 0, result.stderr
     adapter = tmp_path / "run" / "final_model"
     lora_b = [t for k, t in load_file(adapter / "adapter_model.safetensors").items() if "lora_B" in k]
-    assert lora_b and all(t.abs().max() > 1e-3 for t in lora_b), "the adapter did not move: the test would prove nothing"
+    assert lora_b and all(t.abs().max() > 1e-3 for t in lora_b), \
+        "the adapter did not move: the test would prove nothing"
     return tmp_path
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpokit.observe import report
 from grpokit.errors import GrpokitError
+from grpokit.observe import report
 from tests.conftest import run_cli, write_jsonl
 
 EVERY_PLOT = {"plot-reward", "plot-reward-spread", "plot-length", "plot-kl", "plot-entropy", "plot-clip-ratio",
@@ -102,7 +102,8 @@ def train_line(step: int, **changes) -> dict:
     line = {"step": step, "reward": 0.1 * step, "reward_std": 0.2, "rewards/acc/mean": 0.05 * step,
             "rewards/acc/std": 0.1, "rewards/format/mean": None, "rewards/format/std": None,
             "frac_reward_zero_std": 0.25, "completions/mean_length": 40.0 + step, "completions/min_length": 10.0,
-            "completions/max_length": 64.0, "completions/clipped_ratio": 0.5, "completions/mean_terminated_length": 30.0,
+            "completions/max_length": 64.0, "completions/clipped_ratio": 0.5,
+            "completions/mean_terminated_length": 30.0,
             "completions/frac_identical_in_group": 0.0, "entropy": 2.0 - 0.1 * step, "clip_ratio/low_mean": 0.0,
             "clip_ratio/high_mean": 0.01, "clip_ratio/region_mean": 0.01, "loss": 0.01 * step, "grad_norm": 1.5,
             "learning_rate": 1e-5, "num_tokens": 1000.0 * step, "step_time": 2.0, "time/generate": 1.2,
@@ -120,7 +121,8 @@ def crafted_run(tmp_path) -> Path:
     config = {"model": "tiny/model-<b>bold</b>", "max_steps": 6, "beta": 0.0, "system_prompt": "Answer & <stop>"}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     lines = [{"step": 0, "eval/accuracy": 0.1, "eval/num_correct": 1.0, "eval/num_prompts": 10.0, "eval/time": 3.0,
-              "eval/rewards/acc/mean": 0.1, "eval/completions/mean_length": 50.0, "eval/completions/clipped_ratio": 0.3}]
+              "eval/rewards/acc/mean": 0.1, "eval/completions/mean_length": 50.0,
+              "eval/completions/clipped_ratio": 0.3}]
     lines += [train_line(s, **({"entropy": None} if s == 2 else {"grad_norm": None} if s == 3 else {}))
               for s in range(1, 7)]
     lines.append({**lines[0], "step": 6, "eval/accuracy": 0.4})
@@ -135,8 +137,9 @@ def crafted_run(tmp_path) -> Path:
     write_jsonl(run / "alerts.jsonl", [{"name": "truncated_completions", "step": 4,
                                         "message": "clipped_ratio 0.5 > 0.3 <over>", "causes": "max_completion_length "
                                         "too small", "fix": "raise max_completion_length"}])
-    write_jsonl(run / "reward_errors.jsonl", [{"reward": "acc", "step": 2, "kind": "exception", "error": "ValueError: x",
-                                               "traceback": "", "prompt": "p", "completion": "c", "row": {}}] * 3)
+    write_jsonl(run / "reward_errors.jsonl", [{"reward": "acc", "step": 2, "kind": "exception",
+                                               "error": "ValueError: x", "traceback": "", "prompt": "p",
+                                               "completion": "c", "row": {}}] * 3)
     (run / "training_log.txt").write_text("2026-01-02 03:04:05,000 INFO grpokit.train.trainer: step 1/6\n"
                                           "2026-01-02 03:09:00,000 INFO grpokit.train.trainer: saved run/final_model\n")
     return run
@@ -184,7 +187,8 @@ def test_missing_metrics_file_is_a_clear_error(tmp_path):
 
 def test_a_bare_run_gives_notes_not_a_crash(tmp_path):
     """One step, every value null, a half-written last line, no config, no completions, no alerts."""
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": None, "loss": None}) + '\n{"step": 2, "rew')
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": None, "loss": None})
+                                            + '\n{"step": 2, "rew')
     text = report.build_report(tmp_path, tmp_path / "out" / "r.html").read_text()
     tree = parse(text)
     assert figures(tree) == {}
@@ -211,7 +215,8 @@ def real_run(tmp_path_factory, tiny_model_dir) -> Path:
                                       for a, b in ((1, 2), (3, 4), (5, 6))])
     (root / "my_rewards.py").write_text(REWARDS)
     config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "eval_dataset": "held.jsonl",
-              "eval_on_start": True, "output_dir": "run", "reward_funcs": ["my_rewards.text_hash_reward", "number_correct"],
+              "eval_on_start": True, "output_dir": "run",
+              "reward_funcs": ["my_rewards.text_hash_reward", "number_correct"],
               "num_generations": 4, "per_device_train_batch_size": 4, "max_completion_length": 12,
               "learning_rate": 1e-2, "max_steps": 3, "beta": 0.1, "seed": 1, "device": "cpu",
               "log_completions_steps": 1}
@@ -267,7 +272,8 @@ def _chromium(tmp_path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--window-size=1400,2400", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost",
                  "--proxy-server=127.0.0.1:9", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-default-apps", f"--user-data-dir={tmp_path / 'profile'}"):
+                 "--disable-sync", "--no-first-run", "--disable-default-apps",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     # an explicit driver path: Selenium Manager (which would go to the network) is never run
@@ -317,7 +323,8 @@ def test_report_renders_in_headless_chromium_without_network(real_run, tmp_path)
     # the whole browser (its start page included: chrome:// resources are built in) used no network scheme
     network = {p["request"]["url"] for p in sent if p["request"]["url"].split(":")[0] in ("http", "https", "ws", "wss")}
     assert not network, network
-    assert not [c for c in console if any(word in c["message"] for word in ("Security Policy", "Refused", "Failed to load"))]
+    assert not [c for c in console
+                if any(word in c["message"] for word in ("Security Policy", "Refused", "Failed to load"))]
     assert shot.stat().st_size > 10_000
     image = Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
     assert image.size[0] > 500 and image.size[1] > 500

@@ -81,7 +81,8 @@ def test_resume_mid_generation_equals_a_straight_run(tmp_path, tiny_model_dir):
     assert state["global_step"] == 3 and (run / "checkpoint-3" / "pending.pt").is_file()
     health = state["health"]  # the monitor's windows: a resumed run alerts as this one (tests/unit/test_alerts.py)
     assert [m["reward"] for m in straight[:3]] == health["recent"]["reward"] == health["early"]["reward"]
-    counts = state["rewards"]["stats"]  # the run-long counts behind reward_error_rate_limit (tests/unit/test_rewards.py)
+    # the run-long counts behind reward_error_rate_limit (tests/unit/test_rewards.py)
+    counts = state["rewards"]["stats"]
     assert counts and all(c["scored"] > 0 and c["failures"] == 0 for c in counts.values()), counts
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "config.yaml", "model.safetensors", "config.json"):
         assert (run / "checkpoint-3" / name).is_file(), name

@@ -14,10 +14,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpokit.runtime import allocator
-from grpokit.data import loading as data
 from grpokit.config import GRPOConfig
+from grpokit.data import loading as data
 from grpokit.models.loading import prepare_tokenizer
+from grpokit.runtime import allocator
 from grpokit.train.sft import IGNORE_INDEX, build_examples, collate, load_sft_records
 from tests.conftest import build_tokenizer, run_cli, write_jsonl
 
@@ -121,7 +121,8 @@ def test_labels_cover_the_answer_and_eos_only_plain_and_chat_prompts():
 
 def test_rows_over_the_limits_are_dropped():
     tokenizer = prepare_tokenizer(build_tokenizer())
-    records = [{"prompt": "short?", "answer": "12"}, {"prompt": "a" * 40, "answer": "1"}, {"prompt": "ok?", "answer": "9" * 20}]
+    records = [{"prompt": "short?", "answer": "12"}, {"prompt": "a" * 40, "answer": "1"},
+               {"prompt": "ok?", "answer": "9" * 20}]
     examples, dropped = build_examples(records, tokenizer, _cfg(max_prompt_length=10, max_completion_length=5))
     assert dropped == 2 and [tokenizer.decode(e.completion_ids) for e in examples] == ["12<|im_end|>"]
 
@@ -148,7 +149,8 @@ def test_messages_rows_train_on_assistant_turns_only(tmp_path):
         assert batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist() == \
             batch.input_ids[row][batch.labels[row] != IGNORE_INDEX].tolist()
     # the prompt is GRPO's prompt for the conversation before the first reply
-    assert examples[1].prompt_ids == data.tokenise_prompts([{"prompt": conversation[1:2]}], tokenizer, None, "x").prompt_ids[0]
+    grpo_prompt = data.tokenise_prompts([{"prompt": conversation[1:2]}], tokenizer, None, "x").prompt_ids[0]
+    assert examples[1].prompt_ids == grpo_prompt
 
 
 def test_lora_sft_writes_a_merged_model_grpo_trains_from(tmp_path, tiny_model_dir):
@@ -191,7 +193,8 @@ def test_sft_defaults_replace_grpo_defaults_only_where_unset():
 
 
 def _same_final_weights(a, b) -> None:
-    first, second = load_file(a / "final_model" / "model.safetensors"), load_file(b / "final_model" / "model.safetensors")
+    first = load_file(a / "final_model" / "model.safetensors")
+    second = load_file(b / "final_model" / "model.safetensors")
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -214,7 +217,8 @@ def test_sft_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, tiny_mo
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert "resumed from run/checkpoint-3: step 3 of 6" in resumed.stdout
     losses = {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
-    again = {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines())}
+    again = {m["step"]: m["loss"]
+             for m in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines())}
     assert sorted(again) == [4, 5, 6] and all(again[s] == losses[s] for s in again), (losses, again)
     _same_final_weights(run, tmp_path / "resumed")
 
@@ -247,11 +251,14 @@ def test_sft_and_grpo_checkpoints_are_not_mixed_up_and_a_changed_setting_is_refu
     cfg = _config(tmp_path, tiny_model_dir, max_steps=2, save_steps=1)
     assert run_cli("sft", cfg.name, cwd=tmp_path).returncode == 0
     changed = run_cli("sft", cfg.name, "--resume", "--set", "learning_rate=1e-2", cwd=tmp_path)
-    assert changed.returncode == 2 and "settings that change the results: learning_rate: 0.003 -> 0.01" in changed.stderr
+    assert changed.returncode == 2
+    assert "settings that change the results: learning_rate: 0.003 -> 0.01" in changed.stderr
     grpo = run_cli("train", cfg.name, "--resume", "run/checkpoint-1", "--set", "dataset=arithmetic",
                    "--set", "num_generations=2", "--set", "save_steps=null", cwd=tmp_path)
-    assert grpo.returncode == 2 and "a `grpokit sft` checkpoint, not a `grpokit train` one" in grpo.stderr, grpo.stderr
-    assert "grpokit sft CONFIG --resume run/checkpoint-1" in grpo.stderr and "model " not in grpo.stdout  # nothing loaded
+    assert grpo.returncode == 2, grpo.stderr
+    assert "a `grpokit sft` checkpoint, not a `grpokit train` one" in grpo.stderr, grpo.stderr
+    # nothing loaded
+    assert "grpokit sft CONFIG --resume run/checkpoint-1" in grpo.stderr and "model " not in grpo.stdout
     grpo_checkpoint = tmp_path / "grpo" / "checkpoint-9"  # what `grpokit train` writes: no "kind"
     grpo_checkpoint.mkdir(parents=True)
     (grpo_checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 9, "generations": 3}))

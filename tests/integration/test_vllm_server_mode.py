@@ -46,9 +46,11 @@ def server(tiny_model_dir):
 
 def test_training_generates_on_the_server_and_pushes_every_update(tmp_path, tiny_model_dir, server):
     running, backend = server
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(4) for b in range(4)])
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{a} + {b} =", "answer": str(a + b)}
+                                           for a in range(4) for b in range(4)])
     (tmp_path / "my_rewards.py").write_text("def text_hash(completions, **kwargs):\n"
-                                            "    return [sum(i * ord(c) for i, c in enumerate(t, 1)) % 97 / 97 for t in completions]\n")
+                                            "    return [sum(i * ord(c) for i, c in enumerate(t, 1)) % 97 / 97 "
+                                            "for t in completions]\n")
     config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",
               "reward_funcs": ["my_rewards.text_hash"], "num_generations": 4, "per_device_train_batch_size": 8,
               "max_completion_length": 6, "learning_rate": 1e-2, "max_steps": 3, "seed": 2, "save_steps": None,

@@ -61,8 +61,8 @@ def random_rewards(seed):
     group_size = rng.randint(2, 6)
     n_groups = rng.randint(1, 5)
     k = rng.randint(1, 3)
-    rewards = [[rng.choice([math.nan, rng.random(), float(rng.randint(0, 2))]) if rng.random() < 0.3 else rng.gauss(0, 2)
-                for _ in range(k)] for _ in range(group_size * n_groups)]
+    rewards = [[rng.choice([math.nan, rng.random(), float(rng.randint(0, 2))]) if rng.random() < 0.3
+                else rng.gauss(0, 2) for _ in range(k)] for _ in range(group_size * n_groups)]
     weights = [rng.uniform(0.1, 2.0) for _ in range(k)]
     return rewards, weights, group_size
 
@@ -128,7 +128,8 @@ def test_normalize_then_sum_hand_computed():
     weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
     adv, _ = compute_advantages(rewards, weights, 3, aggregation="normalize_then_sum")
     # column 1: mean 1/3, std sqrt(1/3); column 2: mean 1, std sqrt(3)
-    z1 = [(1 - 1 / 3) / (math.sqrt(1 / 3) + STD_EPS), (-1 / 3) / (math.sqrt(1 / 3) + STD_EPS), (-1 / 3) / (math.sqrt(1 / 3) + STD_EPS)]
+    z1 = [(1 - 1 / 3) / (math.sqrt(1 / 3) + STD_EPS), (-1 / 3) / (math.sqrt(1 / 3) + STD_EPS),
+          (-1 / 3) / (math.sqrt(1 / 3) + STD_EPS)]
     z2 = [(-1) / (math.sqrt(3) + STD_EPS), (-1) / (math.sqrt(3) + STD_EPS), 2 / (math.sqrt(3) + STD_EPS)]
     summed = [a + 0.5 * b for a, b in zip(z1, z2)]
     mean = sum(summed) / 3

@@ -162,7 +162,8 @@ def test_steps_without_the_metric_do_not_count_towards_rearming():
 
     # false at steps 62 and 91..98, while both low values are in the window: 9 checked steps, fewer than the 10 that
     # re-arm; counting the 28 steps without the metric would re-arm it and fire again at step 99
-    assert fired(run(HealthMonitor(correctness_reward="accuracy"), range(1, 151), pause)) == [("zero_reward_spread", 39)]
+    assert fired(run(HealthMonitor(correctness_reward="accuracy"), range(1, 151), pause)) == [
+        ("zero_reward_spread", 39)]
 
 
 def test_alert_renders_on_a_few_lines():

@@ -1,11 +1,12 @@
-"""Choosing the C allocator a model-loading command restarts on (grpokit.runtime.allocator), with fake library folders."""
+"""Choosing the C allocator a model-loading command restarts on (grpokit.runtime.allocator), with fake library
+folders."""
 
 from __future__ import annotations
 
 import pytest
 
-from grpokit.runtime import allocator
 from grpokit.errors import ConfigError
+from grpokit.runtime import allocator
 
 
 @pytest.fixture

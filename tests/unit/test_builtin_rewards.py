@@ -9,8 +9,14 @@ import threading
 import pytest
 
 from grpokit.rewards.gec import Edit, edit_scores, extract_edits, gec_f1
-from grpokit.rewards.heuristic import (equations, heuristic_math_qa, heuristic_parts, length_score, math_items,
-                                       structure_score)
+from grpokit.rewards.heuristic import (
+    equations,
+    heuristic_math_qa,
+    heuristic_parts,
+    length_score,
+    math_items,
+    structure_score,
+)
 from grpokit.rewards.registry import BUILTIN_REWARDS
 from grpokit.rewards.text import AnswerFormat, Length, RepetitionPenalty, SoftOverlongPunishment, ThinkFormat
 from grpokit.rewards.verifiers import completion_answer, math_accuracy, reference_answer
@@ -204,7 +210,8 @@ def test_repetition_penalty():
     assert RepetitionPenalty(max_penalty=-0.5)(["a b c a b c"]) == [-0.125]
     # 'aaaa' in character bigrams: aa aa aa -> 3 in all, 1 distinct: -2/3
     assert RepetitionPenalty(ngram_size=2, unit="chars")(["aaaa"]) == [pytest.approx(-2 / 3)]
-    assert RepetitionPenalty(ngram_size=2, unit="tokens")(["x"], completion_ids=[[5, 6, 5, 6]]) == [pytest.approx(-1 / 3)]
+    assert RepetitionPenalty(ngram_size=2, unit="tokens")(["x"], completion_ids=[[5, 6, 5, 6]]) == [
+        pytest.approx(-1 / 3)]
     with pytest.raises(ValueError, match="max_penalty must be <= 0"):
         RepetitionPenalty(max_penalty=0.5)
 
@@ -285,7 +292,8 @@ def test_equations(text, found):
 
 
 def test_heuristic_numbers_normalised_and_latex():
-    assert math_items("It is 1,234.50 or 2.0 via \\frac{a}{b} = 3.00") == {"1234.5", "2", "3", "\\frac", "\\frac{a}{b}=3"}
+    assert math_items("It is 1,234.50 or 2.0 via \\frac{a}{b} = 3.00") == {"1234.5", "2", "3", "\\frac",
+                                                                           "\\frac{a}{b}=3"}
 
 
 @pytest.mark.parametrize(("text", "score_"), [

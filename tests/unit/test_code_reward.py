@@ -59,7 +59,8 @@ def test_broken_solutions_get_the_predicted_fraction(humaneval):
 
 def test_full_function_in_a_fenced_block(humaneval):
     row = humaneval[0]  # the block omits the prompt's `from typing import List`: the prompt's imports are kept
-    fenced = ("Here is my solution:\n\n```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+    fenced = ("Here is my solution:\n\n```python\n"
+              "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
               + row["canonical_solution"] + "```\n\nIt compares every pair of numbers.")
     helper = humaneval[32]  # find_zero's tests call poly(), which only the prompt defines
     helper_fenced = "```python\ndef find_zero(xs: list):\n" + helper["canonical_solution"] + "```"
@@ -85,7 +86,8 @@ def test_timeout_and_crash_score_zero(humaneval):
     reward = CodeTests(timeout_s=1.0, memory_mb=256, max_workers=2)
     # the memory bomb runs at import time; one inside a test case only fails that case (MemoryError is caught)
     scores = _score(reward, rows, ["    while True:\n        pass\n",
-                                   "    return True\n\nblocks = []\nwhile True:\n    blocks.append(bytearray(1 << 25))\n"])
+                                   "    return True\n\nblocks = []\n"
+                                   "while True:\n    blocks.append(bytearray(1 << 25))\n"])
     assert scores == [0.0, 0.0]
     assert reward.last_outcomes == ["timeout", "crashed"]
     assert max(r.wall_s for r in reward.last_results) < 10  # killed at its 1 s limit, not left to run (margin for load)

@@ -1,5 +1,5 @@
-"""float32 linear layers on oneDNN (grpokit.models.cpu_linear): the math against float64, the fallbacks, the conversion of a
-model, and the sampler/trainer log-probs on a converted model."""
+"""float32 linear layers on oneDNN (grpokit.models.cpu_linear): the math against float64, the fallbacks, the
+conversion of a model, and the sampler/trainer log-probs on a converted model."""
 
 import copy
 import platform
@@ -7,13 +7,12 @@ import platform
 import pytest
 import torch
 
-from grpokit.models import cpu_linear
 from grpokit.errors import ConfigError
+from grpokit.models import cpu_linear
 from grpokit.models.logprobs import completion_logps
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
 from grpokit.train.trainer import pack
-
 
 # torch's x86-64 wheels (the pinned torch==2.13.0 among them) ship oneDNN's linear op; elsewhere it may be missing,
 # and grpokit then keeps torch's kernel. On x86-64 a missing op is a failure (below), never a skip.
@@ -219,8 +218,8 @@ def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
 @pytest.mark.parametrize(("setting", "converted"), [("onednn", True), ("torch", False)])
 def test_eval_and_generate_load_the_model_with_the_setting(tiny_model_dir, setting, converted):
     """`grpokit eval` / `generate` load through inference._load, which applies cpu_linear as training does."""
-    from grpokit.evaluation import inference
     from grpokit.config import validate_config
+    from grpokit.evaluation import inference
 
     cfg = validate_config({"model": str(tiny_model_dir), "device": "cpu", "cpu_linear": setting})
     model, _, engine, _ = inference._load(cfg)

@@ -94,7 +94,8 @@ def test_saved_dataset_directories(tmp_path):
     single = datasets.Dataset.from_list([{"question": "q1", "answer": "1"}])
     single.save_to_disk(str(tmp_path / "single"))
     assert load_records(str(tmp_path / "single"))[0]["prompt"] == "q1"
-    splits = datasets.DatasetDict({"train": single, "test": datasets.Dataset.from_list([{"question": "t1", "answer": "9"}])})
+    splits = datasets.DatasetDict({"train": single,
+                                   "test": datasets.Dataset.from_list([{"question": "t1", "answer": "9"}])})
     splits.save_to_disk(str(tmp_path / "dd"))
     assert load_records(str(tmp_path / "dd"))[0]["prompt"] == "q1"  # a DatasetDict gives its train split
     assert load_records(f"{tmp_path / 'dd'}:test")[0]["prompt"] == "t1"
@@ -165,7 +166,8 @@ def test_column_mapping_is_applied_first(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Say hi", "output": "hi"}])
     records = load_records(str(tmp_path / "d.jsonl"), column_mapping={"instruction": "prompt", "output": "answer"})
     assert records == [{"prompt": "Say hi", "answer": "hi"}]
-    with pytest.raises(DataError, match=r"column_mapping names column\(s\) \['nope'\].*columns are \['instruction', 'output'\]"):
+    with pytest.raises(DataError, match=r"column_mapping names column\(s\) \['nope'\]"
+                                        r".*columns are \['instruction', 'output'\]"):
         load_records(str(tmp_path / "d.jsonl"), column_mapping={"nope": "prompt"})
 
 
@@ -184,7 +186,8 @@ def test_transform_from_a_file_and_a_module(tmp_path, monkeypatch):
     assert load_records(data, transform=f"{tmp_path / 'my_transforms.py'}:to_grpo") == expected
     monkeypatch.chdir(tmp_path)  # module form: importable from the working directory
     assert load_records(data, transform="my_transforms.to_grpo") == expected
-    with pytest.raises(DataError, match=r"row 0: transform broken raised KeyError: 'missing'; the row's columns are \['q', 'ref'\]"):
+    with pytest.raises(DataError, match=r"row 0: transform broken raised KeyError: 'missing'; "
+                                        r"the row's columns are \['q', 'ref'\]"):
         load_records(data, transform="my_transforms.broken")
     with pytest.raises(DataError, match="row 0: transform not_a_dict returned str"):
         load_records(data, transform="my_transforms.not_a_dict")
@@ -200,7 +203,8 @@ def test_transform_from_a_file_and_a_module(tmp_path, monkeypatch):
 def test_prompt_template_format_and_jinja(tmp_path, template):
     write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "topic": "sums", "answer": "2"}])
     records = load_records(str(tmp_path / "d.jsonl"), system_prompt="Be brief.", prompt_template=template)
-    assert records[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Solve: 1+1 (sums)"}]
+    assert records[0]["prompt"] == [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Solve: 1+1 (sums)"}]
     assert records[0]["question"] == "1+1" and records[0]["answer"] == "2"  # the columns stay for rewards
     bad = template.replace("topic", "subject")
     with pytest.raises(DataError, match=r"row 0: prompt_template uses a column that does not exist.*subject.*"
@@ -222,7 +226,8 @@ def test_config_fields_reach_dataset_records(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"q": "1+1", "a": "2"}])
     cfg = validate_config({"dataset": str(tmp_path / "d.jsonl"), "column_mapping": {"a": "answer"},
                            "prompt_template": "Q: {q}", "eval_dataset": "gsm8k:held_out"})
-    assert dataset_records(cfg, "train") == [{"q": "1+1", "answer": "2", "prompt": [{"role": "user", "content": "Q: 1+1"}]}]
+    assert dataset_records(cfg, "train") == [{"q": "1+1", "answer": "2",
+                                              "prompt": [{"role": "user", "content": "Q: 1+1"}]}]
     assert len(dataset_records(cfg, "eval")) == 200
 
 
@@ -235,8 +240,10 @@ def test_gsm8k_split_is_fixed_disjoint_and_complete():
     assert {r["gsm8k_index"] for r in train} | {r["gsm8k_index"] for r in held} == set(range(1319))
     assert not {r["prompt"][-1]["content"] for r in train} & {r["prompt"][-1]["content"] for r in held}
     assert load_records("gsm8k:held_out") == held  # deterministic
-    assert all(r["solution"].endswith(f"#### {r['answer']}") or "," in r["solution"].rpartition("####")[2] for r in held)
-    assert number_correct([f"Answer: {r['answer']}" for r in held], answer=[r["answer"] for r in held]) == [1.0] * 200
+    assert all(r["solution"].endswith(f"#### {r['answer']}") or "," in r["solution"].rpartition("####")[2]
+               for r in held)
+    assert number_correct([f"Answer: {r['answer']}" for r in held],
+                          answer=[r["answer"] for r in held]) == [1.0] * 200
     with pytest.raises(DataError, match="unknown split 'test'"):
         load_records("gsm8k:test")
 
@@ -257,7 +264,8 @@ def test_reasoning_gym_rows_and_reward():
     assert meta["source_dataset"] == "chain_sum" and 2 <= meta["num_terms"] <= 3
     assert int(rows[0]["answer"]) == eval(meta["expression"])  # noqa: S307 - the generator's own expression
     completions = [f"<answer>{rows[0]['answer']}</answer>", f"Answer: {rows[1]['answer']}", "Answer: nonsense"]
-    scores = reasoning_gym(completions, answer=[r["answer"] for r in rows[:3]], metadata=[r["metadata"] for r in rows[:3]])
+    scores = reasoning_gym(completions, answer=[r["answer"] for r in rows[:3]],
+                           metadata=[r["metadata"] for r in rows[:3]])
     assert scores[:2] == [1.0, 1.0] and scores[2] < 1.0
     with pytest.raises(DataError, match="cannot create 'no_such_task'"):
         load_records("reasoning_gym:no_such_task")

@@ -4,9 +4,9 @@ The processes themselves are tested in tests/integration/test_distributed.py (to
 
 import pytest
 
+from grpokit.errors import ConfigError
 from grpokit.runtime import distributed
 from grpokit.runtime.distributed import check_strategy, sample_ranges, share
-from grpokit.errors import ConfigError
 
 
 @pytest.mark.parametrize("rows,count", [(12, 2), (12, 5), (3, 4), (24, 3)])

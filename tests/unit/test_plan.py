@@ -1,6 +1,6 @@
-"""grpokit.evaluation.plan against the real thing on a tiny Llama: parameter bytes, LoRA parameters of a real peft model, a real
-DynamicCache, the bytes autograd actually saves in `completion_logps` (the trainer's forward), the peak RSS of a real
-`grpokit train` process, and the C allocator's handling of freed tensors."""
+"""grpokit.evaluation.plan against the real thing on a tiny Llama: parameter bytes, LoRA parameters of a real peft
+model, a real DynamicCache, the bytes autograd actually saves in `completion_logps` (the trainer's forward), the peak
+RSS of a real `grpokit train` process, and the C allocator's handling of freed tensors."""
 
 import os
 import platform
@@ -12,12 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from grpokit.runtime import allocator
-from grpokit.models import cpu_linear
-from grpokit.evaluation import plan
 from grpokit.config import GRPOConfig
-from grpokit.models.logprobs import completion_logps
+from grpokit.evaluation import plan
+from grpokit.models import cpu_linear
 from grpokit.models.loading import add_lora, load_policy
+from grpokit.models.logprobs import completion_logps
+from grpokit.runtime import allocator
 from tests.conftest import run_cli
 
 
@@ -119,7 +119,8 @@ def test_activation_formula_matches_what_autograd_saves(tiny_model_dir, settings
 
 def test_gradient_checkpointing_lowers_the_activation_estimate(tiny_model_dir):
     shape = plan.model_shape(str(tiny_model_dir))
-    plain, checkpointed = (plan.estimate(_cfg(tiny_model_dir, gradient_checkpointing=on), shape) for on in (False, True))
+    plain, checkpointed = (plan.estimate(_cfg(tiny_model_dir, gradient_checkpointing=on), shape)
+                           for on in (False, True))
     assert checkpointed.activations_with_checkpointing < plain.activations_without_checkpointing
     assert _line(checkpointed, "activations") < _line(plain, "activations")
     assert checkpointed.total < plain.total
@@ -152,8 +153,8 @@ def test_batch_suggestion_keeps_the_effective_batch(tiny_model_dir):
     assert new.per_device_train_batch_size * new.gradient_accumulation_steps == 16
 
 
-@pytest.mark.parametrize("text,expected", [("16GiB", 16 * 1024**3), ("1.5 GB", 1_500_000_000), ("512MiB", 512 * 1024**2),
-                                           ("1000", 1000)])
+@pytest.mark.parametrize("text,expected", [("16GiB", 16 * 1024**3), ("1.5 GB", 1_500_000_000),
+                                           ("512MiB", 512 * 1024**2), ("1000", 1000)])
 def test_parse_size(text, expected):
     assert plan.parse_size(text) == expected
 
@@ -178,7 +179,8 @@ def test_process_line_is_given_and_counted_on_cpu_only(tiny_model_dir):
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="oneDNN's linear op is only required of torch's x86-64 builds (tests/unit/test_cpu_linear.py)")
+                    reason="oneDNN's linear op is only required of torch's x86-64 builds "
+                           "(tests/unit/test_cpu_linear.py)")
 @pytest.mark.parametrize(("setting", "vendor"), [("onednn", "GenuineIntel"), ("auto", "AuthenticAMD"),
                                                  ("auto", "GenuineIntel"), ("torch", "AuthenticAMD")])
 def test_packed_weight_line_equals_what_the_sampler_packs(tiny_model_dir, monkeypatch, setting, vendor):
@@ -197,7 +199,8 @@ def test_packed_weight_line_equals_what_the_sampler_packs(tiny_model_dir, monkey
     names = [line.name for line in est.lines]
     if real:
         assert _line(est, "oneDNN-packed") == real
-        assert 0 < len(packed) < len(shape.linear_sizes) if setting == "auto" else len(packed) == len(shape.linear_sizes)
+        assert (0 < len(packed) < len(shape.linear_sizes) if setting == "auto"
+                else len(packed) == len(shape.linear_sizes))
     else:
         assert not any(name.startswith("oneDNN-packed") for name in names)
     assert (setting, vendor) in {("onednn", "GenuineIntel"), ("auto", "AuthenticAMD")} or real == 0

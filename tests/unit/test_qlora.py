@@ -10,15 +10,16 @@ import pytest
 import torch
 import yaml
 
-from grpokit.models import loading as models
 from grpokit.config import load_config, validate_config
 from grpokit.errors import ConfigError
+from grpokit.models import loading as models
 from tests.conftest import build_tiny_model, run_cli
 
 
 def test_config_accepts_load_in_4bit_with_lora():
     cfg = validate_config({"load_in_4bit": True, "use_peft": True})
-    assert (cfg.load_in_4bit, cfg.use_peft, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant) == (True, True, "nf4", True)
+    assert (cfg.load_in_4bit, cfg.use_peft, cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant) == (
+        True, True, "nf4", True)
 
 
 def test_config_rejects_load_in_4bit_without_lora():

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from grpokit.errors import RewardError
-from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, per_sample, resolve_reward, resolve_rewards, score
+from grpokit.rewards import (
+    RewardBatch,
+    RewardFunction,
+    RewardRunner,
+    per_sample,
+    resolve_reward,
+    resolve_rewards,
+    score,
+)
 from grpokit.rewards.builtin import number_correct
 
 COLUMNS = {"prompt": ["p", "p"], "answer": ["1", "1"], "topic": ["t", "t"]}
@@ -20,7 +28,8 @@ COLUMNS = {"prompt": ["p", "p"], "answer": ["1", "1"], "topic": ["t", "t"]}
 
 def _call(fn, n=2, columns=None, completions=None):
     columns = columns or COLUMNS
-    return RewardFunction.wrap(getattr(fn, "__name__", "f"), fn)(["p"] * n, completions or ["c"] * n, [[1]] * n, columns)
+    return RewardFunction.wrap(getattr(fn, "__name__", "f"), fn)(["p"] * n, completions or ["c"] * n, [[1]] * n,
+                                                                 columns)
 
 
 def _batch(completions, answers=None, prompts=None, **columns):
@@ -31,7 +40,8 @@ def _batch(completions, answers=None, prompts=None, **columns):
 
 
 def _runner(*fns, **kwargs):
-    return RewardRunner([f if isinstance(f, RewardFunction) else RewardFunction.wrap(f.__name__, f) for f in fns], **kwargs)
+    return RewardRunner([f if isinstance(f, RewardFunction) else RewardFunction.wrap(f.__name__, f) for f in fns],
+                        **kwargs)
 
 
 # ---- binding --------------------------------------------------------------------------------------
@@ -106,8 +116,8 @@ def test_class_with_config_parameters_from_a_config_entry(tmp_path):
         "        self.keyword, self.bonus = keyword, bonus\n"
         "    def __call__(self, completions, **kwargs):\n"
         "        return [self.bonus if self.keyword in c else 0.0 for c in completions]\n")
-    f = resolve_reward({"func": f"{tmp_path / 'spec_rewards.py'}:KeywordReward", "args": {"keyword": "cat", "bonus": 2.5},
-                        "name": "kw"})
+    f = resolve_reward({"func": f"{tmp_path / 'spec_rewards.py'}:KeywordReward",
+                        "args": {"keyword": "cat", "bonus": 2.5}, "name": "kw"})
     assert f.name == "kw" and f(["p", "p"], ["a cat", "a dog"], [[1], [1]], {"prompt": ["p", "p"]}) == [2.5, 0.0]
     with pytest.raises(RewardError, match="bad args.*KeywordReward.*'keyword', 'bonus'"):
         resolve_reward({"func": f"{tmp_path / 'spec_rewards.py'}:KeywordReward", "args": {"keywrd": "cat"}})
@@ -120,7 +130,8 @@ def test_function_args_are_fixed_keyword_arguments():
     f = resolve_reward({"func": scaled, "args": {"scale": 0.5}})
     assert f.name == "scaled" and f(["p"], ["abcd"], [[1]], {"prompt": ["p"]}) == [2.0]
     with pytest.raises(RewardError, match="not parameters of"):
-        resolve_reward({"func": number_correct, "args": {"scale": 2}, "name": "nc"}.copy() | {"func": lambda completions: []})
+        resolve_reward({"func": number_correct, "args": {"scale": 2}, "name": "nc"}.copy()
+                       | {"func": lambda completions: []})
 
 
 def test_compute_reward_objects_of_the_math_qa_trainer():
@@ -193,7 +204,8 @@ def test_argument_matching_no_column_is_a_clear_error():
 
 def test_resolve_builtin_file_and_dotted(tmp_path, monkeypatch):
     assert resolve_reward("number_correct").fn is number_correct
-    (tmp_path / "resolve_test_rewards.py").write_text("def short(completions, **kw):\n    return [-len(c) for c in completions]\n")
+    (tmp_path / "resolve_test_rewards.py").write_text("def short(completions, **kw):\n"
+                                                      "    return [-len(c) for c in completions]\n")
     by_file = resolve_reward(f"{tmp_path / 'resolve_test_rewards.py'}:short")
     monkeypatch.chdir(tmp_path)
     by_module = resolve_reward("resolve_test_rewards.short")
@@ -386,10 +398,12 @@ def test_a_reward_module_that_fails_to_load_is_a_clear_error(tmp_path, monkeypat
     with pytest.raises(RewardError, match=r"loading '.*broken_syntax.py' .*failed: SyntaxError: .*line 1\)"):
         resolve_reward(f"{tmp_path / 'broken_syntax.py'}:fn")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RewardError, match="importing module 'broken_import_time' .*failed: RuntimeError: no config file"):
+    with pytest.raises(RewardError,
+                       match="importing module 'broken_import_time' .*failed: RuntimeError: no config file"):
         resolve_reward("broken_import_time.fn")
 
 
 def test_a_reward_class_refusing_its_settings_is_a_clear_error():
-    with pytest.raises(RewardError, match=r"reward 'length': Length\(\*\*\{\}\) failed: ValueError: length: give a target"):
+    with pytest.raises(RewardError,
+                       match=r"reward 'length': Length\(\*\*\{\}\) failed: ValueError: length: give a target"):
         resolve_reward("length")

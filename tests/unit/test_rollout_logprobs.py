@@ -77,7 +77,8 @@ def test_top_k_one_is_greedy(tiny_model):
     prompts = _prompts(tokenizer)
     greedy = engine.generate(prompts, 1, SamplingParams(max_tokens=8, temperature=0.0)).completion_ids
     top1 = engine.generate(prompts, 1, SamplingParams(max_tokens=8, temperature=1.3, top_k=1, seed=1)).completion_ids
-    tiny_p = engine.generate(prompts, 1, SamplingParams(max_tokens=8, temperature=1.3, top_p=1e-6, seed=1)).completion_ids
+    tiny_p = engine.generate(prompts, 1,
+                             SamplingParams(max_tokens=8, temperature=1.3, top_p=1e-6, seed=1)).completion_ids
     assert greedy == top1 == tiny_p
 
 

@@ -161,7 +161,8 @@ def test_fork_is_refused_by_default(mode):
     assert "PermissionError" in result.detail and "os.fork" in result.detail
     assert "forked" not in result.stdout
     for code in ("import subprocess\nsubprocess.run(['true'])", "import os\nos.system('true')",
-                 "import os\nos.execv('/bin/true', ['true'])", "import multiprocessing as m\nm.Process(target=print).start()"):
+                 "import os\nos.execv('/bin/true', ['true'])",
+                 "import multiprocessing as m\nm.Process(target=print).start()"):
         assert run_python(code, limits=FAST).outcome == "failed", code
 
 
@@ -232,7 +233,8 @@ def test_network_connection_never_arrives(mode):
             for attempt in (lambda: socket.create_connection(("127.0.0.1", {port}), timeout=0.5),
                             lambda: socket.socket().connect(("127.0.0.1", {port})),
                             lambda: _socket.socket().connect(("127.0.0.1", {port})),
-                            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", {port})),
+                            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x",
+                                                                                            ("127.0.0.1", {port})),
                             lambda: socket.getaddrinfo("example.com", 80)):
                 try:
                     attempt()
@@ -276,7 +278,8 @@ def test_writes_outside_the_working_directory_are_refused(mode, tmp_path):
             "remove": lambda: os.remove({str(victim)!r}),
             "rename": lambda: os.rename({str(victim)!r}, "stolen.txt"),
             "chmod": lambda: os.chmod({str(victim)!r}, 0o777),
-            "dir_fd": lambda: os.open("escaped.txt", os.O_WRONLY | os.O_CREAT, dir_fd=os.open({str(tmp_path)!r}, os.O_RDONLY)),
+            "dir_fd": lambda: os.open("escaped.txt", os.O_WRONLY | os.O_CREAT,
+                                      dir_fd=os.open({str(tmp_path)!r}, os.O_RDONLY)),
         }}
         for name, attempt in attempts.items():
             try:
@@ -404,7 +407,8 @@ def test_runs_die_with_their_parent():
     assert not [pid for pid in started if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
     # the killed parent never removed its working directory (and cgroup): the next sweep does
     places = [tempfile.gettempdir()] + ([iso.cgroup_dir] if iso.cgroup_dir else [])
-    leaked = [os.path.join(p, n) for p in places for n in os.listdir(p) if n.startswith(f"grpokit-sandbox-{parent.pid}-")]
+    leaked = [os.path.join(p, n) for p in places for n in os.listdir(p)
+              if n.startswith(f"grpokit-sandbox-{parent.pid}-")]
     assert leaked
     sandbox._sweep_stale(iso, force=True, min_age_s=0)
     assert not [path for path in leaked if os.path.exists(path)]

@@ -17,7 +17,8 @@ import pytest
 from grpokit.errors import ConfigError
 from grpokit.observe.metrics import ConsoleSink, MetricsLogger, check_sinks, flatten, mlflow_name
 
-STEPS = {1: {"reward": 0.25, "kl": 0.01, "rewards/acc/mean": math.nan, "time/generate": 1.5, "tokens_per_second": 100.0},
+STEPS = {1: {"reward": 0.25, "kl": 0.01, "rewards/acc/mean": math.nan, "time/generate": 1.5,
+             "tokens_per_second": 100.0},
          2: {"reward": 0.5, "kl": 0.02, "rewards/acc/mean": 1.0, "time/generate": 2.5, "tokens_per_second": 200.0},
          3: {"reward": 0.75, "kl": 0.03, "rewards/acc/mean": 0.5, "time/generate": 3.5, "tokens_per_second": 300.0}}
 
@@ -75,7 +76,8 @@ def test_console_lines_every_logging_steps_and_nothing_else_off_a_terminal(tmp_p
         logger.log(step, {"reward": step / 10, "kl": 0.5})
     logger.log(5, {"eval/accuracy": 1.0}, show=False)
     logger.close()
-    assert echoed == ["step 2/5 | reward 0.2 | kl 0.5", "step 4/5 | reward 0.4 | kl 0.5", "step 5/5 | reward 0.5 | kl 0.5"]
+    assert echoed == ["step 2/5 | reward 0.2 | kl 0.5", "step 4/5 | reward 0.4 | kl 0.5",
+                      "step 5/5 | reward 0.5 | kl 0.5"]
     assert capsys.readouterr().out == ""  # pytest's stdout is not a terminal: no progress bar
 
 
@@ -169,9 +171,11 @@ def test_wandb_offline_run_holds_history_and_config(tmp_path, monkeypatch):
     assert run.display_name == "tiny-run" and run.project == "grpokit"
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["beta"] == 0.04 and config["loss_type"] == "dapo"
-    history = [{item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json) for item in r.history.item}
+    history = [{item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
+                for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
-    assert [(h["_step"], h["reward"], h["time/generate"]) for h in history] == [(1, 0.25, 1.5), (2, 0.5, 2.5), (3, 0.75, 3.5)]
+    assert [(h["_step"], h["reward"], h["time/generate"]) for h in history] == [(1, 0.25, 1.5), (2, 0.5, 2.5),
+                                                                                (3, 0.75, 3.5)]
     assert "rewards/acc/mean" not in history[0] and history[1]["rewards/acc/mean"] == 1.0
 
 

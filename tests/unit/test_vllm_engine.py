@@ -15,12 +15,19 @@ import pytest
 import requests
 import torch
 
-from grpokit.rollout import vllm_server
 from grpokit.errors import GrpokitError
-from grpokit.rollout import vllm_engine
+from grpokit.rollout import vllm_engine, vllm_server
 from grpokit.rollout.base import Rollout, SamplingParams
-from grpokit.rollout.vllm_engine import (EngineError, VLLMColocateEngine, VLLMServerEngine, WeightSyncExtension,
-                                         make_engine, policy_weights, read_safetensors, weights_checksum)
+from grpokit.rollout.vllm_engine import (
+    EngineError,
+    VLLMColocateEngine,
+    VLLMServerEngine,
+    WeightSyncExtension,
+    make_engine,
+    policy_weights,
+    read_safetensors,
+    weights_checksum,
+)
 from tests.conftest import build_tiny_model
 
 
@@ -364,7 +371,8 @@ def test_make_engine_without_use_vllm_imports_nothing(monkeypatch):
 
 def test_make_engine_colocate_names_the_missing_pieces(monkeypatch):
     cfg = SimpleNamespace(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.5,
-                          vllm_tensor_parallel_size=1, vllm_max_model_len=None, seed=0, model="m", torch_dtype="float32")
+                          vllm_tensor_parallel_size=1, vllm_max_model_len=None, seed=0, model="m",
+                          torch_dtype="float32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(EngineError, match=r"torch.cuda.is_available\(\) is False"):
         make_engine(cfg, "/models/tiny")
