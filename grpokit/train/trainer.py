@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from grpokit.algo.batches import Generation, MicroBatch, Pending, make_micro_batch, plan_micro_batches
+from grpokit.algo.batches import Generation, MicroBatch, Pending
 from grpokit.config.schema import GRPOConfig
 from grpokit.data import loading as data_mod
-from grpokit.errors import ConfigError, Interrupted, TrainingError
+from grpokit.errors import ConfigError, Interrupted
 from grpokit.evaluation.evaluate import eval_sampling, evaluate_per_prompt, merge_results
 from grpokit.models import cpu_linear
 from grpokit.models import loading as models
@@ -40,7 +40,7 @@ from grpokit.runtime.distributed import rank as process_rank
 from grpokit.train import checkpoint
 from grpokit.train.best_model import BestModel
 from grpokit.train.state import TrainState
-from grpokit.train.update import LogProbs, Updater, loss_settings
+from grpokit.train.update import LogProbs, Updater, count_skip, loss_settings, prepare_micro_batches, skip_limit_error
 
 log = logging.getLogger(__name__)
 
@@ -271,42 +271,18 @@ class Trainer:
                        metrics=self.collector.metrics(collected))
 
     def micro_batches(self, batch: Generation, advantages: torch.Tensor) -> list[MicroBatch]:
-        """This process's micro-batches of `batch` (algo/batches.py's plan), with their old and reference log-probs."""
-        cfg = self.cfg
-        planned = plan_micro_batches([len(c) for c in batch.completion_ids], batch.finish_reasons,
-                                     batch_size=cfg.per_device_train_batch_size,
-                                     accumulation=cfg.gradient_accumulation_steps, loss_type=cfg.loss_type,
-                                     mask_truncated=cfg.mask_truncated_completions, process_index=self.procs.index,
-                                     process_count=self.procs.count)
-        made = []
-        for plan in planned:  # each one scored as it is packed: the passes run in the order they always did
-            mb = make_micro_batch(batch, advantages, plan, pad_id=self.tokenizer.pad_token_id, device=self.device,
-                                  dtype=self.loss_dtype, mask_truncated=cfg.mask_truncated_completions)
-            self.logprobs.score(mb, cfg.policy_moves)
-            made.append(mb)
-        return made
+        """This process's micro-batches of `batch`, with their old and reference log-probs."""
+        return prepare_micro_batches(self.cfg, batch, advantages, logprobs=self.logprobs, procs=self.procs,
+                                     pad_id=self.tokenizer.pad_token_id, device=self.device, dtype=self.loss_dtype)
 
     def _count_skip(self, update: dict[str, float]) -> None:
-        """A real update leaves the engine's weights stale; a skipped one counts, and `max_consecutive_skips` in a
-        row stop the run with a checkpoint of the last good weights."""
-        state, limit = self.state, self.cfg.max_consecutive_skips
+        """A real update leaves the engine's weights stale; `max_consecutive_skips` skipped ones in a row stop the
+        run with a checkpoint of the last good weights."""
         if not update["skipped_step"]:
             self.engine_stale = True
-            state.consecutive_skips = 0
-            return
-        state.consecutive_skips += 1
-        loss, grad_norm = update["loss"], update["grad_norm"]
-        log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped, weights unchanged "
-                    "(%d in a row, the run stops at %d)", state.global_step, loss, grad_norm, state.consecutive_skips,
-                    limit)
-        if state.consecutive_skips >= limit:
-            state.pending = None  # the generation that produced non-finite values is not worth resuming into
-            path = self.save_checkpoint()
-            raise TrainingError(f"stopped at step {state.global_step}: {limit} optimizer steps in a row had a "
-                                f"non-finite loss or gradient norm (last: loss {loss}, grad norm {grad_norm}). The "
-                                f"weights are those before the first skipped step, saved in {path}. Likely causes: a "
-                                "learning rate too high, fp16 overflow, or NaN/inf from the model; lower "
-                                "learning_rate or max_grad_norm, or use bf16/fp32")
+        if count_skip(self.state, update, self.cfg.max_consecutive_skips):
+            self.state.pending = None  # the generation that produced non-finite values is not worth resuming into
+            raise skip_limit_error(self.state, update, self.cfg.max_consecutive_skips, self.save_checkpoint())
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -368,7 +344,6 @@ class Trainer:
 
     def _say(self, line: str) -> None:
         log.info(line)  # the CLI shows grpokit's info lines on stdout; the run's log file gets them too
-
 
 
 class _Silent:

@@ -8,17 +8,23 @@ with LoRA from the same model with its adapters off, and only when `beta > 0`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 
-from grpokit.algo.batches import MicroBatch
+from grpokit.algo.batches import Generation, MicroBatch, make_micro_batch, plan_micro_batches
 from grpokit.algo.loss import LossSettings, StepTotals, grpo_loss
 from grpokit.config.schema import GRPOConfig
+from grpokit.errors import TrainingError
 from grpokit.models.logprobs import completion_logps
 from grpokit.runtime.distributed import Processes
+from grpokit.train.state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 def loss_settings(cfg: GRPOConfig) -> LossSettings:
@@ -64,6 +70,23 @@ class LogProbs:
             with self.policy.disable_adapter():
                 return self.of(self.policy, mb)[0]
         return self.of(self.reference, mb)[0]
+
+
+def prepare_micro_batches(cfg: GRPOConfig, batch: Generation, advantages: torch.Tensor, *, logprobs: LogProbs,
+                          procs: Processes, pad_id: int, device, dtype: torch.dtype) -> list[MicroBatch]:
+    """This process's micro-batches of a generation (algo/batches.py's plan), packed, with the log-probs they need."""
+    planned = plan_micro_batches([len(c) for c in batch.completion_ids], batch.finish_reasons,
+                                 batch_size=cfg.per_device_train_batch_size,
+                                 accumulation=cfg.gradient_accumulation_steps, loss_type=cfg.loss_type,
+                                 mask_truncated=cfg.mask_truncated_completions, process_index=procs.index,
+                                 process_count=procs.count)
+    made = []
+    for plan in planned:  # each scored as soon as it is packed: the passes run in the order they always did
+        mb = make_micro_batch(batch, advantages, plan, pad_id=pad_id, device=device, dtype=dtype,
+                              mask_truncated=cfg.mask_truncated_completions)
+        logprobs.score(mb, cfg.policy_moves)
+        made.append(mb)
+    return made
 
 
 class Updater:
@@ -116,3 +139,25 @@ class Updater:
         out = {key: float(value) / max(totals.num_tokens, 1) for key, value in sums.items()}
         out.update(loss=loss_total, grad_norm=grad_norm, skipped_step=float(skipped))
         return out
+
+
+def count_skip(state: TrainState, update: dict[str, float], limit: int) -> bool:
+    """Count `update` in `state.consecutive_skips` (a real step resets it); True when `limit` in a row are reached."""
+    if not update["skipped_step"]:
+        state.consecutive_skips = 0
+        return False
+    state.consecutive_skips += 1
+    log.warning("step %d: non-finite loss (%s) or gradient norm (%s); optimizer step skipped, weights unchanged "
+                "(%d in a row, the run stops at %d)", state.global_step, update["loss"], update["grad_norm"],
+                state.consecutive_skips, limit)
+    return state.consecutive_skips >= limit
+
+
+def skip_limit_error(state: TrainState, update: dict[str, float], limit: int, saved: Path) -> TrainingError:
+    """The error that stops a run after `limit` skipped steps in a row; `saved`: the checkpoint of the last good
+    weights."""
+    return TrainingError(f"stopped at step {state.global_step}: {limit} optimizer steps in a row had a non-finite loss "
+                         f"or gradient norm (last: loss {update['loss']}, grad norm {update['grad_norm']}). The "
+                         f"weights are those before the first skipped step, saved in {saved}. Likely causes: a "
+                         "learning rate too high, fp16 overflow, or NaN/inf from the model; lower learning_rate or "
+                         "max_grad_norm, or use bf16/fp32")
