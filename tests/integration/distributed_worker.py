@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from grpokit import cli
-from grpokit.train import checkpoint
 from grpokit.observe import runlog
+from grpokit.train import checkpoint
 from grpokit.train.trainer import Trainer
 
 record = {"params": [], "completions": [], "rewards": [], "advantages": [], "writes": []}

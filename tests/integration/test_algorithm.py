@@ -102,7 +102,8 @@ def test_steps_per_generation_gives_several_optimizer_steps_per_generation(workd
 
 def test_mask_truncated_completions_leaves_cut_off_rows_out(workdir, tiny_model_dir):
     trainer = Trainer(make_config(tiny_model_dir, mask_truncated_completions=True, per_device_train_batch_size=4))
-    generation = Generation(prompts=["p"] * 4, completions=["c"] * 4, prompt_ids=[[5, 6]] * 4, completion_ids=[[7, 8, 1], [7, 8, 9], [7, 1], [7]],
+    generation = Generation(prompts=["p"] * 4, completions=["c"] * 4, prompt_ids=[[5, 6]] * 4,
+                            completion_ids=[[7, 8, 1], [7, 8, 9], [7, 1], [7]],
                             finish_reasons=["stop", "length", "stop", "length"], rewards=torch.zeros(4, 1))
     (mb,) = trainer.micro_batches(generation, torch.ones(4))
     assert mb.completion_mask.sum(dim=1).tolist() == [3, 0, 2, 0]
@@ -149,7 +150,8 @@ def test_options_reach_the_loss(workdir, tiny_model_dir):
     trainer = Trainer(make_config(tiny_model_dir, importance_sampling_level="sequence", delta=1.5, epsilon_high=0.28,
                                   top_entropy_quantile=0.5, reward_combination="normalize_then_sum"))
     s = trainer.loss_settings
-    assert (s.importance_sampling_level, s.delta, s.epsilon_high, s.top_entropy_quantile) == ("sequence", 1.5, 0.28, 0.5)
+    settings = (s.importance_sampling_level, s.delta, s.epsilon_high, s.top_entropy_quantile)
+    assert settings == ("sequence", 1.5, 0.28, 0.5)
     batch, _ = _generation(trainer)
     assert trainer.updater.update(batch)["grad_norm"] > 0
 

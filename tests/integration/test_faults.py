@@ -244,7 +244,8 @@ def _echoing_judge(body, n):
     return reply(f"I was called with Bearer {KEY}" if n % 4 == 2 else "Fine.\nScore: 7")
 
 
-def test_a_judge_api_key_never_reaches_the_run_directory_or_the_console(tmp_path, tiny_model_dir, server,
+def test_a_judge_api_key_never_reaches_the_run_directory_or_the_console(tmp_path, tiny_model_dir,
+                                                                       server,  # noqa: F811 - the fixture imported above
                                                                        monkeypatch):
     server.respond = _echoing_judge
     monkeypatch.setenv("GRPOKIT_FAULTS_JUDGE_KEY", KEY)

@@ -14,9 +14,11 @@ from tests.conftest import write_jsonl
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(4) for b in range(4)])
-    (tmp_path / "nonfinite_rewards.py").write_text("def text_hash(completions, **kwargs):\n"
-                                            "    return [sum(i * ord(c) for i, c in enumerate(t, 1)) % 97 / 97 for t in completions]\n")
+    write_jsonl(tmp_path / "train.jsonl",
+                [{"prompt": f"{a} + {b} =", "answer": str(a + b)} for a in range(4) for b in range(4)])
+    (tmp_path / "nonfinite_rewards.py").write_text(
+        "def text_hash(completions, **kwargs):\n"
+        "    return [sum(i * ord(c) for i, c in enumerate(t, 1)) % 97 / 97 for t in completions]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
@@ -24,7 +26,8 @@ def workdir(tmp_path, monkeypatch):
 
 def _trainer(model_dir, poisoned: set[int], **overrides) -> tuple[Trainer, dict]:
     cfg = validate_config({"model": str(model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",
-                           "reward_funcs": ["nonfinite_rewards.text_hash"], "num_generations": 4, "per_device_train_batch_size": 8,
+                           "reward_funcs": ["nonfinite_rewards.text_hash"], "num_generations": 4,
+                           "per_device_train_batch_size": 8,
                            "max_completion_length": 6, "learning_rate": 1e-2, "seed": 5, "save_steps": None,
                            **overrides})
     trainer = Trainer(cfg)
@@ -72,7 +75,8 @@ def test_a_nan_step_is_skipped_with_weights_and_optimizer_unchanged(workdir, tin
 
 def test_consecutive_nan_steps_stop_the_run_with_the_last_good_weights_saved(workdir, tiny_model_dir):
     trainer, after = _trainer(tiny_model_dir, poisoned={2, 3, 4, 5}, max_steps=8, max_consecutive_skips=3)
-    with pytest.raises(TrainingError, match=r"stopped at step 4: 3 optimizer steps in a row had a non-finite loss") as err:
+    stopped = r"stopped at step 4: 3 optimizer steps in a row had a non-finite loss"
+    with pytest.raises(TrainingError, match=stopped) as err:
         trainer.train()
     assert "run/checkpoint-4" in str(err.value) and "lower learning_rate" in str(err.value)
     saved = {k: v for k, v in _load(workdir / "run" / "checkpoint-4").items()}
