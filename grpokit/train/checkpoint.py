@@ -17,6 +17,10 @@ so a process killed mid-write leaves the previous checkpoint as it was; a leftov
 directory is ignored and removed by the next save. The remaining micro-batches of a generation
 are saved with it (TRL regenerates them on resume, which changes the run): `N` steps, resume,
 `N` more equal `2N` steps.
+
+`save_train` / `restore_train` write and read a GRPO run's checkpoint from the explicit parts: the loop's
+`TrainState` (state.py), the model, tokenizer, optimizer and scheduler, the state() of the best-model keeper,
+the health monitor and the reward runner, and the process group.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete
 
 @dataclass(slots=True, kw_only=True)
 class Saved:
-    """What `load` reads back; the trainer puts each part where it belongs."""
+    """What `load` reads back (`restore_train`, and sft.py, put each part where it belongs)."""
 
     path: Path
     state: dict[str, Any]

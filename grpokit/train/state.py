@@ -14,6 +14,8 @@ from grpokit.algo.batches import Pending
 
 @dataclass(slots=True, kw_only=True)
 class TrainState:
+    """Where the loop is: what trainer_state.json, rng_state.pt ("order") and pending.pt keep of it."""
+
     global_step: int = 0  # optimizer steps taken (skipped ones included)
     generations: int = 0  # sampler calls so far; seeds each one's sampler, so a run is reproducible
     num_tokens: int = 0  # prompt + completion tokens sampled so far, every process's
