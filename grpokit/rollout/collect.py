@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -30,10 +30,17 @@ from grpokit.rewards import RewardBatch, RewardRunner
 from grpokit.rollout.base import Engine, SamplingParams
 from grpokit.runtime.distributed import Processes, sample_ranges, share
 
-if TYPE_CHECKING:  # the loop's state is the train layer's; the collector only draws prompts and counts through it
-    from grpokit.train.state import TrainState
-
 log = logging.getLogger(__name__)
+
+
+class RunPosition(Protocol):
+    """What the collector reads and moves of the loop's state (train/state.py's TrainState): the data order,
+    the sampler counter that seeds each call, the sampled-token count."""
+
+    generations: int
+    num_tokens: int
+
+    def next_prompts(self, count: int, num_prompts: int) -> list[int]: ...
 
 
 @dataclass(slots=True, kw_only=True)
@@ -77,7 +84,7 @@ class Collector:
         return advantages
 
     # -- sampling ------------------------------------------------------------------------------
-    def collect(self, state: TrainState) -> Collected:
+    def collect(self, state: RunPosition) -> Collected:
         """One generation of `prompts_per_generation` groups (with dynamic sampling, of groups with spread)."""
         need = self.cfg.prompts_per_generation
         sampled = [self.sample_groups(state, need)]
@@ -87,7 +94,7 @@ class Collector:
             batch, metrics = sampled[0], {}
         return Collected(batch=batch, sampled=Generation.concat(sampled), metrics=metrics)
 
-    def sample_groups(self, state: TrainState, n_prompts: int) -> Generation:
+    def sample_groups(self, state: RunPosition, n_prompts: int) -> Generation:
         """`n_prompts` prompts from the data order x `num_generations` completions each, scored."""
         cfg, g = self.cfg, self.cfg.num_generations
         indices = state.next_prompts(n_prompts, len(self.data.prompt_ids))
@@ -134,7 +141,7 @@ class Collector:
                           completion_ids=rollout.completion_ids, finish_reasons=list(rollout.finish_reasons),
                           rewards=rewards)
 
-    def _dynamic_sampling(self, state: TrainState, sampled: list[Generation],
+    def _dynamic_sampling(self, state: RunPosition, sampled: list[Generation],
                           need: int) -> tuple[Generation, dict[str, float]]:
         """Keep groups with reward spread; refill from fresh prompts; top up with silent groups if rounds run out."""
         g = self.cfg.num_generations

@@ -7,12 +7,12 @@ import platform
 import pytest
 import torch
 
+from grpokit.algo.batches import pack
 from grpokit.errors import ConfigError
 from grpokit.models import cpu_linear
 from grpokit.models.logprobs import completion_logps
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
-from grpokit.train.trainer import pack
 
 # torch's x86-64 wheels (the pinned torch==2.13.0 among them) ship oneDNN's linear op; elsewhere it may be missing,
 # and grpokit then keeps torch's kernel. On x86-64 a missing op is a failure (below), never a skip.

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from grpokit.algo.batches import pack
 from grpokit.models.logprobs import completion_logps
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine, apply_repetition_penalty, draw, filter_logits, row_uniforms
-from grpokit.train.trainer import pack
 
 
 def _prompts(tokenizer):

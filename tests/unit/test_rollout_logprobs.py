@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from grpokit.algo.batches import pack
 from grpokit.models.logprobs import _HeadLogProbs, completion_logps, positions_from_mask
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
-from grpokit.train.trainer import pack
 
 
 def _prompts(tokenizer):
