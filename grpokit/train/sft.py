@@ -28,24 +28,24 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpokit.runtime import allocator
-from grpokit.train import checkpoint
-from grpokit.models import cpu_linear
-from grpokit.data import loading as data
 from grpokit.algo.batches import pack
 from grpokit.config import GRPOConfig
+from grpokit.data import loading as data
 from grpokit.errors import ConfigError, DataError, Interrupted, TrainingError
+from grpokit.models import cpu_linear
+from grpokit.models.loading import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
 from grpokit.models.logprobs import completion_logps
 from grpokit.observe.metrics import MetricsLogger, check_sinks
-from grpokit.models.loading import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
+from grpokit.runtime import allocator
+from grpokit.train import checkpoint
 
 log = logging.getLogger(__name__)
 
