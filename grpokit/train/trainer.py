@@ -74,7 +74,7 @@ class Trainer:
                                                                cfg.eval_dataset or "eval_dataset")
         if self.eval_records and cfg.eval_limit:
             self.eval_records = self.eval_records[:cfg.eval_limit]
-        if cfg.num_train_epochs is not None:  # epochs -> steps, now that the data size is known (config.py)
+        if cfg.num_train_epochs is not None:  # epochs -> steps, now that the data size is known (config/schema.py)
             steps = cfg.steps_for_epochs(len(self.train_records))
             log.info("%g epoch(s) over %d prompts = %d optimizer steps", cfg.num_train_epochs,
                      len(self.train_records), steps)
