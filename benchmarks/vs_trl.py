@@ -273,11 +273,15 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _versions(trl_python: str, grpokit_src: str | None) -> dict:
-    probe = ("import sys, torch, transformers, trl; "
-             "print(sys.version.split()[0], torch.__version__, transformers.__version__, trl.__version__)")
-    py, torch_v, tf_v, trl_v = subprocess.run([trl_python, "-c", probe], capture_output=True, text=True,
-                                              check=True).stdout.split()
+def _versions(trl_python: str | None, grpokit_src: str | None) -> dict:
+    """Versions of this process's libraries and, when TRL runs (`trl_python` given), of TRL's environment."""
+    trl_env = None
+    if trl_python is not None:
+        probe = ("import sys, torch, transformers, trl; "
+                 "print(sys.version.split()[0], torch.__version__, transformers.__version__, trl.__version__)")
+        py, torch_v, tf_v, trl_v = subprocess.run([trl_python, "-c", probe], capture_output=True, text=True,
+                                                  check=True).stdout.split()
+        trl_env = {"python": py, "torch": torch_v, "transformers": tf_v, "trl": trl_v}
     import torch
     import transformers
 
@@ -286,7 +290,7 @@ def _versions(trl_python: str, grpokit_src: str | None) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "repo_head": commit,
             "grpokit_benchmarked": grpokit_src or "the installed package (working tree)",
-            "trl_env": {"python": py, "torch": torch_v, "transformers": tf_v, "trl": trl_v}}
+            "trl_env": trl_env}
 
 
 def _uptime() -> str:
@@ -341,10 +345,11 @@ def main() -> None:
                 "completion": args.completion, "beta": args.beta, "lr": args.lr, "threads": args.threads,
                 "seed": args.seed, "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout,
                 "bf16": args.bf16, "grpokit_set": dict(item.split("=", 1) for item in args.grpokit_set)}
-        info = {"args": vars(args), "versions": _versions(args.trl_python, args.grpokit_src),
+        chosen = args.frameworks.split(",")
+        info = {"args": vars(args),
+                "versions": _versions(args.trl_python if "trl" in chosen else None, args.grpokit_src),
                 "load_before": _uptime(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        chosen = args.frameworks.split(",")
         runs: dict[str, list[dict]] = {name: [] for name in ("grpokit", "trl") if name in chosen}
         for r in range(args.rounds):
             for name in runs:
