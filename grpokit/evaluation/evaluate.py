@@ -25,6 +25,7 @@ from grpokit.evaluation.stats import majority_at_k, normalise_answer, paired_boo
 from grpokit.observe.metrics import nanmean
 from grpokit.rewards import RewardBatch, RewardRunner
 from grpokit.rewards.builtin import completion_text
+from grpokit.rewards.contract import columns_of, decode_completions
 from grpokit.rewards.verifiers import completion_answer
 from grpokit.rollout.base import Engine, SamplingParams
 
@@ -50,17 +51,6 @@ class Scored:
 def eval_sampling(cfg, max_tokens: int, stop_token_ids: list[int]) -> SamplingParams:
     """The config's rollout sampling settings with seed = cfg.seed: the sampled evaluation's (and `filter`'s) params."""
     return SamplingParams(max_tokens=max_tokens, stop_token_ids=stop_token_ids, seed=cfg.seed, **cfg.sampling())
-
-
-def decode_completions(tokenizer, completion_ids: list[list[int]], conversational: bool) -> list:
-    """Completion texts, or TRL's message-list form for conversational prompts."""
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-
-
-def columns_of(records: list[dict], repeat: int) -> dict[str, list]:
-    """Dataset columns, each value repeated for the `repeat` completions of its prompt."""
-    return {key: [r[key] for r in records for _ in range(repeat)] for key in records[0]}
 
 
 def sample_and_score(engine: Engine, tokenizer, data: TokenisedPrompts, runner: RewardRunner, n: int,

@@ -21,7 +21,6 @@ from grpokit.data import loading as data_mod
 from grpokit.errors import ConfigError
 from grpokit.evaluation.evaluate import (
     EvalResult,
-    decode_completions,
     eval_sampling,
     evaluate_per_prompt,
     sample_and_score,
@@ -29,6 +28,7 @@ from grpokit.evaluation.evaluate import (
 from grpokit.models import cpu_linear
 from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path
 from grpokit.rewards import RewardRunner, resolve_rewards
+from grpokit.rewards.contract import decode_completions
 from grpokit.rollout.torch_engine import TorchEngine
 
 

@@ -69,6 +69,17 @@ class RewardBatch:
         return next((self.columns[k] for k in REFERENCE_ALIASES if k in self.columns), None)
 
 
+def decode_completions(tokenizer, completion_ids: list[list[int]], conversational: bool) -> list:
+    """Completion texts, or TRL's message-list form for conversational prompts."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+
+
+def columns_of(records: list[dict], repeat: int) -> dict[str, list]:
+    """Dataset columns, each value repeated for the `repeat` completions of its prompt."""
+    return {key: [r[key] for r in records for _ in range(repeat)] for key in records[0]}
+
+
 def text_of(message_or_text: Any) -> str:
     """The text of a prompt or completion: a string, or the last message of a chat list."""
     if isinstance(message_or_text, list) and message_or_text and isinstance(message_or_text[-1], dict):

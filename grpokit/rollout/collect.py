@@ -22,11 +22,11 @@ from grpokit.algo.batches import Generation
 from grpokit.config.schema import GRPOConfig
 from grpokit.data.loading import TokenisedPrompts
 from grpokit.errors import ConfigError
-from grpokit.evaluation.evaluate import columns_of, decode_completions
 from grpokit.observe import runlog
 from grpokit.observe.alerts import identical_fraction
 from grpokit.observe.metrics import Timers, generation_metrics
 from grpokit.rewards import RewardBatch, RewardRunner
+from grpokit.rewards.contract import columns_of, decode_completions
 from grpokit.rollout.base import Engine, SamplingParams
 from grpokit.runtime.distributed import Processes, sample_ranges, share
 

@@ -117,3 +117,60 @@ def test_layer_rule(rule):
             if rule.forbids(i.target) and len(i.target) > len(broken.get((i.module, i.line), "")):
                 broken[i.module, i.line] = i.target
     assert not broken, f"{rule.name}: " + "; ".join(f"{m}:{n} imports {t}" for (m, n), t in broken.items())
+
+
+def layer_graph() -> dict[str, set[str]]:
+    """Which sub-package imports which other sub-package (the top files and errors.py/userimport.py left out)."""
+    layers = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    graph: dict[str, set[str]] = {layer: set() for layer in layers}
+    for module in modules():
+        parts = module.split("/")
+        if len(parts) < 3:
+            continue
+        for i in imports_in(module, (ROOT / module).read_text()):
+            target = i.target.split(".")
+            if target[0] == "grpokit" and len(target) > 1 and target[1] in layers and target[1] != parts[1]:
+                graph[parts[1]].add(target[1])
+    return graph
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as a path [a, b, ..., a], or None."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        for nxt in sorted(graph.get(node, ())):
+            found = visit(nxt, path + [node])
+            if found:
+                return found
+        done.add(node)
+        return None
+
+    return next((c for c in (visit(n, []) for n in sorted(graph)) if c), None)
+
+
+def test_cycle_finder_finds_a_cycle_and_none_where_there_is_none():
+    assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_in({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_layers_form_one_order():
+    graph = layer_graph()
+    assert {"algo", "train", "rollout", "evaluation"} <= set(graph), graph
+    cycle = cycle_in(graph)
+    assert cycle is None, "layers import each other: " + " -> ".join(cycle)
+
+
+def test_the_order_architecture_md_gives_is_the_import_order():
+    text = " ".join(DOC.read_text().split())
+    listed = re.search(r"bottom to top: ((?:`\w+`(?:, )?)+)\)", text)
+    assert listed, "ARCHITECTURE.md gives no layer order ('bottom to top: `a`, `b`, ...')"
+    order = re.findall(r"`(\w+)`", listed.group(1))
+    graph = layer_graph()
+    assert sorted(order) == sorted(graph), f"the order names {order}; the layers are {sorted(graph)}"
+    late = [(a, b) for a in graph for b in graph[a] if order.index(b) > order.index(a)]
+    assert not late, f"layers that import a layer listed above them: {late}"
