@@ -293,28 +293,14 @@ def _setup_logging() -> None:
 
 def _train(args) -> int:
     cfg = _load(args)
-    if args.dry_run:
-        from grpokit.data import loading as data
-        from grpokit.models.loading import check_quantization
-        from grpokit.rewards import resolve_rewards
+    if args.dry_run:  # the trainer's early checks, and nothing else
+        from grpokit.evaluation.preflight import early_checks
 
-        check_quantization(cfg)  # load_in_4bit needs a CUDA GPU and bitsandbytes: said here as train would say it
-
-        train = data.dataset_records(cfg, "train")
-        funcs = resolve_rewards(cfg.reward_funcs)
-        for f in funcs:
-            f.check_columns(train[0].keys())
-        funcs = [f.name for f in funcs]
-        held = data.dataset_records(cfg, "eval") or []
-        if held:
-            held = data.without_train_prompts(held, train, cfg.eval_dataset)
-        from grpokit.train.best_model import BestModel
-
-        BestModel(cfg, funcs, bool(held))  # metric_for_best_model: held-out data and a metric the evaluation has
-        if cfg.num_train_epochs is not None:
-            cfg = cfg.model_copy(update={"max_steps": cfg.steps_for_epochs(len(train)), "num_train_epochs": None})
-        print(cfg.to_yaml(), end="")
-        print(f"dry run: {len(train)} train prompts, {len(held)} held-out, rewards {funcs}; nothing trained")
+        inputs = early_checks(cfg)
+        funcs = [f.name for f in inputs.reward_funcs]
+        print(inputs.cfg.to_yaml(), end="")
+        print(f"dry run: {len(inputs.train_records)} train prompts, {len(inputs.eval_records)} held-out, "
+              f"rewards {funcs}; nothing trained")
         return 0
     if args.force and not args.resume:
         raise ConfigError("--force only applies with --resume")

@@ -13,6 +13,7 @@ For a sampled reward the per-prompt value is the mean over that prompt's samples
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from grpokit.config.schema import GRPOConfig
 from grpokit.data.loading import TokenisedPrompts
+from grpokit.errors import ConfigError
 from grpokit.evaluation.stats import majority_at_k, normalise_answer, paired_bootstrap_ci, pass_at_k
 from grpokit.observe.metrics import nanmean
 from grpokit.rewards import RewardBatch, RewardRunner
@@ -46,6 +49,44 @@ class Scored:
     rewards: torch.Tensor  # [P*n, K], NaN where a reward did not apply
     lengths: list[int]  # [P*n] completion tokens
     truncated: list[bool]  # [P*n] finish reason "length"
+
+
+def metric_key(name: str) -> str:
+    """'accuracy' -> 'eval/accuracy'; names already under 'eval/' stay as they are."""
+    return name if name.startswith("eval/") else f"eval/{name}"
+
+
+def eval_metric_names(cfg: GRPOConfig, reward_names: list[str]) -> list[str]:
+    """The eval/* keys an evaluation of this run returns (`evaluate_per_prompt`, the trainer's evaluation); a test
+    compares this list with a real evaluation's keys."""
+    names = ["eval/accuracy", "eval/num_correct", "eval/num_prompts", "eval/completions/mean_length",
+             "eval/completions/clipped_ratio", "eval/time", *(f"eval/rewards/{n}/mean" for n in reward_names)]
+    if cfg.eval_num_samples:
+        names += [f"eval/{kind}@{k}" for kind in ("pass", "maj") for k in cfg.eval_pass_k]
+        names += [*(f"eval/sampled/rewards/{n}/mean" for n in reward_names), "eval/sampled/completions/mean_length",
+                  "eval/sampled/completions/clipped_ratio"]
+    return names
+
+
+def unknown_metric(name: str, available: list[str], when: str) -> ConfigError:
+    close = difflib.get_close_matches(name, available, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"metric_for_best_model '{name}' is not an eval metric {when}{hint}; the available eval "
+                       f"metrics are: {', '.join(sorted(available))} (the 'eval/' prefix is optional)")
+
+
+def check_best_metric(cfg: GRPOConfig, reward_names: list[str], has_eval_data: bool) -> None:
+    """`metric_for_best_model`, before the model loads: held-out data to evaluate on, and a metric this run's
+    evaluation returns."""
+    if not cfg.metric_for_best_model:
+        return
+    if not has_eval_data:
+        raise ConfigError(f"metric_for_best_model '{cfg.metric_for_best_model}' needs held-out data to evaluate "
+                          "on: set eval_dataset (and eval_steps, to evaluate during training), or remove "
+                          "metric_for_best_model")
+    expected = eval_metric_names(cfg, reward_names)
+    if metric_key(cfg.metric_for_best_model) not in expected:
+        raise unknown_metric(cfg.metric_for_best_model, expected, "of this run")
 
 
 def eval_sampling(cfg, max_tokens: int, stop_token_ids: list[int]) -> SamplingParams:

@@ -1,29 +1,82 @@
-"""Pre-flight (`grpokit check CONFIG`): run every reward on a few real rows before any model loads.
+"""Pre-flight: what is checked before any model loads.
 
-Each reward function is called, in its worker and under `reward_timeout` as in training, on the
-first rows of the train data with synthetic completions: the reference answer and an empty
-completion, both in the form training produces (message lists for conversational data, strings
-otherwise), and the reference in the other form. The report gives, per function and form, the
-values (None = not applicable), the call time and any failure. A failure on a form training
-produces makes the check fail; one on the other form is a note. completion_ids are the UTF-8 bytes of
-the text: no tokenizer is loaded.
+`early_checks` is the one set of checks every run makes first, so that a bad setting fails in seconds:
+`grpokit train` (the trainer runs them before its model load), `grpokit train --dry-run` (they are all it
+runs) and `grpokit check` (before its rewards run). They load the train and held-out records and resolve
+the reward functions, and check 4-bit loading on this machine, each reward's arguments against the
+columns, `metric_for_best_model` against this run's eval metrics, the `report_to` trackers' packages,
+and vLLM with several processes.
+
+`preflight` (`grpokit check CONFIG`) then runs every reward on a few real rows. Each reward function is
+called, in its worker and under `reward_timeout` as in training, on the first rows of the train data
+with synthetic completions: the reference answer and an empty completion, both in the form training
+produces (message lists for conversational data, strings otherwise), and the reference in the other
+form. The report gives, per function and form, the values (None = not applicable), the call time and
+any failure. A failure on a form training produces makes the check fail; one on the other form is a
+note. completion_ids are the UTF-8 bytes of the text: no tokenizer is loaded.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 
 from grpokit.config import GRPOConfig
 from grpokit.data import loading as data_mod
-from grpokit.errors import RewardError
+from grpokit.errors import ConfigError, RewardError
+from grpokit.evaluation.evaluate import check_best_metric
+from grpokit.models.loading import check_quantization
+from grpokit.observe.metrics import check_sinks
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rewards.contract import REFERENCE_ALIASES
+from grpokit.runtime.distributed import world_size
+
+log = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = (*REFERENCE_ALIASES, "canonical_solution", "target")
+
+
+@dataclass(slots=True, kw_only=True)
+class RunInputs:
+    """What the early checks loaded and settled."""
+
+    cfg: GRPOConfig  # num_train_epochs turned into max_steps, now that the data size is known
+    reward_funcs: list[RewardFunction]
+    train_records: list[dict]
+    eval_records: list[dict]  # without the train prompts, cut to eval_limit; [] without held-out data
+
+
+def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, eval_records: list[dict] | None = None,
+                 reward_funcs: list | None = None, check_columns: bool = True) -> RunInputs:
+    """Load what a run needs before its model and check every setting that can be checked without it.
+
+    The Python API hands in records and reward callables already made; else the config names them.
+    `check_columns` False leaves each reward's arguments against the columns to the caller (`preflight` reports
+    every reward's instead of stopping at the first)."""
+    check_quantization(cfg)  # load_in_4bit without a CUDA GPU or bitsandbytes: fail before data and model
+    funcs = resolve_rewards(reward_funcs or cfg.reward_funcs)
+    train = train_records if train_records is not None else data_mod.dataset_records(cfg, "train")
+    held = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval")
+    held = data_mod.without_train_prompts(held, train, cfg.eval_dataset or "eval_dataset") if held else []
+    if held and cfg.eval_limit:
+        held = held[:cfg.eval_limit]
+    if cfg.num_train_epochs is not None:  # epochs -> steps, now that the data size is known (config/schema.py)
+        steps = cfg.steps_for_epochs(len(train))
+        log.info("%g epoch(s) over %d prompts = %d optimizer steps", cfg.num_train_epochs, len(train), steps)
+        cfg = cfg.model_copy(update={"max_steps": steps, "num_train_epochs": None})
+    if check_columns:  # a reward argument that matches no column fails now, not at step 1
+        for f in funcs:
+            f.check_columns(train[0].keys())
+    check_best_metric(cfg, [f.name for f in funcs], bool(held))
+    check_sinks(cfg.report_to)  # a tracker asked for but not installed fails now, not after the model loads
+    if cfg.use_vllm and world_size() > 1:
+        raise ConfigError(f"use_vllm with {world_size()} processes is not supported yet: each process generates "
+                          "with the in-process sampler; drop use_vllm, or run one process with vLLM")
+    return RunInputs(cfg=cfg, reward_funcs=funcs, train_records=train, eval_records=held)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -71,9 +124,10 @@ def _values(values: list[float]) -> str:
 
 
 def preflight(cfg: GRPOConfig, rows: int = 3) -> PreflightReport:
+    """The early checks (their errors are raised), then every reward on the first `rows` train rows."""
     report = PreflightReport()
-    records = data_mod.dataset_records(cfg, "train")[:rows]
-    funcs = resolve_rewards(cfg.reward_funcs)
+    inputs = early_checks(cfg, check_columns=False)
+    records, funcs = inputs.train_records[:rows], inputs.reward_funcs
     conversational = isinstance(records[0]["prompt"], list)
     report.lines.append(f"pre-flight: {len(funcs)} reward function(s) on {len(records)} row(s) of {cfg.dataset} "
                         f"(columns: {', '.join(records[0])}; {'chat' if conversational else 'plain'} prompts), "

@@ -2,9 +2,10 @@
 is saved to OUTPUT_DIR/best_model/ (weights or LoRA adapter, tokenizer, best_metric.json).
 
 The metric name is checked twice. At start, before the model loads, against the names an evaluation
-of this run produces (`eval_metric_names`: the reward names, the fixed keys, pass@k / maj@k when
-eval_num_samples > 0). At the first evaluation, against the metrics it actually returned: that check
-is the authority, so a name the start list misses still fails before any further training.
+of this run produces (`check_best_metric` in evaluation/evaluate.py, one of the early checks of
+evaluation/preflight.py: the reward names, the fixed keys, pass@k / maj@k when eval_num_samples > 0).
+At the first evaluation, against the metrics it actually returned: that check is the authority, so a
+name the start list misses still fails before any further training.
 
 Only a strict improvement replaces the saved model (ties keep the earlier, so a resumed run that
 repeats an evaluation leaves best_model/ alone); NaN never counts as an improvement. The best value
@@ -15,7 +16,6 @@ with a worse one.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -25,17 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.config import GRPOConfig
-from grpokit.errors import ConfigError
+from grpokit.evaluation.evaluate import metric_key, unknown_metric
 
 log = logging.getLogger(__name__)
 
 DIR_NAME = "best_model"
 METRIC_FILE = "best_metric.json"
-
-
-def metric_key(name: str) -> str:
-    """'accuracy' -> 'eval/accuracy'; names already under 'eval/' stay as they are."""
-    return name if name.startswith("eval/") else f"eval/{name}"
 
 
 def greater_is_better(cfg: GRPOConfig) -> bool:
@@ -45,44 +40,17 @@ def greater_is_better(cfg: GRPOConfig) -> bool:
     return not metric_key(cfg.metric_for_best_model or "").endswith(("loss", "length"))
 
 
-def eval_metric_names(cfg: GRPOConfig, reward_names: list[str]) -> list[str]:
-    """The eval/* keys an evaluation of this run returns (evaluate.py, trainer._evaluate); a test compares
-    this list with a real evaluation's keys."""
-    names = ["eval/accuracy", "eval/num_correct", "eval/num_prompts", "eval/completions/mean_length",
-             "eval/completions/clipped_ratio", "eval/time", *(f"eval/rewards/{n}/mean" for n in reward_names)]
-    if cfg.eval_num_samples:
-        names += [f"eval/{kind}@{k}" for kind in ("pass", "maj") for k in cfg.eval_pass_k]
-        names += [*(f"eval/sampled/rewards/{n}/mean" for n in reward_names), "eval/sampled/completions/mean_length",
-                  "eval/sampled/completions/clipped_ratio"]
-    return names
-
-
-def _unknown_metric(name: str, available: list[str], when: str) -> ConfigError:
-    close = difflib.get_close_matches(name, available, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"metric_for_best_model '{name}' is not an eval metric {when}{hint}; the available eval "
-                       f"metrics are: {', '.join(sorted(available))} (the 'eval/' prefix is optional)")
-
-
 class BestModel:
     """Tracks the best value of `metric_for_best_model` and saves the policy when it improves.
-    With no metric configured every method does nothing."""
+    With no metric configured every method does nothing. The metric's name is checked before (`check_best_metric`
+    in evaluation/evaluate.py, one of the early checks) and at the first evaluation (`observe`)."""
 
-    def __init__(self, cfg: GRPOConfig, reward_names: list[str], has_eval_data: bool):
+    def __init__(self, cfg: GRPOConfig):
         self.metric = metric_key(cfg.metric_for_best_model) if cfg.metric_for_best_model else None
         self.greater = greater_is_better(cfg)
         self.dir = Path(cfg.output_dir) / DIR_NAME
         self.value: float | None = None
         self.step: int | None = None
-        if self.metric is None:
-            return
-        if not has_eval_data:
-            raise ConfigError(f"metric_for_best_model '{cfg.metric_for_best_model}' needs held-out data to evaluate "
-                              "on: set eval_dataset (and eval_steps, to evaluate during training), or remove "
-                              "metric_for_best_model")
-        expected = eval_metric_names(cfg, reward_names)
-        if self.metric not in expected:
-            raise _unknown_metric(cfg.metric_for_best_model, expected, "of this run")
 
     def improves(self, value: float) -> bool:
         if math.isnan(value):
@@ -98,7 +66,7 @@ class BestModel:
         if self.metric is None:
             return False
         if self.metric not in result:  # the start check passed, but the evaluation disagrees: fail before training on
-            raise _unknown_metric(self.metric, [k for k in result if k.startswith("eval/")],
+            raise unknown_metric(self.metric, [k for k in result if k.startswith("eval/")],
                                   f"(checked at the evaluation at step {step})")
         value = float(result[self.metric])
         if not self.improves(value):

@@ -23,19 +23,20 @@ import torch
 from grpokit.algo.batches import Generation, MicroBatch, Pending
 from grpokit.config.schema import GRPOConfig
 from grpokit.data import loading as data_mod
-from grpokit.errors import ConfigError, Interrupted
+from grpokit.errors import Interrupted
 from grpokit.evaluation.evaluate import eval_sampling, evaluate_per_prompt, merge_results
+from grpokit.evaluation.preflight import early_checks
 from grpokit.models import cpu_linear
 from grpokit.models import loading as models
 from grpokit.models.logprobs import CompletionLogProbs
 from grpokit.observe import alerts, runlog
 from grpokit.observe.alerts import HealthMonitor
-from grpokit.observe.metrics import MetricsLogger, Timers, check_sinks
-from grpokit.rewards import RewardFunction, RewardRunner, resolve_rewards
+from grpokit.observe.metrics import MetricsLogger, Timers
+from grpokit.rewards import RewardFunction, RewardRunner
 from grpokit.rollout.collect import Collector
 from grpokit.rollout.torch_engine import TorchEngine
 from grpokit.rollout.vllm_engine import make_engine
-from grpokit.runtime.distributed import Processes, share, world_size
+from grpokit.runtime.distributed import Processes, share
 from grpokit.runtime.distributed import rank as process_rank
 from grpokit.train import checkpoint
 from grpokit.train.best_model import BestModel
@@ -62,32 +63,14 @@ class Trainer:
                  peft_config=None):
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        models.check_quantization(cfg)  # load_in_4bit without a CUDA GPU or bitsandbytes: fail before data and model
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        # data and rewards first: their errors must come before the (slow) model load
-        self.reward_funcs: list[RewardFunction] = resolve_rewards(reward_funcs or cfg.reward_funcs)
-        self.train_records = train_records if train_records is not None else data_mod.dataset_records(cfg, "train")
-        self.eval_records = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval")
-        if self.eval_records:
-            self.eval_records = data_mod.without_train_prompts(self.eval_records, self.train_records,
-                                                               cfg.eval_dataset or "eval_dataset")
-        if self.eval_records and cfg.eval_limit:
-            self.eval_records = self.eval_records[:cfg.eval_limit]
-        if cfg.num_train_epochs is not None:  # epochs -> steps, now that the data size is known (config/schema.py)
-            steps = cfg.steps_for_epochs(len(self.train_records))
-            log.info("%g epoch(s) over %d prompts = %d optimizer steps", cfg.num_train_epochs,
-                     len(self.train_records), steps)
-            self.cfg = cfg = cfg.model_copy(update={"max_steps": steps, "num_train_epochs": None})
-
-        for f in self.reward_funcs:  # a reward argument that matches no column fails now, not at step 1
-            f.check_columns(self.train_records[0].keys())
-        # checked before the model loads
-        self.best = BestModel(cfg, [f.name for f in self.reward_funcs], bool(self.eval_records))
-        check_sinks(cfg.report_to)  # a tracker asked for but not installed fails now, not after the model loads
-        if cfg.use_vllm and world_size() > 1:
-            raise ConfigError(f"use_vllm with {world_size()} processes is not supported yet: each process generates "
-                              "with the in-process sampler; drop use_vllm, or run one process with vLLM")
+        # data, rewards and every setting checked without a model first: their errors come before the (slow) load
+        inputs = early_checks(cfg, train_records=train_records, eval_records=eval_records, reward_funcs=reward_funcs)
+        self.cfg = cfg = inputs.cfg
+        self.reward_funcs: list[RewardFunction] = inputs.reward_funcs
+        self.train_records, self.eval_records = inputs.train_records, inputs.eval_records
+        self.best = BestModel(cfg)
         # reward workers fork now, while this process is small and before the process group starts (runner.py)
         errors_file = "reward_errors.jsonl" if process_rank() == 0 else f"reward_errors.rank{process_rank()}.jsonl"
         self.rewards = RewardRunner(self.reward_funcs, timeout=cfg.reward_timeout,

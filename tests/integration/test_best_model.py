@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from grpokit.config import GRPOConfig, load_config
 from grpokit.errors import ConfigError
-from grpokit.train.best_model import BestModel, eval_metric_names, greater_is_better
+from grpokit.evaluation.evaluate import eval_metric_names
+from grpokit.train.best_model import BestModel, greater_is_better
 from tests.conftest import run_cli, write_jsonl
 
 REWARDS = '''
@@ -128,7 +129,7 @@ def test_best_model_needs_held_out_data(tmp_path, tiny_model_dir):
 
 def _tracker(tmp_path, **fields) -> BestModel:
     cfg = GRPOConfig(output_dir=str(tmp_path), metric_for_best_model="accuracy", **fields)
-    return BestModel(cfg, ["correct"], has_eval_data=True)
+    return BestModel(cfg)
 
 
 def _fake_save(path):

@@ -149,3 +149,30 @@ def test_reward_argument_matching_no_column_fails_before_the_model_loads(tmp_pat
     assert result.returncode == 2
     assert "'needs_topic' needs argument 'topic', which matches no dataset column" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+EARLY_FAULTS = {
+    "unknown best metric": ({"metric_for_best_model": "accuracyy"},
+                            "metric_for_best_model 'accuracyy' is not an eval metric of this run (did you mean "
+                            "'eval/accuracy'?)"),
+    "best metric without held-out data": ({"metric_for_best_model": "accuracy", "eval_dataset": None},
+                                          "metric_for_best_model 'accuracy' needs held-out data"),
+    "reward argument matching no column": ({"reward_funcs": ["needy.needs_topic"], "reward_weights": None},
+                                           "'needs_topic' needs argument 'topic', which matches no dataset column"),
+}
+COMMANDS = {"train": ["train"], "dry run": ["train", "--dry-run"], "check": ["check", "--quiet-config"]}
+
+
+@pytest.mark.parametrize("fault", EARLY_FAULTS)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_train_dry_run_and_check_make_the_same_early_checks(tmp_path, tiny_model_dir, command, fault):
+    """One set of checks (evaluation/preflight.py's early_checks): each fault fails the same in all three commands,
+    before any model loads (the model path does not exist: a model load would fail with another error)."""
+    (tmp_path / "needy.py").write_text("def needs_topic(completions, topic):\n    return [0.0] * len(completions)\n")
+    overrides, message = EARLY_FAULTS[fault]
+    cfg = _setup(tmp_path, tiny_model_dir, model="./no-model-here", **overrides)
+    result = run_cli(*COMMANDS[command][:1], str(cfg), *COMMANDS[command][1:], cwd=tmp_path)
+    assert message in result.stderr + result.stdout, (result.stdout, result.stderr)
+    assert result.returncode == (1 if command == "check" and "column" in fault else 2), result.stderr
+    assert "Traceback" not in result.stderr and "no-model-here" not in result.stderr
+    assert not (tmp_path / "run").exists()
