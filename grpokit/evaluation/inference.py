@@ -26,7 +26,7 @@ from grpokit.evaluation.evaluate import (
     sample_and_score,
 )
 from grpokit.models import cpu_linear
-from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path
+from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path, stop_token_ids
 from grpokit.rewards import RewardRunner, resolve_rewards
 from grpokit.rewards.contract import decode_completions
 from grpokit.rollout.torch_engine import TorchEngine
@@ -38,10 +38,8 @@ def _load(cfg: GRPOConfig):
     tokenizer = load_tokenizer(path)
     model = load_policy(path, getattr(torch, cfg.torch_dtype)).to(device).eval()
     cpu_linear.apply(model, cfg.cpu_linear, device)
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     engine = TorchEngine(model, tokenizer.pad_token_id, tokenizer=tokenizer)
-    return model, tokenizer, engine, sorted({tokenizer.eos_token_id, *eos})
+    return model, tokenizer, engine, stop_token_ids(tokenizer, model)
 
 
 def _autocast(cfg: GRPOConfig, model: torch.nn.Module):

@@ -15,12 +15,14 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from grpokit.errors import ConfigError
+from grpokit.models import cpu_linear
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,37 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+@dataclass(slots=True, kw_only=True)
+class TrainablePolicy:
+    module: torch.nn.Module  # on its device, in train mode; a peft model when it trains adapters
+    uses_adapters: bool  # LoRA: only the adapters train (and the reference is the model with them disabled)
+    onednn_linear: bool  # its linear layers run in float32 on oneDNN (cpu_linear.py)
+
+
+def prepare_policy(model: torch.nn.Module, cfg, device: torch.device, *, peft_config=None) -> TrainablePolicy:
+    """A loaded `model` made ready to train as `cfg` says: on `device`, gradient checkpointing, LoRA (`peft_config`,
+    or `use_peft` with the config's lora_* settings), train mode, then the CPU's oneDNN linear layers."""
+    policy = model.to(device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, peft_config)
+    elif cfg.use_peft:
+        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    policy.train()
+    onednn = cpu_linear.apply(policy, cfg.cpu_linear, device)  # before any frozen copy: the reference gets it too
+    return TrainablePolicy(module=policy, uses_adapters=peft_config is not None or cfg.use_peft, onednn_linear=onednn)
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Where a completion ends: the tokenizer's EOS and every EOS of the model's generation config."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return sorted({tokenizer.eos_token_id, *eos})
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -36,6 +36,7 @@ A check also waits until it has a full window (two for the growth test of kl_blo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -298,6 +299,12 @@ class HealthMonitor:
                        f"{correct:.3g} against {correct0:.3g} ({correct - correct0:+.3g}; alert when length grows "
                        f">= {1 + self.length_growth:.3g}x and reward by >= {self.reward_rise:.3g} while correctness "
                        f"gains <= {self.correctness_delta:.3g})")
+
+
+def append(path: Path, alert: Alert) -> None:
+    """One alert as a line of an alerts.jsonl."""
+    with open(path, "a") as f:
+        f.write(json.dumps(dataclasses.asdict(alert)) + "\n")
 
 
 def drop_after(path: Path, step: int) -> None:

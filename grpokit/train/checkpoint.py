@@ -210,40 +210,6 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-class StopSignals:
-    """While active, SIGINT / SIGTERM only set `received` (the loop checkpoints and stops at the end of the step);
-    a second signal abandons the step at once (KeyboardInterrupt). Inactive off the main thread."""
-
-    def __init__(self, say):
-        self.say = say
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        self.say(f"{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
-                 "(send it again to stop at once without one)")
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass(slots=True, kw_only=True)
 class Restored:
     """What `restore_train` read besides what it put into the model, optimizer and scheduler: the loop's state, and

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +38,19 @@ import torch
 from grpokit.algo.batches import pack
 from grpokit.config import GRPOConfig
 from grpokit.data import loading as data
-from grpokit.errors import ConfigError, DataError, Interrupted, TrainingError
-from grpokit.models import cpu_linear
-from grpokit.models.loading import add_lora, load_policy, load_tokenizer, optimizer_and_schedule, resolve_model_path
+from grpokit.errors import ConfigError, DataError, TrainingError
+from grpokit.models.loading import (
+    load_policy,
+    load_tokenizer,
+    optimizer_and_schedule,
+    prepare_policy,
+    resolve_model_path,
+)
 from grpokit.models.logprobs import completion_logps
-from grpokit.observe.metrics import MetricsLogger, check_sinks
+from grpokit.observe.metrics import check_sinks
 from grpokit.runtime import allocator
 from grpokit.train import checkpoint
+from grpokit.train.harness import RunHarness, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +252,8 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
                           "use_peft: true, torch_dtype: bfloat16), then GRPO with load_in_4bit from its final_model")
     separate_output = "output_dir" in cfg.model_fields_set  # then GRPO with the same config would write here too
     cfg = sft_defaults(cfg)
-    resumed_from = checkpoint.find(Path(cfg.output_dir), resume, kind="sft") if resume else None  # before loading
+    harness = RunHarness(cfg, command="sft", config_name=config_name)
+    resumed_from = resume_checkpoint(cfg, resume, kind="sft")  # before anything loads
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -263,13 +269,8 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
         log.info("%g epoch(s) over %d examples = %d optimizer steps", cfg.num_train_epochs, len(examples), steps)
         cfg = cfg.model_copy(update={"max_steps": steps, "num_train_epochs": None})
 
-    policy = load_policy(model_path, getattr(torch, cfg.torch_dtype)).to(device)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.use_peft:
-        policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    policy.train()
-    onednn = cpu_linear.apply(policy, cfg.cpu_linear, device)
+    trainable = prepare_policy(load_policy(model_path, getattr(torch, cfg.torch_dtype)), cfg, device)
+    policy, onednn = trainable.module, trainable.onednn_linear
     optimizer, scheduler = optimizer_and_schedule(policy, cfg)
 
     out = Path(cfg.output_dir)
@@ -277,21 +278,11 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
     run = _SFTState()
     if resumed_from is not None:
         run = _restore(cfg, resumed_from, force, policy, optimizer, scheduler, order_rng)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
-    handler = logging.FileHandler(out / "training_log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("grpokit").addHandler(handler)
-    metrics_log = MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=log.info, report_to=cfg.report_to,
-                                run_config=cfg.model_dump(mode="json"), run_name=out.name,
-                                resume_step=run.step if resumed_from else None)
-    log.info("SFT of %s on %d examples (%d dropped) from %s: %d steps of %d rows, lr %g, %s%s", cfg.model,
-             len(examples), dropped, cfg.dataset, cfg.max_steps, rows_per_step, cfg.learning_rate,
-             "LoRA" if cfg.use_peft else "all weights", " (float32 linear layers on oneDNN)" if onednn else "")
-    if device.type == "cpu":
-        log.info("%s", allocator.describe())
-    if resumed_from is not None:
-        log.info("resumed from %s: step %d of %d", resumed_from, run.step, cfg.max_steps)
+    summary = [f"SFT of {cfg.model} on {len(examples)} examples ({dropped} dropped) from {cfg.dataset}: "
+               f"{cfg.max_steps} steps of {rows_per_step} rows, lr {cfg.learning_rate:g}, "
+               f"{'LoRA' if cfg.use_peft else 'all weights'}{' (float32 linear layers on oneDNN)' if onednn else ''}",
+               *([allocator.describe()] if device.type == "cpu" else []),
+               *([f"resumed from {resumed_from}: step {run.step} of {cfg.max_steps}"] if resumed_from else [])]
 
     def save_checkpoint() -> Path:
         state = {"kind": "sft", "global_step": run.step, "order": run.order, "losses": run.losses,
@@ -300,19 +291,14 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
                                scheduler=scheduler, state=state, rng=checkpoint.rng_state(order_rng), pending=None,
                                config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
 
-    try:
-        with checkpoint.StopSignals(log.info) as signals:
-            while run.step < cfg.max_steps:
-                run.step += 1
-                _sft_step(run, cfg, examples, order_rng, policy, optimizer, scheduler, tokenizer, device, metrics_log,
-                          rows_per_step)
-                if signals.received is not None:
-                    path = save_checkpoint()
-                    raise Interrupted(f"stopped by {signal.Signals(signals.received).name} after step {run.step}; "
-                                      f"checkpoint written to {path}. Resume with: grpokit sft {config_name} --resume",
-                                      128 + signals.received)
-                if cfg.save_steps and run.step % cfg.save_steps == 0 and run.step < cfg.max_steps:
-                    save_checkpoint()
+    def step() -> int:
+        run.step += 1
+        _sft_step(run, cfg, examples, order_rng, policy, optimizer, scheduler, tokenizer, device, metrics_log,
+                  rows_per_step)
+        return run.step
+
+    with harness.open(resume_step=run.step if resumed_from else None, summary=summary) as metrics_log:
+        harness.run(step=step, position=lambda: run.step, save=save_checkpoint)
         model_dir = out / "final_model"
         (policy.merge_and_unload() if cfg.use_peft else policy).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -320,10 +306,6 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
         log.info("saved %s (%s)", model_dir, "LoRA merged into the base weights" if cfg.use_peft else "all weights")
         log.info("continue with GRPO: grpokit train %s --preset from_sft --sft-model %s%s", config_name, model_dir,
                  f" --output-dir {out}-grpo" if separate_output else "")
-    finally:
-        metrics_log.close()
-        logging.getLogger("grpokit").removeHandler(handler)
-        handler.close()
     return SFTResult(output_dir=out, model_dir=model_dir, steps=cfg.max_steps, examples=len(examples), dropped=dropped,
                      first_loss=run.losses[0], last_loss=run.losses[-1])
 

@@ -10,10 +10,8 @@ repeats `num_iterations` times. What a checkpoint keeps of the loop is its `Trai
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +21,8 @@ import torch
 from grpokit.algo.batches import Generation, MicroBatch, Pending
 from grpokit.config.schema import GRPOConfig
 from grpokit.data import loading as data_mod
-from grpokit.errors import Interrupted
 from grpokit.evaluation.evaluate import eval_sampling, evaluate_per_prompt, merge_results
 from grpokit.evaluation.preflight import early_checks
-from grpokit.models import cpu_linear
 from grpokit.models import loading as models
 from grpokit.models.logprobs import CompletionLogProbs
 from grpokit.observe import alerts, runlog
@@ -40,6 +36,7 @@ from grpokit.runtime.distributed import Processes, share
 from grpokit.runtime.distributed import rank as process_rank
 from grpokit.train import checkpoint
 from grpokit.train.best_model import BestModel
+from grpokit.train.harness import RunHarness, resume_checkpoint
 from grpokit.train.state import TrainState
 from grpokit.train.update import LogProbs, Updater, count_skip, loss_settings, prepare_micro_batches, skip_limit_error
 
@@ -87,19 +84,9 @@ class Trainer:
         if model is None:
             model = models.load_policy(model_path, getattr(torch, cfg.torch_dtype),
                                        quantization=models.bnb_4bit_kwargs(cfg), device=self.device)
-        self.policy = model.to(self.device)
-        if cfg.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if peft_config is not None:
-            from peft import get_peft_model
-
-            self.policy = get_peft_model(self.policy, peft_config)
-        elif cfg.use_peft:
-            self.policy = models.add_lora(self.policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                                          cfg.lora_target_modules)
-        self.uses_adapters = peft_config is not None or cfg.use_peft
-        self.policy.train()
-        self.onednn_linear = cpu_linear.apply(self.policy, cfg.cpu_linear, self.device)  # before the frozen copy
+        trainable = models.prepare_policy(model, cfg, self.device, peft_config=peft_config)
+        self.policy, self.uses_adapters, self.onednn_linear = (trainable.module, trainable.uses_adapters,
+                                                               trainable.onednn_linear)
         # the reference policy: none at beta 0; with LoRA the same model with adapters disabled; else a frozen copy
         self.reference = models.frozen_copy(self.policy) if cfg.beta > 0 and not self.uses_adapters else None
         # vLLM when use_vllm (synced and verified now, and before each generation after an update); else in-process
@@ -110,7 +97,7 @@ class Trainer:
                                                     cfg.dataset)
         self.eval_data = (data_mod.tokenise_prompts(self.eval_records, self.tokenizer, cfg.max_prompt_length,
                                                     cfg.eval_dataset) if self.eval_records else None)
-        self.stop_ids = sorted({self.tokenizer.eos_token_id, *self._generation_eos()})
+        self.stop_ids = models.stop_token_ids(self.tokenizer, self.policy)
 
         self.optimizer, self.scheduler = models.optimizer_and_schedule(self.policy, cfg)
         # several processes: the training forward runs through accelerate's wrapper (DDP), which all-reduces gradients
@@ -134,10 +121,6 @@ class Trainer:
                                train_module=self.train_module, device=self.device, autocast=self.autocast)
         self.state = TrainState.start(cfg.seed)
 
-    def _generation_eos(self) -> list[int]:
-        eos = getattr(self.policy.generation_config, "eos_token_id", None)
-        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
     def synced_engine(self):
         """The engine, after pushing the policy's weights to it if they changed (a no-op for the in-process one)."""
         if self.engine_stale and self.cfg.use_vllm:
@@ -153,63 +136,35 @@ class Trainer:
     def train(self, resume: str | bool | None = None, force: bool = False) -> TrainResult:
         """Run to `max_steps`. `resume`: True for the newest checkpoint in output_dir, or a checkpoint path;
         `force` resumes even when the config changed in a way that changes the results."""
-        cfg = self.cfg
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.restore(checkpoint.find(out, resume), force)
-        main = self.procs.is_main  # with several processes, only the main one writes the run directory
-        if main:
-            (out / "config.yaml").write_text(cfg.to_yaml())
-            if resume:  # as metrics.jsonl: the stopped run's alerts after the checkpoint come again
+        cfg, out = self.cfg, Path(self.cfg.output_dir)
+        harness = RunHarness(cfg, command="train", procs=self.procs, say=self._say)
+        path = resume_checkpoint(cfg, resume)
+        if path is not None:
+            self.restore(path, force)
+            if self.procs.is_main:  # as metrics.jsonl: the stopped run's alerts after the checkpoint come again
                 alerts.drop_after(out / "alerts.jsonl", self.state.global_step)
-        handler = logging.FileHandler(out / "training_log.txt") if main else logging.NullHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("grpokit").addHandler(handler)
-        metrics_log = (MetricsLogger(out, cfg.max_steps, cfg.logging_steps, echo=self._say,
-                                     resume_step=self.state.global_step if resume else None, report_to=cfg.report_to,
-                                     run_config=cfg.model_dump(mode="json"), run_name=out.name)
-                       if main else _Silent())
-        for line in runlog.summary_lines(cfg, self.policy, device=self.device,
-                                         train_prompts=len(self.train_data.prompt_ids),
-                                         eval_prompts=len(self.eval_data.prompt_ids) if self.eval_data else None,
-                                         onednn_linear=self.onednn_linear):
-            self._say(line)
+        summary = runlog.summary_lines(cfg, self.policy, device=self.device, onednn_linear=self.onednn_linear,
+                                       train_prompts=len(self.train_data.prompt_ids),
+                                       eval_prompts=len(self.eval_data.prompt_ids) if self.eval_data else None)
         eval_after = None
         try:
-            with checkpoint.StopSignals(self._say) as signals:
-                if self.eval_data and cfg.eval_on_start and not resume:
-                    self.state.eval_before = self._evaluate(metrics_log, step=0, label="before training")
-                while self.state.global_step < cfg.max_steps:
-                    step = self.step(metrics_log)
-                    if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
-                        self._evaluate(metrics_log, step=step, label=f"at step {step}")
-                    received = signals.received
-                    if self.procs.count > 1:  # every process stops after the same step, whichever got the signal
-                        received = max((r for r in self.procs.gather(received) if r is not None), default=None)
-                    if received is not None:
-                        path = self.save_checkpoint()
-                        raise Interrupted(f"stopped by {signal.Signals(received).name} after step {step}; "
-                                          f"checkpoint written to {path}. Resume with: grpokit train CONFIG --resume",
-                                          128 + received)
-                    if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-                        self.save_checkpoint()
-            if self.eval_data:
-                eval_after = self._evaluate(metrics_log, step=self.state.global_step, label="after training")
-            if main:
-                self.save_model(out / "final_model")
-            self.procs.wait()
-            before = self.state.eval_before
-            if before and eval_after:
-                self._say(f"held-out accuracy: {_pct(before)} before -> {_pct(eval_after)} after "
-                          f"({100 * (eval_after['eval/accuracy'] - before['eval/accuracy']):+.1f} points)")
-            self._say(f"saved {out / 'final_model'}")
+            with harness.open(resume_step=self.state.global_step if path else None, summary=summary) as metrics:
+                harness.run(step=lambda: self.step(metrics), position=lambda: self.state.global_step,
+                            save=self.save_checkpoint, before=lambda: self._evaluate_on_start(metrics, path is None),
+                            after=lambda step: self._evaluate_every(metrics, step))
+                if self.eval_data:
+                    eval_after = self._evaluate(metrics, step=self.state.global_step, label="after training")
+                if self.procs.is_main:
+                    self.save_model(out / "final_model")
+                self.procs.wait()
+                before = self.state.eval_before
+                if before and eval_after:
+                    self._say(f"held-out accuracy: {_pct(before)} before -> {_pct(eval_after)} after "
+                              f"({100 * (eval_after['eval/accuracy'] - before['eval/accuracy']):+.1f} points)")
+                self._say(f"saved {out / 'final_model'}")
         finally:
             self.rewards.close()
             self.engine.close()
-            metrics_log.close()
-            logging.getLogger("grpokit").removeHandler(handler)
-            handler.close()
             self.procs.close()
         return TrainResult(output_dir=out, steps=self.state.global_step, eval_before=self.state.eval_before,
                            eval_after=eval_after)
@@ -237,8 +192,7 @@ class Trainer:
         if self.procs.is_main:
             for alert in self.health.observe(state.global_step, metrics):
                 log.warning("%s", alert)
-                with open(Path(cfg.output_dir) / "alerts.jsonl", "a") as f:
-                    f.write(json.dumps(dataclasses.asdict(alert)) + "\n")
+                alerts.append(Path(cfg.output_dir) / "alerts.jsonl", alert)
         return state.global_step
 
     def next_generation(self) -> Pending:
@@ -291,6 +245,15 @@ class Trainer:
         self.engine_stale = True  # a vLLM engine still holds the starting weights
         self._say(f"resumed from {path} at step {self.state.global_step} of {self.cfg.max_steps}")
 
+    def _evaluate_on_start(self, metrics_log: MetricsLogger, fresh: bool) -> None:
+        if self.eval_data and self.cfg.eval_on_start and fresh:  # a resumed run has its eval_before in TrainState
+            self.state.eval_before = self._evaluate(metrics_log, step=0, label="before training")
+
+    def _evaluate_every(self, metrics_log: MetricsLogger, step: int) -> None:
+        cfg = self.cfg
+        if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+            self._evaluate(metrics_log, step=step, label=f"at step {step}")
+
     def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
         limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
         started = time.perf_counter()
@@ -327,16 +290,6 @@ class Trainer:
 
     def _say(self, line: str) -> None:
         log.info(line)  # the CLI shows grpokit's info lines on stdout; the run's log file gets them too
-
-
-class _Silent:
-    """The metrics logger of a process other than the main one."""
-
-    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _pct(result: dict[str, float]) -> str:

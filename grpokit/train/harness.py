@@ -1,0 +1,143 @@
+"""The run harness: what `grpokit train` and `grpokit sft` do around their steps, written once.
+
+- the checkpoint `--resume` names, looked up before anything loads (`resume_checkpoint`);
+- the run directory (`RunHarness.open`): `config.yaml`, `training_log.txt` (grpokit's log lines, as the
+  console shows them), the metrics logger and its sinks, then the run's summary lines; all closed on exit.
+  With several processes only the main one writes; the others get a logger that drops what it is given;
+- the steps (`RunHarness.run`) until `max_steps`: a checkpoint every `save_steps` (none at the last step:
+  the final model is written then), and SIGINT / SIGTERM (`StopSignals`) finish the step in progress, write
+  a checkpoint and stop with `Interrupted` (exit status 128 + the signal), naming the command that resumes.
+  With several processes every one stops after the same step, whichever got the signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from grpokit.config.schema import GRPOConfig
+from grpokit.errors import Interrupted
+from grpokit.observe.metrics import MetricsLogger
+from grpokit.runtime.distributed import Processes
+from grpokit.train import checkpoint
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "training_log.txt"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def resume_checkpoint(cfg: GRPOConfig, resume: str | bool | None, kind: str = "grpo") -> Path | None:
+    """The checkpoint `--resume` names (True: the newest in output_dir; or a path), written by a run of `kind`;
+    None without `resume`. Cheap and model-free: call it before anything loads."""
+    return checkpoint.find(Path(cfg.output_dir), resume, kind=kind) if resume else None
+
+
+class StopSignals:
+    """While active, SIGINT / SIGTERM only set `received` (the loop checkpoints and stops at the end of the step);
+    a second signal abandons the step at once (KeyboardInterrupt). Inactive off the main thread."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.say(f"{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+                 "(send it again to stop at once without one)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class RunHarness:
+    """One run's directory and step loop. `command` and `config_name` make the resume hint
+    (`grpokit COMMAND CONFIG_NAME --resume`); `procs` is the job's processes (None: this one alone)."""
+
+    def __init__(self, cfg: GRPOConfig, *, command: str, config_name: str = "CONFIG", procs: Processes | None = None,
+                 say: Callable[[str], None] = log.info):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.command, self.config_name = command, config_name
+        self.procs = procs
+        self.main = procs is None or procs.is_main
+        self.say = say
+
+    @contextmanager
+    def open(self, *, resume_step: int | None, summary: Iterable[str] = ()) -> Iterator[MetricsLogger | _Silent]:
+        """The run directory for the run's span: config.yaml, the log file and the metrics logger, then `summary`
+        said line by line. `resume_step`: the checkpoint's step (metrics.jsonl keeps the lines up to it)."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+        handler = logging.FileHandler(self.out / LOG_FILE) if self.main else logging.NullHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger("grpokit").addHandler(handler)
+        try:
+            metrics_log = (MetricsLogger(self.out, cfg.max_steps, cfg.logging_steps, echo=self.say,
+                                         resume_step=resume_step, report_to=cfg.report_to,
+                                         run_config=cfg.model_dump(mode="json"), run_name=self.out.name)
+                           if self.main else _Silent())
+            try:
+                for line in summary:
+                    self.say(line)
+                yield metrics_log
+            finally:
+                metrics_log.close()
+        finally:
+            logging.getLogger("grpokit").removeHandler(handler)
+            handler.close()
+
+    def run(self, *, step: Callable[[], int], position: Callable[[], int], save: Callable[[], Path],
+            before: Callable[[], Any] | None = None, after: Callable[[int], Any] | None = None) -> None:
+        """Call `step()` (it returns the step it made) until `position()` reaches max_steps; `save()` writes a
+        checkpoint and returns its path. `before` runs once, `after(step)` after each step, both under the
+        signal handlers."""
+        cfg = self.cfg
+        with StopSignals(self.say) as signals:
+            if before is not None:
+                before()
+            while position() < cfg.max_steps:
+                current = step()
+                if after is not None:
+                    after(current)
+                received = self._agree(signals.received)
+                if received is not None:
+                    path = save()
+                    raise Interrupted(f"stopped by {signal.Signals(received).name} after step {current}; checkpoint "
+                                      f"written to {path}. Resume with: grpokit {self.command} {self.config_name} "
+                                      "--resume", 128 + received)
+                if cfg.save_steps and current % cfg.save_steps == 0 and current < cfg.max_steps:
+                    save()
+
+    def _agree(self, received: int | None) -> int | None:
+        """The signal any process got (every process stops after the same step), or None."""
+        if self.procs is None or self.procs.count == 1:
+            return received
+        return max((r for r in self.procs.gather(received) if r is not None), default=None)
+
+
+class _Silent:
+    """The metrics logger of a process other than the main one."""
+
+    def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
