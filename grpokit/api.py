@@ -69,7 +69,8 @@ _IGNORED = {
     "per_device_eval_batch_size": "evaluation generates every held-out prompt at once",
     "num_completions_to_print": "one completion is printed every log_completions_steps; all are in completions/",
     "gradient_checkpointing_kwargs": "grpokit uses use_reentrant=False",
-    "ddp_find_unused_parameters": "single process", "ds3_gather_for_generation": "no DeepSpeed", "shuffle_dataset": "prompts are always shuffled (seeded)",
+    "ddp_find_unused_parameters": "single process", "ds3_gather_for_generation": "no DeepSpeed",
+    "shuffle_dataset": "prompts are always shuffled (seeded)",
     "hub_model_id": "push_to_hub is not supported", "hub_strategy": "push_to_hub is not supported",
     "lr_scheduler_kwargs": "not supported; warmup_steps and lr_scheduler_type are", "cache_implementation": "not used",
     "generation_kwargs": "not supported; temperature, top_p, top_k are", "fp16_full_eval": "no fp16",
@@ -167,7 +168,8 @@ class GRPOConfig:
         if kwargs.get("generation_batch_size") is not None:
             if "steps_per_generation" in kwargs:
                 raise ConfigError("GRPOConfig: give generation_batch_size or steps_per_generation, not both")
-            size = settings.get("per_device_train_batch_size", RunConfig.model_fields["per_device_train_batch_size"].default)
+            size = settings.get("per_device_train_batch_size",
+                                RunConfig.model_fields["per_device_train_batch_size"].default)
             if kwargs["generation_batch_size"] % size:
                 raise ConfigError(f"GRPOConfig: generation_batch_size={kwargs['generation_batch_size']} must be a "
                                   f"multiple of per_device_train_batch_size={size}")
@@ -175,7 +177,8 @@ class GRPOConfig:
         if kwargs.get("save_strategy", "steps") == "no":
             out["save_steps"] = None
         elif kwargs.get("save_strategy", "steps") != "steps":
-            log.info("GRPOConfig: save_strategy=%r: grpokit checkpoints every save_steps steps", kwargs["save_strategy"])
+            log.info("GRPOConfig: save_strategy=%r: grpokit checkpoints every save_steps steps",
+                     kwargs["save_strategy"])
         if kwargs.get("log_completions"):
             out["log_completions_steps"] = settings.get("logging_steps", _TRL_DEFAULTS["logging_steps"])
         for trl_key, key in (("vllm_server_host", "vllm_host"), ("vllm_server_port", "vllm_port")):
@@ -301,7 +304,8 @@ class GRPOTrainer:
         steps = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [m["loss"] for m in steps if m.get("loss") is not None]
         last = next((m for m in reversed(steps) if "loss" in m), {})
-        return TrainOutput(global_step=result.steps, training_loss=sum(losses) / len(losses) if losses else float("nan"),
+        return TrainOutput(global_step=result.steps,
+                           training_loss=sum(losses) / len(losses) if losses else float("nan"),
                            metrics={k: v for k, v in last.items() if k != "step"}, output_dir=result.output_dir,
                            eval_before=result.eval_before, eval_after=result.eval_after)
 

@@ -19,7 +19,8 @@ import sys
 from grpokit import __version__
 from grpokit.errors import ConfigError, GrpokitError, Interrupted
 
-PRESET_NAMES = ("default", "fast_test", "full_training", "low_memory", "from_sft")  # config.PRESETS (not imported: --help stays fast)
+# config.PRESETS, not imported: --help stays fast
+PRESET_NAMES = ("default", "fast_test", "full_training", "low_memory", "from_sft")
 # the math-QA trainer's options -> (config key, help); --no-lora, --reward-model, --batch-size, --no-4bit are special
 TRAIN_OPTIONS = {
     "--train-data": ("dataset", "training data file (sets dataset)"),
@@ -49,7 +50,8 @@ EVAL_OPTIONS = {
     "--data": ("eval_dataset", str, "SPEC", "held-out data, any dataset form (sets eval_dataset)"),
     "--rewards": ("reward_funcs", _names, "A,B", "comma-separated rewards; the accuracy is eval_accuracy_reward, "
                   "default the first (sets reward_funcs)"),
-    "--samples": ("eval_num_samples", int, "N", "sampled completions per prompt for pass@k / maj@k (sets eval_num_samples)"),
+    "--samples": ("eval_num_samples", int, "N",
+                  "sampled completions per prompt for pass@k / maj@k (sets eval_num_samples)"),
     "--k": ("eval_pass_k", _ints, "K,K", "comma-separated k of pass@k and maj@k, e.g. 1,4,8 (sets eval_pass_k)"),
     "--limit": ("eval_limit", int, "N", "first N held-out prompts (sets eval_limit)"),
 }
@@ -66,11 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml); omitted: all defaults")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key; the value is parsed as YAML (repeatable)")
-    train.add_argument("--dry-run", action="store_true", help="validate config, data and rewards, load nothing, train nothing")
+    train.add_argument("--dry-run", action="store_true",
+                       help="validate config, data and rewards, load nothing, train nothing")
     train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                        help="go on from the newest checkpoint-N in output_dir, or from the checkpoint PATH")
     train.add_argument("--force", action="store_true",
-                       help="with --resume: go on even though settings that change the results differ from the checkpoint's")
+                       help="with --resume: go on even though settings that change the results differ from the "
+                       "checkpoint's")
     _add_preset(train)
     train.add_argument("--config", dest="config_option", default=None, metavar="PRESET|FILE",
                        help="the math-QA trainer's spelling: a preset name (as --preset) or a config file (as CONFIG)")
@@ -81,11 +85,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="questions per micro-batch (sets per_device_train_batch_size = N x num_generations)")
     qa.add_argument("--no-lora", action="store_true", help="train all weights (sets use_peft false; LoRA is on only "
                                                           "where the preset or config turns it on)")
-    qa.add_argument("--no-4bit", action="store_true", help="load full-precision weights (load_in_4bit: false), over the config")
+    qa.add_argument("--no-4bit", action="store_true",
+                    help="load full-precision weights (load_in_4bit: false), over the config")
     qa.add_argument("--reward-model", choices=["heuristic", "learned"], default=None,
                     help="heuristic: reward_funcs [heuristic_math_qa]; learned: the reward_model built-in, "
                          "scoring with --reward-model-path")
-    qa.add_argument("--reward-model-path", default=None, help="sequence-classification model for --reward-model learned")
+    qa.add_argument("--reward-model-path", default=None,
+                    help="sequence-classification model for --reward-model learned")
 
     check = sub.add_parser("check", help="validate a config, print it resolved with each key's help, and run every "
                                          "reward on a few rows of data (no model is loaded)")
@@ -102,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(ev)
     for flag, (key, kind, metavar, text) in EVAL_OPTIONS.items():
         ev.add_argument(flag, dest=key, type=kind, default=None, metavar=metavar, help=text)
-    ev.add_argument("--compare", metavar="OTHER_MODEL", help="also evaluate OTHER_MODEL on the same prompts and sampling "
-                    "settings; print both, B - A and its 95%% CI (paired bootstrap over prompts)")
+    ev.add_argument("--compare", metavar="OTHER_MODEL",
+                    help="also evaluate OTHER_MODEL on the same prompts and sampling settings; print both, B - A and "
+                    "its 95%% CI (paired bootstrap over prompts)")
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to FILE (with --compare: both "
                     "models and the differences)")
 
@@ -121,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(gen)
     gen.add_argument("-n", "--num-completions", type=int, default=1, help="completions per prompt (default 1)")
     gen.add_argument("--limit", type=int, default=5, help="first N prompts of the dataset (default 5)")
-    gen.add_argument("--split", choices=["train", "eval"], default="train", help="dataset (train) or eval_dataset (eval)")
+    gen.add_argument("--split", choices=["train", "eval"], default="train",
+                     help="dataset (train) or eval_dataset (eval)")
     gen.add_argument("--output", metavar="FILE", help="write JSONL rows {prompt, completion, finish_reason} to FILE")
 
     export = sub.add_parser("export", help="save a run's model as a plain HF directory (safetensors + tokenizer); "
@@ -144,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     from grpokit.observe import report
 
     report.add_arguments(sub.add_parser(
-        "report", help="write RUN_DIR/report.html: plots, sample completions, alerts and config of a run (opens offline)"))
+        "report",
+        help="write RUN_DIR/report.html: plots, sample completions, alerts and config of a run (opens offline)"))
     sft = sub.add_parser("sft", help="supervised fine-tuning before GRPO on the dataset's answers (sft_target_column) "
                                      "or 'messages' conversations; writes OUTPUT_DIR/final_model for --sft-model")
     sft.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
@@ -152,13 +161,15 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                      help="go on from the newest checkpoint-N in output_dir, or from the checkpoint PATH")
     sft.add_argument("--force", action="store_true",
-                     help="with --resume: go on even though settings that change the results differ from the checkpoint's")
+                     help="with --resume: go on even though settings that change the results differ from the "
+                     "checkpoint's")
     plan = sub.add_parser("plan", help="estimate memory (itemised) and tokens per step of a config from the model's "
                                        "config.json alone, and suggest settings that fit a memory budget")
     plan.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml); omitted: all defaults")
     _add_common(plan)
-    plan.add_argument("--memory", default=None, metavar="SIZE", help="memory budget, e.g. 16GiB, 24GB, 512MiB (default: "
-                      "CUDA device memory when the config trains on cuda, else this machine's RAM)")
+    plan.add_argument("--memory", default=None, metavar="SIZE",
+                      help="memory budget, e.g. 16GiB, 24GB, 512MiB (default: CUDA device memory when the config "
+                      "trains on cuda, else this machine's RAM)")
     return parser
 
 
@@ -221,7 +232,8 @@ def _load(args: argparse.Namespace):
     return cfg
 
 
-# commands that load a model restart once on tcmalloc where glibc would hold freed tensor memory (grpokit.runtime.allocator)
+# commands that load a model restart once on tcmalloc where glibc would hold freed tensor memory
+# (grpokit.runtime.allocator)
 _LOADS_MODELS = {"train", "sft", "eval", "generate", "filter", "export"}
 
 
@@ -342,7 +354,8 @@ def _eval(args) -> int:
     from grpokit.evaluation.inference import evaluate_models
 
     cfg = load_config(args.config, args.overrides, preset=args.preset,
-                      cli={key: getattr(args, key) for key, *_ in EVAL_OPTIONS.values() if getattr(args, key) is not None})
+                      cli={key: getattr(args, key) for key, *_ in EVAL_OPTIONS.values()
+                           if getattr(args, key) is not None})
     if args.eval_pass_k is not None and not cfg.eval_num_samples:
         raise ConfigError("eval: --k needs sampled completions; give --samples N (N >= the largest k)")
     results = evaluate_models(cfg, [cfg.model] + ([args.compare] if args.compare else []))

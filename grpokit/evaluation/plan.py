@@ -61,8 +61,9 @@ not reuse a freed block for the next block of the same size unless it merged wit
 How much stays depends on the heap's history, not on the config alone: the update's forward with LoRA on
 SmolLM2-135M kept 0.15 GiB in a fresh process and 3.5 GiB after a generation or an earlier step (4.7 GiB of live
 tensors either time), and runs of one config differed by up to 0.5 GiB; so no line estimates it. `grpokit train`
-therefore restarts itself on tcmalloc where it is installed (grpokit.runtime.allocator): the estimate then held within 12% of
-the peak RSS on the benchmark configs (benchmarks/RESULTS.md). `render` says when training would stay on such a glibc.
+therefore restarts itself on tcmalloc where it is installed (grpokit.runtime.allocator): the estimate then held
+within 12% of the peak RSS on the benchmark configs (benchmarks/RESULTS.md). `render` says when training would
+stay on such a glibc.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Estimate:
 
 
 def model_shape(model: str) -> ModelShape:
-    """Read config.json of `model` (hub id, directory, or the embedded default) and count parameters on the meta device."""
+    """Read config.json of `model` (hub id, directory, or the embedded default) and count parameters on the meta
+    device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from grpokit.models.loading import resolve_model_path
@@ -146,7 +148,8 @@ def shape_from_config(config, model_class=None) -> ModelShape:
 
 
 def lora_targets(shape: ModelShape, target_modules: list[str] | str) -> dict[str, tuple[int, int]]:
-    """The Linear modules peft adapts: 'all-linear' = every Linear but the output layer; else names matched by suffix."""
+    """The Linear modules peft adapts: 'all-linear' = every Linear but the output layer; else names matched by
+    suffix."""
     if target_modules == "all-linear":
         return dict(shape.lora_modules)
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -368,7 +371,8 @@ def suggest(cfg: GRPOConfig, budget_bytes: int, shape: ModelShape, process: int 
 
     if not cfg.gradient_checkpointing and attempt("gradient_checkpointing: true", {"gradient_checkpointing": True}):
         return out
-    batch, accumulation, spg = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.steps_per_generation
+    batch, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    spg = cfg.steps_per_generation
     while batch % 2 == 0:
         batch, accumulation = batch // 2, accumulation * 2
         spg = spg * 2 if spg is not None else None
@@ -382,7 +386,8 @@ def suggest(cfg: GRPOConfig, budget_bytes: int, shape: ModelShape, process: int 
         chunk //= 2
         if attempt(f"logprob_chunk_size: {chunk}", {"logprob_chunk_size": chunk}):
             return out
-    if not cfg.use_peft and attempt(f"use_peft: true (LoRA r={cfg.lora_r}, {cfg.lora_target_modules})", {"use_peft": True}):
+    lora = f"use_peft: true (LoRA r={cfg.lora_r}, {cfg.lora_target_modules})"
+    if not cfg.use_peft and attempt(lora, {"use_peft": True}):
         return out
     if not cfg.bf16 and cfg.torch_dtype == "float32":
         attempt("bf16: true (autocast, fp32 master weights)", {"bf16": True})
@@ -462,7 +467,8 @@ def render(cfg: GRPOConfig, est: Estimate, suggestions: list[Suggestion], budget
         lines.append(f"  {'fits' if s.fits else '    '}  {human(s.total):>11}  + {s.change}")
     fitting = next((s for s in suggestions if s.fits), None)
     if fitting is not None:
-        lines.append("first combination that fits: " + " ".join(f"--set {k}={_yaml(v)}" for k, v in fitting.updates.items()))
+        lines.append("first combination that fits: "
+                     + " ".join(f"--set {k}={_yaml(v)}" for k, v in fitting.updates.items()))
     elif suggestions or est.total > budget:
         lines.append("no combination of these changes fits: a smaller model, shorter prompts/completions, "
                      "fewer generations or more memory")
@@ -473,5 +479,5 @@ def _yaml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-__all__ = ["Estimate", "Line", "ModelShape", "Suggestion", "default_budget", "estimate", "kv_cache_bytes", "model_shape",
-           "parse_size", "plan", "render", "shape_from_config", "suggest"]
+__all__ = ["Estimate", "Line", "ModelShape", "Suggestion", "default_budget", "estimate", "kv_cache_bytes",
+           "model_shape", "parse_size", "plan", "render", "shape_from_config", "suggest"]

@@ -245,11 +245,12 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
 
     `resume`: go on from the newest checkpoint-N in output_dir (True) or from a checkpoint's path; `force` skips the
     check that the settings which change the results are the checkpoint's."""
-    if cfg.load_in_4bit:  # final_model is LoRA merged into the loaded base: a 4-bit base would save rounded 4-bit weights
+    if cfg.load_in_4bit:  # final_model is LoRA merged into the loaded base: a 4-bit base would save rounded weights
         raise ConfigError("load_in_4bit: `grpokit sft` does not train on 4-bit weights: it saves final_model as the "
-                          "LoRA adapter merged into the base it trained on, and a 4-bit base would make that a rounded, "
-                          "quantised model. Run SFT without it (--set load_in_4bit=false; LoRA on bf16 weights: "
-                          "use_peft: true, torch_dtype: bfloat16), then GRPO with load_in_4bit from its final_model")
+                          "LoRA adapter merged into the base it trained on, and a 4-bit base would make that a "
+                          "rounded, quantised model. Run SFT without it (--set load_in_4bit=false; LoRA on bf16 "
+                          "weights: use_peft: true, torch_dtype: bfloat16), then GRPO with load_in_4bit from its "
+                          "final_model")
     separate_output = "output_dir" in cfg.model_fields_set  # then GRPO with the same config would write here too
     cfg = sft_defaults(cfg)
     harness = RunHarness(cfg, command="sft", config_name=config_name)
