@@ -177,6 +177,12 @@ class GRPOConfig(BaseModel):
     gradient_accumulation_steps: int = Field(1, gt=0, description=(
         "Micro-batches per optimizer step; one generation fills them all."))
     max_steps: int = Field(100, gt=0, description="Optimizer steps to run.")
+    max_train_seconds: float | None = Field(None, gt=0.0, json_schema_extra=RESUME_NEUTRAL, description=(
+        "Wall-clock budget: stop at the end of the first optimizer step after this many seconds of training (the "
+        "steps' own time: generation, rewards, update; evaluations and checkpoint writes do not count; a resumed "
+        "run goes on counting from its checkpoint's). The run ends as at max_steps: evaluation, final_model, and a "
+        "checkpoint when save_steps is set, so --resume with a larger budget or without one goes on. None: no "
+        "budget, max_steps alone."))
     num_train_epochs: float | None = Field(None, gt=0.0, description=(
         "Passes over the train prompts instead of max_steps: max_steps = ceil(epochs x ceil(prompts / "
         "prompts_per_generation)) x optimizer steps per generation, computed once the data is loaded."))

@@ -4,9 +4,11 @@
 - the run directory (`RunHarness.open`): `config.yaml`, `training_log.txt` (grpokit's log lines, as the
   console shows them), the metrics logger and its sinks, then the run's summary lines; all closed on exit.
   With several processes only the main one writes; the others get a logger that drops what it is given;
-- the steps (`RunHarness.run`) until `max_steps`: a checkpoint every `save_steps` (none at the last step:
-  the final model is written then), and SIGINT / SIGTERM (`StopSignals`) finish the step in progress, write
-  a checkpoint and stop with `Interrupted` (exit status 128 + the signal), naming the command that resumes.
+- the steps (`RunHarness.run`) until `max_steps`, or until `max_train_seconds` of training (the steps' own
+  time, kept in checkpoints) have passed: a checkpoint every `save_steps` (none at the last step: the final
+  model is written then; one when the budget ends the run early, so that it can go on). SIGINT / SIGTERM
+  (`StopSignals`) finish the step in progress, write a checkpoint and stop with `Interrupted` (exit status
+  128 + the signal), naming the command that resumes.
   With several processes every one stops after the same step, whichever got the signal.
 """
 
@@ -105,11 +107,17 @@ class RunHarness:
             handler.close()
 
     def run(self, *, step: Callable[[], int], position: Callable[[], int], save: Callable[[], Path],
-            before: Callable[[], Any] | None = None, after: Callable[[int], Any] | None = None) -> None:
-        """Call `step()` (it returns the step it made) until `position()` reaches max_steps; `save()` writes a
-        checkpoint and returns its path. `before` runs once, `after(step)` after each step, both under the
-        signal handlers."""
+            spent: Callable[[], float], before: Callable[[], Any] | None = None,
+            after: Callable[[int], Any] | None = None) -> str:
+        """Call `step()` (it returns the step it made) until `position()` reaches max_steps or `spent()` (the
+        seconds of training so far) reaches max_train_seconds; `save()` writes a checkpoint and returns its path.
+        `before` runs once, `after(step)` after each step, both under the signal handlers. Returns why the steps
+        ended: "max_steps" or "max_train_seconds"."""
         cfg = self.cfg
+        budget = cfg.max_train_seconds
+        if budget is not None:
+            self.say(f"budget: max_train_seconds {budget:g}: the run ends at the first step end after {budget:g} s "
+                     f"of training ({spent():.0f} s so far), or at step {cfg.max_steps}")
         with StopSignals(self.say) as signals:
             if before is not None:
                 before()
@@ -123,8 +131,22 @@ class RunHarness:
                     raise Interrupted(f"stopped by {signal.Signals(received).name} after step {current}; checkpoint "
                                       f"written to {path}. Resume with: grpokit {self.command} {self.config_name} "
                                       "--resume", 128 + received)
+                over = budget is not None and self._agree_on_time(spent()) >= budget
+                if over and current < cfg.max_steps:
+                    self.say(f"max_train_seconds {budget:g} reached after step {current} of {cfg.max_steps} "
+                             f"({spent():.0f} s of training): the run ends here")
+                    if cfg.save_steps:
+                        save()  # so that --resume (a larger budget, or none) goes on from here
+                    return "max_train_seconds"
                 if cfg.save_steps and current % cfg.save_steps == 0 and current < cfg.max_steps:
                     save()
+        return "max_steps"
+
+    def _agree_on_time(self, seconds: float) -> float:
+        """The longest of the processes' training times: every process stops after the same step."""
+        if self.procs is None or self.procs.count == 1:
+            return seconds
+        return max(self.procs.gather(seconds))
 
     def _agree(self, received: int | None) -> int | None:
         """The signal any process got (every process stops after the same step), or None."""

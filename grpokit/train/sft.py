@@ -287,7 +287,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
 
     def save_checkpoint() -> Path:
         state = {"kind": "sft", "global_step": run.step, "order": run.order, "losses": run.losses,
-                 "num_tokens": run.seen_tokens, "consecutive_skips": run.skips}
+                 "num_tokens": run.seen_tokens, "consecutive_skips": run.skips, "train_seconds": run.seconds}
         return checkpoint.save(out, run.step, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
                                scheduler=scheduler, state=state, rng=checkpoint.rng_state(order_rng), pending=None,
                                config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
@@ -299,7 +299,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
         return run.step
 
     with harness.open(resume_step=run.step if resumed_from else None, summary=summary) as metrics_log:
-        harness.run(step=step, position=lambda: run.step, save=save_checkpoint)
+        harness.run(step=step, position=lambda: run.step, save=save_checkpoint, spent=lambda: run.seconds)
         model_dir = out / "final_model"
         (policy.merge_and_unload() if cfg.use_peft else policy).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
@@ -307,7 +307,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
         log.info("saved %s (%s)", model_dir, "LoRA merged into the base weights" if cfg.use_peft else "all weights")
         log.info("continue with GRPO: grpokit train %s --preset from_sft --sft-model %s%s", config_name, model_dir,
                  f" --output-dir {out}-grpo" if separate_output else "")
-    return SFTResult(output_dir=out, model_dir=model_dir, steps=cfg.max_steps, examples=len(examples), dropped=dropped,
+    return SFTResult(output_dir=out, model_dir=model_dir, steps=run.step, examples=len(examples), dropped=dropped,
                      first_loss=run.losses[0], last_loss=run.losses[-1])
 
 
@@ -320,6 +320,7 @@ class _SFTState:
     losses: list[float] = field(default_factory=list)
     seen_tokens: int = 0
     skips: int = 0  # optimizer steps skipped in a row (non-finite loss or gradient norm)
+    seconds: float = 0.0  # time spent in optimizer steps (max_train_seconds' budget)
 
 
 def _restore(cfg: GRPOConfig, path: Path, force: bool, policy, optimizer, scheduler, order_rng) -> _SFTState:
@@ -333,7 +334,8 @@ def _restore(cfg: GRPOConfig, path: Path, force: bool, policy, optimizer, schedu
     checkpoint.set_rng_state(saved.rng, order_rng)
     state = saved.state
     return _SFTState(step=state["global_step"], order=state["order"], losses=state["losses"],
-                     seen_tokens=state["num_tokens"], skips=state["consecutive_skips"])
+                     seen_tokens=state["num_tokens"], skips=state["consecutive_skips"],
+                     seconds=state.get("train_seconds", 0.0))
 
 
 def _sft_step(run: _SFTState, cfg: GRPOConfig, examples, order_rng, policy, optimizer, scheduler, tokenizer, device,
@@ -375,7 +377,9 @@ def _sft_step(run: _SFTState, cfg: GRPOConfig, examples, order_rng, policy, opti
         run.skips = 0
     optimizer.zero_grad(set_to_none=True)
     run.seen_tokens += sum(int(b.attention_mask.sum()) for b in window)
+    step_time = time.perf_counter() - started
+    run.seconds += step_time
     metrics_log.log(step, {"loss": loss_value, "grad_norm": grad_norm, "learning_rate": learning_rate,
                            "tokens": float(trained_tokens), "num_tokens": float(run.seen_tokens),
                            "epoch": step * rows_per_step / len(examples), "skipped_step": float(skipped),
-                           "step_time": time.perf_counter() - started})
+                           "step_time": step_time})

@@ -23,6 +23,7 @@ class TrainState:
     order_rng: random.Random  # shuffles each pass's order
     consecutive_skips: int = 0  # non-finite optimizer steps in a row
     eval_before: dict[str, float] | None = None  # the held-out result before training (eval_on_start)
+    train_seconds: float = 0.0  # time spent in optimizer steps so far (max_train_seconds' budget)
     pending: Pending | None = None  # the current generation's micro-batches not yet trained on
 
     @classmethod

@@ -150,7 +150,8 @@ class Trainer:
         try:
             with harness.open(resume_step=self.state.global_step if path else None, summary=summary) as metrics:
                 harness.run(step=lambda: self.step(metrics), position=lambda: self.state.global_step,
-                            save=self.save_checkpoint, before=lambda: self._evaluate_on_start(metrics, path is None),
+                            save=self.save_checkpoint, spent=lambda: self.state.train_seconds,
+                            before=lambda: self._evaluate_on_start(metrics, path is None),
                             after=lambda step: self._evaluate_every(metrics, step))
                 if self.eval_data:
                     eval_after = self._evaluate(metrics, step=self.state.global_step, label="after training")
@@ -185,6 +186,7 @@ class Trainer:
         metrics = {**pending.metrics, **update_metrics, **self.timers.pop(),
                    "learning_rate": self.scheduler.get_last_lr()[0], "num_tokens": float(state.num_tokens),
                    "step_time": time.perf_counter() - started}
+        state.train_seconds += metrics["step_time"]
         pending.metrics = {k: v for k, v in pending.metrics.items() if not k.startswith("time/")}
         if not pending.windows:
             state.pending = None

@@ -204,3 +204,23 @@ def test_a_signal_writes_a_checkpoint_and_names_it(tmp_path, tiny_model_dir, sig
     resumed = run_cli("train", str(cfg), "--resume", "--force", "--set", f"max_steps={step + 1}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {step} of {step + 1}" in resumed.stdout
+
+
+def test_max_train_seconds_ends_the_run_at_a_step_end_and_resume_goes_on(tmp_path, tiny_model_dir):
+    """A budget smaller than one step: the run ends after step 1 as a run ends at max_steps (final_model), plus a
+    checkpoint; resumed without the budget it runs the other steps and equals a run that never had one."""
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=4, save_steps=100, beta=0.0)
+    straight = run_cli("train", str(cfg), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    budget = run_cli("train", str(cfg), "--set", "output_dir=budget", "--set", "max_train_seconds=0.001", cwd=tmp_path)
+    assert budget.returncode == 0, budget.stderr
+    run = tmp_path / "budget"
+    assert "max_train_seconds 0.001 reached after step 1 of 4" in budget.stdout
+    assert [m["step"] for m in _metrics(run / "metrics.jsonl")] == [1]
+    assert (run / "final_model" / "model.safetensors").is_file()
+    state = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and 0 < state["train_seconds"] < 600, state["train_seconds"]
+    resumed = run_cli("train", str(cfg), "--set", "output_dir=budget", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["step"] for m in _metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    _assert_same_weights(tmp_path / "run" / "final_model", run / "final_model")

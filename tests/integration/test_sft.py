@@ -269,3 +269,14 @@ def test_sft_and_grpo_checkpoints_are_not_mixed_up_and_a_changed_setting_is_refu
     nothing = run_cli("sft", cfg.name, "--resume", "--set", "output_dir=empty", cwd=tmp_path)
     assert nothing.returncode == 2 and "--resume: no checkpoint in empty" in nothing.stderr, nothing.stderr
     assert "SFT of" not in nothing.stdout + nothing.stderr  # said before the model loads
+
+
+def test_max_train_seconds_ends_sft_after_the_step_that_spends_it(tmp_path, tiny_model_dir):
+    cfg = _config(tmp_path, tiny_model_dir, max_steps=6, save_steps=None, max_train_seconds=0.001)
+    result = run_cli("sft", cfg.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "max_train_seconds 0.001 reached after step 1 of 6" in result.stdout
+    steps = [m["step"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1]
+    assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))  # save_steps None: final_model only, as at max_steps
