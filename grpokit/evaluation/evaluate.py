@@ -153,14 +153,15 @@ def evaluate_per_prompt(engine: Engine, tokenizer, data: TokenisedPrompts, runne
     return EvalResult(metrics=metrics, per_prompt=per_prompt)
 
 
-def merge_results(parts: list[EvalResult]) -> dict[str, float]:
-    """eval/* metrics of prompt shards evaluated apart (one per process), as if evaluated together."""
+def merge_results(parts: list[EvalResult]) -> EvalResult:
+    """The evaluation of prompt shards evaluated apart (one per process, in prompt order), as if evaluated
+    together: the per-prompt values one after the other, the metrics from them."""
     per_prompt = {key: [v for part in parts for v in part.per_prompt[key]] for key in parts[0].per_prompt}
     metrics = {key: nanmean(torch.tensor(values, dtype=torch.float64)) for key, values in per_prompt.items()}
     metrics["eval/num_prompts"] = float(sum(part.metrics["eval/num_prompts"] for part in parts))
     if "eval/num_correct" in parts[0].metrics:
         metrics["eval/num_correct"] = float(sum(part.metrics["eval/num_correct"] for part in parts))
-    return metrics
+    return EvalResult(metrics=metrics, per_prompt=per_prompt)
 
 
 def _sampled_per_prompt(sampled: Scored, runner: RewardRunner, accuracy_reward: str, n: int,

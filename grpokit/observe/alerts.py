@@ -308,7 +308,8 @@ def append(path: Path, alert: Alert) -> None:
 
 
 def drop_after(path: Path, step: int) -> None:
-    """Keep only the alerts of steps up to `step` in an alerts.jsonl: a resumed run writes the later ones again."""
+    """Keep only the lines of steps up to `step` in a JSONL file of records with a "step" (alerts.jsonl,
+    evaluations.jsonl): a resumed run writes the later ones again."""
     if path.is_file():
         lines = path.read_text().splitlines()
         path.write_text("".join(line + "\n" for line in lines if line.strip() and json.loads(line)["step"] <= step))

@@ -78,6 +78,18 @@ def batch_lines(cfg: GRPOConfig) -> list[str]:
     return lines
 
 
+EVALUATIONS_FILE = "evaluations.jsonl"
+
+
+def write_evaluation(output_dir: Path, step: int, label: str, accuracy: Sequence[float] | None) -> None:
+    """One line of OUTPUT_DIR/evaluations.jsonl: an evaluation's greedy accuracy per held-out prompt, in the held-out
+    data's order (1 right, 0 wrong, null: the accuracy reward did not apply), so that two evaluations of a run
+    compare prompt by prompt (which prompts training fixed, which it broke)."""
+    record = {"step": step, "label": label, "accuracy": None if accuracy is None else [_number(v) for v in accuracy]}
+    with open(output_dir / EVALUATIONS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def log_completions(output_dir: str | Path, step: int, prompts: Sequence, completions: Sequence,
                     reward_names: Sequence[str], rewards, advantages, finish_reasons: Sequence[str],
                     echo: Callable[[str], Any] | None = print, total_rewards=None) -> Path:

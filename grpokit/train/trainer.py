@@ -141,8 +141,9 @@ class Trainer:
         path = resume_checkpoint(cfg, resume)
         if path is not None:
             self.restore(path, force)
-            if self.procs.is_main:  # as metrics.jsonl: the stopped run's alerts after the checkpoint come again
-                alerts.drop_after(out / "alerts.jsonl", self.state.global_step)
+            if self.procs.is_main:  # as metrics.jsonl: what the stopped run logged after the checkpoint comes again
+                for name in ("alerts.jsonl", runlog.EVALUATIONS_FILE):
+                    alerts.drop_after(out / name, self.state.global_step)
         summary = runlog.summary_lines(cfg, self.policy, device=self.device, onednn_linear=self.onednn_linear,
                                        train_prompts=len(self.train_data.prompt_ids),
                                        eval_prompts=len(self.eval_data.prompt_ids) if self.eval_data else None)
@@ -270,12 +271,11 @@ class Trainer:
                                        stop=self.cfg.stop_strings, num_samples=self.cfg.eval_num_samples,
                                        pass_k=self.cfg.eval_pass_k,
                                        sampling=eval_sampling(self.cfg, limit, self.stop_ids))
-        if self.procs.count > 1:
-            result = merge_results([p for p in self.procs.gather(part) if p is not None])
-        else:
-            result = part.metrics
-        result["eval/time"] = time.perf_counter() - started
+        whole = merge_results([p for p in self.procs.gather(part) if p is not None]) if self.procs.count > 1 else part
+        result = {**whole.metrics, "eval/time": time.perf_counter() - started}
         metrics_log.log(step, result, show=False)
+        if self.procs.is_main:  # which prompts were right: paired comparisons between evaluations of a run
+            runlog.write_evaluation(Path(self.cfg.output_dir), step, label, whole.per_prompt.get("eval/accuracy"))
         self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
         self.best.observe(result, step, self.save_model if self.procs.is_main else None)  # keep best_model/
         return result

@@ -59,6 +59,13 @@ def test_train_changes_every_parameter_and_writes_the_run(tmp_path, tiny_model_d
         assert m["reward_std"] > 0 and m["grad_norm"] > 0
     evals = [m for m in lines if "eval/accuracy" in m]
     assert [m["step"] for m in evals] == [0, 3] and evals[0]["eval/num_prompts"] == 6
+    per_prompt = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["label"]) for e in per_prompt] == [(0, "before training"), (3, "after training")]
+    for record, metrics in zip(per_prompt, evals, strict=True):  # the per-prompt values behind eval/accuracy (here
+        # the accuracy reward is text_hash_reward, in [0, 1])
+        scored = [v for v in record["accuracy"] if v is not None]
+        assert len(record["accuracy"]) == 6 and all(0 <= v <= 1 for v in scored)
+        assert sum(scored) / len(scored) == pytest.approx(metrics["eval/accuracy"])
 
     assert "held-out accuracy" in result.stdout
     resolved = (run / "config.yaml").read_text()

@@ -111,9 +111,12 @@ def test_shards_merged_equal_one_evaluation():
     parts = [_evaluate(data=_data(RECORDS[:1]), num_samples=4, pass_k=(1, 4)),
              _evaluate(data=_data(RECORDS[1:]), num_samples=4, pass_k=(1, 4))]
     merged = merge_results(parts)
-    assert merged.keys() == whole.metrics.keys()
+    assert merged.metrics.keys() == whole.metrics.keys()
     for key, value in whole.metrics.items():
-        assert merged[key] == pytest.approx(value, nan_ok=True), key
+        assert merged.metrics[key] == pytest.approx(value, nan_ok=True), key
+    assert merged.per_prompt.keys() == whole.per_prompt.keys()
+    for key, values in whole.per_prompt.items():
+        assert merged.per_prompt[key] == pytest.approx(values, nan_ok=True), key
 
 
 def test_compare_gives_differences_and_intervals_over_prompts():
