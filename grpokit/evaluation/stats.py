@@ -84,6 +84,17 @@ def majority_at_k(answers: Sequence[Hashable | None], correct: Sequence[float], 
     return sum(sum(scores[a]) / len(scores[a]) for a in tied) / len(tied)
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% by default): unlike p +- z*se it stays inside [0, 1]
+    and is not empty at 0 or n successes."""
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], resamples: int = 10_000, seed: int = 0,
                         level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of nanmean(b) - nanmean(a) over `resamples` resamples of the prompts (pairs kept).

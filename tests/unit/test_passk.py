@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from grpokit.evaluation.stats import majority_at_k, normalise_answer, paired_bootstrap_ci, pass_at_k
+from grpokit.evaluation.stats import majority_at_k, normalise_answer, paired_bootstrap_ci, pass_at_k, wilson_interval
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> Fraction:
@@ -101,3 +101,27 @@ def test_paired_bootstrap_matches_a_plain_loop():
             diffs.append(sum(b_kept) / len(b_kept) - sum(a_kept) / len(a_kept))
     expected = tuple(np.percentile(diffs, [2.5, 97.5]))
     assert paired_bootstrap_ci(a, b, resamples=10, seed=7) == pytest.approx(expected, abs=1e-12)
+
+
+# -- Wilson score interval -------------------------------------------------------------------------
+@pytest.mark.parametrize(("successes", "trials", "low", "high"), [
+    (5, 10, 0.2366, 0.7634),  # textbook values (Newcombe 1998, 95%)
+    (0, 10, 0.0, 0.2775),
+    (10, 10, 0.7225, 1.0),
+])
+def test_wilson_interval_matches_published_values(successes, trials, low, high):
+    got = wilson_interval(successes, trials)
+    assert got == pytest.approx((low, high), abs=1e-4)
+
+
+def test_wilson_interval_against_the_score_test_it_inverts():
+    """Every p inside the interval passes the score test |p_hat - p| <= z * sqrt(p (1 - p) / n); just outside fails."""
+    z, n, x = 1.959963984540054, 200, 33
+    low, high = wilson_interval(x, n)
+    inside = lambda p: abs(x / n - p) <= z * math.sqrt(p * (1 - p) / n)  # noqa: E731
+    assert inside(low + 1e-9) and inside(high - 1e-9) and not inside(low - 1e-6) and not inside(high + 1e-6)
+
+
+def test_wilson_interval_rejects_impossible_counts():
+    with pytest.raises(ValueError, match="0 <= successes <= trials"):
+        wilson_interval(3, 2)
