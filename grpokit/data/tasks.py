@@ -2,8 +2,9 @@
 
 `arithmetic`: sums and differences of a few small integers ("What is 7 + 23 - 5?"), in the
 spirit of reasoning-gym's chain_sum. Questions are drawn from one seeded stream and split into
-disjoint train and held-out sets (no question text appears in both), so the held-out accuracy
-measures generalisation, not memorisation.
+disjoint train, held-out and validation sets (no question text appears in two), so the held-out
+accuracy measures generalisation, not memorisation, and a best model chosen on the validation split
+is not chosen on the questions its accuracy is reported on.
 """
 
 from __future__ import annotations
@@ -40,22 +41,34 @@ def arithmetic_splits(size: int, spec: ArithmeticSpec | None = None) -> tuple[li
 
     The held-out set depends only on `spec` (not on `size`), so it is the same in every run.
     """
+    train, held_out, _ = arithmetic_splits_with_validation(size, spec, validation=0)
+    return train, held_out
+
+
+def arithmetic_splits_with_validation(size: int, spec: ArithmeticSpec | None = None, validation: int | None = None
+                                      ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held_out, validation): the stream's first `eval_size` distinct questions are held out, the next
+    `size` train, the next `validation` (default `eval_size`) are the validation split, for choosing a run's best
+    model on other questions than those its accuracy is reported on. Train and held-out are those of
+    `arithmetic_splits`: a validation split changes neither."""
     spec = spec or ArithmeticSpec()
+    validation = spec.eval_size if validation is None else validation
     rng = random.Random(spec.seed)
     seen: set[str] = set()
     held_out: list[dict] = []
     train: list[dict] = []
-    attempts = 0
-    while len(held_out) < spec.eval_size or len(train) < size:
+    valid: list[dict] = []
+    attempts, wanted = 0, spec.eval_size + size + validation
+    while len(held_out) + len(train) + len(valid) < wanted:
         attempts += 1
-        if attempts > 100 * (size + spec.eval_size) + 1000:
-            raise ValueError(f"arithmetic task: cannot draw {size} + {spec.eval_size} distinct questions "
-                             f"with {spec}; widen the digit or term range")
+        if attempts > 100 * wanted + 1000:
+            raise ValueError(f"arithmetic task: cannot draw {size} + {spec.eval_size} + {validation} distinct "
+                             f"questions with {spec}; widen the digit or term range")
         text, value = _question(rng, spec)
         if text in seen:
             continue
         seen.add(text)
         record = {"prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}],
                   "answer": str(value)}
-        (held_out if len(held_out) < spec.eval_size else train).append(record)
-    return train, held_out
+        (held_out if len(held_out) < spec.eval_size else train if len(train) < size else valid).append(record)
+    return train, held_out, valid

@@ -301,6 +301,17 @@ class HealthMonitor:
                        f"gains <= {self.correctness_delta:.3g})")
 
 
+COLLAPSE_ALERTS = ("entropy_collapse", "identical_completions")  # the policy samples one answer: no more signal
+
+
+def collapse_stop(started: list[Alert], on_collapse: str) -> str | None:
+    """With `on_collapse: stop`, the reason to end the run when one of `started` is a collapse; else None."""
+    if on_collapse != "stop":
+        return None
+    collapse = next((a for a in started if a.name in COLLAPSE_ALERTS), None)
+    return None if collapse is None else f"on_collapse stop: {collapse.name} at step {collapse.step}"
+
+
 def append(path: Path, alert: Alert) -> None:
     """One alert as a line of an alerts.jsonl."""
     with open(path, "a") as f:

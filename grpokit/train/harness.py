@@ -6,7 +6,8 @@
   With several processes only the main one writes; the others get a logger that drops what it is given;
 - the steps (`RunHarness.run`) until `max_steps`, or until `max_train_seconds` of training (the steps' own
   time, kept in checkpoints) have passed: a checkpoint every `save_steps` (none at the last step: the final
-  model is written then; one when the budget ends the run early, so that it can go on). SIGINT / SIGTERM
+  model is written then; one when the budget or another reason (`on_collapse: stop`) ends the run early, so
+  that it can go on). SIGINT / SIGTERM
   (`StopSignals`) finish the step in progress, write a checkpoint and stop with `Interrupted` (exit status
   128 + the signal), naming the command that resumes.
   With several processes every one stops after the same step, whichever got the signal.
@@ -108,11 +109,12 @@ class RunHarness:
 
     def run(self, *, step: Callable[[], int], position: Callable[[], int], save: Callable[[], Path],
             spent: Callable[[], float], before: Callable[[], Any] | None = None,
-            after: Callable[[int], Any] | None = None) -> str:
-        """Call `step()` (it returns the step it made) until `position()` reaches max_steps or `spent()` (the
-        seconds of training so far) reaches max_train_seconds; `save()` writes a checkpoint and returns its path.
-        `before` runs once, `after(step)` after each step, both under the signal handlers. Returns why the steps
-        ended: "max_steps" or "max_train_seconds"."""
+            after: Callable[[int], Any] | None = None, stop: Callable[[], str | None] | None = None) -> str:
+        """Call `step()` (it returns the step it made) until `position()` reaches max_steps, `spent()` (the
+        seconds of training so far) reaches max_train_seconds, or `stop()` gives a reason to end the run early
+        (any process's); `save()` writes a checkpoint and returns its path. `before` runs once, `after(step)` after
+        each step, both under the signal handlers. Returns why the steps ended: "max_steps", "max_train_seconds"
+        or stop()'s reason."""
         cfg = self.cfg
         budget = cfg.max_train_seconds
         if budget is not None:
@@ -131,13 +133,17 @@ class RunHarness:
                     raise Interrupted(f"stopped by {signal.Signals(received).name} after step {current}; checkpoint "
                                       f"written to {path}. Resume with: grpokit {self.command} {self.config_name} "
                                       "--resume", 128 + received)
-                over = budget is not None and self._agree_on_time(spent()) >= budget
-                if over and current < cfg.max_steps:
+                reason = self._agree_on_reason(stop() if stop is not None else None)
+                if reason is not None and current < cfg.max_steps:
+                    self.say(f"{reason}: the run ends after step {current} of {cfg.max_steps}")
+                if reason is None and budget is not None and self._agree_on_time(spent()) >= budget:
+                    reason = "max_train_seconds"
                     self.say(f"max_train_seconds {budget:g} reached after step {current} of {cfg.max_steps} "
                              f"({spent():.0f} s of training): the run ends here")
+                if reason is not None and current < cfg.max_steps:
                     if cfg.save_steps:
                         save()  # so that --resume (a larger budget, or none) goes on from here
-                    return "max_train_seconds"
+                    return reason
                 if cfg.save_steps and current % cfg.save_steps == 0 and current < cfg.max_steps:
                     save()
         return "max_steps"
@@ -147,6 +153,12 @@ class RunHarness:
         if self.procs is None or self.procs.count == 1:
             return seconds
         return max(self.procs.gather(seconds))
+
+    def _agree_on_reason(self, reason: str | None) -> str | None:
+        """The first process's reason to end the run early, or None when none has one."""
+        if self.procs is None or self.procs.count == 1:
+            return reason
+        return next((r for r in self.procs.gather(reason) if r is not None), None)
 
     def _agree(self, received: int | None) -> int | None:
         """The signal any process got (every process stops after the same step), or None."""

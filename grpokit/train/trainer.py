@@ -120,6 +120,7 @@ class Trainer:
                                logprobs=self.logprobs, settings=self.loss_settings, procs=self.procs,
                                train_module=self.train_module, device=self.device, autocast=self.autocast)
         self.state = TrainState.start(cfg.seed)
+        self.stop_reason: str | None = None  # set by a step that ends the run early (on_collapse: stop)
 
     def synced_engine(self):
         """The engine, after pushing the policy's weights to it if they changed (a no-op for the in-process one)."""
@@ -153,7 +154,7 @@ class Trainer:
                 harness.run(step=lambda: self.step(metrics), position=lambda: self.state.global_step,
                             save=self.save_checkpoint, spent=lambda: self.state.train_seconds,
                             before=lambda: self._evaluate_on_start(metrics, path is None),
-                            after=lambda step: self._evaluate_every(metrics, step))
+                            after=lambda step: self._evaluate_every(metrics, step), stop=lambda: self.stop_reason)
                 if self.eval_data:
                     eval_after = self._evaluate(metrics, step=self.state.global_step, label="after training")
                 if self.procs.is_main:
@@ -193,9 +194,11 @@ class Trainer:
             state.pending = None
         metrics_log.log(state.global_step, metrics)
         if self.procs.is_main:
-            for alert in self.health.observe(state.global_step, metrics):
+            started = self.health.observe(state.global_step, metrics)
+            for alert in started:
                 log.warning("%s", alert)
                 alerts.append(Path(cfg.output_dir) / "alerts.jsonl", alert)
+            self.stop_reason = self.stop_reason or alerts.collapse_stop(started, cfg.on_collapse)
         return state.global_step
 
     def next_generation(self) -> Pending:

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from grpokit.observe.alerts import Alert, HealthMonitor, identical_fraction
+from grpokit.observe.alerts import Alert, HealthMonitor, collapse_stop, identical_fraction
 
 
 def healthy(step: int, rng: random.Random) -> dict[str, float]:
@@ -228,3 +228,29 @@ def test_drop_after_keeps_the_alerts_up_to_the_checkpoint(tmp_path):
     drop_after(path, 3)
     assert [line for line in path.read_text().splitlines()] == ['{"name": "kl_blowup", "step": 2}',
                                                                 '{"name": "kl_blowup", "step": 3}']
+
+
+@pytest.mark.parametrize(("key", "before", "after", "alert"), [
+    ("entropy", 0.6, 0.05, "entropy_collapse"),
+    ("completions/frac_identical_in_group", 0.1, 0.9, "identical_completions"),
+])
+def test_on_collapse_stop_gives_a_reason_at_the_collapse_step_and_warn_never(key, before, after, alert):
+    """The stream the trainer feeds: stop gives its reason at the first step the collapse alert starts, not
+    before; warn gives none; a non-collapse alert (zero spread) stops nothing."""
+    for on_collapse, expected in (("stop", f"on_collapse stop: {alert} at step"), ("warn", None)):
+        monitor, rng, reasons = HealthMonitor(correctness_reward="accuracy"), random.Random(7), {}
+        for step in range(1, 101):
+            metrics = healthy(step, rng)
+            metrics[key] = after if step > 30 else before
+            metrics["frac_reward_zero_std"] = 0.95 if step > 60 else 0.2  # zero_reward_spread fires, stops nothing
+            started = monitor.observe(step, metrics)
+            reason = collapse_stop(started, on_collapse)
+            if reason is not None:
+                reasons[step] = reason
+            elif started and on_collapse == "stop":
+                assert all(a.name == "zero_reward_spread" for a in started), started
+        if expected is None:
+            assert reasons == {}
+        else:
+            (step, reason), = reasons.items()
+            assert reason == f"{expected} {step}" and 30 < step <= 45, reasons

@@ -22,6 +22,20 @@ def test_arithmetic_splits_are_fixed_and_disjoint():
     assert number_correct([f"Answer: {r['answer']}" for r in held], answer=[r["answer"] for r in held]) == [1.0] * 200
 
 
+def test_arithmetic_validation_split_is_disjoint_and_leaves_train_and_held_out_as_they_were():
+    train, held = load_records("arithmetic?size=300"), load_records("arithmetic:held_out")
+    valid = load_records("arithmetic:validation?size=300")
+    questions = lambda rows: {r["prompt"][-1]["content"] for r in rows}  # noqa: E731
+    assert len(valid) == 200 and not questions(valid) & (questions(train) | questions(held))
+    from grpokit.data import tasks  # the validation draw changes neither other split
+
+    with_validation = tasks.arithmetic_splits_with_validation(300)
+    assert (with_validation[0], with_validation[1]) == tasks.arithmetic_splits(300)
+    assert with_validation[2] == valid
+    with pytest.raises(DataError, match="'arithmetic:validation'"):
+        load_records("arithmetic:valid")
+
+
 def test_arithmetic_options():
     rows = load_records("arithmetic:held_out?max_terms=2&min_terms=2&eval_size=10")
     assert len(rows) == 10 and all(r["prompt"][-1]["content"].count(" ") == 4 for r in rows)  # "What is a + b?"
@@ -284,6 +298,8 @@ def test_reasoning_gym_held_out_split_is_disjoint_from_train():
     held = load_records("reasoning_gym:chain_sum:held_out?size=300&seed=1&eval_size=40")
     assert len(held) == 40 and not _prompts(train) & _prompts(held)
     assert len(load_records("reasoning_gym:chain_sum:held_out?seed=1")) == 200
+    valid = load_records("reasoning_gym:chain_sum:validation?size=300&seed=1&eval_size=40")
+    assert len(valid) == 40 and not _prompts(valid) & (_prompts(train) | _prompts(held))
     with pytest.raises(DataError, match="unknown split 'test'"):
         load_records("reasoning_gym:chain_sum:test")
 
