@@ -183,3 +183,21 @@ def test_train_dry_run_and_check_make_the_same_early_checks(tmp_path, tiny_model
     assert result.returncode == (1 if command == "check" and "column" in fault else 2), result.stderr
     assert "Traceback" not in result.stderr and "no-model-here" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_on_collapse_stop_ends_the_run_at_the_collapse_as_max_steps_would(tmp_path, tiny_model_dir):
+    """Greedy rollouts (temperature 0): every group is 4 copies of one completion, so identical_completions fires
+    once its 10-step window is full; with on_collapse stop the run ends there, evaluated and saved."""
+    cfg = _setup(tmp_path, tiny_model_dir, temperature=0.0, max_steps=14, on_collapse="stop", beta=0.0,
+                 eval_on_start=False, save_steps=100, gradient_accumulation_steps=1)
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    run = tmp_path / "run"
+    alerts = [json.loads(line) for line in (run / "alerts.jsonl").read_text().splitlines()]
+    collapse = next(a for a in alerts if a["name"] == "identical_completions")
+    assert f"on_collapse stop: identical_completions at step {collapse['step']}: the run ends after step " \
+           f"{collapse['step']} of 14" in result.stdout
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, collapse["step"] + 1))
+    assert [m["step"] for m in lines if "eval/accuracy" in m] == [collapse["step"]]  # the final evaluation
+    assert (run / "final_model" / "model.safetensors").is_file() and (run / f"checkpoint-{collapse['step']}").is_dir()
