@@ -147,7 +147,7 @@ class Collector:
         g = self.cfg.num_generations
         kept: list[Generation] = []
         spare: list[Generation] = []
-        rounds = dropped = 0
+        rounds = dropped = regenerated = 0
         while True:
             _, _, zero_spread = group_stats(self.totals(sampled[-1].rewards), g)
             kept.append(sampled[-1].groups((~zero_spread).nonzero().flatten().tolist(), g))
@@ -157,6 +157,7 @@ class Collector:
             if have >= need or rounds >= self.cfg.max_resample_rounds:
                 break
             rounds += 1
+            regenerated += need - have  # at most need x max_resample_rounds groups on top of the first draw
             sampled.append(self.sample_groups(state, need - have))
         batch = Generation.concat(kept + spare)  # silent groups last: used only if the kept ones fall short
         filled = max(0, need - have)
@@ -166,6 +167,7 @@ class Collector:
                         "or too hard for the model)", filled, need, rounds)
         batch = batch.groups(list(range(need)), g)
         return batch, {"dynamic_sampling/dropped_groups": float(dropped), "dynamic_sampling/rounds": float(rounds),
+                       "dynamic_sampling/regenerated_groups": float(regenerated),
                        "dynamic_sampling/zero_spread_groups_kept": float(filled)}
 
     # -- what a generation tells ---------------------------------------------------------------

@@ -194,11 +194,11 @@ class Trainer:
             state.pending = None
         metrics_log.log(state.global_step, metrics)
         if self.procs.is_main:
-            started = self.health.observe(state.global_step, metrics)
-            for alert in started:
+            new_alerts = self.health.observe(state.global_step, metrics)
+            for alert in new_alerts:
                 log.warning("%s", alert)
                 alerts.append(Path(cfg.output_dir) / "alerts.jsonl", alert)
-            self.stop_reason = self.stop_reason or alerts.collapse_stop(started, cfg.on_collapse)
+            self.stop_reason = self.stop_reason or alerts.collapse_stop(new_alerts, cfg.on_collapse)
         return state.global_step
 
     def next_generation(self) -> Pending:

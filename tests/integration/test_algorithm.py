@@ -132,6 +132,24 @@ def test_dynamic_sampling_tops_up_when_rounds_run_out(workdir, tiny_model_dir, c
     assert "zero reward spread after 0 refill round(s)" in caplog.text
 
 
+def test_dynamic_sampling_refills_at_most_max_resample_rounds_and_counts_what_it_regenerated(workdir, tiny_model_dir,
+                                                                                            caplog):
+    """Every group has zero spread (one constant reward): the refill runs exactly max_resample_rounds rounds of
+    the groups still missing, each of them dropped, and the metrics count them."""
+    (workdir / "flat.py").write_text("def flat(completions, **kwargs):\n    return [0.5] * len(completions)\n")
+    cfg = make_config(tiny_model_dir, reward_funcs=["flat.flat"], dynamic_sampling=True, max_resample_rounds=2,
+                      per_device_train_batch_size=8)
+    trainer = Trainer(cfg)
+    batch, metrics = _generation(trainer)
+    need = cfg.generation_batch_size // cfg.num_generations  # groups per generation
+    assert sum(len(mb.advantages) for mb in batch) == cfg.generation_batch_size
+    assert metrics["dynamic_sampling/rounds"] == 2
+    assert metrics["dynamic_sampling/regenerated_groups"] == 2 * need  # the bound: need x max_resample_rounds
+    assert metrics["dynamic_sampling/dropped_groups"] == 3 * need  # the first draw and both refills
+    assert metrics["dynamic_sampling/zero_spread_groups_kept"] == need
+    assert "zero reward spread after 2 refill round(s)" in caplog.text
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_each_loss_type_learns_a_trivial_reward_through_the_cli(workdir, tiny_model_dir, loss_type):
     config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",

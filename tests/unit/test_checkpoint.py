@@ -18,8 +18,8 @@ from grpokit.runtime.distributed import Processes
 from grpokit.train import checkpoint
 from grpokit.train.state import TrainState
 
-STATE_KEYS = ["global_step", "generations", "num_tokens", "order", "consecutive_skips", "eval_before", "best_model",
-              "processes", "health", "rewards"]  # trainer_state.json as every checkpoint so far has it
+STATE_KEYS = ["global_step", "generations", "num_tokens", "order", "consecutive_skips", "eval_before", "train_seconds",
+              "best_model", "processes", "health", "rewards"]  # trainer_state.json (train_seconds: since the budget)
 
 
 class _Policy(torch.nn.Linear):
@@ -81,6 +81,7 @@ def _state() -> TrainState:
     state.next_prompts(3, 10)  # part-way through the first pass over 10 prompts
     state.global_step, state.generations, state.num_tokens, state.consecutive_skips = 5, 3, 1234, 1
     state.eval_before = {"eval/accuracy": 0.25}
+    state.train_seconds = 12.5
     state.pending = Pending(micro_batches=[_micro_batch(0.5), _micro_batch(-1.5)], windows=[2],
                             metrics={"reward": 0.75})
     return state
@@ -113,6 +114,7 @@ def test_the_records_round_trip(tmp_path):
     got = restored.state
     assert (got.global_step, got.generations, got.num_tokens, got.consecutive_skips) == (5, 3, 1234, 1)
     assert got.order == state.order and len(got.order) == 7 and got.eval_before == {"eval/accuracy": 0.25}
+    assert got.train_seconds == 12.5  # max_train_seconds' budget goes on counting
     # every random stream goes on where it was when the checkpoint was written
     assert torch.equal(torch.rand(3), next_torch) and random.random() == next_python
     assert got.order_rng.random() == next_order
@@ -127,6 +129,15 @@ def test_the_records_round_trip(tmp_path):
             assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, field
     assert (restored.best_model, restored.health, restored.rewards) == ({"best": 1.0}, {"windows": [1, 2]},
                                                                         {"failures": [0, 2]})
+
+
+def test_a_checkpoint_from_before_the_budget_restores_with_no_training_time_spent(tmp_path):
+    policy, optimizer, scheduler = _parts()
+    path = _save(tmp_path, _state(), policy, optimizer, scheduler)
+    written = json.loads((path / "trainer_state.json").read_text())
+    del written["train_seconds"]
+    (path / "trainer_state.json").write_text(json.dumps(written))
+    assert _restore(tmp_path, path, *_parts()).state.train_seconds == 0.0
 
 
 def test_the_files_are_those_older_checkpoints_have(tmp_path):
