@@ -141,7 +141,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=float, default=900.0, help="max_train_seconds of each run (default 900)")
     parser.add_argument("--max-steps", type=int, default=100_000,
-                        help="max_steps of each run (default: large, so that the budget ends it)")
+                        help="max_steps of each run (default: large, so that the budget ends it; a linear or "
+                             "cosine learning-rate schedule runs over max_steps, so give the steps it should span)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (repeatable), as grpokit train --set")
     parser.add_argument("--report", metavar="FILE", help="print the table of a results file and exit")
