@@ -109,17 +109,19 @@ class RunHarness:
 
     def run(self, *, step: Callable[[], int], position: Callable[[], int], save: Callable[[], Path],
             spent: Callable[[], float], before: Callable[[], Any] | None = None,
-            after: Callable[[int], Any] | None = None, stop: Callable[[], str | None] | None = None) -> str:
+            after: Callable[[int], Any] | None = None, stop: Callable[[], str | None] | None = None) -> None:
         """Call `step()` (it returns the step it made) until `position()` reaches max_steps, `spent()` (the
         seconds of training so far) reaches max_train_seconds, or `stop()` gives a reason to end the run early
         (any process's); `save()` writes a checkpoint and returns its path. `before` runs once, `after(step)` after
-        each step, both under the signal handlers. Returns why the steps ended: "max_steps", "max_train_seconds"
-        or stop()'s reason."""
+        each step, both under the signal handlers."""
         cfg = self.cfg
         budget = cfg.max_train_seconds
         if budget is not None:
             self.say(f"budget: max_train_seconds {budget:g}: the run ends at the first step end after {budget:g} s "
                      f"of training ({spent():.0f} s so far), or at step {cfg.max_steps}")
+            if spent() >= budget and position() < cfg.max_steps:  # a resumed run whose budget is spent already
+                self.say(f"max_train_seconds {budget:g} already spent ({spent():.0f} s): no more steps")
+                return
         with StopSignals(self.say) as signals:
             if before is not None:
                 before()
@@ -127,44 +129,31 @@ class RunHarness:
                 current = step()
                 if after is not None:
                     after(current)
-                received = self._agree(signals.received)
+                received, reason, seconds = self._agree(signals.received, stop() if stop is not None else None,
+                                                        spent())
                 if received is not None:
                     path = save()
                     raise Interrupted(f"stopped by {signal.Signals(received).name} after step {current}; checkpoint "
                                       f"written to {path}. Resume with: grpokit {self.command} {self.config_name} "
                                       "--resume", 128 + received)
-                reason = self._agree_on_reason(stop() if stop is not None else None)
+                if reason is None and budget is not None and seconds >= budget:
+                    reason = f"max_train_seconds {budget:g} reached ({seconds:.0f} s of training)"
                 if reason is not None and current < cfg.max_steps:
                     self.say(f"{reason}: the run ends after step {current} of {cfg.max_steps}")
-                if reason is None and budget is not None and self._agree_on_time(spent()) >= budget:
-                    reason = "max_train_seconds"
-                    self.say(f"max_train_seconds {budget:g} reached after step {current} of {cfg.max_steps} "
-                             f"({spent():.0f} s of training): the run ends here")
-                if reason is not None and current < cfg.max_steps:
                     if cfg.save_steps:
                         save()  # so that --resume (a larger budget, or none) goes on from here
-                    return reason
+                    return
                 if cfg.save_steps and current % cfg.save_steps == 0 and current < cfg.max_steps:
                     save()
-        return "max_steps"
 
-    def _agree_on_time(self, seconds: float) -> float:
-        """The longest of the processes' training times: every process stops after the same step."""
+    def _agree(self, received: int | None, reason: str | None, seconds: float) -> tuple[int | None, str | None, float]:
+        """What every process acts on after a step, in one exchange: the signal any process got, the first
+        process's reason to end early, the longest training time; so every process stops after the same step."""
         if self.procs is None or self.procs.count == 1:
-            return seconds
-        return max(self.procs.gather(seconds))
-
-    def _agree_on_reason(self, reason: str | None) -> str | None:
-        """The first process's reason to end the run early, or None when none has one."""
-        if self.procs is None or self.procs.count == 1:
-            return reason
-        return next((r for r in self.procs.gather(reason) if r is not None), None)
-
-    def _agree(self, received: int | None) -> int | None:
-        """The signal any process got (every process stops after the same step), or None."""
-        if self.procs is None or self.procs.count == 1:
-            return received
-        return max((r for r in self.procs.gather(received) if r is not None), default=None)
+            return received, reason, seconds
+        parts = self.procs.gather((received, reason, seconds))
+        return (max((r for r, _, _ in parts if r is not None), default=None),
+                next((why for _, why, _ in parts if why is not None), None), max(t for _, _, t in parts))
 
 
 class _Silent:

@@ -215,11 +215,16 @@ def test_max_train_seconds_ends_the_run_at_a_step_end_and_resume_goes_on(tmp_pat
     budget = run_cli("train", str(cfg), "--set", "output_dir=budget", "--set", "max_train_seconds=0.001", cwd=tmp_path)
     assert budget.returncode == 0, budget.stderr
     run = tmp_path / "budget"
-    assert "max_train_seconds 0.001 reached after step 1 of 4" in budget.stdout
+    assert "max_train_seconds 0.001 reached (" in budget.stdout and "the run ends after step 1 of 4" in budget.stdout
     assert [m["step"] for m in _metrics(run / "metrics.jsonl")] == [1]
     assert (run / "final_model" / "model.safetensors").is_file()
     state = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["global_step"] == 1 and 0 < state["train_seconds"] < 600, state["train_seconds"]
+    again = run_cli("train", str(cfg), "--set", "output_dir=budget", "--set", "max_train_seconds=0.001", "--resume",
+                    cwd=tmp_path)  # the same budget: spent already, so not one more step
+    assert again.returncode == 0, again.stderr
+    assert "max_train_seconds 0.001 already spent" in again.stdout
+    assert [m["step"] for m in _metrics(run / "metrics.jsonl")] == [1]
     resumed = run_cli("train", str(cfg), "--set", "output_dir=budget", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert [m["step"] for m in _metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
