@@ -134,6 +134,26 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_config(config: str, overrides: list[str]) -> None:
+    """Before any run: the config loads, names held-out data (the before/after comparison needs it), and passes the
+    trainer's early checks (`grpokit train --dry-run`), so that a bad setting fails in seconds, not after a run."""
+    from grpokit.config import load_config
+    from grpokit.errors import GrpokitError
+
+    try:
+        cfg = load_config(config, overrides)
+    except GrpokitError as exc:
+        raise SystemExit(f"learning.py: {exc}") from None
+    if cfg.eval_dataset is None:
+        raise SystemExit(f"learning.py: {config} has no eval_dataset; accuracy before and after needs held-out data "
+                         "(set it in the config or with --set eval_dataset=...)")
+    sets = [x for o in overrides for x in ("--set", o)]
+    dry = subprocess.run([sys.executable, "-m", "grpokit", "train", config, *sets, "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if dry.returncode != 0:
+        raise SystemExit(f"learning.py: grpokit train --dry-run refused the config:\n{dry.stderr.strip()}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="a grpokit config with an eval_dataset")
@@ -152,6 +172,7 @@ def main() -> int:
         return 0
     if not args.config:
         parser.error("give a config (or --report FILE)")
+    check_config(args.config, args.overrides)
     name = args.name or Path(args.config).stem
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     RESULTS.mkdir(parents=True, exist_ok=True)

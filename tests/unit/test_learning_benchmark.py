@@ -54,3 +54,18 @@ def test_a_run_without_held_out_data_is_a_clear_error(tmp_path):
     _write(tmp_path / "metrics.jsonl", [])
     with pytest.raises(SystemExit, match="needs an eval_dataset"):
         learning.seed_result(tmp_path)
+
+
+def test_a_config_without_held_out_data_fails_before_any_run(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("dataset: arithmetic\n")
+    with pytest.raises(SystemExit, match="has no eval_dataset"):
+        learning.check_config(str(tmp_path / "cfg.yaml"), [])
+    with pytest.raises(SystemExit, match="(?s)learning.py: .*no_such_key"):
+        learning.check_config(str(tmp_path / "cfg.yaml"), ["no_such_key=1"])
+
+
+def test_a_config_the_trainer_s_early_checks_refuse_fails_before_any_run(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("dataset: no_such_rows.jsonl\neval_dataset: arithmetic:held_out?eval_size=5\n"
+                                       "report_to: none\n")
+    with pytest.raises(SystemExit, match="(?s)--dry-run refused the config.*no_such_rows.jsonl"):
+        learning.check_config(str(tmp_path / "cfg.yaml"), [])
