@@ -149,7 +149,7 @@ def _arithmetic(split: str, query: str, spec: str) -> list[dict[str, Any]]:
         raise DataError(f"dataset '{spec}': unknown split '{split}'; use 'arithmetic' (train), "
                         "'arithmetic:held_out' or 'arithmetic:validation'")
     try:
-        train, held_out, validation = tasks.arithmetic_splits_with_validation(
+        train, held_out, validation = tasks.arithmetic_splits(
             size, tasks.ArithmeticSpec(**options), validation=None if split == "validation" else 0)
     except ValueError as exc:
         raise DataError(f"dataset '{spec}': {exc}") from None

@@ -36,21 +36,13 @@ def _question(rng: random.Random, spec: ArithmeticSpec) -> tuple[str, int]:
     return f"What is {expr}?", value
 
 
-def arithmetic_splits(size: int, spec: ArithmeticSpec | None = None) -> tuple[list[dict], list[dict]]:
-    """Return (train, held_out) lists of {"prompt": [...messages], "answer": "N"} records.
-
-    The held-out set depends only on `spec` (not on `size`), so it is the same in every run.
-    """
-    train, held_out, _ = arithmetic_splits_with_validation(size, spec, validation=0)
-    return train, held_out
-
-
-def arithmetic_splits_with_validation(size: int, spec: ArithmeticSpec | None = None, validation: int | None = None
-                                      ) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, held_out, validation): the stream's first `eval_size` distinct questions are held out, the next
-    `size` train, the next `validation` (default `eval_size`) are the validation split, for choosing a run's best
-    model on other questions than those its accuracy is reported on. Train and held-out are those of
-    `arithmetic_splits`: a validation split changes neither."""
+def arithmetic_splits(size: int, spec: ArithmeticSpec | None = None, validation: int | None = None
+                      ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held_out, validation) lists of {"prompt": [...messages], "answer": "N"} records: the stream's first
+    `eval_size` distinct questions are held out, the next `size` train, the next `validation` (default
+    `eval_size`; 0 draws none) the validation split, for choosing a run's best model on other questions than those
+    its accuracy is reported on. The held-out set depends only on `spec` (not on `size`), so it is the same in every
+    run; drawing a validation split changes neither train nor held-out."""
     spec = spec or ArithmeticSpec()
     validation = spec.eval_size if validation is None else validation
     rng = random.Random(spec.seed)

@@ -29,9 +29,8 @@ def test_arithmetic_validation_split_is_disjoint_and_leaves_train_and_held_out_a
     assert len(valid) == 200 and not questions(valid) & (questions(train) | questions(held))
     from grpokit.data import tasks  # the validation draw changes neither other split
 
-    with_validation = tasks.arithmetic_splits_with_validation(300)
-    assert (with_validation[0], with_validation[1]) == tasks.arithmetic_splits(300)
-    assert with_validation[2] == valid
+    with_validation, without = tasks.arithmetic_splits(300), tasks.arithmetic_splits(300, validation=0)
+    assert with_validation[:2] == without[:2] and without[2] == [] and with_validation[2] == valid
     with pytest.raises(DataError, match="'arithmetic:validation'"):
         load_records("arithmetic:valid")
 
