@@ -172,6 +172,8 @@ def main() -> int:
         return 0
     if not args.config:
         parser.error("give a config (or --report FILE)")
+    if len(set(args.seeds)) != len(args.seeds) or args.budget <= 0:
+        parser.error("--seeds must be distinct (each is one run, keyed by its seed) and --budget > 0")
     check_config(args.config, args.overrides)
     name = args.name or Path(args.config).stem
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
