@@ -8,7 +8,9 @@ run's evaluations.jsonl (accuracy per held-out prompt) and metrics.jsonl:
 - per seed: optimizer steps, accuracy before and after with 95% Wilson intervals, the gain, and the paired
   counts: prompts fixed (wrong before, right after) and broken (right before, wrong after);
 - per seed, over time: mean token entropy and the fraction of groups with zero reward spread
-  (`frac_reward_zero_std`), by tenth of the run's steps, and averaged over the second half of the steps;
+  (`frac_reward_zero_std`, over every group sampled), by tenth of the run's steps, and averaged over the second
+  half of the steps; beside it the fraction among the groups trained on (they differ with dynamic sampling,
+  which drops zero-spread groups and refills);
 - over seeds: mean gain, worst gain, seeds that ended below the untrained model, the mean second-half
   zero-spread fraction.
 
@@ -81,7 +83,8 @@ def by_tenth(values: list[float]) -> list[float | None]:
 
 def seed_result(run_dir: Path) -> dict:
     """What one finished run gives: accuracy before and after, paired counts, entropy and zero spread over time."""
-    evaluations = {e["label"]: e["accuracy"] for e in read_jsonl(run_dir / "evaluations.jsonl")}
+    evaluations = {e["label"]: e["accuracy"] for e in read_jsonl(run_dir / "evaluations.jsonl")
+                   if e.get("split", "eval") == "eval"}  # the held-out evaluations, not the validation ones
     missing = [label for label in ("before training", "after training") if label not in evaluations]
     if missing:
         raise SystemExit(f"{run_dir}/evaluations.jsonl has no evaluation {missing}: the config needs an eval_dataset")
@@ -89,6 +92,7 @@ def seed_result(run_dir: Path) -> dict:
     steps = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "loss" in m]
     entropy = [m["entropy"] for m in steps if m.get("entropy") is not None]
     zero = [m["frac_reward_zero_std"] for m in steps if m.get("frac_reward_zero_std") is not None]
+    trained = trained_zero_spread(run_dir, steps)
     half = len(steps) // 2
     pairs = [(b, a) for b, a in zip(before, after, strict=True) if b is not None and a is not None]
     first, last = accuracy_summary(before), accuracy_summary(after)
@@ -99,7 +103,26 @@ def seed_result(run_dir: Path) -> dict:
         "entropy_by_tenth": by_tenth(entropy), "zero_spread_by_tenth": by_tenth(zero),
         "entropy_second_half": statistics.fmean(entropy[half:]) if entropy[half:] else None,
         "zero_spread_second_half": statistics.fmean(zero[half:]) if zero[half:] else None,
+        "trained_zero_spread_second_half": statistics.fmean(trained[half:]) if trained[half:] else None,
     }
+
+
+def trained_zero_spread(run_dir: Path, steps: list[dict]) -> list[float]:
+    """Per step, the fraction of the groups trained on that had zero reward spread. Without dynamic sampling that is
+    `frac_reward_zero_std`; with it, the zero-spread groups that still filled the batch
+    (`dynamic_sampling/zero_spread_groups_kept`) over the groups of a generation (the run's config.yaml)."""
+    kept = "dynamic_sampling/zero_spread_groups_kept"
+    if not any(kept in m for m in steps):
+        return [m["frac_reward_zero_std"] for m in steps if m.get("frac_reward_zero_std") is not None]
+    from grpokit.config import load_config
+
+    groups = load_config(str(run_dir / "config.yaml")).prompts_per_generation
+    return [m[kept] / groups for m in steps if kept in m]
+
+
+def _mean_of(seeds: dict[str, dict], key: str) -> float | None:
+    values = [r[key] for r in seeds.values() if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
 
 
 def summary(seeds: dict[str, dict]) -> dict:
@@ -108,13 +131,14 @@ def summary(seeds: dict[str, dict]) -> dict:
     return {"mean_gain_points": statistics.fmean(gains), "worst_gain_points": min(gains),
             "best_gain_points": max(gains), "seeds_below_untrained": sum(1 for g in gains if g < 0),
             "mean_zero_spread_second_half": statistics.fmean(zero) if zero else None,
+            "mean_trained_zero_spread_second_half": _mean_of(seeds, "trained_zero_spread_second_half"),
             "mean_steps": statistics.fmean(r["steps"] for r in seeds.values())}
 
 
 def table(result: dict) -> str:
     """The markdown rows RESULTS.md gets."""
     lines = ["| seed | steps | before (95% CI) | after (95% CI) | gain | fixed / broken | entropy 2nd half | "
-             "zero-spread 2nd half |", "|---|---|---|---|---|---|---|---|"]
+             "zero-spread 2nd half (sampled / trained) |", "|---|---|---|---|---|---|---|---|"]
 
     def pct(acc: dict) -> str:
         return f"{100 * acc['accuracy']:.1f}% ({100 * acc['ci95'][0]:.1f}-{100 * acc['ci95'][1]:.1f})"
@@ -125,11 +149,13 @@ def table(result: dict) -> str:
     for seed, r in result["seeds"].items():
         lines.append(f"| {seed} | {r['steps']} | {pct(r['before'])} | {pct(r['after'])} | {r['gain_points']:+.1f} | "
                      f"{r['fixed']} / {r['broken']} | {num(r['entropy_second_half'], '.3f')} | "
-                     f"{num(r['zero_spread_second_half'], '.0%')} |")
+                     f"{num(r['zero_spread_second_half'], '.0%')} / "
+                     f"{num(r.get('trained_zero_spread_second_half'), '.0%')} |")
     s = result["summary"]
     lines.append(f"\nmean gain {s['mean_gain_points']:+.1f} points, worst {s['worst_gain_points']:+.1f}, best "
                  f"{s['best_gain_points']:+.1f}; {s['seeds_below_untrained']} seed(s) below the untrained model; "
-                 f"zero-spread groups over the second half {num(s['mean_zero_spread_second_half'], '.0%')}; "
+                 f"zero-spread groups over the second half {num(s['mean_zero_spread_second_half'], '.0%')} sampled, "
+                 f"{num(s.get('mean_trained_zero_spread_second_half'), '.0%')} trained on; "
                  f"{s['mean_steps']:.0f} steps on average")
     return "\n".join(lines)
 

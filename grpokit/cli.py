@@ -311,7 +311,8 @@ def _train(args) -> int:
         inputs = early_checks(cfg)
         funcs = [f.name for f in inputs.reward_funcs]
         print(inputs.cfg.to_yaml(), end="")
-        print(f"dry run: {len(inputs.train_records)} train prompts, {len(inputs.eval_records)} held-out, "
+        validation = f", {len(inputs.validation_records)} validation" if inputs.validation_records else ""
+        print(f"dry run: {len(inputs.train_records)} train prompts, {len(inputs.eval_records)} held-out{validation}, "
               f"rewards {funcs}; nothing trained")
         return 0
     if args.force and not args.resume:

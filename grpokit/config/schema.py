@@ -58,6 +58,11 @@ class GRPOConfig(BaseModel):
     eval_dataset: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "Held-out data, same forms as `dataset`; 'arithmetic:held_out' and 'gsm8k:held_out' are the built-ins' fixed "
         "held-out splits."))
+    validation_dataset: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
+        "Data for choosing the best model, same forms as `dataset` ('arithmetic:validation', "
+        "'reasoning_gym:<task>:validation?...'; its prompts that are also train or held-out prompts are left out). "
+        "Evaluated beside eval_dataset at every evaluation, logged as validation/*; with it, metric_for_best_model "
+        "ranks by the validation result, so the held-out score reported for the chosen model is not selected on."))
     eval_limit: int | None = Field(None, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Evaluate on at most this many held-out prompts."))
     torch_dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field("float32", description=(
@@ -234,8 +239,10 @@ class GRPOConfig(BaseModel):
     eval_pass_k: list[int] = Field([1], json_schema_extra=RESUME_NEUTRAL, description=(
         "The k of eval/pass@k and eval/maj@k (each at most eval_num_samples)."))
     metric_for_best_model: str | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
-        "An eval metric ('accuracy', 'eval/pass@4', 'eval/rewards/NAME/mean'; the 'eval/' prefix is optional): after "
-        "each evaluation the model is saved to OUTPUT_DIR/best_model/ when this metric is the best so far."))
+        "An eval metric ('accuracy', 'pass@4', 'rewards/NAME/mean'): after each evaluation the model is saved to "
+        "OUTPUT_DIR/best_model/ when this metric is the best so far. A bare name is read from the validation "
+        "evaluation when validation_dataset is set, else from the held-out one; 'eval/NAME' or 'validation/NAME' "
+        "names the split."))
     greater_is_better: bool | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
         "Whether a larger metric_for_best_model is better (default: true, false for names ending in 'loss' or "
         "'length')."))

@@ -71,9 +71,10 @@ _GSM8K_SEED = 20240521  # fixed forever: changing it would mix the held-out rows
 
 def dataset_records(cfg, which: str = "train", *, prompt_fallbacks: tuple[str, ...] = PROMPT_FALLBACKS
                     ) -> list[dict[str, Any]] | None:
-    """The train (`dataset`) or held-out (`eval_dataset`) records a config names; None when it names none.
+    """The train (`dataset`), held-out (`eval_dataset`, which 'eval') or validation (`validation_dataset`) records a
+    config names; None when it names none.
     `prompt_fallbacks`: columns tried when `prompt_column` is absent (`grpokit sft` adds 'messages')."""
-    spec = cfg.dataset if which == "train" else cfg.eval_dataset
+    spec = {"train": cfg.dataset, "eval": cfg.eval_dataset, "validation": cfg.validation_dataset}[which]
     if spec is None:
         return None
     return load_records(spec, cfg.prompt_column, cfg.system_prompt, prompt_template=cfg.prompt_template,
@@ -225,18 +226,20 @@ def _reasoning_gym(task: str, query: str, spec: str) -> list[dict[str, Any]]:
 
 
 def without_train_prompts(eval_records: list[dict[str, Any]], train_records: list[dict[str, Any]],
-                          spec: str) -> list[dict[str, Any]]:
+                          spec: str, key: str = "eval_dataset", others: str = "training") -> list[dict[str, Any]]:
     """Held-out rows whose prompt is also a training prompt are dropped (and counted): a held-out score must
-    not be measured on what the run trained on."""
+    not be measured on what the run trained on. `key` names the setting in messages; `others` the rows compared
+    with (validation rows are also compared with the held-out ones)."""
     seen = {_prompt_key(r["prompt"]) for r in train_records}
     kept = [r for r in eval_records if _prompt_key(r["prompt"]) not in seen]
     dropped = len(eval_records) - len(kept)
     if dropped and not kept:
-        raise DataError(f"eval_dataset '{spec}': all {dropped} prompts are also in the training data, so nothing is "
-                        "held out; use a separate file or split (reasoning_gym: 'reasoning_gym:<task>:held_out')")
+        raise DataError(f"{key} '{spec}': all {dropped} prompts are also in the {others} data, so nothing is "
+                        "held out; use a separate file or split (reasoning_gym: 'reasoning_gym:<task>:held_out', "
+                        "':validation')")
     if dropped:
-        log.warning("eval_dataset '%s': %d of %d prompts are also training prompts and are left out of evaluation",
-                    spec, dropped, len(eval_records))
+        log.warning("%s '%s': %d of %d prompts are also %s prompts and are left out of evaluation",
+                    key, spec, dropped, len(eval_records), others)
     return kept
 
 

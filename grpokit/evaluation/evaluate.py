@@ -14,6 +14,7 @@ For a sampled reward the per-prompt value is the mean over that prompt's samples
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -31,6 +32,8 @@ from grpokit.rewards.builtin import completion_text
 from grpokit.rewards.contract import columns_of, decode_completions
 from grpokit.rewards.verifiers import completion_answer
 from grpokit.rollout.base import Engine, SamplingParams
+
+log = logging.getLogger(__name__)
 
 COUNT_METRICS = ("eval/num_prompts", "eval/num_correct")  # totals, not means over prompts: no per-prompt values
 
@@ -51,42 +54,63 @@ class Scored:
     truncated: list[bool]  # [P*n] finish reason "length"
 
 
-def metric_key(name: str) -> str:
-    """'accuracy' -> 'eval/accuracy'; names already under 'eval/' stay as they are."""
-    return name if name.startswith("eval/") else f"eval/{name}"
+SPLITS = ("eval", "validation")  # the held-out evaluation's metric prefix and the validation evaluation's
 
 
-def eval_metric_names(cfg: GRPOConfig, reward_names: list[str]) -> list[str]:
-    """The eval/* keys an evaluation of this run returns (`evaluate_per_prompt`, the trainer's evaluation); a test
-    compares this list with a real evaluation's keys."""
-    names = ["eval/accuracy", "eval/num_correct", "eval/num_prompts", "eval/completions/mean_length",
-             "eval/completions/clipped_ratio", "eval/time", *(f"eval/rewards/{n}/mean" for n in reward_names)]
+def metric_key(name: str, validation: bool = False) -> str:
+    """The metric `metric_for_best_model` names: 'accuracy' -> 'eval/accuracy', or 'validation/accuracy' when the
+    run has validation data (`validation`); a name under 'eval/' or 'validation/' says its split itself."""
+    if name.startswith(tuple(f"{s}/" for s in SPLITS)):
+        return name
+    return f"{'validation' if validation else 'eval'}/{name}"
+
+
+def best_metric_key(cfg: GRPOConfig) -> str | None:
+    """The metric this run's best model is chosen on (None: no best model kept)."""
+    if not cfg.metric_for_best_model:
+        return None
+    return metric_key(cfg.metric_for_best_model, validation=cfg.validation_dataset is not None)
+
+
+def eval_metric_names(cfg: GRPOConfig, reward_names: list[str], split: str = "eval") -> list[str]:
+    """The keys an evaluation of this run returns (`evaluate_per_prompt`, the trainer's evaluation), under 'eval/'
+    (held-out data) or 'validation/'; a test compares this list with a real evaluation's keys."""
+    names = ["accuracy", "num_correct", "num_prompts", "completions/mean_length", "completions/clipped_ratio", "time",
+             *(f"rewards/{n}/mean" for n in reward_names)]
     if cfg.eval_num_samples:
-        names += [f"eval/{kind}@{k}" for kind in ("pass", "maj") for k in cfg.eval_pass_k]
-        names += [*(f"eval/sampled/rewards/{n}/mean" for n in reward_names), "eval/sampled/completions/mean_length",
-                  "eval/sampled/completions/clipped_ratio"]
-    return names
+        names += [f"{kind}@{k}" for kind in ("pass", "maj") for k in cfg.eval_pass_k]
+        names += [*(f"sampled/rewards/{n}/mean" for n in reward_names), "sampled/completions/mean_length",
+                  "sampled/completions/clipped_ratio"]
+    return [f"{split}/{n}" for n in names]
 
 
 def unknown_metric(name: str, available: list[str], when: str) -> ConfigError:
     close = difflib.get_close_matches(name, available, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"metric_for_best_model '{name}' is not an eval metric {when}{hint}; the available eval "
-                       f"metrics are: {', '.join(sorted(available))} (the 'eval/' prefix is optional)")
+                       f"metrics are: {', '.join(sorted(available))} (a bare name means the validation split when "
+                       "validation_dataset is set, else eval/)")
 
 
-def check_best_metric(cfg: GRPOConfig, reward_names: list[str], has_eval_data: bool) -> None:
-    """`metric_for_best_model`, before the model loads: held-out data to evaluate on, and a metric this run's
-    evaluation returns."""
-    if not cfg.metric_for_best_model:
+def check_best_metric(cfg: GRPOConfig, reward_names: list[str], has_eval_data: bool,
+                      has_validation_data: bool = False) -> None:
+    """`metric_for_best_model`, before the model loads: data to evaluate on, and a metric this run's evaluation
+    returns. Ranking by the held-out split while validation data is there is allowed (the name says so) but said."""
+    key = best_metric_key(cfg)
+    if key is None:
         return
-    if not has_eval_data:
-        raise ConfigError(f"metric_for_best_model '{cfg.metric_for_best_model}' needs held-out data to evaluate "
-                          "on: set eval_dataset (and eval_steps, to evaluate during training), or remove "
-                          "metric_for_best_model")
-    expected = eval_metric_names(cfg, reward_names)
-    if metric_key(cfg.metric_for_best_model) not in expected:
+    split = key.split("/", 1)[0]
+    if not (has_validation_data if split == "validation" else has_eval_data):
+        setting = "validation_dataset" if split == "validation" else "eval_dataset"
+        raise ConfigError(f"metric_for_best_model '{cfg.metric_for_best_model}' needs {setting} to evaluate on: set "
+                          f"{setting} (and eval_steps, to evaluate during training), or remove metric_for_best_model")
+    expected = eval_metric_names(cfg, reward_names, split)
+    if key not in expected:
         raise unknown_metric(cfg.metric_for_best_model, expected, "of this run")
+    if split == "eval" and has_validation_data:
+        log.warning("metric_for_best_model '%s' ranks by the held-out evaluation although validation_dataset is set: "
+                    "the held-out score of best_model/ is then selected on; name 'validation/%s' to rank by the "
+                    "validation split", cfg.metric_for_best_model, key.split("/", 1)[1])
 
 
 def eval_sampling(cfg, max_tokens: int, stop_token_ids: list[int]) -> SamplingParams:

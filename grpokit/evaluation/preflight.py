@@ -48,6 +48,7 @@ class RunInputs:
     reward_funcs: list[RewardFunction]
     train_records: list[dict]
     eval_records: list[dict]  # without the train prompts, cut to eval_limit; [] without held-out data
+    validation_records: list[dict]  # without the train and held-out prompts, cut to eval_limit; [] without
 
 
 def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, eval_records: list[dict] | None = None,
@@ -64,6 +65,11 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
     held = data_mod.without_train_prompts(held, train, cfg.eval_dataset or "eval_dataset") if held else []
     if held and cfg.eval_limit:
         held = held[:cfg.eval_limit]
+    validation = data_mod.dataset_records(cfg, "validation") or []
+    if validation:  # choosing a model on prompts it trained on, or on those it is reported on, would flatter it
+        validation = data_mod.without_train_prompts(validation, train + held, cfg.validation_dataset,
+                                                    "validation_dataset", "training or held-out")
+        validation = validation[:cfg.eval_limit] if cfg.eval_limit else validation
     if cfg.num_train_epochs is not None:  # epochs -> steps, now that the data size is known (config/schema.py)
         steps = cfg.steps_for_epochs(len(train))
         log.info("%g epoch(s) over %d prompts = %d optimizer steps", cfg.num_train_epochs, len(train), steps)
@@ -71,12 +77,13 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
     if check_columns:  # a reward argument that matches no column fails now, not at step 1
         for f in funcs:
             f.check_columns(train[0].keys())
-    check_best_metric(cfg, [f.name for f in funcs], bool(held))
+    check_best_metric(cfg, [f.name for f in funcs], bool(held), bool(validation))
     check_sinks(cfg.report_to)  # a tracker asked for but not installed fails now, not after the model loads
     if cfg.use_vllm and world_size() > 1:
         raise ConfigError(f"use_vllm with {world_size()} processes is not supported yet: each process generates "
                           "with the in-process sampler; drop use_vllm, or run one process with vLLM")
-    return RunInputs(cfg=cfg, reward_funcs=funcs, train_records=train, eval_records=held)
+    return RunInputs(cfg=cfg, reward_funcs=funcs, train_records=train, eval_records=held,
+                     validation_records=validation)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -21,9 +21,10 @@ SAMPLE_CHARS = 300  # a console sample shows at most this many characters of the
 
 
 def summary_lines(cfg: GRPOConfig, policy, *, device, train_prompts: int, eval_prompts: int | None,
-                  onednn_linear: bool = False) -> list[str]:
+                  onednn_linear: bool = False, validation_prompts: int | None = None) -> list[str]:
     """The start-of-run summary: the model and its trainable share, the data, the batch accounting, checkpoints.
-    `policy`: the model (its parameters are counted); `eval_prompts`: None without held-out data."""
+    `policy`: the model (its parameters are counted); `eval_prompts` / `validation_prompts`: None without
+    held-out / validation data."""
     params = list(policy.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -35,6 +36,7 @@ def summary_lines(cfg: GRPOConfig, policy, *, device, train_prompts: int, eval_p
         lines.append(allocator.describe())
     generations = math.ceil(cfg.max_steps / cfg.optimizer_steps_per_generation)
     lines.append(f"data: {train_prompts} train prompts" + (f", {eval_prompts} held-out" if eval_prompts else "")
+                 + (f", {validation_prompts} validation" if validation_prompts else "")
                  + f"; {cfg.max_steps} optimizer steps = {generations} generation(s) of {cfg.prompts_per_generation} "
                  f"prompts = {generations * cfg.prompts_per_generation / max(train_prompts, 1):.2f} epoch(s)")
     lines.extend(batch_lines(cfg))
@@ -81,11 +83,13 @@ def batch_lines(cfg: GRPOConfig) -> list[str]:
 EVALUATIONS_FILE = "evaluations.jsonl"
 
 
-def write_evaluation(output_dir: Path, step: int, label: str, accuracy: Sequence[float] | None) -> None:
-    """One line of OUTPUT_DIR/evaluations.jsonl: an evaluation's greedy accuracy per held-out prompt, in the held-out
-    data's order (1 right, 0 wrong, null: the accuracy reward did not apply), so that two evaluations of a run
-    compare prompt by prompt (which prompts training fixed, which it broke)."""
-    record = {"step": step, "label": label, "accuracy": None if accuracy is None else [_number(v) for v in accuracy]}
+def write_evaluation(output_dir: Path, step: int, label: str, accuracy: Sequence[float] | None,
+                     split: str = "eval") -> None:
+    """One line of OUTPUT_DIR/evaluations.jsonl: an evaluation's greedy accuracy per prompt, in the data's order
+    (1 right, 0 wrong, null: the accuracy reward did not apply), so that two evaluations of a run compare prompt by
+    prompt (which prompts training fixed, which it broke). `split`: 'eval' (the held-out data) or 'validation'."""
+    record = {"step": step, "label": label, "split": split,
+              "accuracy": None if accuracy is None else [_number(v) for v in accuracy]}
     with open(output_dir / EVALUATIONS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -1,6 +1,10 @@
 """Keep the best model of a run: after each evaluation, `metric_for_best_model` decides whether the policy
 is saved to OUTPUT_DIR/best_model/ (weights or LoRA adapter, tokenizer, best_metric.json).
 
+With `validation_dataset` the metric is read from the validation evaluation (`validation/...`), and
+best_metric.json also records the held-out accuracy at the chosen step: a score on data the choice
+never saw, so "the best model is never below the untrained one" is not bought by selecting on the test.
+
 The metric name is checked twice. At start, before the model loads, against the names an evaluation
 of this run produces (`check_best_metric` in evaluation/evaluate.py, one of the early checks of
 evaluation/preflight.py: the reward names, the fixed keys, pass@k / maj@k when eval_num_samples > 0).
@@ -25,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.config import GRPOConfig
-from grpokit.evaluation.evaluate import metric_key, unknown_metric
+from grpokit.evaluation.evaluate import best_metric_key, unknown_metric
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ def greater_is_better(cfg: GRPOConfig) -> bool:
     """The config's `greater_is_better`, or its default: false for losses and lengths, else true."""
     if cfg.greater_is_better is not None:
         return cfg.greater_is_better
-    return not metric_key(cfg.metric_for_best_model or "").endswith(("loss", "length"))
+    return not (best_metric_key(cfg) or "").endswith(("loss", "length"))
 
 
 class BestModel:
@@ -46,11 +50,12 @@ class BestModel:
     in evaluation/evaluate.py, one of the early checks) and at the first evaluation (`observe`)."""
 
     def __init__(self, cfg: GRPOConfig):
-        self.metric = metric_key(cfg.metric_for_best_model) if cfg.metric_for_best_model else None
+        self.metric = best_metric_key(cfg)
         self.greater = greater_is_better(cfg)
         self.dir = Path(cfg.output_dir) / DIR_NAME
         self.value: float | None = None
         self.step: int | None = None
+        self.held_out: float | None = None  # eval/accuracy at the best step, when the metric is a validation one
 
     def improves(self, value: float) -> bool:
         if math.isnan(value):
@@ -66,23 +71,24 @@ class BestModel:
         if self.metric is None:
             return False
         if self.metric not in result:  # the start check passed, but the evaluation disagrees: fail before training on
-            raise unknown_metric(self.metric, [k for k in result if k.startswith("eval/")],
+            raise unknown_metric(self.metric, [k for k in result if k.startswith(("eval/", "validation/"))],
                                   f"(checked at the evaluation at step {step})")
         value = float(result[self.metric])
         if not self.improves(value):
             return False
+        held_out = result.get("eval/accuracy") if self.metric.startswith("validation/") else None
         if save is not None:
-            self._write(value, step, save)
-        self.value, self.step = value, step
+            self._write(value, step, save, held_out)
+        self.value, self.step, self.held_out = value, step, held_out
         log.info("best model so far: %s %.4g at step %d -> %s", self.metric, value, step, self.dir)
         return True
 
-    def _write(self, value: float, step: int, save: Callable[[Path], None]) -> None:
+    def _write(self, value: float, step: int, save: Callable[[Path], None], held_out: float | None) -> None:
         """best_model.tmp, then swapped in by rename: a process killed mid-write leaves the previous best intact."""
         tmp = self.dir.with_name(DIR_NAME + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed mid-write
         save(tmp)
-        (tmp / METRIC_FILE).write_text(json.dumps(self._record(value, step), indent=1) + "\n")
+        (tmp / METRIC_FILE).write_text(json.dumps(self._record(value, step, held_out), indent=1) + "\n")
         self._swap_in(tmp)
 
     def _swap_in(self, tmp: Path) -> None:
@@ -93,15 +99,18 @@ class BestModel:
         tmp.rename(self.dir)
         shutil.rmtree(old, ignore_errors=True)
 
-    def _record(self, value: float, step: int) -> dict[str, Any]:
-        return {"metric": self.metric, "value": value, "step": step, "greater_is_better": self.greater}
+    def _record(self, value: float, step: int, held_out: float | None = None) -> dict[str, Any]:
+        """best_metric.json: the metric, its value and step; with a validation metric also the held-out accuracy
+        at that step (`held_out_accuracy`), the chosen model's score on data it was not chosen on."""
+        record = {"metric": self.metric, "value": value, "step": step, "greater_is_better": self.greater}
+        return record if held_out is None else {**record, "held_out_accuracy": held_out}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any] | None:
         """What a checkpoint keeps: the best so far and where its weights are."""
         if self.metric is None or self.value is None:
             return None
-        return {**self._record(self.value, self.step), "path": str(self.dir.resolve())}
+        return {**self._record(self.value, self.step, self.held_out), "path": str(self.dir.resolve())}
 
     def restore(self, saved: dict[str, Any] | None) -> None:
         """On resume: the checkpoint's best, unless the metric or its direction changed since; a better
@@ -119,6 +128,7 @@ class BestModel:
                 continue
             if self.improves(float(record["value"])):
                 self.value, self.step = float(record["value"]), int(record["step"])
+                self.held_out = record.get("held_out_accuracy")
         if self.value is None:
             return
         here = self._on_disk() or {}

@@ -67,6 +67,7 @@ class Trainer:
         self.cfg = cfg = inputs.cfg
         self.reward_funcs: list[RewardFunction] = inputs.reward_funcs
         self.train_records, self.eval_records = inputs.train_records, inputs.eval_records
+        self.validation_records = inputs.validation_records
         self.best = BestModel(cfg)
         # reward workers fork now, while this process is small and before the process group starts (runner.py)
         errors_file = "reward_errors.jsonl" if process_rank() == 0 else f"reward_errors.rank{process_rank()}.jsonl"
@@ -97,6 +98,9 @@ class Trainer:
                                                     cfg.dataset)
         self.eval_data = (data_mod.tokenise_prompts(self.eval_records, self.tokenizer, cfg.max_prompt_length,
                                                     cfg.eval_dataset) if self.eval_records else None)
+        self.validation_data = (data_mod.tokenise_prompts(self.validation_records, self.tokenizer,
+                                                          cfg.max_prompt_length, cfg.validation_dataset)
+                                if self.validation_records else None)
         self.stop_ids = models.stop_token_ids(self.tokenizer, self.policy)
 
         self.optimizer, self.scheduler = models.optimizer_and_schedule(self.policy, cfg)
@@ -147,7 +151,9 @@ class Trainer:
                     alerts.drop_after(out / name, self.state.global_step)
         summary = runlog.summary_lines(cfg, self.policy, device=self.device, onednn_linear=self.onednn_linear,
                                        train_prompts=len(self.train_data.prompt_ids),
-                                       eval_prompts=len(self.eval_data.prompt_ids) if self.eval_data else None)
+                                       eval_prompts=len(self.eval_data.prompt_ids) if self.eval_data else None,
+                                       validation_prompts=(len(self.validation_data.prompt_ids)
+                                                           if self.validation_data else None))
         eval_after = None
         try:
             with harness.open(resume_step=self.state.global_step if path else None, summary=summary) as metrics:
@@ -155,15 +161,19 @@ class Trainer:
                             save=self.save_checkpoint, spent=lambda: self.state.train_seconds,
                             before=lambda: self._evaluate_on_start(metrics, path is None),
                             after=lambda step: self._evaluate_every(metrics, step), stop=lambda: self.stop_reason)
-                if self.eval_data:
+                if self.evaluates:
                     eval_after = self._evaluate(metrics, step=self.state.global_step, label="after training")
                 if self.procs.is_main:
                     self.save_model(out / "final_model")
                 self.procs.wait()
                 before = self.state.eval_before
-                if before and eval_after:
+                if before and eval_after and "eval/accuracy" in eval_after:
                     self._say(f"held-out accuracy: {_pct(before)} before -> {_pct(eval_after)} after "
                               f"({100 * (eval_after['eval/accuracy'] - before['eval/accuracy']):+.1f} points)")
+                if self.best.held_out is not None:
+                    self._say(f"best model: step {self.best.step}, chosen on {self.best.metric} "
+                              f"{self.best.value:.4g}; held-out accuracy there {100 * self.best.held_out:.1f}% "
+                              f"({self.best.dir})")
                 self._say(f"saved {out / 'final_model'}")
         finally:
             self.rewards.close()
@@ -251,19 +261,34 @@ class Trainer:
         self.engine_stale = True  # a vLLM engine still holds the starting weights
         self._say(f"resumed from {path} at step {self.state.global_step} of {self.cfg.max_steps}")
 
+    @property
+    def evaluates(self) -> bool:
+        """Held-out or validation data to evaluate on."""
+        return self.eval_data is not None or self.validation_data is not None
+
     def _evaluate_on_start(self, metrics_log: MetricsLogger, fresh: bool) -> None:
-        if self.eval_data and self.cfg.eval_on_start and fresh:  # a resumed run has its eval_before in TrainState
+        if self.evaluates and self.cfg.eval_on_start and fresh:  # a resumed run has its eval_before in TrainState
             self.state.eval_before = self._evaluate(metrics_log, step=0, label="before training")
 
     def _evaluate_every(self, metrics_log: MetricsLogger, step: int) -> None:
         cfg = self.cfg
-        if self.eval_data and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+        if self.evaluates and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
             self._evaluate(metrics_log, step=step, label=f"at step {step}")
 
     def _evaluate(self, metrics_log: MetricsLogger, step: int, label: str) -> dict[str, float]:
+        """The held-out evaluation (eval/*) and the validation one (validation/*); then the best model's turn."""
+        result: dict[str, float] = {}
+        if self.eval_data is not None:
+            result |= self._evaluate_split(metrics_log, self.eval_data, "eval", step, label)
+        if self.validation_data is not None:
+            result |= self._evaluate_split(metrics_log, self.validation_data, "validation", step, label)
+        self.best.observe(result, step, self.save_model if self.procs.is_main else None)  # keep best_model/
+        return result
+
+    def _evaluate_split(self, metrics_log: MetricsLogger, data: data_mod.TokenisedPrompts, split: str, step: int,
+                        label: str) -> dict[str, float]:
         limit = self.cfg.eval_max_completion_length or self.cfg.max_completion_length
         started = time.perf_counter()
-        data = self.eval_data
         if self.procs.count > 1:  # each process evaluates its share of the prompts
             lo, hi = share(len(data.prompt_ids), self.procs.count, self.procs.index)
             data = dataclasses.replace(data, records=data.records[lo:hi], prompt_ids=data.prompt_ids[lo:hi])
@@ -276,11 +301,14 @@ class Trainer:
                                        sampling=eval_sampling(self.cfg, limit, self.stop_ids))
         whole = merge_results([p for p in self.procs.gather(part) if p is not None]) if self.procs.count > 1 else part
         result = {**whole.metrics, "eval/time": time.perf_counter() - started}
-        metrics_log.log(step, result, show=False)
         if self.procs.is_main:  # which prompts were right: paired comparisons between evaluations of a run
-            runlog.write_evaluation(Path(self.cfg.output_dir), step, label, whole.per_prompt.get("eval/accuracy"))
-        self._say(f"held-out accuracy {label}: {_pct(result)} ({result['eval/time']:.0f}s)")
-        self.best.observe(result, step, self.save_model if self.procs.is_main else None)  # keep best_model/
+            runlog.write_evaluation(Path(self.cfg.output_dir), step, label, whole.per_prompt.get("eval/accuracy"),
+                                    split)
+        if split != "eval":  # evaluate_per_prompt names its metrics eval/*
+            result = {f"{split}/{k.removeprefix('eval/')}": v for k, v in result.items()}
+        metrics_log.log(step, result, show=False)
+        name = "held-out" if split == "eval" else split
+        self._say(f"{name} accuracy {label}: {_pct(result, split)} ({result[f'{split}/time']:.0f}s)")
         return result
 
     def reward_context(self, max_completion_length: int | None = None) -> dict:
@@ -297,6 +325,7 @@ class Trainer:
         log.info(line)  # the CLI shows grpokit's info lines on stdout; the run's log file gets them too
 
 
-def _pct(result: dict[str, float]) -> str:
-    return f"{result['eval/accuracy']:.1%} ({int(result.get('eval/num_correct', 0))}/{int(result['eval/num_prompts'])})"
+def _pct(result: dict[str, float], split: str = "eval") -> str:
+    return (f"{result[f'{split}/accuracy']:.1%} ({int(result.get(f'{split}/num_correct', 0))}/"
+            f"{int(result[f'{split}/num_prompts'])})")
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from grpokit.config import GRPOConfig, load_config
 from grpokit.errors import ConfigError
-from grpokit.evaluation.evaluate import eval_metric_names
+from grpokit.evaluation.evaluate import best_metric_key, check_best_metric, eval_metric_names
 from grpokit.train.best_model import BestModel, greater_is_better
 from tests.conftest import run_cli, write_jsonl
 
@@ -33,10 +33,19 @@ def scripted(completions, step, **kwargs):
 METRIC = "eval/rewards/scripted/mean"
 
 
-def _setup(tmp_path, tiny_model_dir, **overrides):
+VALIDATION_REWARDS = REWARDS + '''
+VALIDATION = {0: 0.5, 2: 0.875, 4: 0.25, 6: 0.375}  # on the validation prompts ("7 + b"): max at 2
+
+
+def by_split(prompts, completions, step, **kwargs):
+    return [(VALIDATION if p.startswith("What is 7 +") else SCORES).get(step, 0.0) for p in prompts]
+'''
+
+
+def _setup(tmp_path, tiny_model_dir, rewards=REWARDS, **overrides):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"What is {a} + {b}?"} for a in range(4) for b in range(4)])
     write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"What is 9 + {b}?"} for b in range(2)])
-    (tmp_path / "best_rewards.py").write_text(REWARDS)
+    (tmp_path / "best_rewards.py").write_text(rewards)
     config = {"model": str(tiny_model_dir), "dataset": "train.jsonl", "eval_dataset": "eval.jsonl", "output_dir": "run",
               "reward_funcs": ["best_rewards.text_hash_reward", "best_rewards.scripted"], "num_generations": 4,
               "per_device_train_batch_size": 4, "max_completion_length": 6, "eval_max_completion_length": 3,
@@ -97,6 +106,45 @@ def test_best_model_is_the_best_evaluation_and_survives_resume(tmp_path, tiny_mo
     assert _same(tmp_path / "resumed" / "final_model", run / "final_model")  # resume is still exact
 
 
+def test_validation_split_chooses_the_model_and_the_held_out_split_reports_it(tmp_path, tiny_model_dir):
+    # a validation prompt that is also a train prompt, and one that is also a held-out prompt, are left out
+    write_jsonl(tmp_path / "val.jsonl", [{"prompt": p} for p in ("What is 7 + 0?", "What is 7 + 1?",
+                                                                "What is 0 + 0?", "What is 9 + 1?")])
+    cfg = _setup(tmp_path, tiny_model_dir, rewards=VALIDATION_REWARDS, validation_dataset="val.jsonl",
+                 reward_funcs=["best_rewards.text_hash_reward", "best_rewards.by_split"],
+                 metric_for_best_model="rewards/by_split/mean")
+    dry = run_cli("train", str(cfg), "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "2 held-out, 2 validation" in dry.stdout
+    assert "validation_dataset 'val.jsonl': 2 of 4 prompts are also training or held-out prompts" in dry.stderr
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    held_out_at_2 = next(m["eval/accuracy"] for m in metrics if m["step"] == 2 and "eval/accuracy" in m)
+    # chosen at step 2, the validation maximum; the held-out maximum (step 4) would have been chosen on the test
+    assert _record(run) == {"metric": "validation/rewards/by_split/mean", "value": 0.875, "step": 2,
+                            "greater_is_better": True, "held_out_accuracy": held_out_at_2}
+    assert _same(run / "best_model", run / "checkpoint-2")
+    logged = {k for m in metrics for k in m if k.startswith("validation/")}
+    assert set(eval_metric_names(load_config(cfg), ["text_hash_reward", "by_split"], "validation")) == logged
+    assert [m["eval/rewards/by_split/mean"] for m in metrics if "eval/rewards/by_split/mean" in m] == [
+        0.5, 0.25, 0.75, 0.625]  # steps 0, 2, 4 and after training (6): the held-out values are the SCORES
+    splits = [(e["step"], e["split"], len(e["accuracy"])) for e in
+              map(json.loads, (run / "evaluations.jsonl").read_text().splitlines())]
+    assert splits == [(s, split, 2) for s in (0, 2, 4, 6) for split in ("eval", "validation")]
+    assert "validation accuracy before training" in result.stdout
+    assert (f"best model: step 2, chosen on validation/rewards/by_split/mean 0.875; held-out accuracy there "
+            f"{100 * held_out_at_2:.1f}%") in result.stdout
+
+
+def test_a_split_named_without_its_data_fails_at_start(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, metric_for_best_model="validation/accuracy")
+    result = run_cli("train", str(cfg), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "metric_for_best_model 'validation/accuracy' needs validation_dataset" in result.stderr
+
+
 def test_greater_is_better_false_keeps_the_minimum(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir, max_steps=4, greater_is_better=False)
     result = run_cli("train", str(cfg), cwd=tmp_path)
@@ -121,7 +169,7 @@ def test_best_model_needs_held_out_data(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir, eval_dataset=None)
     result = run_cli("train", str(cfg), cwd=tmp_path)
     assert result.returncode == 2
-    assert "metric_for_best_model 'rewards/scripted/mean' needs held-out data" in result.stderr
+    assert "metric_for_best_model 'rewards/scripted/mean' needs eval_dataset" in result.stderr
     assert "set eval_dataset" in result.stderr
 
 
@@ -142,6 +190,19 @@ def test_default_direction_and_names():
     assert not greater_is_better(GRPOConfig(metric_for_best_model="eval/completions/mean_length"))
     assert not greater_is_better(GRPOConfig(metric_for_best_model="eval/loss"))
     assert greater_is_better(GRPOConfig(metric_for_best_model="eval/loss", greater_is_better=True))
+
+
+def test_a_bare_name_means_the_validation_split_when_there_is_one(caplog):
+    assert best_metric_key(GRPOConfig(metric_for_best_model="accuracy")) == "eval/accuracy"
+    with_validation = {"metric_for_best_model": "accuracy", "validation_dataset": "v.jsonl"}
+    assert best_metric_key(GRPOConfig(**with_validation)) == "validation/accuracy"
+    explicit = GRPOConfig(**{**with_validation, "metric_for_best_model": "eval/accuracy"})
+    assert best_metric_key(explicit) == "eval/accuracy"
+    with caplog.at_level("WARNING", logger="grpokit"):
+        check_best_metric(explicit, [], has_eval_data=True, has_validation_data=True)
+    assert "the held-out score of best_model/ is then selected on" in caplog.text
+    with pytest.raises(ConfigError, match="needs eval_dataset"):
+        check_best_metric(explicit, [], has_eval_data=False, has_validation_data=True)
 
 
 def test_first_evaluation_is_the_authority_on_names(tmp_path):

@@ -163,7 +163,7 @@ EARLY_FAULTS = {
                             "metric_for_best_model 'accuracyy' is not an eval metric of this run (did you mean "
                             "'eval/accuracy'?)"),
     "best metric without held-out data": ({"metric_for_best_model": "accuracy", "eval_dataset": None},
-                                          "metric_for_best_model 'accuracy' needs held-out data"),
+                                          "metric_for_best_model 'accuracy' needs eval_dataset"),
     "reward argument matching no column": ({"reward_funcs": ["needy.needs_topic"], "reward_weights": None},
                                            "'needs_topic' needs argument 'topic', which matches no dataset column"),
 }

@@ -35,6 +35,22 @@ def test_seed_result_counts_fixed_and_broken_prompts_and_the_second_half(tmp_pat
     assert r["entropy_by_tenth"].count(None) == 6  # 4 steps spread over 10 tenths
 
 
+def test_with_dynamic_sampling_the_trained_fraction_counts_the_groups_kept_and_validation_lines_are_skipped(
+        tmp_path):
+    _write(tmp_path / "evaluations.jsonl", [
+        {"step": 0, "label": "before training", "split": "eval", "accuracy": [0.0, 1.0]},
+        {"step": 0, "label": "before training", "split": "validation", "accuracy": [1.0, 1.0, 1.0]},
+        {"step": 2, "label": "after training", "split": "eval", "accuracy": [1.0, 1.0]}])
+    (tmp_path / "config.yaml").write_text("num_generations: 4\nper_device_train_batch_size: 16\n")  # 4 groups
+    steps = [{"step": i, "loss": 0.1, "frac_reward_zero_std": 0.5, "dynamic_sampling/zero_spread_groups_kept": k}
+             for i, k in enumerate([0.0, 0.0, 1.0, 3.0], 1)]
+    _write(tmp_path / "metrics.jsonl", steps)
+    r = learning.seed_result(tmp_path)
+    assert r["before"]["scored"] == 2 and r["gain_points"] == pytest.approx(50.0)
+    assert r["zero_spread_second_half"] == pytest.approx(0.5)  # every group sampled
+    assert r["trained_zero_spread_second_half"] == pytest.approx((1 / 4 + 3 / 4) / 2)  # of 4 trained on
+
+
 def test_summary_and_table_name_the_worst_seed(tmp_path):
     def seed(gain, zero):
         acc = {"accuracy": 0.5, "right": 1, "scored": 2, "ci95": [0.1, 0.9]}
