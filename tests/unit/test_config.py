@@ -117,7 +117,8 @@ def test_a_setting_newer_than_a_checkpoint_counts_as_its_default_on_resume(tmp_p
 # the settings that change what a run logs or keeps, not what it computes (marked RESUME_NEUTRAL in the schema)
 RESUME_NEUTRAL_SETTINGS = {
     "output_dir", "logging_steps", "save_steps", "save_total_limit", "log_completions_steps", "report_to",
-    "eval_steps", "eval_on_start", "eval_limit", "eval_max_completion_length", "eval_dataset", "eval_accuracy_reward",
+    "eval_steps", "eval_on_start", "eval_limit", "eval_max_completion_length", "eval_dataset", "validation_dataset",
+    "eval_accuracy_reward",
     "eval_num_samples", "eval_pass_k", "metric_for_best_model", "greater_is_better", "sft_target_column",
     "reward_timeout", "reward_error_rate_limit", "max_consecutive_skips", "device", "vllm_host", "vllm_port",
     "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode",
