@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 # imported on first use: `grpokit --help` stays fast
-_LAZY = {"per_sample": "grpokit.rewards.contract", "GRPOConfig": "grpokit.api", "GRPOTrainer": "grpokit.api"}
+_LAZY = {"per_sample": "grpokit.rewards.contract", "GRPOConfig": "grpokit.api", "GRPOTrainer": "grpokit.api",
+         "RewardSpec": "grpokit.rewards.spec", "RewardModel": "grpokit.rewards.spec"}
 
 
 def __getattr__(name: str):

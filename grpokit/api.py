@@ -47,6 +47,7 @@ from typing import Any
 from grpokit.config import GRPOConfig as RunConfig
 from grpokit.config import validate_config
 from grpokit.errors import ConfigError, DataError, GrpokitError
+from grpokit.observe.progress import console_logging
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class GRPOConfig:
     """
 
     def __init__(self, **kwargs: Any):
+        console_logging(unless_configured=True)  # the notes below, and the run's lines, print as the CLI's do
         unknown = [k for k in kwargs if k not in RunConfig.model_fields and k not in _IGNORED
                    and k not in _REFUSED and k not in _TRANSLATED and k != "multi_objective_aggregation"]
         if unknown:
@@ -124,7 +126,7 @@ class GRPOConfig:
             if key in kwargs and kwargs[key] not in (harmless, None, False, ""):
                 raise ConfigError(f"GRPOConfig: {why} (got {key}={kwargs[key]!r})")
         for key in sorted(set(kwargs) & set(_IGNORED) - set(RunConfig.model_fields)):
-            log.info("GRPOConfig: %s=%r is ignored: %s", key, kwargs[key], _IGNORED[key])
+            log.warning("GRPOConfig: %s=%r is ignored: %s", key, kwargs[key], _IGNORED[key])
         self.trl_args = dict(kwargs)
         # whatever grpokit's config has passes straight through (and is validated there)
         settings = {k: v for k, v in kwargs.items() if k not in _OWN_TRANSLATION
@@ -142,6 +144,7 @@ class GRPOConfig:
             if "num_train_epochs" in kwargs:
                 log.info("GRPOConfig: max_steps=%s is given, so num_train_epochs is ignored (as in TRL)", max_steps)
         settings.update(self._translate(kwargs, settings))
+        self._quantization = settings.pop("_quantization", {})
         self.reward_weights = settings.pop("reward_weights", None)
         # checked against the reward functions, which only the trainer knows
         self._reward_settings = {k: settings.pop(k) for k in _REWARD_KEYS if k in settings}
@@ -149,6 +152,22 @@ class GRPOConfig:
         if self.reward_weights is not None and not all(isinstance(w, (int, float)) for w in self.reward_weights):
             raise ConfigError(f"GRPOConfig: reward_weights must be numbers (got {self.reward_weights!r})")
         self._max_steps_given = "max_steps" in settings
+
+    @classmethod
+    def from_run_config(cls, run: RunConfig) -> GRPOConfig:
+        """The API's config over grpokit's own (`grpokit.config.load_config(...)`, a preset): its values as they are,
+        no TRL defaults; its `num_train_epochs` resolved against the dataset as the API resolves TRL's."""
+        self = cls.__new__(cls)
+        data = run.model_dump(exclude_unset=True)
+        self.trl_args = {}
+        self._quantization = {}
+        self.reward_weights = data.pop("reward_weights", None)
+        self._reward_settings = {k: data.pop(k) for k in _REWARD_KEYS if k in data}
+        epochs = data.pop("num_train_epochs", None)
+        self._max_steps_given = epochs is None
+        self.num_train_epochs = float(epochs or 0)
+        self.run_config = validate_config(data, source="config")
+        return self
 
     @staticmethod
     def _translate(kwargs: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -163,8 +182,12 @@ class GRPOConfig:
         dtype = init_kwargs.pop("torch_dtype", init_kwargs.pop("dtype", None))
         if dtype is not None and dtype != "auto":
             out["torch_dtype"] = str(dtype).removeprefix("torch.")
+        quantization = init_kwargs.pop("quantization_config", None)
+        if quantization is not None:  # applied in resolved(), where the trainer's peft_config says whether LoRA trains
+            out["_quantization"] = _four_bit_settings(quantization)
         if init_kwargs:
-            log.info("GRPOConfig: model_init_kwargs %s are ignored (only torch_dtype is used)", sorted(init_kwargs))
+            log.warning("GRPOConfig: model_init_kwargs %s are ignored (torch_dtype and quantization_config are used)",
+                        sorted(init_kwargs))
         if kwargs.get("generation_batch_size") is not None:
             if "steps_per_generation" in kwargs:
                 raise ConfigError("GRPOConfig: give generation_batch_size or steps_per_generation, not both")
@@ -202,10 +225,13 @@ class GRPOConfig:
         raise AttributeError(f"GRPOConfig has no attribute '{name}'")
 
     def resolved(self, num_prompts: int, reward_funcs: list, reward_weights: list[float] | None,
-                 model_name: str) -> RunConfig:
-        """grpokit's config for a run on `num_prompts` prompts with these rewards and this model."""
+                 model_name: str, *, recorded: dict[str, Any] | None = None) -> RunConfig:
+        """grpokit's config for a run on `num_prompts` prompts with these rewards and this model; `recorded`: what the
+        trainer's own arguments set (the LoRA settings of a peft_config, an in-memory dataset's description)."""
         data = self.run_config.model_dump(exclude_unset=True)
         data.update(self._reward_settings, reward_funcs=reward_funcs, reward_weights=reward_weights, model=model_name)
+        data.update(recorded or {})
+        data.update(self._quantization)
         cfg = validate_config(data, source="GRPOConfig")
         if not self._max_steps_given:
             per_generation = cfg.num_iterations * cfg.micro_batches_per_generation // cfg.gradient_accumulation_steps
@@ -237,9 +263,17 @@ class TrainOutput:
 class GRPOTrainer:
     """TRL's `GRPOTrainer` signature over grpokit's Trainer; the model loads here, as in TRL."""
 
-    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, reward_processing_classes=None, peft_config=None, callbacks=None,
-                 optimizers=(None, None), reward_weights: list[float] | None = None):
+    def __init__(self, model=None, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, reward_processing_classes=None, peft_config=None,
+                 callbacks=None, optimizers=(None, None), reward_weights: list[float] | None = None, *,
+                 config: RunConfig | GRPOConfig | None = None, reward_model=None):
+        """TRL's arguments; or the math-QA trainer's `GRPOTrainer(config=..., reward_model=...)`, where `config` is
+        grpokit's config (`grpokit.config.load_config(...)`, e.g. a preset) or an API GRPOConfig and names the model
+        and the data unless `model` / `train_dataset` are given, and `reward_model` is a `grpokit.RewardModel` (or
+        any reward) used in place of `reward_funcs`."""
+        console_logging(unless_configured=True)  # per-step lines on the console and in training_log.txt, as the CLI
+        args, model, reward_funcs, train_dataset, eval_dataset = _math_qa_arguments(
+            args, config, model, reward_funcs, reward_model, train_dataset, eval_dataset)
         for name, value in (("callbacks", callbacks), ("reward_processing_classes", reward_processing_classes)):
             if value is not None:
                 raise GrpokitError(f"GRPOTrainer: {name} is not supported; leave it None (metrics are in "
@@ -254,17 +288,14 @@ class GRPOTrainer:
         if not isinstance(self.args, GRPOConfig):
             raise ConfigError(f"GRPOTrainer: args must be grpokit.GRPOConfig, got {type(self.args).__name__}; "
                               "import GRPOConfig from grpokit, not trl")
-        from grpokit.data.loading import normalise_records
-
         run = self.args.run_config
-        train_records = normalise_records(_rows(train_dataset, "train_dataset"), run.prompt_column, run.system_prompt,
-                                          "train_dataset")
-        eval_records = (normalise_records(_rows(eval_dataset, "eval_dataset"), run.prompt_column, run.system_prompt,
-                                          "eval_dataset") if eval_dataset is not None else None)
+        train_records = _records(train_dataset, run, "train_dataset")
+        eval_records = _records(eval_dataset, run, "eval_dataset") if eval_dataset is not None else None
         entries, config_entries = _reward_entries(reward_funcs)
         weights = _weights(self.args.reward_weights, reward_weights, len(entries))
         model_name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "in-memory model"
-        cfg = self.args.resolved(len(train_records), config_entries, weights, model_name)
+        cfg = self.args.resolved(len(train_records), config_entries, weights, model_name,
+                                 recorded=_recorded_settings(train_dataset, train_records, peft_config, model))
         if processing_class is None and not isinstance(model, str):
             if not getattr(model, "name_or_path", ""):
                 raise ConfigError("GRPOTrainer: the model object has no name_or_path to load its tokenizer from; "
@@ -316,6 +347,99 @@ class GRPOTrainer:
         self._trainer.tokenizer.save_pretrained(path)
 
 
+def _four_bit_settings(quantization: Any) -> dict[str, Any]:
+    """model_init_kwargs' quantization_config (a BitsAndBytesConfig or its dict) -> grpokit's 4-bit keys, or a clear
+    error for what grpokit does not run (8-bit, other quantisation methods)."""
+    data = quantization.to_dict() if hasattr(quantization, "to_dict") else quantization
+    if not isinstance(data, dict):
+        raise ConfigError(f"GRPOConfig: model_init_kwargs quantization_config must be a BitsAndBytesConfig or its "
+                          f"dict, got {type(quantization).__name__}")
+    method = data.get("quant_method", "bitsandbytes")
+    method = str(getattr(method, "value", method)).lower()  # transformers' QuantizationMethod enum, or its string
+    if method != "bitsandbytes" or data.get("load_in_8bit") or not data.get("load_in_4bit"):
+        raise ConfigError("GRPOConfig: model_init_kwargs quantization_config: grpokit loads bitsandbytes 4-bit "
+                          "weights only (BitsAndBytesConfig(load_in_4bit=True, ...), QLoRA with a peft_config); "
+                          f"got {method}{' 8-bit' if data.get('load_in_8bit') else ''}. Drop it to train in full "
+                          "precision")
+    settings = {"load_in_4bit": True}
+    if "bnb_4bit_quant_type" in data:
+        settings["bnb_4bit_quant_type"] = data["bnb_4bit_quant_type"]
+    if "bnb_4bit_use_double_quant" in data:
+        settings["bnb_4bit_use_double_quant"] = bool(data["bnb_4bit_use_double_quant"])
+    log.info("GRPOConfig: quantization_config -> load_in_4bit (%s)",
+             ", ".join(f"{k}={v}" for k, v in settings.items() if k != "load_in_4bit") or "defaults")
+    return settings
+
+
+def _recorded_settings(train_dataset, train_records: list[dict], peft_config, model) -> dict[str, Any]:
+    """What config.yaml should say of the trainer's own arguments: the LoRA settings of a peft_config (or of a
+    PeftModel passed as the model) and an in-memory dataset's size and columns."""
+    out: dict[str, Any] = {}
+    if not isinstance(train_dataset, _Loaded):
+        kind = type(train_dataset).__name__
+        out["dataset"] = f"in-memory {kind}: {len(train_records)} rows, columns {', '.join(train_records[0])}"
+    lora = peft_config
+    if lora is None and hasattr(model, "peft_config"):  # a PeftModel: its active adapter's settings
+        configs = model.peft_config
+        lora = configs.get(getattr(model, "active_adapter", "default")) or next(iter(configs.values()), None)
+    if lora is not None:
+        out["use_peft"] = True
+        for key, attr in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+            if getattr(lora, attr, None) is not None:
+                out[key] = getattr(lora, attr)
+        targets = getattr(lora, "target_modules", None)
+        if targets is not None:
+            out["lora_target_modules"] = targets if isinstance(targets, str) else sorted(targets)
+    return out
+
+
+class _Loaded(list):
+    """Records grpokit's data loading made from a config (prompts rendered, columns mapped): used as they are."""
+
+
+def _records(dataset, run: RunConfig, what: str) -> list[dict]:
+    from grpokit.data.loading import normalise_records
+
+    if isinstance(dataset, _Loaded):
+        return list(dataset)
+    return normalise_records(_rows(dataset, what), run.prompt_column, run.system_prompt, what)
+
+
+def _math_qa_arguments(args, config, model, reward_funcs, reward_model, train_dataset, eval_dataset):
+    """TRL's (args, model, reward_funcs, datasets) from `config=` / `reward_model=` where given (GRPOTrainer)."""
+    if config is not None:
+        if args is not None:
+            raise ConfigError("GRPOTrainer: give args (TRL's) or config (the math-QA trainer's), not both")
+        if isinstance(config, RunConfig):
+            args = GRPOConfig.from_run_config(config)
+        elif isinstance(config, GRPOConfig):
+            args = config
+        else:
+            raise ConfigError(f"GRPOTrainer: config must be grpokit's config (grpokit.config.load_config) or "
+                              f"grpokit.GRPOConfig, got {type(config).__name__}")
+    if reward_model is not None:
+        if reward_funcs is not None:
+            raise ConfigError("GRPOTrainer: give reward_funcs or reward_model, not both")
+        reward_funcs = [reward_model]
+    run = args.run_config if args is not None else None
+    if config is not None:  # grpokit's config names the model, the data and (without reward_model) the rewards
+        model = model if model is not None else run.model
+        if train_dataset is None:
+            from grpokit.data import loading as data_mod
+
+            train_dataset = _Loaded(data_mod.dataset_records(run, "train"))
+            if eval_dataset is None and run.eval_dataset:
+                eval_dataset = _Loaded(data_mod.dataset_records(run, "eval"))
+        if reward_funcs is None:
+            reward_funcs = [e if isinstance(e, str) else e.model_dump(exclude_none=True) for e in run.reward_funcs]
+    if model is None:
+        raise ConfigError("GRPOTrainer: model is required (a hub id, a directory or a loaded model), or give "
+                          "config=... naming one")
+    if reward_funcs is None:
+        raise ConfigError("GRPOTrainer: reward_funcs is required (or reward_model=..., or config=... naming them)")
+    return args, model, reward_funcs, train_dataset, eval_dataset
+
+
 def _rows(dataset, what: str) -> list[dict]:
     if isinstance(dataset, list):
         rows = dataset
@@ -343,7 +467,10 @@ def _reward_entries(reward_funcs) -> tuple[list, list]:
             entry = {"func": "reward_model", "name": Path(func).name, "args": {"model": func}} if is_path else func
             entries.append(entry)
             recorded.append(entry)
-        elif callable(func):
+        elif isinstance(func, dict):  # a config's reward entry: {func:, name:, args:, weight:, ...}
+            entries.append(func)
+            recorded.append(func)
+        elif callable(func) or callable(getattr(func, "compute_reward", None)):  # RewardSpec / RewardModel objects
             entries.append(func)
             target = func if hasattr(func, "__qualname__") else type(func)
             dotted = f"{target.__module__}.{target.__qualname__}"

@@ -17,7 +17,7 @@ import os
 import sys
 
 from grpokit import __version__
-from grpokit.errors import ConfigError, GrpokitError, Interrupted
+from grpokit.errors import ConfigError, GrpokitError, Interrupted, RewardError
 
 # config.PRESETS, not imported: --help stays fast
 PRESET_NAMES = ("default", "fast_test", "full_training", "low_memory", "from_sft")
@@ -34,6 +34,7 @@ TRAIN_OPTIONS = {
     "--max-length": ("max_completion_length", "most tokens generated per answer (sets max_completion_length)"),
     "--output-dir": ("output_dir", "run directory (sets output_dir)"),
 }
+SFT_SKIPS = ("num_generations", "beta")  # GRPO-only options `grpokit sft` does not take
 
 
 def _names(value: str) -> list[str]:
@@ -59,6 +60,31 @@ _TYPES = {"num_generations": int, "beta": float, "num_train_epochs": float, "lea
           "max_completion_length": int}
 
 
+def _add_math_qa(parser: argparse.ArgumentParser, command: str) -> None:
+    """The math-QA trainer's `--config PRESET|FILE` and options, on `train` and `sft` (whose batch counts rows)."""
+    parser.add_argument("--config", dest="config_option", default=None, metavar="PRESET|FILE",
+                        help="the math-QA trainer's spelling: a preset name (as --preset) or a config file (as CONFIG)")
+    qa = parser.add_argument_group("math-QA trainer options (each sets one config key; wins over the file and --set)")
+    for flag, (key, text) in TRAIN_OPTIONS.items():
+        if command == "sft" and key in SFT_SKIPS:
+            continue
+        qa.add_argument(flag, dest=key, type=_TYPES.get(key, str), default=None, help=text)
+    qa.add_argument("--batch-size", type=int, default=None,
+                    help="rows per micro-batch (sets per_device_train_batch_size)" if command == "sft" else
+                    "questions per micro-batch (sets per_device_train_batch_size = N x num_generations)")
+    qa.add_argument("--no-lora", action="store_true", help="train all weights (sets use_peft false; LoRA is on only "
+                                                          "where the preset or config turns it on)")
+    qa.add_argument("--no-4bit", action="store_true",
+                    help="load full-precision weights (load_in_4bit: false), over the config")
+    if command == "sft":
+        return
+    qa.add_argument("--reward-model", choices=["heuristic", "learned"], default=None,
+                    help="heuristic: reward_funcs [heuristic_math_qa]; learned: the reward_model built-in, "
+                         "scoring with --reward-model-path")
+    qa.add_argument("--reward-model-path", default=None,
+                    help="sequence-classification model for --reward-model learned")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpokit", description="GRPO fine-tuning for causal language models.")
     parser.add_argument("--version", action="version", version=f"grpokit {__version__}")
@@ -76,22 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="with --resume: go on even though settings that change the results differ from the "
                        "checkpoint's")
     _add_preset(train)
-    train.add_argument("--config", dest="config_option", default=None, metavar="PRESET|FILE",
-                       help="the math-QA trainer's spelling: a preset name (as --preset) or a config file (as CONFIG)")
-    qa = train.add_argument_group("math-QA trainer options (each sets one config key; wins over the file and --set)")
-    for flag, (key, text) in TRAIN_OPTIONS.items():
-        qa.add_argument(flag, dest=key, type=_TYPES.get(key, str), default=None, help=text)
-    qa.add_argument("--batch-size", type=int, default=None,
-                    help="questions per micro-batch (sets per_device_train_batch_size = N x num_generations)")
-    qa.add_argument("--no-lora", action="store_true", help="train all weights (sets use_peft false; LoRA is on only "
-                                                          "where the preset or config turns it on)")
-    qa.add_argument("--no-4bit", action="store_true",
-                    help="load full-precision weights (load_in_4bit: false), over the config")
-    qa.add_argument("--reward-model", choices=["heuristic", "learned"], default=None,
-                    help="heuristic: reward_funcs [heuristic_math_qa]; learned: the reward_model built-in, "
-                         "scoring with --reward-model-path")
-    qa.add_argument("--reward-model-path", default=None,
-                    help="sequence-classification model for --reward-model learned")
+    _add_math_qa(train, "train")
 
     check = sub.add_parser("check", help="validate a config, print it resolved with each key's help, and run every "
                                          "reward on a few rows of data (no model is loaded)")
@@ -158,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "or 'messages' conversations; writes OUTPUT_DIR/final_model for --sft-model")
     sft.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml)")
     _add_common(sft)
+    _add_math_qa(sft, "sft")
     sft.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
                      help="go on from the newest checkpoint-N in output_dir, or from the checkpoint PATH")
     sft.add_argument("--force", action="store_true",
@@ -224,11 +236,16 @@ def _load(args: argparse.Namespace):
 
     _config_option(args)
     cli = cli_config(args)
+    command = "sft" if args.command == "sft" else "train"
     questions = cli.pop("per_device_train_batch_size", None)
-    cfg = load_config(args.config, args.overrides, preset=args.preset, cli=cli)
+    if questions is not None and command == "sft":  # SFT's batch is rows: no completions per question
+        cli["per_device_train_batch_size"] = questions[1]
+        questions = None
+    cfg = load_config(args.config, args.overrides, preset=args.preset, cli=cli, command=command)
     if questions is not None:
         cfg = load_config(args.config, args.overrides, preset=args.preset,
-                          cli={**cli, "per_device_train_batch_size": questions[1] * cfg.num_generations})
+                          cli={**cli, "per_device_train_batch_size": questions[1] * cfg.num_generations},
+                          command=command)
     return cfg
 
 
@@ -283,18 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _setup_logging() -> None:
     """Progress lines to stdout as plain text; warnings and errors to stderr, prefixed."""
-    logger = logging.getLogger("grpokit")
-    logger.setLevel(logging.INFO)
-    if not logger.handlers:
-        out = logging.StreamHandler(sys.stdout)
-        out.setLevel(logging.INFO)
-        out.addFilter(lambda record: record.levelno < logging.WARNING)
-        out.setFormatter(logging.Formatter("%(message)s"))
-        err = logging.StreamHandler(sys.stderr)
-        err.setLevel(logging.WARNING)
-        err.setFormatter(logging.Formatter("grpokit: %(levelname)s: %(message)s"))
-        logger.addHandler(out)
-        logger.addHandler(err)
+    from grpokit.observe.progress import console_logging
+
+    console_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # weight-loading bars drown the run's own lines
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # and so do "Generating train split" bars
@@ -305,12 +313,22 @@ def _setup_logging() -> None:
 
 def _train(args) -> int:
     cfg = _load(args)
-    if args.dry_run:  # the trainer's early checks, and nothing else
-        from grpokit.evaluation.preflight import early_checks
+    if args.dry_run:  # the trainer's early checks and one call of each reward; nothing else
+        from grpokit.evaluation.preflight import early_checks, probe_rewards
 
         inputs = early_checks(cfg)
         funcs = [f.name for f in inputs.reward_funcs]
         print(inputs.cfg.to_yaml(), end="")
+        probe = probe_rewards(inputs, rows=2, other_forms=False)
+        print("\n".join(probe.lines))
+        if probe.uncallable:
+            raise RewardError(f"dry run: reward(s) {probe.uncallable} failed on each kind of probe completion "
+                              "(above), so training would stop at its first step; `grpokit check CONFIG` tries more "
+                              "rows")
+        if not probe.ok:
+            logging.getLogger("grpokit.cli").warning(
+                "dry run: %d reward call(s) failed on some probe completions (above); training counts such failures "
+                "against reward_error_rate_limit", probe.problems)
         validation = f", {len(inputs.validation_records)} validation" if inputs.validation_records else ""
         print(f"dry run: {len(inputs.train_records)} train prompts, {len(inputs.eval_records)} held-out{validation}, "
               f"rewards {funcs}; nothing trained")

@@ -1,6 +1,7 @@
 """Other tools' config keys, translated to grpokit's before validation (`translate_keys`).
 
-Axolotl's `rl`, `trl:`, `vllm:`, `micro_batch_size`, `base_model`, `datasets:`, `adapter` (lora, qlora),
+Axolotl's `rl`, `trl:`, `vllm:`, `micro_batch_size`, `base_model`, `datasets:` (the first entry's `path`, and its
+`type: module.fn` as `transform`), `adapter` (lora, qlora),
 `bnb_config_kwargs`; TRL's `use_bnb_nested_quant` and `multi_objective_aggregation`; training-wizard's
 `reward_specs`, `recipe_class`, `sample_rate`. Axolotl's `sequence_len` needs `max_completion_length`, so
 `validate_config` (loading.py) translates it. Nothing here knows the schema: it maps keys, and the schema
@@ -22,7 +23,8 @@ _AGGREGATION = {"sum_then_normalize": "weighted_sum", "normalize_then_sum": "nor
 # Axolotl's `vllm:` block -> grpokit's fields
 _VLLM_KEYS = {"mode": "vllm_mode", "host": "vllm_host", "port": "vllm_port",
               "tensor_parallel_size": "vllm_tensor_parallel_size",
-              "gpu_memory_utilization": "vllm_gpu_memory_utilization", "max_model_len": "vllm_max_model_len"}
+              "gpu_memory_utilization": "vllm_gpu_memory_utilization", "max_model_len": "vllm_max_model_len",
+              "dtype": "vllm_dtype", "enable_prefix_caching": "vllm_enable_prefix_caching"}
 # one key of another tool -> grpokit's key, where only the name differs
 _RENAMES = {"micro_batch_size": "per_device_train_batch_size", "base_model": "model", "sft_model": "model",
             "sample_rate": "log_completions_steps", "use_bnb_nested_quant": "bnb_4bit_use_double_quant"}
@@ -30,6 +32,8 @@ _RENAMES = {"micro_batch_size": "per_device_train_batch_size", "base_model": "mo
 _ADAPTERS = {"lora": {"use_peft": True}, "qlora": {"use_peft": True, "load_in_4bit": True}}
 # Axolotl's `bnb_config_kwargs:` overrides grpokit has fields for
 _BNB_KWARGS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+# the keys of an Axolotl `datasets:` entry grpokit reads; any other is an error naming it
+DATASET_ENTRY_KEYS = ("path", "type", "split")
 
 
 def _move(data: dict[str, Any], key: str, target: str, value: Any, where: str) -> None:
@@ -37,6 +41,39 @@ def _move(data: dict[str, Any], key: str, target: str, value: Any, where: str) -
     if target in data and data[target] != value:
         raise ConfigError(f"{where}: {key} and {target} are both set (to {value!r} and {data[target]!r}); give one")
     data[target] = value
+
+
+def _datasets(data: dict[str, Any], entries: Any, where: str) -> None:
+    """Axolotl's `datasets:` -> `dataset` (the first entry's path) and `transform` (its `type: module.fn`)."""
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: datasets: expected a non-empty list of {{path: ...}} entries")
+    entry = entries[0] if isinstance(entries[0], dict) else {"path": entries[0]}
+    first = entry.get("path")
+    if not isinstance(first, str):
+        raise ConfigError(f"{where}: datasets[0]: expected a path or a mapping with `path:`, got {entries[0]!r}")
+    if len(entries) > 1:
+        log.warning("%s: datasets: only the first entry (%s) is used; %d more ignored", where, first,
+                    len(entries) - 1)
+    unknown = sorted(set(entry) - set(DATASET_ENTRY_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: datasets[0].{unknown[0]}: not supported by grpokit (it reads "
+                          f"{', '.join(DATASET_ENTRY_KEYS)}); load the data into a file grpokit reads, or use "
+                          "column_mapping / prompt_template / transform")
+    split = entry.get("split", "train")
+    if split != "train":
+        raise ConfigError(f"{where}: datasets[0].split: '{split}': grpokit trains on a dataset's train split; give "
+                          "a file or a save_to_disk directory as 'dir:split' in `dataset`")
+    _move(data, "datasets[0].path", "dataset", first, where)
+    kind = entry.get("type")
+    if kind is None:
+        return
+    if not isinstance(kind, str) or ("." not in kind and ":" not in kind):
+        raise ConfigError(f"{where}: datasets[0].type: {kind!r} is not supported: grpokit applies a transform "
+                          "function given as 'module.fn' or 'file.py:fn' (called fn(example, tokenizer=None) -> dict "
+                          "per row); Axolotl's named prompt strategies are not built in (use prompt_template or "
+                          "transform)")
+    _move(data, "datasets[0].type", "transform", kind, where)
+    log.info("%s: datasets[0].type '%s' is applied to each row as `transform`", where, kind)
 
 
 def translate_keys(data: dict[str, Any], where: str = "config") -> dict[str, Any]:
@@ -66,16 +103,7 @@ def translate_keys(data: dict[str, Any], where: str = "config") -> dict[str, Any
         if key in data:
             _move(data, key, target, data.pop(key), where)
     if "datasets" in data:  # Axolotl: a list of {path:, type:, ...}; grpokit trains on one dataset
-        entries = data.pop("datasets")
-        if not isinstance(entries, list) or not entries:
-            raise ConfigError(f"{where}: datasets: expected a non-empty list of {{path: ...}} entries")
-        first = entries[0]["path"] if isinstance(entries[0], dict) and "path" in entries[0] else entries[0]
-        if not isinstance(first, str):
-            raise ConfigError(f"{where}: datasets[0]: expected a path or a mapping with `path:`, got {entries[0]!r}")
-        if len(entries) > 1:
-            log.warning("%s: datasets: only the first entry (%s) is used; %d more ignored", where, first,
-                        len(entries) - 1)
-        _move(data, "datasets[0].path", "dataset", first, where)
+        _datasets(data, data.pop("datasets"), where)
     if "reward_specs" in data:  # training-wizard: [[reward_specs]] tables with spec_class (or class) and settings
         specs = data.pop("reward_specs")
         specs = [specs] if isinstance(specs, dict) else specs

@@ -24,8 +24,10 @@ from grpokit.errors import ConfigError
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: str | None = None,
-                cli: dict[str, Any] | None = None) -> GRPOConfig:
-    """Merge preset < file < `key=value` overrides < `cli` options, translate other tools' keys, validate."""
+                cli: dict[str, Any] | None = None, command: str = "train") -> GRPOConfig:
+    """Merge preset < file < `key=value` overrides < `cli` options, translate other tools' keys, validate.
+
+    `command` "sft": checked for `grpokit sft`, without GRPO's generation-batch rules."""
     source = str(path) if path else "--set"
     file_data = read_file(Path(path)) if path is not None else {}
     file_preset = file_data.pop("preset", None)
@@ -52,10 +54,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: s
     if name == "from_sft" and not any("model" in layer for layer in layers[1:]):
         raise ConfigError("preset 'from_sft' starts from a fine-tuned model: give --sft-model PATH "
                           "(or `sft_model: PATH` in the config)")
-    return validate_config(data, source=source)
+    return validate_config(data, source=source, command=command)
 
 
-def validate_config(data: dict[str, Any], source: str = "config") -> GRPOConfig:
+def validate_config(data: dict[str, Any], source: str = "config", command: str = "train") -> GRPOConfig:
     """One merged mapping -> a GRPOConfig; unknown keys and invalid values are a ConfigError naming each key."""
     data = translate_keys(data, source)
     if "sequence_len" in data:  # Axolotl: prompt + completion tokens; grpokit limits the prompt
@@ -74,7 +76,7 @@ def validate_config(data: dict[str, Any], source: str = "config") -> GRPOConfig:
         raise ConfigError(f"{source}: unknown config key(s):\n" + "\n".join(lines)
                           + "\n  (`grpokit check --help-config` lists every key)")
     try:
-        return GRPOConfig(**data)
+        return GRPOConfig.model_validate(data, context={"command": command})
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

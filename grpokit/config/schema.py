@@ -1,4 +1,4 @@
-"""The run configuration's schema: `GRPOConfig` (every setting, typed, with its default and help) and `RewardSpec`.
+"""The run configuration's schema: `GRPOConfig` (every setting, typed, with its default and help) and `RewardEntry`.
 
 Option names follow TRL's `GRPOConfig` wherever TRL has the option. Field constraints and the
 cross-field checks (batch geometry, rewards, quantisation) run when a config is built, before any
@@ -19,7 +19,7 @@ import math
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 from grpokit.runtime.distributed import world_size
@@ -28,7 +28,7 @@ from grpokit.runtime.distributed import world_size
 RESUME_NEUTRAL: dict[str, Any] = {"resume_neutral": True}
 
 
-class RewardSpec(BaseModel):
+class RewardEntry(BaseModel):
     """A `reward_funcs` entry with settings: `{func: code_tests, args: {timeout_s: 5}, weight: 1.0}`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -75,10 +75,11 @@ class GRPOConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     lora_target_modules: list[str] | str = Field("all-linear", description=(
         "Modules that get adapters: names, or 'all-linear'."))
-    load_in_4bit: bool = Field(False, description=(
+    load_in_4bit: bool | Literal["auto"] = Field(False, description=(
         "QLoRA: load the policy's linear weights in 4 bits (bitsandbytes, extra `qlora`, a CUDA GPU) and train LoRA "
         "adapters on them (needs use_peft); compute dtype bfloat16 under bf16 or torch_dtype bfloat16, float16 for "
-        "torch_dtype float16, else float32."))
+        "torch_dtype float16, else float32. 'auto' (the math-QA presets): on where it can run (use_peft, a CUDA GPU, "
+        "bitsandbytes installed), else off with a one-line note; the run records which."))
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description=(
         "With load_in_4bit: the 4-bit data type, nf4 (NormalFloat, the QLoRA paper's) or fp4."))
     bnb_4bit_use_double_quant: bool = Field(True, description=(
@@ -104,7 +105,7 @@ class GRPOConfig(BaseModel):
         "Run directory: config.yaml, metrics.jsonl, final_model/."))
 
     # rewards
-    reward_funcs: list[str | RewardSpec] = Field(
+    reward_funcs: list[str | RewardEntry] = Field(
         default_factory=lambda: ["number_correct", "answer_format"], min_length=1, description=(
             "Reward functions: built-in names, dotted paths ('pkg.module.fn'), 'file.py:fn', or "
             "{func:, name:, args:, weight:} entries."))
@@ -226,6 +227,11 @@ class GRPOConfig(BaseModel):
         "vLLM context length (prompt + completion tokens); default: the model's."))
     vllm_enable_sleep_mode: bool = Field(False, json_schema_extra=RESUME_NEUTRAL, description=(
         "Colocate mode: vLLM releases its GPU memory between generations (sleep / wake_up)."))
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(None, description=(
+        "Colocate mode: vLLM's weights dtype (default: torch_dtype); a server takes `grpokit vllm-serve --dtype`."))
+    vllm_enable_prefix_caching: bool | None = Field(None, json_schema_extra=RESUME_NEUTRAL, description=(
+        "Colocate mode: vLLM's prefix caching of prompt KV blocks (default: vLLM's, on); a server takes "
+        "`grpokit vllm-serve --enable-prefix-caching / --no-enable-prefix-caching`."))
 
     # evaluation and logging
     eval_on_start: bool = Field(False, json_schema_extra=RESUME_NEUTRAL, description="Evaluate before the first step.")
@@ -311,14 +317,16 @@ class GRPOConfig(BaseModel):
         return max(1, generations * self.optimizer_steps_per_generation)
 
     @model_validator(mode="after")
-    def _check_geometry(self) -> GRPOConfig:
+    def _check_geometry(self, info: ValidationInfo) -> GRPOConfig:
+        # validated for `grpokit sft` (context {"command": "sft"}): no generations, so none of GRPO's batch rules
+        sft = (info.context or {}).get("command") == "sft"
         if self.num_train_epochs is not None and "max_steps" in self.model_fields_set:
             raise ValueError("both max_steps and num_train_epochs are set; give one")
         gbs = self.generation_batch_size
-        if self.micro_batches_per_generation % self.gradient_accumulation_steps:
+        if not sft and self.micro_batches_per_generation % self.gradient_accumulation_steps:
             raise ValueError(f"steps_per_generation = {self.steps_per_generation} must be a multiple of "
                              f"gradient_accumulation_steps = {self.gradient_accumulation_steps}")
-        if gbs % self.num_generations:
+        if not sft and gbs % self.num_generations:
             valid = [g for g in range(2, gbs + 1) if gbs % g == 0]
             processes = f" x {world_size()} processes" if world_size() > 1 else ""
             raise ValueError(
@@ -332,8 +340,34 @@ class GRPOConfig(BaseModel):
             raise ValueError(f"eval_pass_k {self.eval_pass_k} asks for k > eval_num_samples = {self.eval_num_samples}; "
                              f"sample at least {max(self.eval_pass_k)} completions per prompt or lower k")
         self._check_rewards()
+        if self.load_in_4bit == "auto":  # settled once: the validated config (and config.yaml) holds true or false
+            self.__dict__["load_in_4bit"] = self._four_bit_here(sft)
         self._check_quantization()
         return self
+
+    def _four_bit_here(self, sft: bool = False) -> bool:
+        """`load_in_4bit: auto`: whether QLoRA can run with these settings on this machine (a note when not)."""
+        import importlib.util
+        import logging
+
+        why = None
+        if sft:
+            why = "`grpokit sft` trains and merges full-precision weights (GRPO after it can load them in 4 bits)"
+        elif not self.use_peft:
+            why = "use_peft is false (4-bit weights train only through LoRA adapters)"
+        elif self.use_vllm or self.torch_dtype == "float64" or (self.device or "cuda").split(":")[0] != "cuda":
+            why = "use_vllm, torch_dtype float64 or a non-CUDA device is set"
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            why = "bitsandbytes is not installed (pip install 'grpokit[qlora]')"
+        else:
+            from grpokit.runtime import cuda_available
+
+            if not cuda_available():
+                why = "no CUDA GPU is available"
+        if why is not None:
+            logging.getLogger("grpokit.config").info("load_in_4bit: auto -> off: %s; the weights load in full "
+                                                     "precision", why)
+        return why is None
 
     def _check_quantization(self) -> None:
         if not self.load_in_4bit:

@@ -9,6 +9,7 @@ sampler and `evaluate.evaluate_per_prompt`, so a number printed here equals the 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,12 +32,24 @@ from grpokit.rewards import RewardRunner, resolve_rewards
 from grpokit.rewards.contract import decode_completions
 from grpokit.rollout.torch_engine import TorchEngine
 
+log = logging.getLogger(__name__)
+
 
 def _load(cfg: GRPOConfig):
+    """The model `cfg.model` names, ready to generate: a model directory or hub id, or a LoRA adapter directory (a
+    run's final_model, best_model or checkpoint-N with LoRA), merged into its base model."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(path)
-    model = load_policy(path, getattr(torch, cfg.torch_dtype)).to(device).eval()
+    adapter = Path(cfg.model).expanduser()
+    if (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
+        model, base = _merged(adapter, None, command="eval")
+        model = model.to(getattr(torch, cfg.torch_dtype))
+        tokenizer = load_tokenizer(str(adapter) if any(adapter.glob("tokenizer*")) else resolve_model_path(base))
+        log.info("%s is a LoRA adapter: evaluated merged into its base model %s", cfg.model, base)
+    else:
+        path = resolve_model_path(cfg.model)
+        tokenizer = load_tokenizer(path)
+        model = load_policy(path, getattr(torch, cfg.torch_dtype))
+    model = model.to(device).eval()
     cpu_linear.apply(model, cfg.cpu_linear, device)
     engine = TorchEngine(model, tokenizer.pad_token_id, tokenizer=tokenizer)
     return model, tokenizer, engine, stop_token_ids(tokenizer, model)
@@ -209,29 +222,32 @@ def export_merged(run_model: Path, out: Path, merge: bool = True, base_model: st
     return action
 
 
-def _merged(adapter_dir: Path, base_model: str | None):
-    """The adapter merged into its base model: (model, the base's path or hub id)."""
+def _merged(adapter_dir: Path, base_model: str | None, command: str = "export"):
+    """The adapter merged into its base model: (model, the base's path or hub id). `command` names who asks, in
+    errors (only `export` takes --base-model; elsewhere the fix is the adapter_config.json entry)."""
     from peft import PeftModel
 
-    named = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    config_file = adapter_dir / "adapter_config.json"
+    fix = ("--base-model PATH_OR_HUB_ID" if command == "export"
+           else f"base_model_name_or_path in {config_file} (the base model's local directory, or a hub id online)")
+    named = json.loads(config_file.read_text()).get("base_model_name_or_path")
     base = base_model or named
     if not base:
-        raise ConfigError(f"export: {adapter_dir / 'adapter_config.json'} names no base_model_name_or_path; "
-                          "give the base model with --base-model PATH_OR_HUB_ID")
+        raise ConfigError(f"{command}: {config_file} names no base_model_name_or_path; give the base model with "
+                          f"{fix}")
     try:
         path = resolve_model_path(base)
         base_dtype = _saved_dtype(path)
         model = load_policy(path, torch.float32)
     except (ConfigError, OSError) as exc:
-        where = "--base-model" if base_model else f"base_model_name_or_path in {adapter_dir / 'adapter_config.json'}"
-        raise ConfigError(f"export: cannot load the adapter's base model '{base}' ({where}): {exc}\n  Give the "
-                          "base model's local directory (or a hub id, online) with --base-model "
-                          "PATH_OR_HUB_ID") from None
+        where = "--base-model" if base_model else f"base_model_name_or_path in {config_file}"
+        raise ConfigError(f"{command}: cannot load the adapter's base model '{base}' ({where}): {exc}\n  Give the "
+                          f"base model's local directory (or a hub id, online) with {fix}") from None
     try:
         merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     except RuntimeError as exc:  # shapes that do not fit: the base is another model than the one trained
-        raise ConfigError(f"export: the adapter in {adapter_dir} does not fit the base model '{base}' ({exc}); "
-                          "give the model the run trained with --base-model PATH_OR_HUB_ID") from None
+        raise ConfigError(f"{command}: the adapter in {adapter_dir} does not fit the base model '{base}' ({exc}); "
+                          f"give the model the run trained with {fix}") from None
     return merged.to(base_dtype), base
 
 

@@ -213,7 +213,8 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     act_plain, act_ckpt = activations(False), activations(True)
     activation_bytes = act_ckpt if cfg.gradient_checkpointing else act_plain
     chunk = min(cfg.logprob_chunk_size, B * T) * shape.vocab * 4 * LOGIT_COPIES
-    weights = shape.params * w
+    quantized = four_bit_numel(shape) if cfg.load_in_4bit else 0
+    weights = int(quantized * four_bit_bytes_per_weight(cfg.bnb_4bit_use_double_quant)) + (shape.params - quantized) * w
     cast_copies = shape.linear_weights * 2 if autocast else 0
     optimizer = 2 * trainable * train_bytes
     grads = trainable * train_bytes
@@ -232,8 +233,12 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     lines = []
     if process:
         lines.append(Line(name="Python process (interpreter, torch, transformers)", bytes=process, phase="persistent"))
-    lines += [Line(name=f"weights ({shape.params / 1e6:.1f}M params, {cfg.torch_dtype})", bytes=weights,
-                   phase="persistent"),
+    weights_name = f"weights ({shape.params / 1e6:.1f}M params, {cfg.torch_dtype})"
+    if quantized:
+        double = ", double quant" if cfg.bnb_4bit_use_double_quant else ""
+        weights_name = (f"weights ({shape.params / 1e6:.1f}M params: {quantized / 1e6:.1f}M in 4 bits "
+                        f"({cfg.bnb_4bit_quant_type}{double}), the rest {cfg.torch_dtype})")
+    lines += [Line(name=weights_name, bytes=weights, phase="persistent"),
               Line(name=f"AdamW state (2 x {trainable / 1e6:.2f}M trainable)", bytes=optimizer, phase="persistent")]
     if cfg.beta > 0 and not cfg.use_peft:
         lines.append(Line(name="reference model weights (beta > 0)", bytes=weights, phase="persistent"))
@@ -266,6 +271,24 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     return Estimate(lines=lines, persistent=persistent, training=training, generation=generation,
                     total=persistent + max(training, generation), activations_without_checkpointing=act_plain,
                     activations_with_checkpointing=act_ckpt, tokens=tokens_per_step(cfg, prompts, shared))
+
+
+BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
+BNB_NESTED_BLOCKSIZE = 256  # double quant: the absmaxes quantised to 8 bits in blocks of 256, one float32 each
+
+
+def four_bit_bytes_per_weight(double_quant: bool) -> float:
+    """Bytes per weight bitsandbytes stores for a 4-bit Linear: two weights per byte, plus the absmax of each block
+    of 64 (float32; with double quant 8 bits, plus one float32 per 256 of those)."""
+    if double_quant:
+        return 0.5 + 1 / BNB_4BIT_BLOCKSIZE + 4 / (BNB_4BIT_BLOCKSIZE * BNB_NESTED_BLOCKSIZE)
+    return 0.5 + 4 / BNB_4BIT_BLOCKSIZE
+
+
+def four_bit_numel(shape: ModelShape) -> int:
+    """Weights load_in_4bit quantises: every decoder nn.Linear; transformers keeps the output head (lm_head) and
+    everything that is not a Linear (embeddings, norms, biases) in the compute dtype."""
+    return sum(n_in * n_out for n_in, n_out in shape.lora_modules.values())
 
 
 def packed_weight_bytes(cfg: GRPOConfig, shape: ModelShape, autocast: bool) -> int:

@@ -7,7 +7,9 @@ the reward functions, and check 4-bit loading on this machine, each reward's arg
 columns, `metric_for_best_model` against this run's eval metrics, the `report_to` trackers' packages,
 and vLLM with several processes.
 
-`preflight` (`grpokit check CONFIG`) then runs every reward on a few real rows. Each reward function is
+`preflight` (`grpokit check CONFIG`) then runs every reward on a few real rows (`probe_rewards`; `grpokit train
+--dry-run` runs it too, on the forms training produces, so a reward that cannot be called fails before a model
+loads). Each reward function is
 called, in its worker and under `reward_timeout` as in training, on the first rows of the train data
 with synthetic completions: the reference answer and an empty completion, both in the form training
 produces (message lists for conversational data, strings otherwise), and the reference in the other
@@ -90,6 +92,7 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
 class PreflightReport:
     lines: list[str] = field(default_factory=list)
     problems: int = 0
+    uncallable: list[str] = field(default_factory=list)  # rewards that failed on every form training produces
 
     @property
     def ok(self) -> bool:
@@ -132,14 +135,20 @@ def _values(values: list[float]) -> str:
 
 def preflight(cfg: GRPOConfig, rows: int = 3) -> PreflightReport:
     """The early checks (their errors are raised), then every reward on the first `rows` train rows."""
+    return probe_rewards(early_checks(cfg, check_columns=False), rows)
+
+
+def probe_rewards(inputs: RunInputs, rows: int = 3, *, other_forms: bool = True) -> PreflightReport:
+    """Every reward of `inputs` on its first `rows` train rows with the synthetic completions (module docstring);
+    `other_forms` False tries only the forms training produces (`grpokit train --dry-run`)."""
     report = PreflightReport()
-    inputs = early_checks(cfg, check_columns=False)
+    cfg = inputs.cfg
     records, funcs = inputs.train_records[:rows], inputs.reward_funcs
     conversational = isinstance(records[0]["prompt"], list)
     report.lines.append(f"pre-flight: {len(funcs)} reward function(s) on {len(records)} row(s) of {cfg.dataset} "
                         f"(columns: {', '.join(records[0])}; {'chat' if conversational else 'plain'} prompts), "
                         f"reward_timeout {cfg.reward_timeout}s")
-    forms = _completions(records, conversational)
+    forms = {form: value for form, value in _completions(records, conversational).items() if other_forms or value[1]}
     columns = {k: [r[k] for r in records] for k in records[0]}
     for f in funcs:
         report.lines.append(f"reward '{f.name}' ({_kind(f)})")
@@ -148,7 +157,9 @@ def preflight(cfg: GRPOConfig, rows: int = 3) -> PreflightReport:
         except RewardError as exc:
             report.lines.append(f"  FAIL {exc}")
             report.problems += 1
+            report.uncallable.append(f.name)
             continue
+        problems = report.problems
         with RewardRunner([f], timeout=cfg.reward_timeout, error_rate_limit=1.0) as runner:
             for form, (completions, used) in forms.items():
                 batch = RewardBatch(prompts=columns["prompt"], completions=completions,
@@ -168,6 +179,8 @@ def preflight(cfg: GRPOConfig, rows: int = 3) -> PreflightReport:
                     _problem(report, used, form, f"{len(failures)} of {len(values)} failed: {failures[0]}")
                 else:
                     report.lines.append(line + ("" if used else "  (not a form this data produces)"))
+        if report.problems - problems == sum(used for _, used in forms.values()):
+            report.uncallable.append(f.name)
     report.lines.append("pre-flight: OK, every reward ran on every form this data produces" if report.ok else
                         f"pre-flight: FAILED, {report.problems} problem(s) above")
     return report
@@ -177,9 +190,15 @@ def _text(completion) -> str:
     return completion if isinstance(completion, str) else str(completion[-1]["content"])
 
 
+CALL_FIX = ("rewards are called with keyword arguments bound by parameter name: TRL's (prompts, completions, "
+            "**kwargs) with each dataset column by its name, a per-sample f(completion, <column>) one row at a time, "
+            "or a class's compute_reward(self, prompts, completions, **kwargs); README, 'Reward functions'")
+
+
 def _problem(report: PreflightReport, used: bool, form: str, detail: str) -> None:
     if used:
         report.problems += 1
-        report.lines.append(f"  FAIL {form}: {detail}")
+        fix = f"\n       fix: {CALL_FIX}" if "TypeError" in detail and "argument" in detail else ""
+        report.lines.append(f"  FAIL {form}: {detail}{fix}")
     else:
         report.lines.append(f"  note {form}: {detail} (this data does not produce that form)")

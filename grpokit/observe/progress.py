@@ -1,4 +1,9 @@
-"""A live progress bar for training: step / total, reward, KL, tokens/s and the ETA, drawn by tqdm.
+"""The console: grpokit's log lines (`console_logging`) and a live progress bar for training (step / total, reward,
+KL, tokens/s and the ETA, drawn by tqdm).
+
+`console_logging` sends grpokit's INFO lines (the per-step lines among them) to stdout as plain text and its
+warnings and errors to stderr, prefixed: the CLI always; the Python API (GRPOTrainer) when the program has not set
+up the "grpokit" logger itself, so a script prints what the CLI prints and its training_log.txt holds the same.
 
 Only on a terminal: when stdout is a file or a pipe (CI, `> log.txt`) the bar is a no-op and the
 console lines are all that is printed. While the bar is up, the log lines that go to the terminal
@@ -13,6 +18,43 @@ import sys
 from typing import TextIO
 
 _POSTFIX_KEYS = (("reward", "reward"), ("kl", "kl"), ("tokens_per_second", "tok/s"))
+
+
+class StdStreamHandler(logging.StreamHandler):
+    """A StreamHandler on sys.stdout or sys.stderr as they are when a line is written, not when it was made (a
+    program, a notebook or a test may replace them later); the progress bar may put its own stream in between."""
+
+    def __init__(self, name: str):
+        self._std = name
+        self._above_bar = None
+        super().__init__()
+
+    @property
+    def stream(self) -> TextIO:
+        return self._above_bar or getattr(sys, self._std)
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        self._above_bar = value if isinstance(value, _AboveBar) else None
+
+
+def console_logging(*, unless_configured: bool = False) -> None:
+    """grpokit's INFO lines to stdout, warnings and errors to stderr ("grpokit: WARNING: ..."). With
+    `unless_configured`, nothing changes when the "grpokit" logger already has a level or handlers of its own."""
+    logger = logging.getLogger("grpokit")
+    if unless_configured and (logger.level != logging.NOTSET or logger.handlers):
+        return
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        out = StdStreamHandler("stdout")
+        out.setLevel(logging.INFO)
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        out.setFormatter(logging.Formatter("%(message)s"))
+        err = StdStreamHandler("stderr")
+        err.setLevel(logging.WARNING)
+        err.setFormatter(logging.Formatter("grpokit: %(levelname)s: %(message)s"))
+        logger.addHandler(out)
+        logger.addHandler(err)
 
 
 class NoProgress:
@@ -71,4 +113,4 @@ class _AboveBar:
 def _console_handlers() -> list[logging.StreamHandler]:
     loggers = (logging.getLogger("grpokit"), logging.getLogger())
     return [h for lg in loggers for h in lg.handlers
-            if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+            if type(h) in (logging.StreamHandler, StdStreamHandler) and h.stream in (sys.stdout, sys.stderr)]

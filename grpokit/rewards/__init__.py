@@ -82,7 +82,7 @@ def _instantiate(name: str, obj: Any, args: dict[str, Any]) -> Any:
 
 def resolve_reward(entry: Any) -> RewardFunction:
     """One `reward_funcs` entry -> a RewardFunction (built-in name, dotted path, file path, callable, or mapping)."""
-    if hasattr(entry, "model_dump"):  # the config's RewardSpec
+    if hasattr(entry, "model_dump"):  # the config's RewardEntry
         entry = entry.model_dump(exclude_none=True)
     spec = dict(entry) if isinstance(entry, dict) else {"func": entry}
     target = spec.get("func")

@@ -13,9 +13,18 @@ bring from other tools run unchanged:
   also name the completion, `question` the prompt);
 - `async def` functions (and async `__call__`): run on an event loop; per-sample ones
   concurrently;
-- instances of classes with `__call__` (RewardSpec-style, built with their config parameters),
-  and objects with `compute_reward(questions, answers, references) -> tensor` (the math-QA
-  trainer's RewardModel: answers are the completions, references the reference column).
+- a function whose first parameter names one completion (`completion`, `generated`,
+  `generated_code`, `response`, `output`) and that has no `completions` parameter is per-sample
+  without the decorator (`def reward(generated, ground_truth)`);
+- instances of classes with `__call__`, bound like functions;
+- objects with `compute_reward` (subclasses of `grpokit.RewardSpec` or `grpokit.RewardModel`, or
+  any object that has the method and no `__call__`): the method is bound by parameter name, never
+  by position, with the names of both tools: TRL's (`prompts`, `completions`, columns, `**kwargs`)
+  and the math-QA trainer's (`questions` = the prompt texts, `answers` = the completion texts,
+  `references` = the reference column). Values the object gives `self.log_metrics` are logged
+  as `rewards/<name>/<key>` (spec.py).
+
+`test_cases` also binds to a `tests` column (and `tests` to a `test_cases` column).
 
 Results are checked here: a tensor, array or list of one float (or None / NaN = "not
 applicable") per completion. A wrong length or type is a `RewardError` naming the function.
@@ -38,6 +47,7 @@ from grpokit.errors import RewardError
 REFERENCE_ALIASES = ("answer", "answers", "labels", "label", "references", "reference", "ground_truth", "solution")
 SAMPLE_REFERENCE_ALIASES = ("answer", "label", "reference", "ground_truth", "solution")
 SAMPLE_COMPLETION_ALIASES = ("completion", "generated", "generated_code", "response", "output")
+COLUMN_ALIASES = {"test_cases": "tests", "tests": "test_cases"}  # a parameter name -> the column it also binds to
 CONTEXT_KEYS = ("max_completion_length", "step", "trainer_state")
 
 
@@ -87,11 +97,27 @@ def text_of(message_or_text: Any) -> str:
     return str(message_or_text)
 
 
-def _compute_reward_adapter(obj: Any) -> Callable:
-    """The math-QA trainer's RewardModel: `compute_reward(questions, answers, references)`."""
-    def compute_reward(prompts, completions, references=None):
-        return obj.compute_reward([text_of(p) for p in prompts], [text_of(c) for c in completions], references)
-    return compute_reward
+def _completion_first(fn: Callable) -> bool:
+    """`f(generated, ground_truth)`: the first parameter names one completion and none names them all."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return bool(params) and params[0] in SAMPLE_COMPLETION_ALIASES and "completions" not in params
+
+
+def _compute_reward_of(obj: Any) -> Callable | None:
+    """The bound `compute_reward` of a RewardSpec / RewardModel-style object, or None for anything else."""
+    from grpokit.rewards.spec import RewardModel, RewardSpec
+
+    method = getattr(obj, "compute_reward", None)
+    if not callable(method) or inspect.isroutine(obj) or inspect.isclass(obj):
+        return None
+    for base in (RewardSpec, RewardModel):
+        if isinstance(obj, base) and getattr(type(obj), "compute_reward", None) is base.compute_reward:
+            raise RewardError(f"reward '{type(obj).__name__}' subclasses grpokit.{base.__name__} but does not "
+                              f"implement compute_reward{inspect.signature(base.compute_reward)}")
+    return method if isinstance(obj, (RewardSpec, RewardModel)) or not callable(obj) else None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -104,24 +130,29 @@ class RewardFunction:
     expensive: bool = False  # identical (prompt, completion, row) inputs are scored once
     isolation: Literal["process", "inline"] = "process"
     is_async: bool = False
+    compute_reward: bool = False  # a compute_reward method: the math-QA names bind too (module docstring)
     source: Any = None  # the object given (for close())
 
     @classmethod
     def wrap(cls, name: str, obj: Any, *, expensive: bool | None = None,
              isolation: str | None = None) -> RewardFunction:
-        fn = obj
-        if not callable(obj) and hasattr(obj, "compute_reward"):
-            fn = _compute_reward_adapter(obj)
-        elif not callable(obj):
+        fn = _compute_reward_of(obj)
+        if fn is None and not callable(obj):
             raise RewardError(f"reward '{name}' is a {type(obj).__name__}, which is neither callable nor has "
-                              "compute_reward(questions, answers, references)")
+                              "a compute_reward method (subclass grpokit.RewardSpec or grpokit.RewardModel)")
+        method = fn is not None
+        fn = fn or obj
         call = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
-        return cls(name=name, fn=fn,
-                   per_sample=bool(getattr(obj, "__grpokit_per_sample__", False)
-                                   or getattr(obj, "per_sample", False) is True),
+        marked = bool(getattr(obj, "__grpokit_per_sample__", False) or getattr(obj, "per_sample", False) is True)
+        return cls(name=name, fn=fn, per_sample=marked or (not method and _completion_first(fn)),
                    expensive=bool(getattr(obj, "expensive", False)) if expensive is None else expensive,
                    isolation=isolation or getattr(obj, "isolation", "process"),
-                   is_async=inspect.iscoroutinefunction(call), source=obj)
+                   is_async=inspect.iscoroutinefunction(call), compute_reward=method, source=obj)
+
+    def take_logged_metrics(self) -> dict[str, list[float]]:
+        """What the reward gave `log_metrics` since the last call (RewardSpec / RewardModel subclasses), emptied."""
+        take = getattr(self.source, "take_logged_metrics", None)
+        return take() if callable(take) else {}
 
     # ---- binding -------------------------------------------------------------------------------
     def _params(self) -> dict[str, inspect.Parameter]:
@@ -158,6 +189,12 @@ class RewardFunction:
         reference = batch.reference()
         if reference is not None:
             aliases.update(dict.fromkeys(REFERENCE_ALIASES, reference))
+        aliases.update({name: batch.columns[col] for name, col in COLUMN_ALIASES.items() if col in batch.columns})
+        if self.compute_reward:  # the math-QA trainer's names: the texts of the prompts and of the completions
+            aliases["questions"] = [text_of(p) for p in batch.prompts]
+            if "completions" not in self._params():
+                available.pop("answers", None)  # its `answers` are the model's, whatever a column is called
+                aliases["answers"] = [text_of(c) for c in batch.completions]
         return self._bind_from(available, aliases)
 
     def bind_row(self, batch: RewardBatch, i: int) -> dict[str, Any]:
@@ -168,6 +205,7 @@ class RewardFunction:
         reference = batch.reference()
         if reference is not None:
             aliases.update(dict.fromkeys(SAMPLE_REFERENCE_ALIASES, reference[i]))
+        aliases.update({name: batch.columns[col][i] for name, col in COLUMN_ALIASES.items() if col in batch.columns})
         available["completion"] = batch.completions[i]
         return self._bind_from(available, aliases)
 

@@ -13,6 +13,12 @@ score = 0.2 length + 0.3 formulas + 0.3 concepts + 0.2 structure, each part in [
     '####', ..., or holds a '\\boxed{}').
 A part the reference gives nothing to cover (no math items, no content words) scores 1.
 
+The reward gates that quality score on the final answer, so it cannot be gamed by style: where the
+reference has a final number (after GSM8K's '####', else its last number), a completion whose final
+number (its last 'Answer: N', else its last number) equals it scores 0.55 + 0.45 q, any other 0.45 q,
+with q the score above: every right answer ranks above every wrong one, and among either the better
+explained ranks higher. An empty or white-space-only completion scores 0.
+
 Choices the source leaves open: lengths are in words; GSM8K calculator notes `<<9*2=18>>` are
 dropped before scoring; matching is exact (no stemming, no synonyms). The reference comes from the
 `answer` column (or another reference column, which the runner binds to `answer`).
@@ -23,9 +29,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from grpokit.rewards.builtin import completion_text
+from grpokit.rewards.builtin import _to_number, completion_text, extract_final_number
 
 WEIGHTS = {"length": 0.2, "formulas": 0.3, "concepts": 0.3, "structure": 0.2}
+RIGHT_FLOOR, QUALITY_SHARE = 0.55, 0.45  # right: 0.55 + 0.45 q in [0.55, 1]; wrong: 0.45 q in [0, 0.45]
+_GSM8K_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 _NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
@@ -131,11 +139,28 @@ def heuristic_parts(text: str, reference: str) -> HeuristicParts:
                           structure=structure_score(text))
 
 
-def heuristic_math_qa(completions: list, answer: list | None = None, **kwargs) -> list[float | None]:
-    """0.2 length + 0.3 formulas + 0.3 concepts + 0.2 structure against the reference answer, in [0, 1].
+def final_answer(reference: str) -> float | None:
+    """The reference's final number: after GSM8K's '####', else its last number; None without one."""
+    marked = _GSM8K_FINAL.findall(reference)
+    return _to_number(marked[-1]) if marked else extract_final_number(_CALCULATOR_NOTE.sub("", reference))
 
-    None where the reference is missing or empty.
-    """
+
+def heuristic_score(text: str, reference: str) -> float:
+    """The reward of one completion (module docstring): the quality score, gated on the final answer."""
+    if not text.strip():
+        return 0.0
+    quality = heuristic_parts(text, reference).total
+    expected = final_answer(reference)
+    if expected is None:
+        return quality
+    got = extract_final_number(_CALCULATOR_NOTE.sub("", text))
+    right = got is not None and abs(got - expected) < 1e-9
+    return RIGHT_FLOOR + QUALITY_SHARE * quality if right else QUALITY_SHARE * quality
+
+
+def heuristic_math_qa(completions: list, answer: list | None = None, **kwargs) -> list[float | None]:
+    """0.2 length + 0.3 formulas + 0.3 concepts + 0.2 structure against the reference answer, gated on the final
+    answer (module docstring), in [0, 1]. None where the reference is missing or empty."""
     if answer is None:
         raise ValueError("heuristic_math_qa needs the reference answer in a dataset column named 'answer' "
                          "(or reference / solution / ground_truth)")
@@ -144,5 +169,5 @@ def heuristic_math_qa(completions: list, answer: list | None = None, **kwargs) -
         if reference is None or not str(reference).split():
             scores.append(None)
             continue
-        scores.append(heuristic_parts(completion_text(completion), str(reference)).total)
+        scores.append(heuristic_score(completion_text(completion), str(reference)))
     return scores

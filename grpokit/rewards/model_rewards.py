@@ -53,7 +53,7 @@ def _load(loader, path: str, what: str, **kwargs):
         raise RewardError(f"{what}: cannot load '{path}': {exc}") from None
 
 
-class RewardModel:
+class ClassifierReward:
     """Reward = the score a sequence-classification model gives prompt + completion (module docstring)."""
 
     expensive = True

@@ -21,7 +21,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "heuristic_math_qa": "grpokit.rewards.heuristic:heuristic_math_qa",
     "code_tests": "grpokit.rewards.code:CodeTests",
     "llm_judge": "grpokit.rewards.judge:LLMJudge",
-    "reward_model": "grpokit.rewards.model_rewards:RewardModel",
+    "reward_model": "grpokit.rewards.model_rewards:ClassifierReward",
     "semantic_similarity": "grpokit.rewards.model_rewards:SemanticSimilarity",
     "reasoning_gym": "grpokit.rewards.gym:reasoning_gym",
 }
@@ -29,7 +29,7 @@ BUILTIN_REWARDS: dict[str, str] = {
 
 def reward_name(entry: Any) -> str:
     """The name a reward is logged under (`rewards/{name}/mean`): `name:`, the built-in, or the attribute."""
-    if hasattr(entry, "model_dump"):  # the config's RewardSpec
+    if hasattr(entry, "model_dump"):  # the config's RewardEntry
         entry = entry.model_dump(exclude_none=True)
     if isinstance(entry, dict):
         return entry.get("name") or reward_name(entry.get("func", ""))

@@ -79,8 +79,9 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 
 def _serve(conn, func: RewardFunction, trainer_end, trainer_pid: int) -> None:
-    """Worker loop. Requests: ("batch", batch) -> ("ok", values) | ("raised", detail, trace);
-    ("rows", batch, rows) -> ("row", i, value) | ("row_raised", i, detail, trace) per row, then ("done",)."""
+    """Worker loop. Requests: ("batch", batch) -> ("ok", values, logged) | ("raised", detail, trace);
+    ("rows", batch, rows) -> ("row", i, value) | ("row_raised", i, detail, trace) per row, then ("done", logged).
+    `logged`: what the reward gave log_metrics during the request (spec.py), {name: [values]}."""
     trainer_end.close()  # the fork copied it: while open here, the trainer's death would never reach recv()
     _die_with(trainer_pid)
     os.setpgrp()  # its own group: a kill takes whatever it started; Ctrl-C reaches only the trainer
@@ -93,9 +94,10 @@ def _serve(conn, func: RewardFunction, trainer_end, trainer_pid: int) -> None:
             return
         if request is None:
             return
+        func.take_logged_metrics()  # what a failed call logged is not this request's
         if request[0] == "batch":
             try:
-                conn.send(("ok", _plain(func.invoke(request[1]))))
+                conn.send(("ok", _plain(func.invoke(request[1])), func.take_logged_metrics()))
             except Exception as exc:  # untrusted user code; reported, then retried row by row
                 conn.send(("raised", *_describe(exc)))
         else:
@@ -105,7 +107,7 @@ def _serve(conn, func: RewardFunction, trainer_end, trainer_pid: int) -> None:
                     conn.send(("row", i, _plain(func.invoke_row(batch, i))))
                 except Exception as exc:  # untrusted user code: this row is missing, counted
                     conn.send(("row_raised", i, *_describe(exc)))
-            conn.send(("done",))
+            conn.send(("done", func.take_logged_metrics()))
 
 
 def _die_with(parent_pid: int) -> None:
@@ -189,6 +191,7 @@ class RewardRunner:
         self.caches: list[OrderedDict] = [OrderedDict() for _ in funcs]
         self.stats = [RewardStats() for _ in funcs]
         self._step = [RewardStats() for _ in funcs]
+        self._logged: list[dict[str, list[float]]] = [{} for _ in funcs]  # log_metrics values since pop_metrics
         self.last_failures: list[str] = []  # of the last score() call
         self._warned_all_missing: set[str] = set()
         self.workers: list[_Worker | None] = [_Worker(f) if f.isolation == "process" else None for f in funcs]
@@ -261,8 +264,12 @@ class RewardRunner:
         return matrix
 
     def pop_metrics(self) -> dict[str, float]:
-        """Per-function counts since the last call: rewards/{name}/errors|timeouts|missing|cache_hits, time."""
+        """Per-function counts since the last call: rewards/{name}/errors|timeouts|missing|cache_hits, time; and
+        rewards/{name}/{key}: the mean of what the function gave log_metrics since then."""
         metrics = {}
+        for f, logged in zip(self.funcs, self._logged, strict=True):
+            metrics.update({f"rewards/{f.name}/{key}": sum(values) / len(values) for key, values in logged.items()})
+        self._logged = [{} for _ in self.funcs]
         for f, s in zip(self.funcs, self._step, strict=True):
             metrics[f"rewards/{f.name}/errors"] = float(s.errors)
             metrics[f"rewards/{f.name}/timeouts"] = float(s.timeouts)
@@ -282,14 +289,16 @@ class RewardRunner:
 
     def _run_inline(self, job: _Job, batch: RewardBatch) -> None:
         f = self.funcs[job.k]
+        f.take_logged_metrics()  # what an earlier failed call logged is not this step's
         if job.mode == "batch":
             try:
                 job.values.update(zip(job.rows, f.check(f.invoke(batch.select(job.rows)), len(job.rows)), strict=True))
+                self._keep_logged(job.k, f.take_logged_metrics())
                 return
             except RewardError:
                 raise
             except Exception:  # untrusted user code: find the completions that fail, one at a time
-                pass
+                f.take_logged_metrics()
         for i in job.rows:
             try:
                 job.values[i] = f.invoke_row(batch, i)
@@ -298,6 +307,11 @@ class RewardRunner:
             except Exception as exc:  # untrusted user code: this completion is missing, counted
                 job.failures.append(_Failure(i, "error", *_describe(exc)))
         job.rows = []
+        self._keep_logged(job.k, f.take_logged_metrics())
+
+    def _keep_logged(self, k: int, logged: dict[str, list[float]]) -> None:
+        for key, values in logged.items():
+            self._logged[k].setdefault(key, []).extend(values)
 
     def _collect(self, jobs: list[_Job], batch: RewardBatch, started: float) -> None:
         active = {self.workers[j.k].conn: j for j in jobs}
@@ -332,6 +346,7 @@ class RewardRunner:
         kind = message[0]
         if kind == "ok":
             job.values.update(zip(job.rows, f.check(message[1], len(job.rows)), strict=True))
+            self._keep_logged(job.k, message[2])
             job.rows = []
             return False
         if kind == "raised":  # the batch call failed: score the completions one at a time
@@ -346,7 +361,8 @@ class RewardRunner:
             job.rows.remove(message[1])
             job.deadline = time.monotonic() + self.timeout if self.timeout else math.inf
             return True
-        return False  # "done"
+        self._keep_logged(job.k, message[1])  # "done"
+        return False
 
     def _expire(self, job: _Job, batch: RewardBatch) -> bool:
         return self._lost(job, batch, "timeout",

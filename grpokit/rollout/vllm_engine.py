@@ -304,13 +304,15 @@ def import_vllm():
 
 def new_llm(model: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
             max_model_len: int | None = None, dtype: str = "auto", seed: int | None = None,
-            enable_sleep_mode: bool = False):
-    """A vllm.LLM set up for grpokit: processed log-probs (see the module docstring) and the weight-sync extension."""
+            enable_sleep_mode: bool = False, enable_prefix_caching: bool | None = None):
+    """A vllm.LLM set up for grpokit: processed log-probs (see the module docstring) and the weight-sync extension.
+    `enable_prefix_caching` None leaves vLLM's default."""
     vllm = import_vllm()
+    extra = {} if enable_prefix_caching is None else {"enable_prefix_caching": enable_prefix_caching}
     return vllm.LLM(model=model, tensor_parallel_size=tensor_parallel_size,
                     gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype,
                     seed=seed if seed is not None else 0, enable_sleep_mode=enable_sleep_mode,
-                    logprobs_mode="processed_logprobs", worker_extension_cls=_WORKER_EXTENSION)
+                    logprobs_mode="processed_logprobs", worker_extension_cls=_WORKER_EXTENSION, **extra)
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -434,7 +436,7 @@ class VLLMColocateEngine:
 
     def __init__(self, model_path: str, *, gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
                  max_model_len: int | None = None, dtype: str = "auto", seed: int | None = None,
-                 sleep_mode: bool = False):
+                 sleep_mode: bool = False, prefix_caching: bool | None = None):
         if tensor_parallel_size != 1:
             raise EngineError(f"vllm_mode: colocate runs vLLM in the trainer's process on one GPU; "
                               f"vllm_tensor_parallel_size={tensor_parallel_size} needs vllm_mode: server "
@@ -444,7 +446,8 @@ class VLLMColocateEngine:
         self.sleep_mode = sleep_mode
         self.asleep = False
         self.llm = new_llm(model_path, tensor_parallel_size=1, gpu_memory_utilization=gpu_memory_utilization,
-                           max_model_len=max_model_len, dtype=dtype, seed=seed, enable_sleep_mode=sleep_mode)
+                           max_model_len=max_model_len, dtype=dtype, seed=seed, enable_sleep_mode=sleep_mode,
+                           enable_prefix_caching=prefix_caching)
 
     def _wake(self) -> None:
         if self.asleep:
@@ -475,27 +478,37 @@ def make_engine(cfg: Any, model_path: str, policy: torch.nn.Module | None = None
     """The vLLM engine the config asks for, or None when `cfg.use_vllm` is false (keep the in-process engine).
 
     Reads use_vllm, vllm_mode, vllm_host, vllm_port, vllm_gpu_memory_utilization, vllm_tensor_parallel_size,
-    vllm_max_model_len, seed, model (server mode compares it with the server's --model), torch_dtype and
-    (when present) vllm_enable_sleep_mode. With `policy`, its weights are synced (and verified) at once,
-    so generation starts from the trainer's weights even when they differ from `model_path`'s.
+    vllm_max_model_len, seed, model (server mode compares it with the server's --model), torch_dtype,
+    vllm_dtype, vllm_enable_prefix_caching and vllm_enable_sleep_mode (each when present; a server has its own
+    dtype and prefix caching, set by `grpokit vllm-serve`, so here they only get a warning). With `policy`, its
+    weights are synced (and verified) at once, so generation starts from the trainer's weights even when they
+    differ from `model_path`'s.
     """
     if not cfg.use_vllm:
         return None
+    server_side = {key: getattr(cfg, key, None) for key in ("vllm_dtype", "vllm_enable_prefix_caching")}
     if cfg.vllm_mode == "server":
+        for key, value in server_side.items():
+            if value is not None:
+                flag = {"vllm_dtype": f"--dtype {value}"}.get(key) or (
+                    "--enable-prefix-caching" if value else "--no-enable-prefix-caching")
+                log.warning("%s: %s is the server's setting in vllm_mode: server; start it with "
+                            "`grpokit vllm-serve ... %s` (this run cannot change it)", key, value, flag)
         engine = VLLMServerEngine(f"http://{cfg.vllm_host}:{cfg.vllm_port}", model=cfg.model)
     else:
         if not torch.cuda.is_available():
             raise EngineError("vllm_mode: colocate needs a CUDA GPU in this process and torch.cuda.is_available() is "
                               "False; use vllm_mode: server with a GPU machine, or use_vllm: false")
         import_vllm()
-        dtype = getattr(cfg, "torch_dtype", "auto")
+        dtype = server_side["vllm_dtype"] or getattr(cfg, "torch_dtype", "auto")
         if dtype == "float64":
             raise EngineError("use_vllm: vLLM cannot run float64; set torch_dtype to float32 or bfloat16, "
                               "or use_vllm: false")
         engine = VLLMColocateEngine(model_path, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                                     tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                                     max_model_len=cfg.vllm_max_model_len, dtype=dtype, seed=cfg.seed,
-                                    sleep_mode=getattr(cfg, "vllm_enable_sleep_mode", False))
+                                    sleep_mode=getattr(cfg, "vllm_enable_sleep_mode", False),
+                                    prefix_caching=server_side["vllm_enable_prefix_caching"])
     if policy is not None:
         engine.load_weights(policy)
     return engine

@@ -47,13 +47,14 @@ class VLLMBackend:
     """vllm.LLM behind the Backend protocol."""
 
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, dtype: str = "auto", seed: int | None = None):
+                 max_model_len: int | None = None, dtype: str = "auto", seed: int | None = None,
+                 enable_prefix_caching: bool | None = None):
         from grpokit.rollout.vllm_engine import new_llm
 
         self.model = model
         self.llm = new_llm(model, tensor_parallel_size=tensor_parallel_size,
                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype,
-                           seed=seed)
+                           seed=seed, enable_prefix_caching=enable_prefix_caching)
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
         from grpokit.rollout.vllm_engine import vllm_generate
@@ -213,13 +214,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                                         "default: the model's")
     parser.add_argument("--dtype", default="auto", help="weights' dtype in vLLM: auto, bfloat16, float16, float32")
     parser.add_argument("--seed", type=int, default=None, help="vLLM's engine seed (requests carry their own)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="vLLM's prefix caching of prompt KV blocks (default: vLLM's, on)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     backend = VLLMBackend(args.model, tensor_parallel_size=args.tensor_parallel_size,
                           gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                          dtype=args.dtype, seed=args.seed)
+                          dtype=args.dtype, seed=args.seed, enable_prefix_caching=args.enable_prefix_caching)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach port %d can generate and replace the model's weights",
                     args.host, args.port)

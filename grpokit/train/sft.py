@@ -3,7 +3,8 @@
 Each row becomes a prompt and the tokens trained on. A prompt is rendered exactly as GRPO renders
 it (`data.tokenise_prompts`: the chat template with the generation prompt for conversational
 prompts), and the target follows it as GRPO's completion would: the answer's tokens and EOS. The
-target is the column `sft_target_column`, else 'completion', 'answer' or 'solution'; a target that
+target is the column `sft_target_column`, else 'completion', 'solution' or 'answer' (in that order: gsm8k's worked
+`solution` before its bare final `answer`; the run summary names the column); a target that
 is a list of chat messages (TRL's conversational prompt-completion rows) extends the prompt's
 conversation. Rows with a 'messages' conversation (or whose only chat column is 'messages') train
 on every assistant turn: each turn's tokens up to and including EOS, located by rendering the
@@ -54,7 +55,7 @@ from grpokit.train.harness import RunHarness, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
-TARGET_FALLBACKS = ("completion", "answer", "solution")
+TARGET_FALLBACKS = ("completion", "solution", "answer")  # a worked solution before a bare final answer
 IGNORE_INDEX = -100  # the label of a token the loss leaves out (transformers' convention)
 SFT_LEARNING_RATE = 2e-5
 SFT_LORA_LEARNING_RATE = 2e-4
@@ -279,7 +280,10 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
     run = _SFTState()
     if resumed_from is not None:
         run = _restore(cfg, resumed_from, force, policy, optimizer, scheduler, order_rng)
-    summary = [f"SFT of {cfg.model} on {len(examples)} examples ({dropped} dropped) from {cfg.dataset}: "
+    kind, column = sft_source(records, cfg)
+    trains_on = f"column '{column}'" if kind == "target" else f"the assistant turns of column '{column}'"
+    summary = [f"SFT of {cfg.model} on {len(examples)} examples ({dropped} dropped) from {cfg.dataset}, trained on "
+               f"{trains_on}: "
                f"{cfg.max_steps} steps of {rows_per_step} rows, lr {cfg.learning_rate:g}, "
                f"{'LoRA' if cfg.use_peft else 'all weights'}{' (float32 linear layers on oneDNN)' if onednn else ''}",
                *([allocator.describe()] if device.type == "cpu" else []),

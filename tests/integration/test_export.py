@@ -99,3 +99,24 @@ def test_non_model_directories_are_clear_errors(tmp_path, tiny_model_dir):
     full = run_cli("export", str(tiny_model_dir), "full", cwd=tmp_path)  # a full model is copied, --merge or not
     assert full.returncode == 0, full.stderr
     assert "a full model, nothing to merge" in full.stdout and (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_eval_takes_a_lora_output_directly_and_scores_it_as_its_merged_model(lora_run):
+    """Reference 004's pipeline ends with `grpokit eval` on the GRPO run's final_model: with LoRA that is an adapter
+    directory, evaluated (alone or in --compare) merged into its base, exactly as the exported merged model is."""
+    write_jsonl(lora_run / "qa.jsonl", [{"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+                                        for a in range(3) for b in range(3)])
+    exported = run_cli("export", "run/final_model", "merged-for-eval", "--merge", cwd=lora_run)
+    assert exported.returncode == 0, exported.stderr
+    common = ["--data", "qa.jsonl", "--rewards", "export_rewards.text_hash_reward", "--set", "max_completion_length=6",
+              "--set", "device=cpu", "--set", "bf16=false"]
+    alone = run_cli("eval", "--model", "run/final_model", *common, "--output", "adapter.json", cwd=lora_run)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert "run/final_model is a LoRA adapter: evaluated merged into its base model" in alone.stdout
+    compared = run_cli("eval", "--model", "merged-for-eval", "--compare", "run/final_model", *common,
+                       "--output", "cmp.json", cwd=lora_run)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    metrics = json.loads((lora_run / "adapter.json").read_text())
+    both = json.loads((lora_run / "cmp.json").read_text())
+    assert metrics["eval/num_prompts"] == 9
+    assert both["model_a"]["metrics"] == both["model_b"]["metrics"] == metrics

@@ -226,7 +226,7 @@ def test_wrong_types_and_out_of_range_values_name_every_key_before_anything_load
     assert "cfg.yaml: invalid config" in result.stderr
     assert "max_steps: Input should be a valid integer" in result.stderr and "(got 'ten')" in result.stderr
     assert "temperature: Input should be greater than or equal to 0 (got -0.5)" in result.stderr
-    assert "reward_funcs.0.RewardSpec.weight: Input should be a valid number" in result.stderr
+    assert "reward_funcs.0.RewardEntry.weight: Input should be a valid number" in result.stderr
     # neither the missing dataset nor the missing model was reached
     assert "nowhere.jsonl" not in result.stderr and "no-model-here" not in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -276,7 +276,43 @@ def test_heuristic_parts_hand_computed():
     assert parts.concepts == pytest.approx(1 / 3)  # of {area, circle, radius}: area
     assert parts.structure == 1.0  # two sentences, two lines, ends with 'So ...'
     total = 0.2 * (5 / 6) + 0.3 * (2 / 3) + 0.3 * (1 / 3) + 0.2 * 1.0
-    assert heuristic_math_qa([COMPLETION], answer=[REFERENCE]) == [pytest.approx(total)]
+    assert heuristic_math_qa([COMPLETION], answer=[REFERENCE]) == [pytest.approx(0.45 * total)]  # 12.6 != 12.57
+    right = COMPLETION.replace("12.6", "12.57")
+    assert heuristic_math_qa([right], answer=[REFERENCE]) == [pytest.approx(0.55 + 0.45 * heuristic_parts(
+        right, REFERENCE).total)]
+
+
+GSM8K_REFERENCE = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                   "altogether in April and May.\n#### 72")
+# (completion, right?): terse and verbose, right answers with no explanation, wrong ones that copy the reference's
+# words, equations and numbers, or hold the right number before a wrong final one
+RANKING_CASES = [
+    ("72", True),
+    ("Answer: 72", True),
+    ("She sold 24 in May, so 48 + 24 = 72 clips in total.\nTherefore the answer is 72.", True),
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 72",
+     True),
+    ("clips", False),
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.\n#### 73",
+     False),
+    ("Natalia sold 48 clips in April and 24 clips in May, 72 clips altogether.\nTherefore the answer is 24.", False),
+    ("48 + 24 = 72.\nSo Natalia sold clips altogether in April and May: 71.", False),
+    ("Answer: 7.2", False),
+]
+
+
+def test_heuristic_ranks_every_right_answer_above_every_wrong_one_and_empty_is_zero():
+    scores = heuristic_math_qa([c for c, _ in RANKING_CASES], answer=[GSM8K_REFERENCE] * len(RANKING_CASES))
+    right = [s for s, (_, ok) in zip(scores, RANKING_CASES) if ok]
+    wrong = [s for s, (_, ok) in zip(scores, RANKING_CASES) if not ok]
+    assert min(right) > max(wrong), (right, wrong)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    # among right answers, the explained one beats the bare number (the quality score still counts)
+    assert scores[3] > scores[0]
+    assert heuristic_math_qa(["", "   \n\t", [{"role": "assistant", "content": " "}]],
+                             answer=[GSM8K_REFERENCE] * 3) == [0.0, 0.0, 0.0]
+    no_number = heuristic_math_qa(["", "x"], answer=["The is", "The is"])  # no final number: the quality alone
+    assert no_number == [0.0, pytest.approx(heuristic_parts("x", "The is").total)]
 
 
 @pytest.mark.parametrize(("text", "found"), [

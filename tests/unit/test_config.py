@@ -121,7 +121,7 @@ RESUME_NEUTRAL_SETTINGS = {
     "eval_accuracy_reward",
     "eval_num_samples", "eval_pass_k", "metric_for_best_model", "greater_is_better", "sft_target_column",
     "reward_timeout", "reward_error_rate_limit", "max_consecutive_skips", "device", "vllm_host", "vllm_port",
-    "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode",
+    "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_enable_prefix_caching",
     "max_train_seconds", "on_collapse",  # where a run ends, not what a step computes: a budget may grow on resume
 }
 

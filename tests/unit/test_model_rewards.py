@@ -1,4 +1,4 @@
-"""RewardModel on tiny sequence classifiers saved by the test; SemanticSimilarity on the bundled MiniLM."""
+"""ClassifierReward on tiny sequence classifiers saved by the test; SemanticSimilarity on the bundled MiniLM."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from grpokit.errors import ConfigError, RewardError
 from grpokit.rewards import model_rewards
-from grpokit.rewards.model_rewards import RewardModel, SemanticSimilarity, minilm_path
+from grpokit.rewards.model_rewards import ClassifierReward, SemanticSimilarity, minilm_path
 from grpokit.rewards.registry import BUILTIN_REWARDS
 from tests.conftest import build_tokenizer
 
@@ -64,8 +64,8 @@ def _direct_scores(path, texts: list[str], add_special_tokens: bool = True, labe
 
 def test_reward_model_equals_direct_forward_in_padded_batches(classifier_dir):
     expected = _direct_scores(classifier_dir, [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)])
-    batched = RewardModel(model=str(classifier_dir), batch_size=4)(prompts=PROMPTS, completions=COMPLETIONS)
-    alone = [RewardModel(model=str(classifier_dir), batch_size=1)(prompts=[p], completions=[c])[0]
+    batched = ClassifierReward(model=str(classifier_dir), batch_size=4)(prompts=PROMPTS, completions=COMPLETIONS)
+    alone = [ClassifierReward(model=str(classifier_dir), batch_size=1)(prompts=[p], completions=[c])[0]
              for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
     assert batched == pytest.approx(expected, abs=1e-5)
     assert alone == pytest.approx(expected, abs=1e-5)
@@ -80,13 +80,13 @@ def test_reward_model_chat_template_for_conversational_data(tmp_path):
     texts = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
              "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
              "<|im_start|>assistant\nHello there<|im_end|>\n"]
-    scores = RewardModel(model=str(path), batch_size=2)(prompts=prompts, completions=completions)
+    scores = ClassifierReward(model=str(path), batch_size=2)(prompts=prompts, completions=completions)
     assert scores == pytest.approx(_direct_scores(path, texts, add_special_tokens=False), abs=1e-5)
 
 
 def test_reward_model_multi_label_uses_last_label(tmp_path):
     path = _save_classifier(tmp_path, "llama", num_labels=3)
-    scores = RewardModel(model=str(path))(prompts=PROMPTS[:3], completions=COMPLETIONS[:3])
+    scores = ClassifierReward(model=str(path))(prompts=PROMPTS[:3], completions=COMPLETIONS[:3])
     texts = [p + c for p, c in zip(PROMPTS[:3], COMPLETIONS[:3], strict=True)]
     assert scores == pytest.approx(_direct_scores(path, texts, label=2), abs=1e-5)
 
@@ -95,16 +95,16 @@ def test_reward_model_cuts_long_inputs_from_the_left(tmp_path, caplog):
     path = _save_classifier(tmp_path, "gpt2")
     prompt, completion = "x" * 40 + " the question? ", "the answer"
     with caplog.at_level(logging.WARNING, logger="grpokit.rewards.model_rewards"):
-        score = RewardModel(model=str(path), max_length=16)(prompts=[prompt], completions=[completion])
+        score = ClassifierReward(model=str(path), max_length=16)(prompts=[prompt], completions=[completion])
     assert score == pytest.approx(_direct_scores(path, [(prompt + completion)[-16:]]), abs=1e-5)
     assert "1 of 1 inputs are longer than max_length=16" in caplog.text
 
 
 def test_reward_model_errors(tmp_path):
     with pytest.raises(RewardError, match="reward_model: cannot load"):
-        RewardModel(model=str(tmp_path / "missing"))
+        ClassifierReward(model=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="torch_dtype"):
-        RewardModel(model=str(tmp_path), torch_dtype="fp8")
+        ClassifierReward(model=str(tmp_path), torch_dtype="fp8")
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,8 @@ def test_missing_minilm_package_says_how_to_install(monkeypatch):
         SemanticSimilarity()
 
 
-@pytest.mark.parametrize(("name", "cls"), [("reward_model", RewardModel), ("semantic_similarity", SemanticSimilarity)])
+@pytest.mark.parametrize(("name", "cls"), [("reward_model", ClassifierReward),
+                                           ("semantic_similarity", SemanticSimilarity)])
 def test_registered_names(name, cls):
     module, _, attr = BUILTIN_REWARDS[name].partition(":")
     assert getattr(importlib.import_module(module), attr) is cls

@@ -40,6 +40,40 @@ def test_weights_bytes_equal_the_instantiated_model(tiny_model_dir, dtype):
     assert _line(est, "AdamW") == 2 * expected  # full fine-tuning: two states per weight, in the weights' dtype
 
 
+def _bnb_4bit_bytes(numel: int, bnb: "BitsAndBytesConfig") -> int:  # noqa: F821
+    """What bitsandbytes stores for one 4-bit weight tensor under `bnb`, tensor by tensor: the packed weights in the
+    quant-storage dtype, one absmax per block of 64 (float32, or uint8 with double quant, which adds one float32 per
+    256 absmaxes and a float32 offset)."""
+    import math
+
+    storage = getattr(torch, str(bnb.bnb_4bit_quant_storage).removeprefix("torch.")).itemsize
+    packed = math.ceil(numel * 4 / (8 * storage)) * storage
+    blocks = math.ceil(numel / 64)
+    if not bnb.bnb_4bit_use_double_quant:
+        return packed + blocks * 4
+    return packed + blocks * 1 + math.ceil(blocks / 256) * 4 + 4
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_four_bit_weights_are_sized_as_bitsandbytes_stores_them(double_quant):
+    """QLoRA sizing on a Llama-2-7B-shaped config (meta device: no memory): the decoder Linears in 4 bits, lm_head,
+    embeddings and norms in the compute dtype; checked tensor by tensor against a BitsAndBytesConfig's settings."""
+    from transformers import BitsAndBytesConfig, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    shape = plan.shape_from_config(config)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant)
+    cfg = GRPOConfig(model="llama-7b-shape", use_peft=True, load_in_4bit=True, bnb_4bit_use_double_quant=double_quant,
+                     torch_dtype="bfloat16", num_generations=4, per_device_train_batch_size=8)
+    est = plan.estimate(cfg, shape)
+    decoder = [n_in * n_out for n_in, n_out in shape.lora_modules.values()]
+    expected = sum(_bnb_4bit_bytes(n, bnb) for n in decoder) + (shape.params - sum(decoder)) * 2
+    assert _line(est, "weights") == pytest.approx(expected, rel=1e-4)
+    assert _line(est, "weights") < 0.3 * shape.params * 4  # not float32: ~4 GB for a 6.7B model, not ~27 GB
+    assert "in 4 bits (nf4" in next(line.name for line in est.lines if line.name.startswith("weights"))
+
+
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["down_proj"]])
 def test_lora_trainable_and_optimizer_bytes_match_peft(tiny_model_dir, targets):
     cfg = _cfg(tiny_model_dir, use_peft=True, lora_r=4, lora_target_modules=targets)

@@ -14,6 +14,35 @@ def test_every_preset_file_is_shipped_and_loads():
         assert isinstance(load_config(None, extra, preset=name), GRPOConfig), name
 
 
+# reference 003's documented presets: (epochs, samples per question, questions per step, KL, learning rate); None:
+# the reference gives no number (grpokit's choice, in the preset's comment)
+DOCUMENTED_PRESETS = {"default": (3, 4, 2, 0.1, None), "fast_test": (1, 2, 1, None, None),
+                      "full_training": (5, 8, 4, None, None), "from_sft": (None, 4, None, None, 5e-6),
+                      "low_memory": (None, 2, 1, None, None)}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_the_math_qa_presets_carry_the_documented_numbers_with_lora(name, caplog):
+    with caplog.at_level("INFO", logger="grpokit"):
+        cfg = load_config(None, preset=name, cli={"sft_model": "out/sft"} if name == "from_sft" else None)
+    epochs, samples, questions, kl, lr = DOCUMENTED_PRESETS[name]
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    got = (cfg.num_train_epochs, cfg.num_generations, per_step, cfg.beta, cfg.learning_rate)
+    for documented, value in zip((epochs, samples, questions, kl, lr), got, strict=True):
+        assert documented is None or value == documented, (name, got)
+    assert cfg.use_peft is True
+    # 4-bit where a CUDA GPU and bitsandbytes are present; on this machine (no bitsandbytes or no GPU) off, said
+    import importlib.util
+
+    import torch
+
+    here = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+    assert cfg.load_in_4bit is here
+    if not here:
+        assert "load_in_4bit: auto -> off:" in caplog.text
+    assert load_config(None, preset=name, cli={"load_in_4bit": False, "sft_model": "s"}).load_in_4bit is False
+
+
 def test_unknown_preset_suggests_the_right_one():
     with pytest.raises(ConfigError, match="unknown preset 'fast_tst'; did you mean 'fast_test'"):
         load_config(None, preset="fast_tst")
@@ -22,7 +51,7 @@ def test_unknown_preset_suggests_the_right_one():
 def test_precedence_preset_file_set_cli(tmp_path):
     (tmp_path / "c.yaml").write_text("preset: fast_test\nmax_completion_length: 20\nlearning_rate: 3.0e-6\n")
     cfg = load_config(tmp_path / "c.yaml", ["learning_rate=4e-6", "beta=0.2"], cli={"beta": 0.3})
-    assert cfg.num_generations == 2 and cfg.max_steps == 2  # preset key from the file
+    assert cfg.num_generations == 2 and cfg.num_train_epochs == 1  # preset keys from the file
     assert cfg.max_completion_length == 20 and cfg.learning_rate == 4e-6 and cfg.beta == 0.3
     assert load_config(tmp_path / "c.yaml", preset="low_memory").use_peft is True  # --preset beats preset:
 
@@ -31,7 +60,9 @@ def test_epochs_and_steps_the_higher_layer_wins():
     assert load_config(None, ["max_steps=7"], preset="full_training").num_train_epochs is None
     cfg = load_config(None, [], preset="fast_test", cli={"num_train_epochs": 2})
     assert cfg.num_train_epochs == 2 and "max_steps" not in cfg.to_yaml()
-    assert cfg.steps_for_epochs(5) == 2 * 3  # 2 prompts per generation -> 3 generations an epoch
+    assert cfg.steps_for_epochs(5) == 2 * 5  # 1 prompt per generation -> 5 generations an epoch
+    cfg = load_config(None, ["max_steps=2"], preset="fast_test")  # the cap fast_test's comment suggests
+    assert cfg.max_steps == 2 and cfg.num_train_epochs is None
     with pytest.raises(ConfigError, match="give one"):
         validate_config({"max_steps": 3, "num_train_epochs": 1})
 
@@ -85,12 +116,15 @@ def test_learned_reward_model_needs_a_path():
 
 
 def test_axolotl_keys():
-    cfg = validate_config({"rl": "grpo", "base_model": "org/m", "datasets": [{"path": "d.jsonl", "type": "x"}],
+    cfg = validate_config({"rl": "grpo", "base_model": "org/m",
+                           "datasets": [{"path": "d.jsonl", "type": "my_module.transform_fn", "split": "train"}],
                            "trl": {"beta": 0.001, "num_generations": 4, "max_completion_length": 100},
                            "micro_batch_size": 4, "sequence_len": 400,
                            "vllm": {"host": "h", "port": 9, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
-                                    "max_model_len": 400}})
+                                    "max_model_len": 400, "dtype": "bfloat16", "enable_prefix_caching": False}})
     assert (cfg.model, cfg.dataset, cfg.beta, cfg.num_generations) == ("org/m", "d.jsonl", 0.001, 4)
+    assert cfg.transform == "my_module.transform_fn"  # Axolotl's `type: module.fn` is the per-row transform
+    assert cfg.vllm_dtype == "bfloat16" and cfg.vllm_enable_prefix_caching is False
     assert cfg.per_device_train_batch_size == 4 and cfg.max_prompt_length == 300
     assert (cfg.vllm_host, cfg.vllm_port, cfg.vllm_tensor_parallel_size) == ("h", 9, 2)
     assert cfg.vllm_gpu_memory_utilization == 0.5 and cfg.vllm_max_model_len == 400 and cfg.use_vllm is False
@@ -104,6 +138,10 @@ def test_axolotl_keys():
     ({"load_in_4bit": True}, "load_in_4bit: 4-bit weights cannot be trained directly"),  # QLoRA needs use_peft
     ({"sequence_len": 100}, "sequence_len"),
     ({"reward_specs": [{"weight": 1.0}]}, "needs spec_class"),
+    ({"datasets": [{"path": "d.jsonl", "type": "alpaca"}]}, "datasets[0].type: 'alpaca' is not supported"),
+    ({"datasets": [{"path": "d.jsonl", "name": "main"}]}, "datasets[0].name: not supported by grpokit"),
+    ({"datasets": [{"path": "d.jsonl", "split": "test"}]}, "datasets[0].split: 'test'"),
+    ({"datasets": [{"path": "d.jsonl", "type": "m.f"}], "transform": "other.g"}, "give one"),
 ])
 def test_bad_compat_keys_are_clear_errors(data, fragment):
     with pytest.raises(ConfigError) as err:

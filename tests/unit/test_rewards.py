@@ -22,6 +22,7 @@ from grpokit.rewards import (
     score,
 )
 from grpokit.rewards.builtin import number_correct
+from grpokit.rewards.spec import RewardModel, RewardSpec
 
 COLUMNS = {"prompt": ["p", "p"], "answer": ["1", "1"], "topic": ["t", "t"]}
 
@@ -143,6 +144,91 @@ def test_compute_reward_objects_of_the_math_qa_trainer():
     assert f.name == "MyRewardModel"
     chat = [[{"role": "assistant", "content": "1"}], [{"role": "assistant", "content": "2"}]]
     assert f(["q", "q"], chat, [[1], [1]], {"prompt": ["q", "q"], "answer": ["1", "1"]}) == [1.0, 0.0]
+
+
+class EditSpec(RewardSpec):  # reference 001: a training-wizard RewardSpec with settings and its own metrics
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def compute_reward(self, prompts, completions, **kwargs):
+        hits = [float(a in c) for c, a in zip(completions, kwargs["answer"])]
+        self.log_metrics({"hit_rate": sum(hits) / len(hits), "calls": 1.0})
+        return [self.scale * h for h in hits]
+
+
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_a_reward_spec_is_bound_by_name_and_its_logged_metrics_reach_the_step_metrics(isolation):
+    f = resolve_reward({"func": EditSpec, "args": {"scale": 2.0}, "isolation": isolation})
+    assert f.name == "EditSpec" and f.compute_reward and not f.per_sample
+    with RewardRunner([f]) as runner:
+        first = runner.score(_batch(["1", "no", "a 1", "x"]))
+        runner.score(_batch(["1", "1"]))  # a second call in the same step: the step's mean
+        metrics = runner.pop_metrics()
+        assert first[:, 0].tolist() == [2.0, 0.0, 2.0, 0.0]
+        assert metrics["rewards/EditSpec/hit_rate"] == pytest.approx((0.5 + 1.0) / 2)
+        assert metrics["rewards/EditSpec/calls"] == 1.0
+        runner.score(_batch(["no"]))
+        assert runner.pop_metrics()["rewards/EditSpec/hit_rate"] == 0.0  # only what was logged since the last pop
+
+
+def test_a_reward_spec_logging_a_reserved_or_non_numeric_metric_is_a_clear_error():
+    class Bad(RewardSpec):
+        def __init__(self, metric):
+            self.metric = metric
+
+        def compute_reward(self, prompts, completions, **kwargs):
+            self.log_metrics(self.metric)
+            return [0.0] * len(completions)
+
+    for metric, message in (({"mean": 1.0}, "'mean' is not allowed"), ({"f1": "high"}, "give a finite number"),
+                            ({"f1": math.nan}, "give a finite number"), ([1.0], "takes a mapping")):
+        f = resolve_reward({"func": Bad, "args": {"metric": metric}, "isolation": "inline"})
+        with RewardRunner([f]) as runner, pytest.raises(RewardError, match=message):
+            runner.score(_batch(["a"]))
+
+
+def test_a_compute_reward_method_is_never_called_by_position():
+    class KeywordOrder(RewardSpec):  # parameters in an order no positional call would match
+        def compute_reward(self, completions, topic, prompts):
+            return [float(c == "c" and t == "t" and p == "p") for c, t, p in zip(completions, topic, prompts)]
+
+    class MathQA(RewardModel):  # reference 003's base class: questions, answers (the completions), references
+        def compute_reward(self, questions, answers, references):
+            return torch.tensor([float(q == "q" and a == r) for q, a, r in zip(questions, answers, references)])
+
+    assert _call(KeywordOrder()) == [1.0, 1.0]
+    chat = [[{"role": "assistant", "content": "1"}], [{"role": "assistant", "content": "2"}]]
+    f = resolve_reward(MathQA())
+    assert f.name == "MathQA"
+    assert f(["q", "q"], chat, [[1], [1]], {"prompt": ["q", "q"], "answer": ["1", "1"]}) == [1.0, 0.0]
+    class Unfinished(RewardSpec):
+        pass
+
+    with pytest.raises(RewardError, match=r"'Unfinished' subclasses grpokit.RewardSpec but does not implement "
+                                          r"compute_reward\(self, prompts, completions, \*\*kwargs\)"):
+        resolve_reward(Unfinished())
+
+
+def test_a_function_named_after_one_completion_is_per_sample_without_the_decorator():
+    def exact(generated, ground_truth):  # reference 004's binary reward, as written there
+        return 1.0 if generated == ground_truth else 0.0
+
+    def code(generated_code, test_cases):  # reference 004's code reward: test_cases binds to a `tests` column
+        return sum(t in generated_code for t in test_cases) / len(test_cases)
+
+    def batch_too(completion_ids, completions):  # first parameter not a completion name: a batch function
+        return [float(len(c)) for c in completions]
+
+    def both(response, completions):  # names all the completions too: stays a batch function
+        return [0.0] * len(completions)
+
+    assert RewardFunction.wrap("exact", exact).per_sample
+    assert _call(exact, completions=["1", "2"], columns={"prompt": ["p", "p"], "ground_truth": ["1", "1"]}) == [1.0,
+                                                                                                                0.0]
+    tests = {"prompt": ["p", "p"], "tests": [["ab", "cd"], ["ab", "zz"]]}
+    assert _call(code, completions=["abcd", "abcd"], columns=tests) == [1.0, 0.5]
+    assert not RewardFunction.wrap("batch_too", batch_too).per_sample
+    assert not RewardFunction.wrap("both", both).per_sample
 
 
 def test_async_functions_run_and_per_sample_ones_run_concurrently():
