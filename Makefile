@@ -26,7 +26,7 @@ HAS_TCMALLOC := $(PY) -c "import sys; from grpokit.runtime.allocator import find
 demo: setup
 	$(HAS_TCMALLOC) || (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4) || \
 		echo "note: could not install tcmalloc (libtcmalloc-minimal4): the demo runs on the C library's allocator"
-	$(VENV)/bin/grpokit train examples/demo.yaml
+	$(VENV)/bin/grpokit train examples/demo.yaml --overwrite
 
 # Debian packages the tests need: chromium and chromium-driver (the report test opens report.html headless),
 # libtcmalloc-minimal4 (the allocator tests)

@@ -11,6 +11,8 @@ and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
   `resume_from_checkpoint` (in GRPOConfig or `train(resume_from_checkpoint=True | path)`) work as in
   TRL; a grpokit checkpoint also holds the unfinished generation, so resuming repeats nothing.
   `log_completions=True` logs completions every `logging_steps` (`log_completions_steps`).
+  A run already in output_dir is never written over: `train()` stops naming it, unless resuming or
+  `overwrite_output_dir=True`, which moves the old run aside whole (`OUTPUT_DIR.old-<time>`).
 - TRL arguments grpokit has no use for (`logging_dir`, `optim`, `remove_unused_columns`, ...)
   are accepted and a log line says they are ignored or what they map to; `push_to_hub=True`,
   `torch_compile=True` and other arguments whose silent loss would surprise are refused. Unknown
@@ -59,7 +61,6 @@ _IGNORED = {
     "logging_first_step": "every step is written to metrics.jsonl",
     "run_name": "the run is named by output_dir",
     "save_only_model": "checkpoints always hold the optimizer, scheduler and RNG state (exact resume)",
-    "overwrite_output_dir": "output_dir is written into as is",
     "remove_unused_columns": "every dataset column reaches the reward functions by name",
     "optim": "the optimizer is torch AdamW",
     "dataloader_num_workers": "prompts are read in process",
@@ -87,7 +88,7 @@ _REFUSED = {
 # TRL arguments translated here (not fields of grpokit's config)
 _TRANSLATED = {"num_train_epochs", "fp16", "warmup_ratio", "model_init_kwargs", "generation_batch_size",
                "scale_rewards", "save_strategy", "log_completions", "resume_from_checkpoint", "vllm_server_host",
-               "vllm_server_port"}
+               "vllm_server_port", "overwrite_output_dir"}
 _TRAINER_ARGS = {"model": "pass the model to GRPOTrainer(model=...)",
                  "reward_funcs": "pass them to GRPOTrainer(reward_funcs=...)",
                  "dataset": "pass the data to GRPOTrainer(train_dataset=...)",
@@ -331,13 +332,15 @@ class GRPOTrainer:
         self._trained = True
         if resume_from_checkpoint is None:
             resume_from_checkpoint = self.args.trl_args.get("resume_from_checkpoint")
-        result = self._trainer.train(resume=resume_from_checkpoint or None)
+        result = self._trainer.train(resume=resume_from_checkpoint or None,
+                                     overwrite=bool(self.args.trl_args.get("overwrite_output_dir")))
         steps = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
         losses = [m["loss"] for m in steps if m.get("loss") is not None]
         last = next((m for m in reversed(steps) if "loss" in m), {})
         return TrainOutput(global_step=result.steps,
                            training_loss=sum(losses) / len(losses) if losses else float("nan"),
-                           metrics={k: v for k, v in last.items() if k != "step"}, output_dir=result.output_dir,
+                           metrics={k: v for k, v in last.items() if k not in ("step", "timestamp")},
+                           output_dir=result.output_dir,
                            eval_before=result.eval_before, eval_after=result.eval_after)
 
     def save_model(self, output_dir: str | Path | None = None) -> None:

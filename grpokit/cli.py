@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true",
                        help="with --resume: go on even though settings that change the results differ from the "
                        "checkpoint's")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start anew in an output_dir that holds a run: the old run is moved, whole, to "
+                            "OUTPUT_DIR.old-<time> (without it such a directory stops the run)")
     _add_preset(train)
     _add_math_qa(train, "train")
 
@@ -175,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--force", action="store_true",
                      help="with --resume: go on even though settings that change the results differ from the "
                      "checkpoint's")
+    sft.add_argument("--overwrite", action="store_true",
+                     help="start anew in an output_dir that holds a run: the old run is moved, whole, to "
+                          "OUTPUT_DIR.old-<time> (without it such a directory stops the run)")
     plan = sub.add_parser("plan", help="estimate memory (itemised) and tokens per step of a config from the model's "
                                        "config.json alone, and suggest settings that fit a memory budget")
     plan.add_argument("config", nargs="?", help="config file (.yaml, .yml or .toml); omitted: all defaults")
@@ -311,6 +317,11 @@ def _setup_logging() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _resume_or_overwrite(args) -> None:
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume goes on with the run in output_dir and --overwrite moves it aside; give one")
+
+
 def _train(args) -> int:
     cfg = _load(args)
     if args.dry_run:  # the trainer's early checks and one call of each reward; nothing else
@@ -335,12 +346,18 @@ def _train(args) -> int:
         return 0
     if args.force and not args.resume:
         raise ConfigError("--force only applies with --resume")
-    if args.resume:  # a missing or foreign checkpoint is said before the model loads
-        from pathlib import Path
+    _resume_or_overwrite(args)
+    from pathlib import Path
 
+    if args.resume:  # a missing or foreign checkpoint is said before the model loads
         from grpokit.train import checkpoint
 
         checkpoint.find(Path(cfg.output_dir), args.resume)
+    from grpokit.runtime.distributed import rank
+    from grpokit.train.harness import claim_output_dir
+
+    claim_output_dir(Path(cfg.output_dir), resume=args.resume, overwrite=args.overwrite, command="train",
+                     config_name=args.config or "CONFIG", main=rank() == 0)  # before the model loads
     from grpokit.train.trainer import Trainer
 
     Trainer(cfg).train(resume=args.resume, force=args.force)
@@ -439,7 +456,9 @@ def _sft(args) -> int:
 
     if args.force and not args.resume:
         raise ConfigError("--force only applies with --resume")
-    run_sft(_load(args), config_name=args.config or "CONFIG", resume=args.resume, force=args.force)
+    _resume_or_overwrite(args)
+    run_sft(_load(args), config_name=args.config or "CONFIG", resume=args.resume, force=args.force,
+            overwrite=args.overwrite)
     return 0
 
 

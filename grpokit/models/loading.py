@@ -214,7 +214,10 @@ def prepare_policy(model: torch.nn.Module, cfg, device: torch.device, *, peft_co
     or `use_peft` with the config's lora_* settings), train mode, then the CPU's oneDNN linear layers."""
     policy = model.to(device)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers 5.2x's name; the old one warns
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if peft_config is not None:
         from peft import get_peft_model
 

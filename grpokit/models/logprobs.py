@@ -18,6 +18,9 @@ cache inside checkpointed layers) or caches other than plain growable ones (slid
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -101,6 +104,25 @@ class _HeadLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
+def with_cache(module: torch.nn.Module, cache) -> dict:
+    """The keyword that hands `cache` to `module`'s forward: `cache=` where transformers has it (5.2x; its old name
+    `past_key_values` warns and goes in 5.40), `past_key_values=` where it does not (a model's own forward, such as
+    remote code written for older releases)."""
+    target = module.get_base_model() if hasattr(module, "get_base_model") else module  # a peft model passes it on
+    return {_cache_keyword(type(target)): cache}
+
+
+@functools.cache
+def _cache_keyword(module_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(module_type.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The cache a forward returned (`output.cache`, or `past_key_values` before transformers renamed it)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def _prompt_cache(model: torch.nn.Module):
     """An empty DynamicCache of plain (full-attention, growable) layers for `model`, or None if it has other kinds."""
     checkpointed = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
@@ -133,11 +155,11 @@ def _shared_prompt_hidden(model: torch.nn.Module, input_ids: torch.Tensor, atten
     prompt_ids, prompt_mask = distinct[:, :width_p], distinct[:, width_p:]
     decoder = model.get_decoder()
     prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         position_ids=positions_from_mask(prompt_mask), past_key_values=cache, use_cache=True)
+                         position_ids=positions_from_mask(prompt_mask), use_cache=True, **with_cache(decoder, cache))
     cache.batch_select_indices(row_prompt)  # [U, ...] -> [B, ...]; differentiable indexing
     positions = prompt_mask.sum(-1)[row_prompt, None] + torch.arange(completion_length, device=input_ids.device)
     completion_out = decoder(input_ids=input_ids[:, width_p:], attention_mask=attention_mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **with_cache(decoder, cache))
     last_prompt = prompt_out.last_hidden_state[row_prompt, -1:]  # predicts completion token 0
     return torch.cat([last_prompt, completion_out.last_hidden_state[:, :-1]], dim=1)
 

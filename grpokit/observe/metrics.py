@@ -64,7 +64,52 @@ def check_sinks(report_to: str | list[str] | None) -> list[str]:
         if not installed(SINK_MODULES[name]):
             raise ConfigError(f"report_to includes '{name}' but {SINK_MODULES[name]} is not installed: "
                               f"pip install 'grpokit[{name}]' (or take '{name}' out of report_to)")
+        _START_CHECKS.get(name, lambda: None)()
     return list(dict.fromkeys(names))
+
+
+def _wandb_can_start() -> None:
+    """W&B needs an API key unless it logs offline: without one, wandb.init fails after the model has loaded."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)  # reads WANDB_API_KEY or the stored login; no network, no run
+    except wandb.errors.UsageError as exc:
+        raise ConfigError(f"report_to wandb: {exc} Run `wandb login` (or set WANDB_API_KEY), or set "
+                          "WANDB_MODE=offline to log into OUTPUT_DIR/wandb and `wandb sync` it later") from None
+
+
+def _mlflow_can_start() -> None:
+    """A tracking server named by MLFLOW_TRACKING_URI must answer, and a database store needs SQLAlchemy."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.split(":", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql") and not installed("sqlalchemy"):
+        raise ConfigError(f"report_to mlflow: MLFLOW_TRACKING_URI={uri} is a database store, which needs the full "
+                          "mlflow package (pip install mlflow); or unset MLFLOW_TRACKING_URI to log into "
+                          "OUTPUT_DIR/mlruns")
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")  # one quick try
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # any failure to talk to the server, said in one line
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ConfigError(f"report_to mlflow: the tracking server MLFLOW_TRACKING_URI={uri} does not answer "
+                          f"({reason}). Start it (mlflow server --port ...), correct MLFLOW_TRACKING_URI, or unset "
+                          "it to log into OUTPUT_DIR/mlruns") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_START_CHECKS = {"wandb": _wandb_can_start, "mlflow": _mlflow_can_start}
 
 
 class Sink(Protocol):
@@ -80,7 +125,10 @@ class MetricsLogger:
 
     def __init__(self, output_dir: Path, total_steps: int, logging_steps: int = 1, echo=print,
                  resume_step: int | None = None, *, report_to: str | list[str] | None = "none",
-                 run_config: dict[str, Any] | None = None, run_name: str | None = None):
+                 run_config: dict[str, Any] | None = None, run_name: str | None = None,
+                 trackers: dict[str, str] | None = None):
+        """`trackers`: the run ids a checkpoint kept (`tracker_ids()` of the run it resumes): each tracker continues
+        its run instead of starting another."""
         output_dir = Path(output_dir)
         self.path = output_dir / "metrics.jsonl"
         names = check_sinks(report_to)
@@ -88,8 +136,14 @@ class MetricsLogger:
                                   ConsoleSink(total_steps, logging_steps, echo, resume_step)]
         try:
             for name in names:
-                self.sinks.append(_SINK_CLASSES[name](output_dir, run_config=run_config, run_name=run_name,
-                                                      resume_step=resume_step))
+                try:
+                    self.sinks.append(_SINK_CLASSES[name](output_dir, run_config=run_config, run_name=run_name,
+                                                          resume_step=resume_step,
+                                                          resume_id=(trackers or {}).get(name)))
+                except Exception as exc:  # the tracker's own error, said in one line naming it, not its traceback
+                    detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+                    raise ConfigError(f"report_to {name}: could not start a run: {type(exc).__name__}: {detail} "
+                                      f"(take '{name}' out of report_to to train without it)") from None
         except BaseException:
             self.close()
             raise
@@ -97,6 +151,10 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
         for sink in self.sinks:
             sink.log(step, metrics, show)
+
+    def tracker_ids(self) -> dict[str, str]:
+        """{sink name: its run's id} for the trackers that have one (W&B, MLflow, trackio), for checkpoints."""
+        return {name: sink.run_id for name, sink in _named(self.sinks) if getattr(sink, "run_id", None)}
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -117,7 +175,8 @@ class JsonlSink:
         self._file.writelines(line + "\n" for line in kept)
 
     def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        # `timestamp`: when the line was written (Unix seconds), so runs line up and throughput reads from the file
+        record = {"step": step, "timestamp": round(time.time(), 3), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -154,7 +213,7 @@ class TensorBoardSink:
     """Scalars to OUTPUT_DIR/tensorboard; the run config as a text summary."""
 
     def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, resume_id: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = output_dir / "tensorboard"
@@ -176,11 +235,14 @@ class WandbSink:
     """A Weights & Biases run; WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY and WANDB_DIR are read by wandb itself."""
 
     def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, resume_id: str | None = None):
         import wandb
 
+        # resume_id: the run a checkpoint kept goes on (W&B keeps its own values for steps it already holds)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), name=run_name,
-                              config=run_config, dir=None if os.environ.get("WANDB_DIR") else str(output_dir))
+                              config=run_config, dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
+                              id=resume_id, resume="allow" if resume_id else None)
+        self.run_id = self.run.id
 
     def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
         self.run.log(finite(metrics), step=step)
@@ -193,7 +255,7 @@ class MLflowSink:
     """An MLflow run: the config as flattened params, metrics with their step."""
 
     def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, resume_id: str | None = None):
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -206,6 +268,10 @@ class MLflowSink:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_PROJECT)
+        if resume_id:  # the run a checkpoint kept goes on; the steps logged again hold a second value at that step
+            self.run_id = resume_id
+            self.client.update_run(resume_id, status="RUNNING")
+            return
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
@@ -229,11 +295,13 @@ class TrackioSink:
     """A trackio run (local, in trackio's directory; TRACKIO_DIR moves it)."""
 
     def __init__(self, output_dir: Path, *, run_config: dict | None = None, run_name: str | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, resume_id: str | None = None):
         import trackio
 
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", DEFAULT_PROJECT), name=run_name,
-                                config=run_config)
+        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", DEFAULT_PROJECT),
+                                name=resume_id or run_name, config=run_config,
+                                resume="allow" if resume_id else "never")  # resume_id: the run's name, kept
+        self.run_id = self.run.name
 
     def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
         self.run.log(finite(metrics), step=step)
@@ -243,6 +311,11 @@ class TrackioSink:
 
 
 _SINK_CLASSES = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "mlflow": MLflowSink, "trackio": TrackioSink}
+
+
+def _named(sinks: list) -> list[tuple[str, Any]]:
+    names = {cls: name for name, cls in _SINK_CLASSES.items()}
+    return [(names[type(sink)], sink) for sink in sinks if type(sink) in names]
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -303,6 +376,13 @@ def nanmean(values) -> float:
 def _jsonable(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def name_collisions(names) -> list[tuple[str, str]]:
+    """Pairs (a, b) of metric names where `a` is also a path prefix of `b` (`time/rewards` and `time/rewards/x`):
+    sinks that store metrics as files (MLflow's file store) or as a tree (TensorBoard tags) cannot hold both."""
+    ordered = sorted(set(names))
+    return [(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:] if b.startswith(a + "/")]
 
 
 class Timers:

@@ -137,7 +137,7 @@ def read_run(run_dir: Path) -> Run:
             notes.append(f"{metrics_path.name}: a line without an integer 'step' was skipped")
             continue
         for key, value in line.items():
-            if key == "step" or not (value is None or isinstance(value, (int, float))):
+            if key in ("step", "timestamp") or not (value is None or isinstance(value, (int, float))):
                 continue
             # a resumed run logs the steps after its checkpoint again: the later line wins
             by_key.setdefault(key, {})[step] = math.nan if value is None else float(value)

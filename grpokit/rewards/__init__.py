@@ -97,6 +97,10 @@ def resolve_reward(entry: Any) -> RewardFunction:
 def resolve_rewards(entries: list[Any]) -> list[RewardFunction]:
     funcs = [resolve_reward(e) for e in entries]
     names = [f.name for f in funcs]
+    slashed = [n for n in names if "/" in n or not n]
+    if slashed:
+        raise RewardError(f"reward_funcs: reward name(s) {slashed} are not allowed: give each a non-empty `name:` "
+                          "without '/' (metrics are logged as rewards/{name}/mean)")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise RewardError(f"reward_funcs: more than one reward named {twice}; give each a distinct `name:` "

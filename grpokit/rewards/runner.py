@@ -264,8 +264,8 @@ class RewardRunner:
         return matrix
 
     def pop_metrics(self) -> dict[str, float]:
-        """Per-function counts since the last call: rewards/{name}/errors|timeouts|missing|cache_hits, time; and
-        rewards/{name}/{key}: the mean of what the function gave log_metrics since then."""
+        """Per-function counts since the last call: rewards/{name}/errors|timeouts|missing|cache_hits and
+        time/reward/{name}; and rewards/{name}/{key}: the mean of what the function gave log_metrics since then."""
         metrics = {}
         for f, logged in zip(self.funcs, self._logged, strict=True):
             metrics.update({f"rewards/{f.name}/{key}": sum(values) / len(values) for key, values in logged.items()})
@@ -276,7 +276,7 @@ class RewardRunner:
             metrics[f"rewards/{f.name}/missing"] = s.missing / s.total if s.total else 0.0
             if f.expensive:
                 metrics[f"rewards/{f.name}/cache_hits"] = float(s.cache_hits)
-            metrics[f"time/rewards/{f.name}"] = s.seconds
+            metrics[f"time/reward/{f.name}"] = s.seconds  # not time/rewards/...: that is the phase's own total
         self._step = [RewardStats() for _ in self.funcs]
         return metrics
 

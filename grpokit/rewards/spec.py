@@ -35,10 +35,10 @@ class _LoggingReward:
                               f"{type(metrics).__name__}")
         buffer = self.__dict__.setdefault("_grpokit_logged", {})
         for name, value in metrics.items():
-            if not isinstance(name, str) or not name or name.split("/")[0] in RESERVED_METRICS:
+            if not isinstance(name, str) or not name or "/" in name or name in RESERVED_METRICS:
                 raise RewardError(f"{type(self).__name__}.log_metrics: metric name {name!r} is not allowed: give a "
-                                  f"non-empty string that is not one of {list(RESERVED_METRICS)} (the runner logs "
-                                  "those itself)")
+                                  f"non-empty string without '/' that is not one of {list(RESERVED_METRICS)} (the "
+                                  "runner logs those itself)")
             if hasattr(value, "item"):
                 value = value.item()
             if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):

@@ -45,6 +45,7 @@ import torch
 from transformers import DynamicCache
 
 from grpokit.models import cpu_linear
+from grpokit.models.logprobs import returned_cache, with_cache
 from grpokit.rollout import decode
 from grpokit.rollout.base import FinishReason, Rollout, SamplingParams
 
@@ -108,8 +109,8 @@ class TorchEngine:
 
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                         use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))
+        cache = returned_cache(out)
         repeats = torch.tensor(counts, device=device)
         if samples is not None:
             cache.batch_select_indices(torch.arange(len(prompt_ids), device=device).repeat_interleave(repeats))
@@ -160,8 +161,8 @@ class TorchEngine:
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             out = self.model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1],
-                             position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                             position_ids=next_pos[:, None], use_cache=True, **with_cache(self.model, cache))
+            cache = returned_cache(out)
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
 

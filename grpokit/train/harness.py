@@ -1,6 +1,7 @@
 """The run harness: what `grpokit train` and `grpokit sft` do around their steps, written once.
 
-- the checkpoint `--resume` names, looked up before anything loads (`resume_checkpoint`);
+- the checkpoint `--resume` names, looked up before anything loads (`resume_checkpoint`); a new run into a
+  directory that holds a run is refused, or with `--overwrite` the old run is moved aside whole (`claim_output_dir`);
 - the run directory (`RunHarness.open`): `config.yaml`, `training_log.txt` (grpokit's log lines, as the
   console shows them), the metrics logger and its sinks, then the run's summary lines; all closed on exit.
   With several processes only the main one writes; the others get a logger that drops what it is given;
@@ -18,13 +19,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from grpokit.config.schema import GRPOConfig
-from grpokit.errors import Interrupted
+from grpokit.errors import ConfigError, Interrupted
 from grpokit.observe.metrics import MetricsLogger
 from grpokit.runtime.distributed import Processes
 from grpokit.train import checkpoint
@@ -33,6 +35,56 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "training_log.txt"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# what a run writes into its output_dir: a directory holding any of these holds a run
+RUN_FILES = ("metrics.jsonl", "config.yaml", LOG_FILE, "final_model", "best_model", "evaluations.jsonl",
+             "alerts.jsonl", "completions", "reward_errors.jsonl", "best_metric.json")
+
+
+def existing_run(out: Path) -> str | None:
+    """What `out` holds of an earlier run, in words (steps logged, checkpoints, models); None when it holds none."""
+    if not out.is_dir():
+        return None
+    parts = []
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        steps = sum(1 for line in metrics.read_text(errors="replace").splitlines() if line.strip())
+        parts.append(f"{steps} logged step(s) in metrics.jsonl")
+    checkpoints = sorted((c for c in out.glob("checkpoint-*") if c.name.removeprefix("checkpoint-").isdigit()),
+                         key=lambda c: int(c.name.removeprefix("checkpoint-")))
+    if checkpoints:
+        parts.append(f"{len(checkpoints)} checkpoint(s) ({', '.join(c.name for c in checkpoints[-3:])}"
+                     f"{', ...' if len(checkpoints) > 3 else ''})")
+    parts += [name for name in ("final_model", "best_model") if (out / name).exists()]
+    if not parts:
+        parts = [name for name in RUN_FILES if (out / name).exists()]
+    return ", ".join(parts) or None
+
+
+def claim_output_dir(out: Path, *, resume: str | bool | None, overwrite: bool, command: str = "train",
+                     config_name: str = "CONFIG", main: bool = True) -> Path | None:
+    """Before anything loads: a new run (no `resume`) into a directory that holds a run stops, naming what is there;
+    with `overwrite` the old run is moved aside whole to `OUTPUT_DIR.old-<UTC time>` first. Returns where it went
+    (None: nothing moved). Only the main process moves it (`main`); the others trust its check."""
+    if resume or not main:
+        return None
+    held = existing_run(out)
+    if held is None:
+        return None
+    if not overwrite:
+        raise ConfigError(f"output_dir '{out}' holds a run ({held}); a new run there would overwrite it. Go on "
+                          f"with it: grpokit {command} {config_name} --resume; or start anew with --overwrite (the "
+                          f"old run is moved, whole, to {out}.old-<time>); or give another output_dir")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = out.with_name(f"{out.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = out.with_name(f"{out.name}.old-{stamp}-{n}")
+    out.rename(target)
+    log.info("--overwrite: the run that was in %s (%s) is now in %s", out, held, target)
+    return target
 
 
 def resume_checkpoint(cfg: GRPOConfig, resume: str | bool | None, kind: str = "grpo") -> Path | None:
@@ -82,9 +134,11 @@ class RunHarness:
         self.say = say
 
     @contextmanager
-    def open(self, *, resume_step: int | None, summary: Iterable[str] = ()) -> Iterator[MetricsLogger | _Silent]:
+    def open(self, *, resume_step: int | None, summary: Iterable[str] = (),
+             trackers: dict[str, str] | None = None) -> Iterator[MetricsLogger | _Silent]:
         """The run directory for the run's span: config.yaml, the log file and the metrics logger, then `summary`
-        said line by line. `resume_step`: the checkpoint's step (metrics.jsonl keeps the lines up to it)."""
+        said line by line. `resume_step`: the checkpoint's step (metrics.jsonl keeps the lines up to it);
+        `trackers`: the tracker run ids the checkpoint kept (each continues its run)."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.main:
@@ -95,7 +149,8 @@ class RunHarness:
         try:
             metrics_log = (MetricsLogger(self.out, cfg.max_steps, cfg.logging_steps, echo=self.say,
                                          resume_step=resume_step, report_to=cfg.report_to,
-                                         run_config=cfg.model_dump(mode="json"), run_name=self.out.name)
+                                         run_config=cfg.model_dump(mode="json"), run_name=self.out.name,
+                                         trackers=trackers)
                            if self.main else _Silent())
             try:
                 for line in summary:

@@ -50,8 +50,9 @@ from grpokit.models.loading import (
 from grpokit.models.logprobs import completion_logps
 from grpokit.observe.metrics import check_sinks
 from grpokit.runtime import allocator
+from grpokit.runtime.distributed import rank
 from grpokit.train import checkpoint
-from grpokit.train.harness import RunHarness, resume_checkpoint
+from grpokit.train.harness import RunHarness, claim_output_dir, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +242,12 @@ def answer_nll(model, batch: SFTBatch, chunk_size: int, share_prompts: bool) -> 
 
 
 def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | None = None,
-            force: bool = False) -> SFTResult:
+            force: bool = False, overwrite: bool = False) -> SFTResult:
     """Fine-tune `cfg.model` on `cfg.dataset`'s targets; save OUTPUT_DIR/final_model, metrics.jsonl, config.yaml.
 
     `resume`: go on from the newest checkpoint-N in output_dir (True) or from a checkpoint's path; `force` skips the
-    check that the settings which change the results are the checkpoint's."""
+    check that the settings which change the results are the checkpoint's; `overwrite` moves a run already in
+    output_dir aside (without it such a run stops this one, harness.claim_output_dir)."""
     if cfg.load_in_4bit:  # final_model is LoRA merged into the loaded base: a 4-bit base would save rounded weights
         raise ConfigError("load_in_4bit: `grpokit sft` does not train on 4-bit weights: it saves final_model as the "
                           "LoRA adapter merged into the base it trained on, and a 4-bit base would make that a "
@@ -255,6 +257,8 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
     separate_output = "output_dir" in cfg.model_fields_set  # then GRPO with the same config would write here too
     cfg = sft_defaults(cfg)
     harness = RunHarness(cfg, command="sft", config_name=config_name)
+    claim_output_dir(Path(cfg.output_dir), resume=resume, overwrite=overwrite, command="sft", config_name=config_name,
+                     main=rank() == 0)  # an earlier run there is never overwritten
     resumed_from = resume_checkpoint(cfg, resume, kind="sft")  # before anything loads
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     random.seed(cfg.seed)
@@ -291,7 +295,8 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
 
     def save_checkpoint() -> Path:
         state = {"kind": "sft", "global_step": run.step, "order": run.order, "losses": run.losses,
-                 "num_tokens": run.seen_tokens, "consecutive_skips": run.skips, "train_seconds": run.seconds}
+                 "num_tokens": run.seen_tokens, "consecutive_skips": run.skips, "train_seconds": run.seconds,
+                 "trackers": run.trackers}
         return checkpoint.save(out, run.step, policy=policy, tokenizer=tokenizer, optimizer=optimizer,
                                scheduler=scheduler, state=state, rng=checkpoint.rng_state(order_rng), pending=None,
                                config_yaml=cfg.to_yaml(), keep=cfg.save_total_limit)
@@ -302,7 +307,9 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
                   rows_per_step)
         return run.step
 
-    with harness.open(resume_step=run.step if resumed_from else None, summary=summary) as metrics_log:
+    with harness.open(resume_step=run.step if resumed_from else None, summary=summary,
+                      trackers=run.trackers) as metrics_log:
+        run.trackers = metrics_log.tracker_ids()
         harness.run(step=step, position=lambda: run.step, save=save_checkpoint, spent=lambda: run.seconds)
         model_dir = out / "final_model"
         (policy.merge_and_unload() if cfg.use_peft else policy).save_pretrained(model_dir)
@@ -325,6 +332,7 @@ class _SFTState:
     seen_tokens: int = 0
     skips: int = 0  # optimizer steps skipped in a row (non-finite loss or gradient norm)
     seconds: float = 0.0  # time spent in optimizer steps (max_train_seconds' budget)
+    trackers: dict[str, str] = field(default_factory=dict)  # report_to trackers' run ids: a resume continues them
 
 
 def _restore(cfg: GRPOConfig, path: Path, force: bool, policy, optimizer, scheduler, order_rng) -> _SFTState:
@@ -339,7 +347,7 @@ def _restore(cfg: GRPOConfig, path: Path, force: bool, policy, optimizer, schedu
     state = saved.state
     return _SFTState(step=state["global_step"], order=state["order"], losses=state["losses"],
                      seen_tokens=state["num_tokens"], skips=state["consecutive_skips"],
-                     seconds=state.get("train_seconds", 0.0))
+                     seconds=state.get("train_seconds", 0.0), trackers=dict(state.get("trackers") or {}))
 
 
 def _sft_step(run: _SFTState, cfg: GRPOConfig, examples, order_rng, policy, optimizer, scheduler, tokenizer, device,

@@ -24,6 +24,7 @@ class TrainState:
     consecutive_skips: int = 0  # non-finite optimizer steps in a row
     eval_before: dict[str, float] | None = None  # the held-out result before training (eval_on_start)
     train_seconds: float = 0.0  # time spent in optimizer steps so far (max_train_seconds' budget)
+    trackers: dict[str, str] = field(default_factory=dict)  # report_to trackers' run ids: a resume continues them
     pending: Pending | None = None  # the current generation's micro-batches not yet trained on
 
     @classmethod

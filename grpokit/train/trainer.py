@@ -36,7 +36,7 @@ from grpokit.runtime.distributed import Processes, share
 from grpokit.runtime.distributed import rank as process_rank
 from grpokit.train import checkpoint
 from grpokit.train.best_model import BestModel
-from grpokit.train.harness import RunHarness, resume_checkpoint
+from grpokit.train.harness import RunHarness, claim_output_dir, resume_checkpoint
 from grpokit.train.state import TrainState
 from grpokit.train.update import LogProbs, Updater, count_skip, loss_settings, prepare_micro_batches, skip_limit_error
 
@@ -138,10 +138,12 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
 
     # -- the loop ------------------------------------------------------------------------------
-    def train(self, resume: str | bool | None = None, force: bool = False) -> TrainResult:
+    def train(self, resume: str | bool | None = None, force: bool = False, overwrite: bool = False) -> TrainResult:
         """Run to `max_steps`. `resume`: True for the newest checkpoint in output_dir, or a checkpoint path;
-        `force` resumes even when the config changed in a way that changes the results."""
+        `force` resumes even when the config changed in a way that changes the results; `overwrite` moves a run
+        already in output_dir aside (without it, such a run stops this one: harness.claim_output_dir)."""
         cfg, out = self.cfg, Path(self.cfg.output_dir)
+        claim_output_dir(out, resume=resume, overwrite=overwrite, main=self.procs.is_main)
         harness = RunHarness(cfg, command="train", procs=self.procs, say=self._say)
         path = resume_checkpoint(cfg, resume)
         if path is not None:
@@ -156,7 +158,10 @@ class Trainer:
                                                            if self.validation_data else None))
         eval_after = None
         try:
-            with harness.open(resume_step=self.state.global_step if path else None, summary=summary) as metrics:
+            with harness.open(resume_step=self.state.global_step if path else None, summary=summary,
+                              trackers=self.state.trackers) as metrics:
+                if self.procs.is_main:  # kept in each checkpoint: a resume continues these tracker runs
+                    self.state.trackers = metrics.tracker_ids()
                 harness.run(step=lambda: self.step(metrics), position=lambda: self.state.global_step,
                             save=self.save_checkpoint, spent=lambda: self.state.train_seconds,
                             before=lambda: self._evaluate_on_start(metrics, path is None),

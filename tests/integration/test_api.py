@@ -216,3 +216,22 @@ def test_example_script_runs_with_the_tiny_model(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr + result.stdout
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert "global_step=1" in result.stdout
+
+
+def test_train_into_a_run_directory_needs_overwrite_output_dir(tmp_path, tiny_model_dir):
+    rows = [{"prompt": q} for q in QUESTIONS]
+
+    def run(**overrides):
+        trainer = GRPOTrainer(str(tiny_model_dir), reward_funcs=text_hash_reward, train_dataset=rows,
+                              args=_config(tmp_path, max_steps=1, **overrides))
+        return trainer.train()
+
+    run()
+    out = tmp_path / "grpo_output"
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ConfigError, match="holds a run .*overwrite"):
+        run()
+    assert sorted(p.name for p in out.iterdir()) == before
+    run(overwrite_output_dir=True)  # TRL's argument: the old run moves aside whole
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("grpo_output.old-")]
+    assert len(moved) == 1 and sorted(p.name for p in moved[0].iterdir()) == before

@@ -95,7 +95,7 @@ def test_occasional_failures_below_the_limit_are_counted_and_the_run_goes_on(tmp
     assert result.returncode == 0, result.stderr
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [s for s in steps if "rewards/fails_on_empty/errors" in s]
-    assert len(train) == 2 and all("rewards/good/mean" in s and "time/rewards/good" in s for s in train)
+    assert len(train) == 2 and all("rewards/good/mean" in s and "time/reward/good" in s for s in train)
     errors = sum(s["rewards/fails_on_empty/errors"] for s in train)
     logged = (tmp_path / "run" / "reward_errors.jsonl")
     assert errors == (len(logged.read_text().splitlines()) if logged.exists() else 0)

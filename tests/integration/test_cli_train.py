@@ -201,3 +201,86 @@ def test_on_collapse_stop_ends_the_run_at_the_collapse_as_max_steps_would(tmp_pa
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, collapse["step"] + 1))
     assert [m["step"] for m in lines if "eval/accuracy" in m] == [collapse["step"]]  # the final evaluation
     assert (run / "final_model" / "model.safetensors").is_file() and (run / f"checkpoint-{collapse['step']}").is_dir()
+
+
+SPEC_REWARD = '''
+from grpokit import RewardSpec
+
+
+class Overlap(RewardSpec):
+    def compute_reward(self, prompts, completions, **kwargs):
+        scores = [len(set(c) & set(p)) / max(len(set(p)), 1) for p, c in zip(prompts, completions)]
+        self.log_metrics({"mean_overlap": sum(scores) / len(scores), "nested_value": 1.0})
+        return scores
+'''
+
+
+def test_no_metric_name_is_a_path_prefix_of_another(tmp_path, tiny_model_dir):
+    """Every name a run with most features on logs (eval, validation, KL, several rewards, a RewardSpec's own
+    metrics, dynamic sampling, skipped steps' counters, timers): none is also the prefix of another, which MLflow's
+    file store and TensorBoard's tags cannot hold (`time/rewards` beside `time/rewards/NAME` crashed MLflow)."""
+    from grpokit.observe.metrics import name_collisions
+
+    (tmp_path / "spec_reward.py").write_text(SPEC_REWARD)
+    write_jsonl(tmp_path / "valid.jsonl", [{"prompt": f"Add {a} and {b}.", "answer": str(a + b)} for a, b in
+                                            ((1, 1), (2, 5), (6, 3))])
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=2, eval_steps=1, validation_dataset="valid.jsonl",
+                 dynamic_sampling=True, max_resample_rounds=1, log_completions_steps=1,
+                 reward_funcs=["my_rewards.text_hash_reward", "number_correct", "spec_reward.Overlap"],
+                 reward_weights=[1.0, 1.0, 0.5])
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    names = set()
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        names |= set(json.loads(line))
+    assert {"kl", "time/rewards", "time/reward/text_hash_reward", "rewards/Overlap/mean_overlap",
+            "rewards/Overlap/nested_value", "timestamp", "validation/accuracy"} <= names, sorted(names)
+    assert name_collisions(names) == []
+    assert name_collisions(["time/rewards", "time/rewards/x", "time/rewardsx"]) == [("time/rewards", "time/rewards/x")]
+
+
+def _tree(root):
+    """Every file under `root`, by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_never_overwrites_a_finished_one(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=3, save_steps=1, log_completions_steps=1, eval_on_start=False)
+    first = run_cli("train", str(cfg), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr + first.stdout
+    run = tmp_path / "run"
+    before = _tree(run)
+    assert any(k.startswith("checkpoint-2/") for k in before) and "final_model/config.json" in before
+
+    again = run_cli("train", str(cfg), "--set", "max_steps=1", cwd=tmp_path)  # refused, before the model loads
+    assert again.returncode == 2, again.stdout + again.stderr
+    logged = len(before["metrics.jsonl"].decode().splitlines())  # 3 steps and the final evaluation
+    assert f"output_dir 'run' holds a run ({logged} logged step(s) in metrics.jsonl" in again.stderr
+    assert "checkpoint-2" in again.stderr and "final_model" in again.stderr
+    assert "--resume" in again.stderr and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert _tree(run) == before  # byte for byte
+
+    both = run_cli("train", str(cfg), "--resume", "--overwrite", cwd=tmp_path)
+    assert both.returncode == 2 and "give one" in both.stderr
+
+    fresh = run_cli("train", str(cfg), "--set", "max_steps=1", "--overwrite", cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and f"is now in {moved[0].name}" in fresh.stdout
+    assert _tree(moved[0]) == before  # the old run, whole, under its new name
+    new = _tree(run)
+    steps = [json.loads(line)["step"] for line in new["metrics.jsonl"].decode().splitlines()]
+    assert set(steps) == {1} and "final_model/config.json" in new  # step 1 and its final evaluation
+    assert not [k for k in new if k.startswith(("checkpoint-2", "checkpoint-3", "completions/step_2",
+                                                "completions/step_3"))]  # nothing of the old run mixed in
+
+
+def test_sft_into_a_run_directory_is_refused_too(tmp_path, tiny_model_dir):
+    cfg = _setup(tmp_path, tiny_model_dir, max_steps=1, per_device_train_batch_size=4,
+                 gradient_accumulation_steps=1)
+    first = run_cli("sft", str(cfg), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = _tree(tmp_path / "run")
+    again = run_cli("sft", str(cfg), cwd=tmp_path)
+    assert again.returncode == 2 and "output_dir 'run' holds a run" in again.stderr
+    assert "grpokit sft" in again.stderr and _tree(tmp_path / "run") == before

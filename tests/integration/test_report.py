@@ -107,7 +107,7 @@ def train_line(step: int, **changes) -> dict:
             "completions/frac_identical_in_group": 0.0, "entropy": 2.0 - 0.1 * step, "clip_ratio/low_mean": 0.0,
             "clip_ratio/high_mean": 0.01, "clip_ratio/region_mean": 0.01, "loss": 0.01 * step, "grad_norm": 1.5,
             "learning_rate": 1e-5, "num_tokens": 1000.0 * step, "step_time": 2.0, "time/generate": 1.2,
-            "time/rewards": 0.1, "time/logprobs": 0.3, "time/update": 0.4, "time/rewards/acc": 0.05,
+            "time/rewards": 0.1, "time/logprobs": 0.3, "time/update": 0.4, "time/reward/acc": 0.05,
             "tokens_per_second": 500.0, "skipped_step": 0.0}
     line.update(changes)
     return line

@@ -19,7 +19,7 @@ def text_hash_reward(completions, **kwargs):
     return [sum(i * ord(ch) for i, ch in enumerate(c, 1)) % 997 / 997 for c in completions]
 '''
 # differ between two runs of the same config whatever happens
-_VOLATILE = ("time/", "step_time", "tokens_per_second", "eval/time")
+_VOLATILE = ("time/", "step_time", "tokens_per_second", "eval/time", "timestamp")
 
 
 def _setup(tmp_path, tiny_model_dir, name="cfg.yaml", rows=20, **overrides):

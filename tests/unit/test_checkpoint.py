@@ -19,7 +19,8 @@ from grpokit.train import checkpoint
 from grpokit.train.state import TrainState
 
 STATE_KEYS = ["global_step", "generations", "num_tokens", "order", "consecutive_skips", "eval_before", "train_seconds",
-              "best_model", "processes", "health", "rewards"]  # trainer_state.json (train_seconds: since the budget)
+              "trackers", "best_model", "processes", "health", "rewards"]  # trainer_state.json (train_seconds: since
+# the budget; trackers: since a resume continues the tracker runs)
 
 
 class _Policy(torch.nn.Linear):

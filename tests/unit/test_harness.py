@@ -95,3 +95,30 @@ def test_another_process_s_signal_stops_this_one_with_a_checkpoint():
     with pytest.raises(Interrupted, match="stopped by SIGTERM after step 1; checkpoint written to checkpoint-1") as e:
         _run(loop, procs=_TwoProcesses((15, None, 0.0)), max_steps=5)
     assert e.value.exit_code == 128 + 15 and loop.saved == [1]
+
+
+def test_claim_output_dir_refuses_a_run_and_moves_it_aside_whole(tmp_path, monkeypatch):
+    from grpokit.errors import ConfigError
+    from grpokit.train import harness
+
+    out = tmp_path / "run"
+    assert harness.claim_output_dir(out, resume=None, overwrite=False) is None  # nothing there
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a directory of other files holds no run
+    assert harness.existing_run(out) is None and harness.claim_output_dir(out, resume=None, overwrite=False) is None
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    for n in (1, 2, 10, 11):
+        (out / f"checkpoint-{n}").mkdir()
+    (out / "final_model").mkdir()
+    assert harness.existing_run(out) == ("2 logged step(s) in metrics.jsonl, 4 checkpoint(s) (checkpoint-2, "
+                                         "checkpoint-10, checkpoint-11, ...), final_model")
+    with pytest.raises(ConfigError, match=r"output_dir '.*run' holds a run .*grpokit sft cfg.yaml --resume"):
+        harness.claim_output_dir(out, resume=None, overwrite=False, command="sft", config_name="cfg.yaml")
+    assert harness.claim_output_dir(out, resume=True, overwrite=False) is None  # resuming goes on with it
+    assert harness.claim_output_dir(out, resume=None, overwrite=True, main=False) is None  # only the main moves it
+    assert out.exists()
+    monkeypatch.setattr(harness.time, "strftime", lambda fmt, t: "20261203T000000Z")
+    (tmp_path / "run.old-20261203T000000Z").mkdir()  # taken: the next free name
+    moved = harness.claim_output_dir(out, resume=None, overwrite=True)
+    assert moved == tmp_path / "run.old-20261203T000000Z-2" and not out.exists()
+    assert (moved / "notes.txt").read_text() == "mine" and (moved / "checkpoint-11").is_dir()

@@ -180,7 +180,8 @@ def test_a_reward_spec_logging_a_reserved_or_non_numeric_metric_is_a_clear_error
             self.log_metrics(self.metric)
             return [0.0] * len(completions)
 
-    for metric, message in (({"mean": 1.0}, "'mean' is not allowed"), ({"f1": "high"}, "give a finite number"),
+    for metric, message in (({"mean": 1.0}, "'mean' is not allowed"), ({"a/b": 1.0}, "'a/b' is not allowed"),
+                            ({"f1": "high"}, "give a finite number"),
                             ({"f1": math.nan}, "give a finite number"), ([1.0], "takes a mapping")):
         f = resolve_reward({"func": Bad, "args": {"metric": metric}, "isolation": "inline"})
         with RewardRunner([f]) as runner, pytest.raises(RewardError, match=message):
@@ -304,6 +305,8 @@ def test_unknown_and_duplicate_rewards_are_clear_errors():
         resolve_reward("number_corect")
     with pytest.raises(RewardError, match="more than one reward named \\['number_correct'\\].*name:"):
         resolve_rewards(["number_correct", "number_correct"])
+    with pytest.raises(RewardError, match=r"reward name\(s\) \['acc/v2'\] are not allowed"):
+        resolve_rewards([{"func": "number_correct", "name": "acc/v2"}])
 
 
 def test_score_matrix_shape_and_order():

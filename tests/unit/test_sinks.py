@@ -257,3 +257,55 @@ def test_trackio_local_run_holds_logs(tmp_path):
     assert [(log["step"], log["reward"], log["time/generate"]) for log in logs] == [(1, 0.25, 1.5), (2, 0.5, 2.5)]
     assert "kl" not in logs[0] and logs[1]["kl"] == 0.02
     assert result["config"]["beta"] == 0.04
+
+
+# -- tracker start failures: a grpokit error before any model loads, saying what to set -----------------------------
+def test_wandb_without_an_api_key_is_a_clear_error_unless_offline(tmp_path, monkeypatch):
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal: wandb cannot prompt
+    with pytest.raises(ConfigError) as err:
+        check_sinks(["wandb"])
+    message = str(err.value)
+    assert message.startswith("report_to wandb: No API key configured")
+    assert "wandb login" in message and "WANDB_MODE=offline" in message and "\n" not in message
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert check_sinks(["wandb"]) == ["wandb"]
+
+
+def test_mlflow_server_that_does_not_answer_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        check_sinks(["mlflow"])
+    assert time.monotonic() - started < 60  # one quick try, not mlflow's minutes of retries
+    message = str(err.value)
+    assert "report_to mlflow: the tracking server MLFLOW_TRACKING_URI=http://127.0.0.1:9 does not answer" in message
+    assert "unset it to log into OUTPUT_DIR/mlruns" in message and "\n" not in message
+
+
+def test_mlflow_database_store_without_sqlalchemy_is_a_clear_error(monkeypatch):
+    from grpokit.observe import metrics
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    real = metrics.installed
+    monkeypatch.setattr(metrics, "installed", lambda module: False if module == "sqlalchemy" else real(module))
+    with pytest.raises(ConfigError, match="database store, which needs the full mlflow package"):
+        check_sinks(["mlflow"])
+
+
+def test_a_tracker_that_fails_to_start_is_one_line_naming_it(tmp_path, monkeypatch):
+    from grpokit.observe import metrics
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("server said no\nand a long second line")
+
+    monkeypatch.setitem(metrics._SINK_CLASSES, "trackio", Broken)
+    with pytest.raises(ConfigError) as err:
+        MetricsLogger(tmp_path, 3, echo=lambda line: None, report_to=["trackio"])
+    assert str(err.value) == ("report_to trackio: could not start a run: RuntimeError: server said no (take "
+                              "'trackio' out of report_to to train without it)")
+    assert (tmp_path / "metrics.jsonl").exists()  # the JSONL sink was opened, and closed with the others

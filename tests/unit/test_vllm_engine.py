@@ -433,3 +433,27 @@ def test_real_vllm_colocate_generate_and_load_weights(tmp_path):
     expected = TorchEngine(other.eval(), pad_token_id=0).generate(prompts, 1, greedy)
     assert after.completion_ids == expected.completion_ids  # vLLM generates with the synced weights
     engine.close()
+
+
+def test_make_engine_passes_vllm_dtype_and_prefix_caching_in_colocate_mode(fake_vllm, monkeypatch):
+    """Reference 001's `vllm_dtype` and `vllm_enable_prefix_caching` reach vllm.LLM; unset, vLLM keeps its default."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    base = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.5, vllm_tensor_parallel_size=1,
+                vllm_max_model_len=None, seed=0, model="m", torch_dtype="float32")
+    make_engine(SimpleNamespace(**base, vllm_dtype="bfloat16", vllm_enable_prefix_caching=False), "/models/tiny")
+    llm = FakeLLM.instances[-1]
+    assert llm.kwargs["dtype"] == "bfloat16" and llm.kwargs["enable_prefix_caching"] is False
+    make_engine(SimpleNamespace(**base, vllm_dtype=None, vllm_enable_prefix_caching=None), "/models/tiny")
+    llm = FakeLLM.instances[-1]
+    assert llm.kwargs["dtype"] == "float32" and "enable_prefix_caching" not in llm.kwargs
+
+
+def test_make_engine_server_mode_names_the_server_flag_for_dtype(serve, caplog):
+    server = serve(FakeBackend(model="m"))
+    host, port = server.server_address[:2]
+    cfg = SimpleNamespace(use_vllm=True, vllm_mode="server", vllm_host=host, vllm_port=port, model="m",
+                          vllm_dtype="bfloat16", vllm_enable_prefix_caching=True)
+    with caplog.at_level("WARNING", logger="grpokit"):
+        assert isinstance(make_engine(cfg, "/unused"), VLLMServerEngine)
+    assert "grpokit vllm-serve ... --dtype bfloat16" in caplog.text
+    assert "grpokit vllm-serve ... --enable-prefix-caching" in caplog.text
