@@ -169,6 +169,11 @@ class GRPOConfig(BaseModel):
     max_resample_rounds: int = Field(3, ge=0, description=(
         "With dynamic_sampling: at most this many refill rounds per generation; then zero-spread groups fill the rest "
         "(and a warning says so)."))
+    dynamic_sampling_oversample: float = Field(1.0, ge=1.0, le=16.0, description=(
+        "With dynamic_sampling: the first draw samples ceil(this x prompts_per_generation) prompts in one generation "
+        "(verl's gen_batch_size over train_batch_size), the groups with reward spread fill the batch in data order "
+        "and the rest are dropped; refill rounds follow only if it still falls short. One larger batched generation "
+        "costs less than refill rounds one after another; 1.0: draw only what the batch needs."))
 
     # optimisation
     learning_rate: float = Field(1e-6, gt=0.0, description="AdamW peak learning rate.")
@@ -334,6 +339,9 @@ class GRPOConfig(BaseModel):
                 f"{processes} = {gbs} "
                 f"completions per generation is not divisible by num_generations = {self.num_generations}; with this "
                 f"batch, num_generations can be {valid}, or make the batch a multiple of {self.num_generations}")
+        if not sft and self.dynamic_sampling_oversample > 1.0 and not self.dynamic_sampling:
+            raise ValueError(f"dynamic_sampling_oversample = {self.dynamic_sampling_oversample} has no effect without "
+                             "dynamic_sampling; set dynamic_sampling: true, or drop dynamic_sampling_oversample")
         if any(k < 1 for k in self.eval_pass_k):
             raise ValueError(f"eval_pass_k: each k must be >= 1 (got {self.eval_pass_k})")
         if self.eval_num_samples and max(self.eval_pass_k) > self.eval_num_samples:

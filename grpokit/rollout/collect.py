@@ -2,7 +2,8 @@
 
 With several processes each samples and scores its share of the rows (a group may straddle two processes,
 distributed.py) and every process then holds the whole generation. With `dynamic_sampling`, groups whose
-rewards have zero spread are dropped and refilled from fresh prompts (DAPO). The rewards' combination (the
+rewards have zero spread are dropped and refilled from fresh prompts (DAPO), the first draw optionally oversampled
+(`dynamic_sampling_oversample`) so one batched generation finds the groups with spread. The rewards' combination (the
 weighted sum, gated when `reward_combination` is "gated") and the advantages are computed here too, so the
 rule that drops a group and the advantages it would get agree.
 """
@@ -10,6 +11,7 @@ rule that drops a group and the advantages it would get agree.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -87,7 +89,8 @@ class Collector:
     def collect(self, state: RunPosition) -> Collected:
         """One generation of `prompts_per_generation` groups (with dynamic sampling, of groups with spread)."""
         need = self.cfg.prompts_per_generation
-        sampled = [self.sample_groups(state, need)]
+        first = math.ceil(self.cfg.dynamic_sampling_oversample * need - 1e-9) if self.cfg.dynamic_sampling else need
+        sampled = [self.sample_groups(state, first)]
         if self.cfg.dynamic_sampling:
             batch, metrics = self._dynamic_sampling(state, sampled, need)
         else:
@@ -148,6 +151,7 @@ class Collector:
         kept: list[Generation] = []
         spare: list[Generation] = []
         rounds = dropped = regenerated = 0
+        oversampled = len(sampled[0].completion_ids) // g - need  # the first draw's groups beyond the batch
         while True:
             _, _, zero_spread = group_stats(self.totals(sampled[-1].rewards), g)
             kept.append(sampled[-1].groups((~zero_spread).nonzero().flatten().tolist(), g))
@@ -168,6 +172,8 @@ class Collector:
         batch = batch.groups(list(range(need)), g)
         return batch, {"dynamic_sampling/dropped_groups": float(dropped), "dynamic_sampling/rounds": float(rounds),
                        "dynamic_sampling/regenerated_groups": float(regenerated),
+                       "dynamic_sampling/oversampled_groups": float(oversampled),
+                       "dynamic_sampling/surplus_groups": float(max(0, have - need)),
                        "dynamic_sampling/zero_spread_groups_kept": float(filled)}
 
     # -- what a generation tells ---------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from grpokit.config import validate_config
+from grpokit.errors import ConfigError
 from grpokit.train.trainer import Generation, Trainer
 from tests.conftest import run_cli, write_jsonl
 
@@ -148,6 +149,31 @@ def test_dynamic_sampling_refills_at_most_max_resample_rounds_and_counts_what_it
     assert metrics["dynamic_sampling/dropped_groups"] == 3 * need  # the first draw and both refills
     assert metrics["dynamic_sampling/zero_spread_groups_kept"] == need
     assert "zero reward spread after 2 refill round(s)" in caplog.text
+
+
+def test_dynamic_sampling_oversample_draws_more_prompts_in_one_generation_and_keeps_those_with_spread(workdir,
+                                                                                                    tiny_model_dir):
+    """Four times the batch's prompts in the first draw (half of them kind C, zero spread): one generation, no
+    refill round, only V groups trained on, and the metrics count the extra groups and the surplus dropped."""
+    cfg = make_config(tiny_model_dir, reward_funcs=["my_rewards.constant_for_c"], dynamic_sampling=True,
+                      dynamic_sampling_oversample=4, max_resample_rounds=0, per_device_train_batch_size=16)
+    trainer = Trainer(cfg)
+    batch, metrics = _generation(trainer)
+    need = cfg.prompts_per_generation
+    texts = [trainer.tokenizer.decode(row) for mb in batch for row in mb.input_ids]
+    assert len(texts) == cfg.generation_batch_size
+    assert all("V: what is" in t and "C: what is" not in t for t in texts)
+    assert metrics["dynamic_sampling/rounds"] == 0 and metrics["dynamic_sampling/zero_spread_groups_kept"] == 0
+    assert metrics["dynamic_sampling/oversampled_groups"] == 3 * need
+    kept_with_spread = 4 * need - metrics["dynamic_sampling/dropped_groups"]
+    assert kept_with_spread >= need and metrics["dynamic_sampling/surplus_groups"] == kept_with_spread - need
+    assert trainer.state.generations == 1 and metrics["frac_reward_zero_std"] == pytest.approx(
+        metrics["dynamic_sampling/dropped_groups"] / (4 * need))  # every group sampled is counted
+
+
+def test_dynamic_sampling_oversample_without_dynamic_sampling_is_refused(tiny_model_dir):
+    with pytest.raises(ConfigError, match="dynamic_sampling_oversample = 2.0 has no effect without dynamic_sampling"):
+        make_config(tiny_model_dir, dynamic_sampling_oversample=2)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
