@@ -21,6 +21,16 @@ class MicroBatch:
     step_sequences: int | None = None  # the loss normaliser's counts over the micro-batch's whole optimizer step
     step_tokens: int | None = None  # (every micro-batch of the window, on every process)
 
+    def rows(self, index: torch.Tensor) -> MicroBatch:
+        """The micro-batch of the rows `index` (the step's counts kept: the loss is normalised as before)."""
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[index]
+
+        return MicroBatch(input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
+                          completion_mask=self.completion_mask[index], advantages=self.advantages[index],
+                          old_logps=pick(self.old_logps), ref_logps=pick(self.ref_logps),
+                          step_sequences=self.step_sequences, step_tokens=self.step_tokens)
+
 
 @dataclass(slots=True, kw_only=True)
 class Generation:

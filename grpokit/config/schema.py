@@ -274,11 +274,19 @@ class GRPOConfig(BaseModel):
     save_total_limit: int | None = Field(3, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Keep only the newest this many checkpoint-N directories (each holds the optimizer state: ~3x the weights); "
         "None: keep all."))
-    on_collapse: Literal["warn", "stop"] = Field("warn", json_schema_extra=RESUME_NEUTRAL, description=(
+    on_collapse: Literal["warn", "adapt", "stop"] = Field("warn", json_schema_extra=RESUME_NEUTRAL, description=(
         "What a collapse alert of the health monitor (entropy_collapse, identical_completions: the policy samples "
         "one answer, so groups carry no more signal) does: warn (the alert on the console, in the log and "
-        "alerts.jsonl), or stop (also end the run after that step as at max_steps: evaluation, final_model, and a "
-        "checkpoint when save_steps is set)."))
+        "alerts.jsonl), adapt (also raise the sampling temperature by adapt_temperature_step, up to "
+        "adapt_max_temperature, for the rest of the run; again each window of steps (10) the collapse still "
+        "holds after a raise; each generation's log-probs use the temperature it was sampled at, the "
+        "`temperature` metric says which), or stop (also end "
+        "the run after that step as at max_steps: evaluation, final_model, and a checkpoint when save_steps is "
+        "set)."))
+    adapt_temperature_step: float = Field(0.1, gt=0.0, description=(
+        "on_collapse adapt: how much each collapse alert raises the sampling temperature."))
+    adapt_max_temperature: float = Field(1.2, gt=0.0, description=(
+        "on_collapse adapt: the highest temperature it raises to."))
     max_consecutive_skips: int = Field(3, gt=0, json_schema_extra=RESUME_NEUTRAL, description=(
         "Optimizer steps skipped in a row for a non-finite loss or gradient before the run stops with an error."))
 

@@ -193,6 +193,12 @@ class HealthMonitor:
         for check in self._checks:
             check.active, check.false_streak = state["checks"].get(check.name, (False, 0))
 
+    @property
+    def collapsing(self) -> bool:
+        """A collapse alert (COLLAPSE_ALERTS) is on and its condition held at the last step."""
+        return any(check.active and check.false_streak == 0 for check in self._checks
+                   if check.name in COLLAPSE_ALERTS)
+
     def observe(self, step: int, metrics: Mapping[str, float | None]) -> list[Alert]:
         """Record one optimizer step's metrics; return the alerts whose condition starts at this step."""
         present = set()
@@ -310,6 +316,21 @@ def collapse_stop(started: list[Alert], on_collapse: str) -> str | None:
         return None
     collapse = next((a for a in started if a.name in COLLAPSE_ALERTS), None)
     return None if collapse is None else f"on_collapse stop: {collapse.name} at step {collapse.step}"
+
+
+def collapse_adapt(started: list[Alert], on_collapse: str, temperature: float, step: float, ceiling: float, *,
+                   collapsing: bool = False, since_raise: int | None = None, window: int = 10) -> float | None:
+    """With `on_collapse: adapt`, the raised sampling temperature (by `step`, at most `ceiling`) when one of
+    `started` is a collapse alert, or when the collapse still holds (`collapsing`: HealthMonitor.collapsing) a
+    whole `window` of steps after the last raise (`since_raise` steps ago), the window it took to show; None when
+    nothing changes (no collapse, another action, or already at the ceiling)."""
+    if on_collapse != "adapt":
+        return None
+    persists = collapsing and since_raise is not None and since_raise >= window
+    if not persists and not any(a.name in COLLAPSE_ALERTS for a in started):
+        return None
+    raised = round(min(temperature + step, ceiling), 6)
+    return raised if raised > temperature else None
 
 
 def append(path: Path, alert: Alert) -> None:

@@ -12,8 +12,9 @@ sinks, each behind the same two methods (`log`, `close`) and each imported only 
   trackio      trackio.init(project=$TRACKIO_PROJECT or 'grpokit'); data under trackio's own
                directory ($TRACKIO_DIR)
 Non-finite values (NaN: nothing to average, e.g. a reward that applied to no completion) are
-written as null to metrics.jsonl and left out of the numeric sinks. wandb, mlflow and trackio
-start a new run when a run is resumed (their step history cannot be rewound to a checkpoint).
+written as null to metrics.jsonl and left out of the numeric sinks. A resumed run continues the
+wandb, mlflow and trackio runs its checkpoint names; none of them can delete the values a stopped
+run logged after that checkpoint, so a warning says what each shows for those steps.
 
 Names follow TRL (`reward`, `reward_std`, `rewards/{name}/mean`, `kl`, `entropy`, ...), so
 dashboards built for TRL read grpokit's runs.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -33,6 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from grpokit.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 _CONSOLE_KEYS = (("reward", "reward"), ("reward_std", "std"), ("kl", "kl"), ("entropy", "ent"), ("loss", "loss"),
                  ("grad_norm", "gnorm"), ("completions/mean_length", "len"), ("step_time", "s/step"))
@@ -132,6 +136,7 @@ class MetricsLogger:
         output_dir = Path(output_dir)
         self.path = output_dir / "metrics.jsonl"
         names = check_sinks(report_to)
+        relogged = logged_after(self.path, resume_step)  # read before JsonlSink drops those lines
         self.sinks: list[Sink] = [JsonlSink(self.path, resume_step),
                                   ConsoleSink(total_steps, logging_steps, echo, resume_step)]
         try:
@@ -147,6 +152,11 @@ class MetricsLogger:
         except BaseException:
             self.close()
             raise
+        for name, _ in _named(self.sinks):
+            if relogged and name in _RELOG_NOTE and (trackers or {}).get(name):
+                log.warning("report_to %s: its run already holds steps %d-%d of the stopped run, logged after "
+                            "checkpoint-%d; %s (metrics.jsonl and TensorBoard hold only this run's values)", name,
+                            resume_step + 1, relogged, resume_step, _RELOG_NOTE[name].format(next=relogged + 1))
 
     def log(self, step: int, metrics: dict[str, float], show: bool = True) -> None:
         for sink in self.sinks:
@@ -159,6 +169,25 @@ class MetricsLogger:
     def close(self) -> None:
         for sink in self.sinks:
             sink.close()
+
+
+# what a tracker does with the steps a resumed run logs again (none of them can delete values it holds: W&B's
+# rewind is a private preview, MLflow and trackio have no call that removes a metric value)
+_RELOG_NOTE = {
+    "wandb": "W&B keeps its values for them and ignores this run's until step {next}",
+    "mlflow": "MLflow cannot delete metric values, so each of those steps shows two values (the later is this run's)",
+    "trackio": "trackio keeps both values for each of those steps (the later is this run's)",
+}
+
+
+def logged_after(path: Path, resume_step: int | None) -> int | None:
+    """The last step metrics.jsonl holds past `resume_step` (a stopped run logged it after its checkpoint), or
+    None."""
+    if resume_step is None or not path.is_file():
+        return None
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    last = max(steps, default=resume_step)
+    return last if last > resume_step else None
 
 
 class JsonlSink:

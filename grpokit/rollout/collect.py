@@ -41,6 +41,7 @@ class RunPosition(Protocol):
 
     generations: int
     num_tokens: int
+    temperature: float | None  # the sampling temperature when on_collapse adapt changed it, else None
 
     def next_prompts(self, count: int, num_prompts: int) -> list[int]: ...
 
@@ -104,8 +105,11 @@ class Collector:
         state.generations += 1
         prompt_ids = [self.data.prompt_ids[i] for i in indices]
         records = [self.data.records[i] for i in indices]
+        sampling = cfg.sampling()
+        if state.temperature is not None:
+            sampling["temperature"] = state.temperature
         params = SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=self.stop_ids,
-                                seed=cfg.seed * 1_000_003 + state.generations, **cfg.sampling())
+                                seed=cfg.seed * 1_000_003 + state.generations, **sampling)
         all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
         if self.procs.count == 1:
             local = self._sample_rows(prompt_ids, records, None, params)

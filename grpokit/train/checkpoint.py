@@ -237,7 +237,8 @@ def save_train(output_dir: Path, state: TrainState, *, policy, tokenizer, optimi
         rewards = procs.gather(rewards)
     saved = {"global_step": state.global_step, "generations": state.generations, "num_tokens": state.num_tokens,
              "order": state.order, "consecutive_skips": state.consecutive_skips, "eval_before": state.eval_before,
-             "train_seconds": state.train_seconds, "trackers": state.trackers, "best_model": best_model,
+             "train_seconds": state.train_seconds, "trackers": state.trackers, "temperature": state.temperature,
+             "temperature_raised_at": state.temperature_raised_at, "best_model": best_model,
              "processes": procs.count,
              "health": health, "rewards": rewards}
     path = output_dir / f"checkpoint-{state.global_step}"
@@ -271,7 +272,9 @@ def restore_train(path: Path, *, config: dict[str, Any], force: bool, policy, us
                        generations=written["generations"], num_tokens=written["num_tokens"], order=written["order"],
                        consecutive_skips=written["consecutive_skips"], eval_before=written["eval_before"],
                        train_seconds=written.get("train_seconds", 0.0),  # absent in checkpoints before the budget
-                       trackers=dict(written.get("trackers") or {}))  # absent before trackers resumed
+                       trackers=dict(written.get("trackers") or {}),  # absent before trackers resumed
+                       temperature=written.get("temperature"),  # these two absent before on_collapse adapt
+                       temperature_raised_at=written.get("temperature_raised_at"))
     set_rng_state(saved.rng, state.order_rng)
     rewards = written.get("rewards")
     if isinstance(rewards, list):  # one per process

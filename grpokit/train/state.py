@@ -25,6 +25,8 @@ class TrainState:
     eval_before: dict[str, float] | None = None  # the held-out result before training (eval_on_start)
     train_seconds: float = 0.0  # time spent in optimizer steps so far (max_train_seconds' budget)
     trackers: dict[str, str] = field(default_factory=dict)  # report_to trackers' run ids: a resume continues them
+    temperature: float | None = None  # the sampling temperature on_collapse adapt raised to (None: the config's)
+    temperature_raised_at: int | None = None  # the step of its last raise
     pending: Pending | None = None  # the current generation's micro-batches not yet trained on
 
     @classmethod

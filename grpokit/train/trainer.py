@@ -196,6 +196,8 @@ class Trainer:
             state.pending = self.next_generation()
         pending = state.pending
         start = pending.windows.pop(0)
+        # the temperature this generation was sampled at (on_collapse adapt may have raised it since)
+        self.logprobs.temperature = pending.metrics.get("temperature", cfg.temperature)
         state.global_step += 1
         with self.timers("update"):
             update_metrics = self.updater.update(pending.micro_batches[start:start + cfg.gradient_accumulation_steps])
@@ -214,19 +216,46 @@ class Trainer:
                 log.warning("%s", alert)
                 alerts.append(Path(cfg.output_dir) / "alerts.jsonl", alert)
             self.stop_reason = self.stop_reason or alerts.collapse_stop(new_alerts, cfg.on_collapse)
+            self._adapt(new_alerts)
+        if cfg.on_collapse == "adapt" and self.procs.count > 1:  # the main process's health monitor decides
+            state.temperature, state.temperature_raised_at = self.procs.gather(
+                (state.temperature, state.temperature_raised_at))[0]
         return state.global_step
+
+    def _adapt(self, started: list) -> None:
+        """on_collapse adapt: a collapse alert raises the sampling temperature for the generations after this step
+        (each generation's log-probs use the temperature it was sampled at: `temperature` in its metrics)."""
+        cfg, state = self.cfg, self.state
+        current = cfg.temperature if state.temperature is None else state.temperature
+        since = None if state.temperature_raised_at is None else state.global_step - state.temperature_raised_at
+        raised = alerts.collapse_adapt(started, cfg.on_collapse, current, cfg.adapt_temperature_step,
+                                       cfg.adapt_max_temperature, collapsing=self.health.collapsing,
+                                       since_raise=since, window=self.health.window)
+        if raised is None:
+            return
+        state.temperature, state.temperature_raised_at = raised, state.global_step
+        log.warning("on_collapse adapt: the sampling temperature goes from %g to %g from the next generation on "
+                    "(step %d%s)%s", current, raised, state.global_step,
+                    "" if any(a.name in alerts.COLLAPSE_ALERTS for a in started)
+                    else f", the collapse still holding {since} steps after the last raise",
+                    "; that is adapt_max_temperature" if raised >= cfg.adapt_max_temperature else "")
 
     def next_generation(self) -> Pending:
         """Collect a generation (rollout, rewards), its advantages and micro-batches: the optimizer steps it makes."""
         cfg = self.cfg
+        # sampled at the temperature on_collapse adapt raised to, if it did: its log-probs (old ones too) use it
+        self.logprobs.temperature = cfg.temperature if self.state.temperature is None else self.state.temperature
         collected = self.collector.collect(self.state)
         advantages = self.collector.advantages(collected.batch)
         self.collector.log_completions(self.state.global_step, collected.batch, advantages, echo=self._say)
         with self.timers("logprobs"):
             micro_batches = self.micro_batches(collected.batch, advantages)
         windows = range(0, cfg.micro_batches_per_generation, cfg.gradient_accumulation_steps)
+        metrics = self.collector.metrics(collected)
+        if cfg.on_collapse == "adapt" or self.state.temperature is not None:
+            metrics["temperature"] = self.logprobs.temperature
         return Pending(micro_batches=micro_batches, windows=[w for _ in range(cfg.num_iterations) for w in windows],
-                       metrics=self.collector.metrics(collected))
+                       metrics=metrics)
 
     def micro_batches(self, batch: Generation, advantages: torch.Tensor) -> list[MicroBatch]:
         """This process's micro-batches of `batch`, with their old and reference log-probs."""

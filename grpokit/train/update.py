@@ -43,17 +43,18 @@ class LogProbs:
                  autocast: Callable[[], AbstractContextManager]):
         self.cfg, self.policy, self.reference, self.uses_adapters = cfg, policy, reference, uses_adapters
         self.train_module, self.autocast = train_module, autocast
+        self.temperature = cfg.temperature  # the sampling temperature (on_collapse adapt raises it)
 
     def of(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """[M, T] log-probs and entropies of `model` (autograd as the caller has it)."""
         return completion_logps(model, mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1],
-                                self.cfg.temperature, self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
+                                self.temperature, self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
 
     def train(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy's log-probs with autograd, through the data-parallel wrapper when there is one."""
         if self.train_module is None:
             return self.of(self.policy, mb)
-        return self.train_module(mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1], self.cfg.temperature,
+        return self.train_module(mb.input_ids, mb.attention_mask, mb.completion_mask.shape[1], self.temperature,
                                  self.cfg.logprob_chunk_size, self.cfg.share_prompt_forward)
 
     def score(self, mb: MicroBatch, policy_moves: bool) -> None:
@@ -99,6 +100,25 @@ class Updater:
         self.cfg, self.policy, self.optimizer, self.scheduler = cfg, policy, optimizer, scheduler
         self.logprobs, self.settings, self.procs, self.train_module = logprobs, settings, procs, train_module
         self.device, self.autocast = device, autocast
+        self._skip_silent_rows = True  # off only to compare against the unsplit step (tests)
+
+    def split_silent(self, mb: MicroBatch) -> tuple[MicroBatch | None, MicroBatch | None]:
+        """(rows to train on, silent rows) of `mb`; either None when it has no such rows. A row whose advantage is
+        exactly 0 (its group had no reward spread) adds exactly 0 to the loss and its gradient when beta is 0 and
+        every token trains (top_entropy_quantile 1): its backward pass is skipped (`skip_silent_rows`). The loss's
+        normalisers are the step's counts (`step_sequences`, `step_tokens`), so the other rows' terms are unchanged.
+        With several processes every one runs the same backward passes (DDP's all-reduce): nothing is split."""
+        silent = mb.advantages == 0
+        if not self.skip_silent_rows or not bool(silent.any()):
+            return mb, None
+        if bool(silent.all()):
+            return None, mb
+        return mb.rows((~silent).nonzero().flatten()), mb.rows(silent.nonzero().flatten())
+
+    @property
+    def skip_silent_rows(self) -> bool:
+        return (self._skip_silent_rows and self.settings.beta == 0 and self.settings.top_entropy_quantile >= 1.0
+                and self.procs.count == 1 and self.train_module is None)
 
     def update(self, window: list[MicroBatch]) -> dict[str, float]:
         """Train on `window`: metrics (token means over the window, every process's), loss, grad_norm, skipped_step."""
@@ -109,19 +129,34 @@ class Updater:
             totals = StepTotals(num_sequences=window[0].step_sequences, num_tokens=window[0].step_tokens)
         sums: dict[str, torch.Tensor] = {}
         loss_total = torch.zeros((), device=self.device)
+        backward_ran = False
         for i, mb in enumerate(window):
+            trained, silent = self.split_silent(mb)
+            if silent is not None:  # no gradient to give: their entropy (a metric) from a forward pass alone
+                with torch.no_grad(), self.autocast():
+                    _, silent_entropy = self.logprobs.of(self.policy, silent)
+                sums["entropy"] = sums.get("entropy", 0.0) + (silent_entropy * silent.completion_mask).sum()
+            if trained is None:
+                continue
             with self.procs.no_sync(self.train_module, skip=i < len(window) - 1):  # all-reduce on the last one
                 with self.autocast():
-                    policy_logps, entropy = self.logprobs.train(mb)
-                old = mb.old_logps if mb.old_logps is not None else policy_logps.detach()
-                loss, metrics = grpo_loss(policy_logps, old, mb.ref_logps, mb.advantages, mb.completion_mask,
-                                          self.settings, totals, entropy=entropy)
+                    policy_logps, entropy = self.logprobs.train(trained)
+                old = trained.old_logps if trained.old_logps is not None else policy_logps.detach()
+                loss, metrics = grpo_loss(policy_logps, old, trained.ref_logps, trained.advantages,
+                                          trained.completion_mask, self.settings, totals, entropy=entropy)
                 self.procs.backward(loss)
+                backward_ran = True
             loss_total = loss_total + loss.detach()
-            n_tok = mb.completion_mask.sum()
-            metrics["entropy"] = (entropy * mb.completion_mask).sum() / n_tok.clamp(min=1)
+            n_tok = trained.completion_mask.sum()
+            metrics["entropy"] = (entropy * trained.completion_mask).sum() / n_tok.clamp(min=1)
             for key, value in metrics.items():  # tensors until the end of the step: no device sync per micro-batch
                 sums[key] = sums.get(key, 0.0) + value.detach() * n_tok
+        for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            sums.setdefault(key, 0.0)  # a silent row is never clipped (the counts need a nonzero advantage)
+        if not backward_ran:  # every row silent: zero gradients, so AdamW still takes its (momentum) step as before
+            for p in self.policy.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         if self.procs.count > 1:  # the loss and metric sums over every process, in one all-reduce
             keys = sorted(sums)
             summed = self.procs.sum(torch.stack([loss_total, *(sums[k].to(loss_total.dtype) for k in keys)]))

@@ -77,6 +77,39 @@ def test_accumulation_1x8_equals_8x1(workdir, tiny_model_dir, loss_type):
         torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("loss_type,num_iterations", [("grpo", 1), ("bnpo", 1), ("dr_grpo", 1), ("dapo", 2)])
+def test_skipping_the_backward_of_silent_rows_gives_the_same_step(workdir, tiny_model_dir, loss_type, num_iterations):
+    """Kind-C groups have zero spread (advantage exactly 0): the update that skips their backward pass gives the
+    same loss, gradient norm, metrics and weights as the one that trains on every row, in float64; so does a
+    following window where every row is silent (AdamW's momentum step still taken), and with several passes the
+    second pass (old log-probs stored, the ratio moves)."""
+    results = []
+    for skip in (True, False):
+        cfg = make_config(tiny_model_dir, reward_funcs=["my_rewards.constant_for_c"], torch_dtype="float64",
+                          per_device_train_batch_size=8, gradient_accumulation_steps=2, loss_type=loss_type,
+                          num_iterations=num_iterations, output_dir=f"run{skip}", share_prompt_forward=False)
+        trainer = Trainer(cfg)
+        trainer.updater._skip_silent_rows = skip
+        batch, _ = _generation(trainer)
+        silent = torch.cat([mb.advantages == 0 for mb in batch])
+        assert 0 < int(silent.sum()) < len(silent)  # both kinds of row in the window
+        steps = [trainer.updater.update(batch) for _ in range(num_iterations)]
+        for mb in batch:
+            mb.advantages = torch.zeros_like(mb.advantages)
+        steps.append(trainer.updater.update(batch))
+        results.append((_state(trainer), steps))
+    (state_a, steps_a), (state_b, steps_b) = results
+    assert steps_a[0]["grad_norm"] > 0 and steps_a[-1]["grad_norm"] == steps_b[-1]["grad_norm"] == 0
+    for m_a, m_b in zip(steps_a, steps_b, strict=True):
+        assert m_a.keys() == m_b.keys()
+        for key in m_a:
+            assert m_a[key] == pytest.approx(m_b[key], rel=1e-10, abs=1e-12), key
+    for name in state_a:
+        torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert any(not torch.equal(state_a[n], s) for n, s in _state(Trainer(make_config(
+        tiny_model_dir, torch_dtype="float64", output_dir="fresh"))).items())  # the steps moved the weights
+
+
 def test_ratio_is_one_on_first_pass_and_moves_on_the_second(workdir, tiny_model_dir):
     trainer = Trainer(make_config(tiny_model_dir, num_iterations=2, learning_rate=5e-2, max_steps=2))
     batch, _ = _generation(trainer)

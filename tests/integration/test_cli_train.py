@@ -203,6 +203,44 @@ def test_on_collapse_stop_ends_the_run_at_the_collapse_as_max_steps_would(tmp_pa
     assert (run / "final_model" / "model.safetensors").is_file() and (run / f"checkpoint-{collapse['step']}").is_dir()
 
 
+def test_on_collapse_adapt_raises_the_temperature_from_the_next_generation_and_resumes_with_it(tmp_path,
+                                                                                               tiny_model_dir):
+    """Greedy rollouts (temperature 0) until identical_completions fires at step S; with on_collapse adapt the
+    generations after step S sample (and score their log-probs) at the raised temperature, capped at
+    adapt_max_temperature; a generation already under way keeps its own. A resume from a checkpoint after the
+    raise, in the middle of a generation, goes on with it and logs the same steps as the run that did not stop."""
+    cfg = _setup(tmp_path, tiny_model_dir, temperature=0.0, max_steps=16, on_collapse="adapt", beta=0.0,
+                 adapt_temperature_step=1.5, adapt_max_temperature=1.0, eval_on_start=False, eval_dataset=None,
+                 save_steps=13, gradient_accumulation_steps=1, steps_per_generation=2)
+    result = run_cli("train", str(cfg), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    run = tmp_path / "run"
+    alerts = [json.loads(line) for line in (run / "alerts.jsonl").read_text().splitlines()]
+    raised_at = min(a["step"] for a in alerts if a["name"] in ("identical_completions", "entropy_collapse"))
+    said = " ".join((result.stdout + result.stderr).split())
+    assert (f"on_collapse adapt: the sampling temperature goes from 0 to 1 from the next generation on (step "
+            f"{raised_at}); that is adapt_max_temperature") in said
+    assert said.count("on_collapse adapt:") == 1  # at the ceiling: later alerts raise nothing
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first_new = next(s for s in range(raised_at + 1, 17) if (s - 1) % 2 == 0)  # generations start at odd steps
+    assert raised_at < 13 and first_new <= 13
+    assert {m["step"]: m["temperature"] for m in lines} == {s: 0.0 if s < first_new else 1.0 for s in range(1, 17)}
+    before = [m["completions/frac_identical_in_group"] for m in lines if m["step"] < first_new]
+    after = [m["completions/frac_identical_in_group"] for m in lines if m["step"] >= first_new]
+    assert set(before) == {1.0} and sum(after) / len(after) < 1.0  # sampling, not greedy, after the raise
+    state = json.loads((run / "checkpoint-13" / "trainer_state.json").read_text())
+    assert state["temperature"] == 1.0
+
+    resumed = run_cli("train", str(cfg), "--resume", str(run / "checkpoint-13"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def same(m):
+        return {k: v for k, v in m.items() if not k.startswith("time") and k not in ("step_time",
+                                                                                    "tokens_per_second")}
+    assert [same(m) for m in again] == [same(m) for m in lines]
+
+
 SPEC_REWARD = '''
 from grpokit import RewardSpec
 

@@ -61,7 +61,15 @@ def test_mlflow_holds_every_metric_at_every_step_and_resume_continues_its_run(tm
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"  # the same run, finished
-    assert {m.step for m in client.get_metric_history(run_id, "reward")} == {1, 2, 3}
+    history = client.get_metric_history(run_id, "reward")
+    assert {m.step for m in history} == {1, 2, 3}
+    # step 3 was logged by the stopped run after checkpoint-2 and again by the resumed one: MLflow keeps both, and
+    # the resumed run says so (metrics.jsonl holds only the new value)
+    assert sorted(m.step for m in history) == [1, 2, 3, 3]
+    said = " ".join((resumed.stdout + resumed.stderr).split())
+    assert "report_to mlflow: its run already holds steps 3-3 of the stopped run, logged after checkpoint-2" in said
+    assert "MLflow cannot delete metric values" in said
+    assert [line["step"] for line in _jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_wandb_offline_resume_continues_the_same_run(tmp_path, tiny_model_dir):

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from grpokit.observe.alerts import Alert, HealthMonitor, collapse_stop, identical_fraction
+from grpokit.observe.alerts import Alert, HealthMonitor, collapse_adapt, collapse_stop, identical_fraction
 
 
 def healthy(step: int, rng: random.Random) -> dict[str, float]:
@@ -254,3 +254,44 @@ def test_on_collapse_stop_gives_a_reason_at_the_collapse_step_and_warn_never(key
         else:
             (step, reason), = reasons.items()
             assert reason == f"{expected} {step}" and 30 < step <= 45, reasons
+
+
+# short collapses: long enough for the alert (entropy: a whole 10-step window below the floor; identical: half of
+# one), over before a 10-step window after the raise
+@pytest.mark.parametrize(("key", "before", "after", "short"), [
+    ("entropy", 0.6, 0.05, (range(31, 43), range(121, 133))),
+    ("completions/frac_identical_in_group", 0.1, 0.9, (range(31, 38), range(121, 128))),
+])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_on_collapse_adapt_raises_the_temperature_at_a_collapse_and_while_it_holds(key, before, after, short,
+                                                                                    persistent):
+    """The stream the trainer feeds, fed back as the trainer does (the raised temperature, the steps since the last
+    raise). A collapse that persists from step 31: adapt raises the temperature by the step at its alert (not
+    before) and again each 10-step window it still holds, up to the ceiling, then no more. Two short collapses:
+    one raise at each alert. Warn and stop never change it; a zero-spread alert raises nothing."""
+    episodes = (range(31, 201),) if persistent else short
+    for on_collapse in ("adapt", "warn", "stop"):
+        monitor, rng = HealthMonitor(correctness_reward="accuracy"), random.Random(7)
+        temperature, raised_at, raises = 0.8, None, {}
+        for step in range(1, 201):
+            metrics = healthy(step, rng)
+            metrics[key] = after if any(step in e for e in episodes) else before
+            metrics["frac_reward_zero_std"] = 0.95 if step > 60 else 0.2
+            started = monitor.observe(step, metrics)
+            raised = collapse_adapt(started, on_collapse, temperature, 0.15, 1.2, collapsing=monitor.collapsing,
+                                    since_raise=None if raised_at is None else step - raised_at, window=10)
+            if raised is not None:
+                raises[step], temperature, raised_at = raised, raised, step
+        if on_collapse != "adapt":
+            assert raises == {} and temperature == 0.8
+            continue
+        steps = sorted(raises)
+        if persistent:
+            assert 30 < steps[0] <= 45 and steps[1:] == [steps[0] + 10, steps[0] + 20], raises
+            assert [raises[s] for s in steps] == [0.95, 1.1, 1.2]  # +0.15 each time, the last capped at 1.2
+        else:
+            assert len(steps) == 2 and all(e.start <= s < e.start + 15 for s, e in zip(steps, episodes)), raises
+            assert [raises[s] for s in steps] == [0.95, 1.1]
+    assert collapse_adapt([], "adapt", 0.8, 0.1, 1.2) is None
+    assert collapse_adapt([], "adapt", 0.8, 0.1, 1.2, collapsing=True, since_raise=9, window=10) is None
+    assert collapse_adapt([], "adapt", 0.8, 0.1, 1.2, collapsing=True, since_raise=10, window=10) == 0.9

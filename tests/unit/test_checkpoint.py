@@ -19,8 +19,9 @@ from grpokit.train import checkpoint
 from grpokit.train.state import TrainState
 
 STATE_KEYS = ["global_step", "generations", "num_tokens", "order", "consecutive_skips", "eval_before", "train_seconds",
-              "trackers", "best_model", "processes", "health", "rewards"]  # trainer_state.json (train_seconds: since
-# the budget; trackers: since a resume continues the tracker runs)
+              "trackers", "temperature", "temperature_raised_at", "best_model", "processes", "health",
+              "rewards"]  # trainer_state.json (train_seconds: since the budget; trackers: since a resume continues
+# the tracker runs; temperature, temperature_raised_at: since on_collapse adapt)
 
 
 class _Policy(torch.nn.Linear):
