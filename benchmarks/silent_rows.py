@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _relative(path: str) -> str:
+    """`path` relative to the repository when it lies inside it (no machine's paths in the results)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
@@ -79,7 +85,7 @@ def main() -> None:
                "torch": torch.__version__, "transformers": transformers.__version__,
                "threads": torch.get_num_threads(), "commit": commit}
     print(json.dumps({"machine": machine,
-                      "config": args.config, "overrides": args.set, "repeats": args.repeats,
+                      "config": _relative(args.config), "overrides": args.set, "repeats": args.repeats,
                       "completion_tokens": lengths, "rows": rows}, indent=1))
 
 

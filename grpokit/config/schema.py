@@ -350,6 +350,10 @@ class GRPOConfig(BaseModel):
         if not sft and self.dynamic_sampling_oversample > 1.0 and not self.dynamic_sampling:
             raise ValueError(f"dynamic_sampling_oversample = {self.dynamic_sampling_oversample} has no effect without "
                              "dynamic_sampling; set dynamic_sampling: true, or drop dynamic_sampling_oversample")
+        if not sft and self.on_collapse == "adapt" and self.adapt_max_temperature <= self.temperature:
+            raise ValueError(f"on_collapse adapt: adapt_max_temperature = {self.adapt_max_temperature} is not above "
+                             f"temperature = {self.temperature}, so there is nothing to raise it to; set "
+                             "adapt_max_temperature higher, or on_collapse: warn")
         if any(k < 1 for k in self.eval_pass_k):
             raise ValueError(f"eval_pass_k: each k must be >= 1 (got {self.eval_pass_k})")
         if self.eval_num_samples and max(self.eval_pass_k) > self.eval_num_samples:

@@ -204,6 +204,12 @@ def test_dynamic_sampling_oversample_draws_more_prompts_in_one_generation_and_ke
         metrics["dynamic_sampling/dropped_groups"] / (4 * need))  # every group sampled is counted
 
 
+def test_on_collapse_adapt_with_no_room_to_raise_the_temperature_is_refused(tiny_model_dir):
+    with pytest.raises(ConfigError, match="adapt_max_temperature = 0.9 is not above temperature = 1.0"):
+        make_config(tiny_model_dir, on_collapse="adapt", temperature=1.0, adapt_max_temperature=0.9)
+    assert make_config(tiny_model_dir, on_collapse="adapt", temperature=1.0).adapt_max_temperature == 1.2
+
+
 def test_dynamic_sampling_oversample_without_dynamic_sampling_is_refused(tiny_model_dir):
     with pytest.raises(ConfigError, match="dynamic_sampling_oversample = 2.0 has no effect without dynamic_sampling"):
         make_config(tiny_model_dir, dynamic_sampling_oversample=2)
