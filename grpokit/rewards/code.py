@@ -1,10 +1,12 @@
-"""`code_tests`: run each completion's code against its test cases in the sandbox; reward = fraction passed.
+"""`code_tests`: judge each completion's code by its test cases, in the sandbox; reward = fraction passed.
 
 Dataset formats (columns reach the reward by name):
 - HumanEval: `prompt` (imports, signature, docstring; it arrives as `prompts`), `test` (defines
   `def check(candidate): assert ...`), `entry_point` (the function's name).
 - MBPP-like (`problem` / `tests` / `solution`): `tests` is a list of assert strings, one string of
   asserts, or a JSON list in a string (as CSV stores lists); the completion is the whole program.
+- Stdin/stdout (APPS, CodeContests-style): `input_output` ({"inputs": [...], "outputs": [...]}, optionally
+  "fn_name"; a JSON string of it as APPS stores it), or `tests` as a list of {"input": ..., "output": ...}.
 
 The program for a completion: code is taken from a ```python fenced block when there is one (the
 block that defines the entry point, else the first; an unclosed fence runs to the end), else from
@@ -15,50 +17,83 @@ completion; indented once more if it does not parse otherwise). When nothing par
 lines are dropped until it does (a completion cut off by the length limit after a finished
 function still counts). Top-level `if __name__ == "__main__":` blocks of the code are dropped.
 
-Partial credit: the test's statements are split with `ast` into cases. Each top-level statement of
-`check` (or of the `tests` string, or each list item) that contains an assert is one case; a
-`for` loop of asserts is one case; other statements (imports, assignments) are setup, and so are
-`assert True` placeholders. All cases run in ONE sandbox process per completion, each inside its own
-try block, so one failure does not stop the rest. The harness then writes `<nonce> passed total`
-to stdout and leaves with os._exit (skipping the program's atexit handlers). The nonce is random
-per completion, so a program's own prints cannot fake the line unless the program goes looking for
-it (its own source is readable; gc.get_objects is refused): unforgeable-ish, not unforgeable.
+Judged where the solution cannot reach (call mode: HumanEval, assert lists). The completion's program runs in
+one sandboxed process, the tests in a second one that never executes the completion's code (`sandbox.
+run_connected`): the tests' calls to the entry point, and to any other function of the solution's that they
+name without defining it, go over a pipe, and arguments and return values cross as plain data
+(`judge_wire.py`: None, bool, int, float, str, bytes, complex, list, tuple, dict, set, frozenset, decoded by
+the judge into builtins). So an object with its own `__eq__` or `__bool__`, a subclass of a builtin, a patched
+`builtins` or `math`, a trace function, an atexit handler, an early `os._exit(0)`, output that imitates the
+report: none of it reaches the tests, which count passed cases and print the report on their own stdout. A
+return value that is not plain data fails its case. The judge runs the prompt's own code (imports, helpers
+such as HumanEval/32's `poly`) from the prompt, never the solution's version of it, and the solution's
+top-level imports of standard-library modules that the tests use without importing them (MBPP-style
+`math.isclose`); names of grpokit's own (`_grpokit_*`) are never the solution's. Not supported in
+call mode: tests that use a solution's object other than by calling a function (a class instance's methods,
+a module constant), and tests that expect an argument to be changed in place (arguments are copies).
 
-Scores: outcome passed/failed -> passed / total (0.0 without the harness line: a syntax error, an
-exception at import time, an early exit); timeout/crashed -> 0.0 (the code is at fault);
-sandbox_error -> None (missing, not 0). Rows without tests -> None. `last_outcomes` keeps the
-outcome of each completion of the last call (None where nothing ran).
+Partial credit: the test's statements are split with `ast` into cases. Each top-level statement of `check`
+(or of the `tests` string, or each list item) that contains an assert is one case; a `for` loop of asserts is
+one case; other statements (imports, assignments) are setup, and so are `assert True` placeholders. Each case
+runs in its own try block in the judge, so one failure does not stop the rest.
+
+Stdin/stdout mode (APPS `input_output` = {"inputs": [...], "outputs": [...]}, or `tests` as
+[{"input": ..., "output": ...}, ...]): the whole program runs once per case with that input; a case passes when
+the run exits 0 and its output equals the expected one after whitespace is normalised (`normalise_output`),
+compared here, in the parent. With APPS's `fn_name` the inputs are argument lists and the outputs return values
+(a value or a one-item list of it), judged as in call mode; a `class Solution` with that method is called too.
+
+A completion whose entry point has no body (only its docstring, constants, `pass`: it restates the prompt)
+scores 0 without running: returning None is no attempt, even where a test expects None.
+
+Scores: the fraction of cases passed. The solution's process ending in a timeout or a crash (memory, a signal,
+an exit code other than 0 and 1) -> 0.0 (the code is at fault); a sandbox error on either side -> None
+(missing, not 0); the tests' own process failing -> 0.0. Rows without tests -> None. `last_outcomes` keeps the
+outcome of each completion of the last call (None where nothing ran), `last_results` a result whose detail
+says how many cases passed or why none could.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import re
 import secrets
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from grpokit.rewards.builtin import completion_text
-from grpokit.rewards.sandbox import Outcome, SandboxLimits, SandboxResult, run_many
+from grpokit.rewards.sandbox import Outcome, SandboxLimits, SandboxResult, run_connected, run_many
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _PYTHON_TAGS = ("", "python", "py", "python3", "py3")
 _MAX_CUTS = 50
+_WIRE = Path(__file__).with_name("judge_wire.py").read_text()
 
 
 @dataclass(slots=True, kw_only=True)
 class TestProgram:
-    """The program run for one completion and how to read its result."""
+    """How one completion is judged.
 
-    source: str
+    Call mode (`judge` set): `solution` is the completion's program followed by the loop that answers calls;
+    `judge` holds the tests, calling the solution's functions over the pipe, and prints `<nonce> passed total`.
+    Stdin/stdout mode (`io_cases` set): `solution` is the whole program, run once per case on its input."""
+
+    solution: str
     nonce: str
     total: int  # number of test cases
+    judge: str | None = None
+    io_cases: list[tuple[str, str]] | None = None  # (stdin, expected stdout)
+    stub: str | None = None  # why the completion is not an attempt (scored 0 without running), e.g. an empty body
 
 
 class CodeTests:
-    """Fraction of test cases a completion's code passes, run in `grpokit.rewards.sandbox`."""
+    """Fraction of test cases a completion's code passes, judged where that code cannot reach."""
 
     expensive = True
     isolation = "inline"  # the sandbox bounds every run (wall, CPU, memory); a worker around it would add nothing
@@ -72,51 +107,130 @@ class CodeTests:
         self.last_results: list[SandboxResult | None] = []
 
     def __call__(self, completions: list, prompts: list | None = None, test: list | None = None,
-                 entry_point: list | None = None, tests: list | None = None, **kwargs: Any) -> list[float | None]:
+                 entry_point: list | None = None, tests: list | None = None, input_output: list | None = None,
+                 **kwargs: Any) -> list[float | None]:
         if prompts is None:
             prompts = kwargs.get("prompt")
         n = len(completions)
-        for name, column in (("prompts", prompts), ("test", test), ("entry_point", entry_point), ("tests", tests)):
+        for name, column in (("prompts", prompts), ("test", test), ("entry_point", entry_point), ("tests", tests),
+                             ("input_output", input_output)):
             if column is not None and len(column) != n:
                 raise ValueError(f"code_tests: column '{name}' has {len(column)} values for {n} completions")
-        if test is None and tests is None:
-            raise ValueError("code_tests needs a 'test' column (HumanEval: with 'entry_point') or a 'tests' column "
-                             "(a list of assert strings)")
+        if test is None and tests is None and input_output is None:
+            raise ValueError("code_tests needs a 'test' column (HumanEval: with 'entry_point'), a 'tests' column "
+                             "(a list of assert strings, or of input/output pairs) or an 'input_output' column "
+                             "(APPS: inputs, outputs, optionally fn_name)")
         programs: list[TestProgram | None] = []
         for i, completion in enumerate(completions):
             text = completion_text(completion)
             row_tests = tests[i] if tests is not None else None
             row_test = test[i] if test is not None else None
             row_entry = entry_point[i] if entry_point is not None else None
+            row_io = input_output[i] if input_output is not None else None
             prompt = _prompt_code(prompts[i]) if prompts is not None else ""
             if row_test and row_entry:
                 programs.append(humaneval_program(text, prompt, row_test, row_entry, row=i))
-            elif row_tests is not None and len(row_tests) > 0:
+            elif row_io is not None and not _empty(row_io):
+                programs.append(io_program(text, row_io, row=i))
+            elif _is_io_tests(row_tests):
+                programs.append(io_program(text, row_tests, row=i))
+            elif row_tests is not None and not _empty(row_tests):
                 programs.append(asserts_program(text, row_tests, entry_point=row_entry, row=i))
             else:
                 programs.append(None)
+        return self._judge(programs)
 
-        to_run = [(i, p) for i, p in enumerate(programs) if p is not None and p.total > 0]
-        results = run_many([p.source for _, p in to_run], self.limits, self.max_workers)
+    def _judge(self, programs: list[TestProgram | None]) -> list[float | None]:
+        n = len(programs)
         self.last_results = [None] * n
         scores: list[float | None] = [None] * n
-        for (i, program), result in zip(to_run, results, strict=True):
-            self.last_results[i] = result
-            scores[i] = score(result, program)
+        calls = [(i, p) for i, p in enumerate(programs) if p is not None and p.total > 0 and p.judge is not None
+                 and p.stub is None]
+        ios = [(i, p) for i, p in enumerate(programs) if p is not None and p.total > 0 and p.io_cases is not None
+               and p.stub is None]
+        for i, program in enumerate(programs):
+            if program is not None and program.total > 0 and program.stub is not None:
+                self.last_results[i] = SandboxResult(outcome="failed", returncode=None, stdout="", stderr="",
+                                                     wall_s=0.0, detail=program.stub)
+                scores[i] = 0.0
+        judge_limits = replace(self.limits, wall_s=self.limits.wall_s + _JUDGE_GRACE_S)
+        pairs = run_many_connected([(p.solution, p.judge) for _, p in calls], self.limits, judge_limits,
+                                   self.max_workers)
+        for (i, program), (solution, judge) in zip(calls, pairs, strict=True):
+            self.last_results[i], scores[i] = call_verdict(solution, judge, program)
+        flat = [(k, stdin) for k, (_, p) in enumerate(ios) for stdin, _ in p.io_cases]
+        runs = run_many([ios[k][1].solution for k, _ in flat], self.limits, self.max_workers,
+                        stdins=[stdin for _, stdin in flat])
+        for k, (i, program) in enumerate(ios):
+            mine = [r for (owner, _), r in zip(flat, runs, strict=True) if owner == k]
+            self.last_results[i], scores[i] = io_verdict(mine, program)
         self.last_outcomes = [r.outcome if r is not None else None for r in self.last_results]
         return scores
 
 
-def score(result: SandboxResult, program: TestProgram) -> float | None:
-    if result.outcome == "sandbox_error":
-        return None
-    if result.outcome in ("timeout", "crashed"):
-        return 0.0
-    for line in reversed(result.stdout.splitlines()):
+_JUDGE_GRACE_S = 2.0  # the judge outlives the solution's wall limit by this much, to report what it saw
+
+
+def run_many_connected(pairs: Sequence[tuple[str, str]], limits: SandboxLimits, judge_limits: SandboxLimits,
+                       max_workers: int) -> list[tuple[SandboxResult, SandboxResult]]:
+    """`run_connected` over (solution, judge) pairs, up to `max_workers` pairs at once, in order."""
+    if not pairs:
+        return []
+    if max_workers <= 1 or len(pairs) == 1:
+        return [run_connected(s, j, limits, judge_limits) for s, j in pairs]
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(pairs)), thread_name_prefix="code-tests") as pool:
+        return list(pool.map(lambda pair: run_connected(pair[0], pair[1], limits, judge_limits), pairs))
+
+
+def call_verdict(solution: SandboxResult, judge: SandboxResult, program: TestProgram
+                 ) -> tuple[SandboxResult, float | None]:
+    """One completion's outcome and score from its two runs. The score is the judge's count; the solution's own
+    run decides only the outcome: a timeout or crash is 0 (the code is at fault), a sandbox error on either side is
+    missing (None), never 0."""
+    for run in (solution, judge):
+        if run.outcome == "sandbox_error":
+            return run, None
+    if solution.outcome in ("timeout", "crashed"):
+        return solution, 0.0
+    if judge.outcome != "passed":  # the tests' own code failed or overran: nothing to count
+        return replace(judge, detail=f"the judge: {judge.detail}"), 0.0
+    passed = None
+    for line in reversed(judge.stdout.splitlines()):
         parts = line.split()
         if len(parts) == 3 and parts[0] == program.nonce and parts[1].isdigit() and parts[2] == str(program.total):
-            return min(int(parts[1]), program.total) / program.total
-    return 0.0  # no report: the program did not get as far as the tests
+            passed = min(int(parts[1]), program.total)
+            break
+    if passed is None:
+        return replace(judge, outcome="failed", detail="the judge wrote no report"), 0.0
+    detail = f"{passed} of {program.total} test cases passed"
+    if solution.outcome == "failed":  # the program raised before it could answer (a SyntaxError, an import error)
+        return replace(solution, detail=f"{solution.detail}; {detail}"), passed / program.total
+    return replace(solution, detail=detail, stdout=judge.stdout), passed / program.total
+
+
+def io_verdict(runs: list[SandboxResult], program: TestProgram) -> tuple[SandboxResult, float | None]:
+    """Stdin/stdout cases: a case passes when its run exits 0 and its output equals the expected one after
+    whitespace is normalised (`normalise_output`). Each case is its own run: a timeout fails that case only."""
+    if any(r.outcome == "sandbox_error" for r in runs):
+        return next(r for r in runs if r.outcome == "sandbox_error"), None
+    passed = sum(1 for r, (_, expected) in zip(runs, program.io_cases, strict=True)
+                 if r.outcome == "passed" and not r.output_truncated
+                 and normalise_output(r.stdout) == normalise_output(expected))
+    worst = next((r for r in runs if r.outcome != "passed"), runs[0])
+    outcome = "passed" if all(r.outcome == "passed" for r in runs) else worst.outcome
+    return replace(worst, outcome=outcome, detail=f"{passed} of {program.total} test cases passed"
+                   + ("" if outcome == "passed" else f"; a run: {worst.detail}")), passed / program.total
+
+
+def normalise_output(text: str) -> str:
+    """Whitespace-insensitive form of a program's output: runs of blanks in a line become one space, lines are
+    stripped, and blank lines at the start and end are dropped."""
+    lines = [" ".join(line.split()) for line in str(text).splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    while lines and not lines[0]:
+        lines.pop(0)
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +238,7 @@ def score(result: SandboxResult, program: TestProgram) -> float | None:
 
 
 def humaneval_program(completion: str, prompt: str, test: str, entry_point: str, *, row: int = 0) -> TestProgram:
-    """Completion + prompt as HumanEval expects, then `check`'s asserts as separately counted cases."""
+    """Completion + prompt as HumanEval expects; `check`'s asserts, as separately counted cases, in the judge."""
     try:
         test_module = ast.parse(test)
     except SyntaxError as exc:
@@ -135,12 +249,13 @@ def humaneval_program(completion: str, prompt: str, test: str, entry_point: str,
         raise ValueError(f"code_tests: row {row}: the 'test' column defines no 'def check(candidate)'")
     preamble = [node for node in test_module.body if node is not check]
     code = build_solution(completion, prompt, entry_point)
-    return _assemble(code, preamble, check.body, param=check.args.args[0].arg, argument=entry_point)
+    return _assemble(code, _prompt_context(prompt, entry_point), preamble, check.body,
+                     param=check.args.args[0].arg, entry_point=entry_point)
 
 
 def asserts_program(completion: str, tests: Sequence[str] | str, *, entry_point: str | None = None,
                     row: int = 0) -> TestProgram:
-    """The completion's code, then each assert of `tests` as a separately counted case."""
+    """The completion's code; each assert of `tests`, as a separately counted case, in the judge."""
     if isinstance(tests, str) and tests.lstrip().startswith("["):
         try:
             tests = json.loads(tests)
@@ -158,7 +273,79 @@ def asserts_program(completion: str, tests: Sequence[str] | str, *, entry_point:
         elif body:
             cases.append(_as_one_case(body))  # one list item: one case
     code = build_solution(completion, "", entry_point)
-    return _assemble(code, [], cases, param=None, argument=None)
+    return _assemble(code, "", [], cases, param=None, entry_point=entry_point)
+
+
+def io_program(completion: str, spec: Any, *, row: int = 0) -> TestProgram:
+    """Stdin/stdout cases (APPS `input_output`, CodeContests-style `tests`), or APPS's call-based cases (`fn_name`:
+    inputs are argument lists, outputs the return values, judged as in call mode)."""
+    inputs, outputs, fn_name = _io_spec(spec, row)
+    if fn_name:
+        cases = [ast.parse(f"assert _grpokit_same({fn_name}(*_grpokit_case({json.dumps(args)!r})), "
+                           f"_grpokit_case({json.dumps(want)!r}))").body[0]
+                 for args, want in zip(inputs, outputs, strict=True)]
+        code = build_solution(completion, "", None)
+        return _assemble(code, "", [], cases, param=None, entry_point=fn_name)
+    code = build_solution(completion, "", None)
+    io_cases = [(_as_text(i), _as_text(o)) for i, o in zip(inputs, outputs, strict=True)]
+    return TestProgram(solution=code, nonce="", total=len(io_cases), io_cases=io_cases)
+
+
+def _io_spec(spec: Any, row: int) -> tuple[list, list, str | None]:
+    """inputs, outputs, fn_name from the forms datasets use (a JSON string of any of them too)."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            raise ValueError(f"code_tests: row {row}: 'input_output' is not JSON: {spec[:200]!r}") from None
+    fn_name = None
+    if isinstance(spec, dict):
+        fn_name = spec.get("fn_name") or None
+        inputs = spec.get("inputs", spec.get("input"))
+        outputs = spec.get("outputs", spec.get("output"))
+    elif isinstance(spec, (list, tuple)) and all(isinstance(c, dict) for c in spec):
+        inputs = [c.get("input", c.get("inputs")) for c in spec]
+        outputs = [c.get("output", c.get("outputs")) for c in spec]
+    else:
+        inputs = outputs = None
+    if not isinstance(inputs, (list, tuple)) or not isinstance(outputs, (list, tuple)) \
+            or len(inputs) != len(outputs) or any(x is None for x in [*inputs, *outputs]):
+        raise ValueError(f"code_tests: row {row}: input/output tests need as many inputs as outputs "
+                         "({\"inputs\": [...], \"outputs\": [...]} or [{\"input\": ..., \"output\": ...}, ...]), "
+                         f"got {str(spec)[:200]!r}")
+    if fn_name is not None and (not isinstance(fn_name, str) or not fn_name.isidentifier()):
+        raise ValueError(f"code_tests: row {row}: fn_name must be a function name, got {fn_name!r}")
+    if fn_name and not all(isinstance(i, (list, tuple)) for i in inputs):
+        raise ValueError(f"code_tests: row {row}: with fn_name each input is a list of arguments")
+    return list(inputs), list(outputs), fn_name
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):  # some datasets store the lines
+        return "\n".join(str(v) for v in value) + "\n"
+    return str(value)
+
+
+def _is_io_tests(tests: Any) -> bool:
+    """A `tests` value of input/output pairs (as opposed to assert strings)."""
+    if isinstance(tests, str):
+        stripped = tests.lstrip()
+        if not stripped.startswith(("{", "[")):
+            return False
+        try:
+            tests = json.loads(stripped)
+        except ValueError:
+            return False
+    if isinstance(tests, dict):
+        return any(k in tests for k in ("input", "inputs"))
+    return isinstance(tests, (list, tuple)) and bool(tests) and all(isinstance(t, dict) for t in tests)
+
+
+def _empty(value: Any) -> bool:
+    try:
+        return len(value) == 0
+    except TypeError:
+        return False
 
 
 def _as_one_case(body: list[ast.stmt]) -> ast.stmt:
@@ -169,8 +356,30 @@ def _as_one_case(body: list[ast.stmt]) -> ast.stmt:
     return block
 
 
-def _assemble(code: str, preamble: list[ast.stmt], statements: list[ast.stmt], *, param: str | None,
-              argument: str | None) -> TestProgram:
+_JUDGE_HELPERS = """
+def _grpokit_case(text):
+    return _grpokit_json.loads(text)
+
+
+def _grpokit_plain(value):
+    if type(value) is tuple or type(value) is list:
+        return [_grpokit_plain(v) for v in value]
+    if type(value) is dict:
+        return {k: _grpokit_plain(v) for k, v in value.items()}
+    return value
+
+
+def _grpokit_same(got, want):
+    # APPS's convention: a return value may be listed as itself or wrapped in a one-item list; tuples as lists
+    got = _grpokit_plain(got)
+    return got == want or (type(want) is list and len(want) == 1 and got == want[0])
+"""
+
+
+def _assemble(code: str, context: str, preamble: list[ast.stmt], statements: list[ast.stmt], *, param: str | None,
+              entry_point: str | None) -> TestProgram:
+    """The solution's program (its code, then the answering loop) and the judge's (the trusted prompt context and
+    test preamble, proxies for the solution's functions the tests call, the counted cases, the report)."""
     nonce = secrets.token_hex(16)
     function = ast.parse(f"def _grpokit_cases({param or ''}):\n"
                          "    _grpokit_passed = 0\n    return _grpokit_passed").body[0]
@@ -184,14 +393,15 @@ def _assemble(code: str, preamble: list[ast.stmt], statements: list[ast.stmt], *
             total += 1
         body.append(guarded)
     function.body = [*body, function.body[1]]
-    harness = ast.Module(body=[*preamble, function], type_ignores=[])
-    call = f"_grpokit_cases({argument})" if argument else "_grpokit_cases()"
+    remote, imports = _links(code, context, [*preamble, *statements], entry_point)
+    links = "".join(f"{name} = _grpokit_remote({name!r})\n" for name in sorted(remote))
+    argument = f"_grpokit_remote({entry_point!r})" if param and entry_point else ""
     runner = f"""
 
 def _grpokit_main():
     import os as _os, sys as _sys
     try:
-        _passed = {call}
+        _passed = _grpokit_cases({argument})
     except BaseException:
         _passed = 0
     for _stream in (_sys.stdout, _sys.stderr):
@@ -205,8 +415,92 @@ def _grpokit_main():
 
 _grpokit_main()
 """
-    source = f"{code}\n\n\n{ast.unparse(ast.fix_missing_locations(harness))}\n{runner}"
-    return TestProgram(source=source, nonce=nonce, total=total)
+    harness = ast.unparse(ast.fix_missing_locations(ast.Module(body=[*preamble, function], type_ignores=[])))
+    judge = (f"{_WIRE}\n{_JUDGE_HELPERS}\n_grpokit_remote = _grpokit_link(__grpokit_channel__)\n\n"
+             f"{context}\n\n{imports}\n{links}\n\n{harness}\n{runner}")
+    solution = f"{code}\n\n\n{_WIRE}\n\n_grpokit_serve(globals(), __grpokit_channel__)\n"
+    return TestProgram(solution=solution, judge=judge, nonce=nonce, total=total,
+                       stub=_stub(code, entry_point) if entry_point else None)
+
+
+def _links(code: str, context: str, test_nodes: list[ast.stmt], entry_point: str | None) -> tuple[set[str], str]:
+    """The names the tests use and do not bind that the solution defines (called over the pipe), and the import
+    statements of the solution's that bind names the tests use without importing them (run in the judge)."""
+    used, bound = _names(test_nodes)
+    try:
+        context_bound = _names(ast.parse(context).body)[1] if context.strip() else set()
+    except SyntaxError:
+        context_bound = set()
+    free = {n for n in used - bound - context_bound - set(dir(builtins)) if not n.startswith("_grpokit")}
+    defined, imports = _top_level(code)
+    remote = (free & defined) - set(imports)
+    if entry_point:
+        remote.add(entry_point)
+    statements = sorted({imports[name] for name in (free & set(imports)) - remote})
+    return remote, "".join(f"try:\n    {s}\nexcept BaseException:\n    pass\n" for s in statements)
+
+
+def _names(nodes: list[ast.stmt]) -> tuple[set[str], set[str]]:
+    """(names loaded, names bound) anywhere in `nodes`, any scope."""
+    used: set[str] = set()
+    bound: set[str] = set()
+    for node in (n for top in nodes for n in ast.walk(top)):
+        if isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+    return used, bound
+
+
+def _top_level(code: str) -> tuple[set[str], dict[str, str]]:
+    """Names the solution's code binds at top level, and for those bound by an import of a standard-library module,
+    that import statement."""
+    try:
+        module = ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return set(), {}
+    defined: set[str] = set()
+    imports: dict[str, str] = {}
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                defined.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and not (isinstance(node, ast.ImportFrom) and node.level):
+            for alias in node.names:
+                source = alias.name if isinstance(node, ast.Import) else node.module or ""
+                if alias.name == "*" or source.split(".")[0] not in sys.stdlib_module_names:
+                    continue  # only the standard library's modules are imported into the judge
+                name = (alias.asname or alias.name).split(".")[0]
+                one = ast.Import(names=[alias]) if isinstance(node, ast.Import) else \
+                    ast.ImportFrom(module=node.module, names=[alias], level=0)
+                imports[name] = ast.unparse(one)
+    return defined, imports
+
+
+def _stub(code: str, entry_point: str) -> str | None:
+    """Why the code's (last) definition of the entry point is no attempt: a body of only docstrings, other
+    constants, `pass` or `...` (a completion that restates the prompt). None when it has a body."""
+    try:
+        module = ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    found = [n for n in module.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == entry_point]
+    if not found:
+        return None
+    if all(isinstance(n, ast.Pass) or (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+           for n in found[-1].body):
+        return f"'{entry_point}' has no body (only its signature and docstring): not an attempt, scored 0"
+    return None
 
 
 def _is_case(statement: ast.stmt) -> bool:

@@ -182,6 +182,65 @@ def run_many(codes: Sequence[str], limits: SandboxLimits | None = None, max_work
         return list(pool.map(lambda cs: _run(cs[0], limits, cs[1], iso), zip(codes, inputs, strict=True)))
 
 
+def run_connected(first: str, second: str, limits: SandboxLimits | None = None,
+                  second_limits: SandboxLimits | None = None) -> tuple[SandboxResult, SandboxResult]:
+    """Two programs, each in its own sandbox, joined by two pipes and nothing else.
+
+    Each program finds `(read_fd, write_fd)` in its global `__grpokit_channel__`: what one writes to its
+    write_fd the other reads from its read_fd. Neither can reach the other's working directory, files,
+    memory, output or exit status (own uid where the machine gives one, own PID namespace, the audit
+    hook's read rules). When one ends, the other reads end-of-file. Both start at once; each has its
+    own limits (`second_limits` defaults to `limits`)."""
+    iso = isolation()
+    limits = limits or SandboxLimits()
+    to_first_r, to_first_w = os.pipe()
+    to_second_r, to_second_w = os.pipe()
+    channels = (_Channel((to_first_r, to_second_w)), _Channel((to_second_r, to_first_w)))
+    results: dict[int, SandboxResult] = {}
+
+    def second_run() -> None:
+        try:
+            results[1] = _run(second, second_limits or limits, "", iso, channels[1])
+        except Exception as exc:  # noqa: BLE001 - reported as the run's sandbox_error
+            results[1] = _sandbox_error(f"cannot run: {exc}", time.monotonic())
+        finally:
+            channels[1].close()
+
+    thread = threading.Thread(target=second_run, name="sandbox-pair", daemon=True)
+    try:
+        thread.start()
+    except BaseException:
+        for channel in channels:
+            channel.close()
+        raise
+    try:
+        results[0] = _run(first, limits, "", iso, channels[0])
+    finally:
+        channels[0].close()
+        thread.join()
+    return results[0], results[1]
+
+
+class _Channel:
+    """One run's ends of the pipes to its partner: passed to its child, closed in this process exactly once."""
+
+    def __init__(self, fds: tuple[int, int]):
+        self.fds = fds
+        self._open = True
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+            for fd in self.fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
 # ---------------------------------------------------------------------------------------------
 # probing what this machine allows
 
@@ -315,7 +374,17 @@ def _sandbox_error(detail: str, start: float, stderr: str = "") -> SandboxResult
                          wall_s=time.monotonic() - start, detail=detail)
 
 
-def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> SandboxResult:
+def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation,
+         channel: _Channel | None = None) -> SandboxResult:
+    try:
+        return _run_in_workdir(code, limits, stdin, iso, channel)
+    finally:
+        if channel is not None:  # on every path: a partner blocked on the pipe must see it end
+            channel.close()
+
+
+def _run_in_workdir(code: str, limits: SandboxLimits, stdin: str, iso: Isolation,
+                    channel: _Channel | None) -> SandboxResult:
     start = time.monotonic()
     _sweep_stale(iso)
     try:
@@ -339,7 +408,7 @@ def _run(code: str, limits: SandboxLimits, stdin: str, iso: Isolation) -> Sandbo
             _remove_cgroup(cgroup)
             return _sandbox_error(f"cannot prepare the working directory: {exc}", start)
         try:
-            return _execute(limits, stdin, iso, workdir, uid, cgroup, start)
+            return _execute(limits, stdin, iso, workdir, uid, cgroup, start, channel)
         finally:
             _remove_cgroup(cgroup)
 
@@ -409,7 +478,7 @@ def _rlimits(limits: SandboxLimits, iso: Isolation) -> dict[str, tuple[int, int]
 
 
 def _execute(limits: SandboxLimits, stdin: str, iso: Isolation, workdir: str, uid: int | None,
-             cgroup: Path | None, start: float) -> SandboxResult:
+             cgroup: Path | None, start: float, channel: _Channel | None = None) -> SandboxResult:
     status_r, status_w = os.pipe()
     config = {
         "workdir": workdir, "program": _PROGRAM_NAME, "status_fd": status_w,
@@ -418,6 +487,7 @@ def _execute(limits: SandboxLimits, stdin: str, iso: Isolation, workdir: str, ui
         "allow_fork": limits.max_processes > 0 and iso.process_limit is not None,
         "pid_namespace": iso.pid_namespace,
         "read_paths": [*_DEFAULT_READ_PATHS, *limits.read_paths],
+        "channel": list(channel.fds) if channel is not None else None,
     }
     argv = [*iso.launcher, sys.executable, "-I", "-B", "-c", _CHILD_SOURCE, json.dumps(config)]
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
@@ -430,11 +500,14 @@ def _execute(limits: SandboxLimits, stdin: str, iso: Isolation, workdir: str, ui
         try:
             proc = subprocess.Popen(argv, stdin=stdin_file if stdin_file else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
-                                    start_new_session=True, pass_fds=(status_w,), close_fds=True)
+                                    start_new_session=True, close_fds=True,
+                                    pass_fds=(status_w, *(channel.fds if channel is not None else ())))
         except OSError as exc:
             return _sandbox_error(f"cannot start the interpreter: {exc}", start)
     finally:
         os.close(status_w)
+        if channel is not None:  # the child holds them now; the partner must see end-of-file when it ends
+            channel.close()
         if stdin_file is not None:
             stdin_file.close()
     try:

@@ -10,7 +10,8 @@ nothing from grpokit and works whatever the child may read. In order:
 3. Install the audit hook (Python code cannot remove it; native code is not subject to it).
 4. Write b"R" to the status pipe and close it: from here on an exit is the program's, so a
    program cannot make its own failure look like a sandbox error.
-5. Run the program file as __main__.
+5. Run the program file as __main__, with `__grpokit_channel__` = (read_fd, write_fd) in its globals
+   when the run is one of a connected pair (`sandbox.run_connected`).
 """
 
 import json
@@ -112,9 +113,12 @@ def main() -> None:
     if cfg["cgroup_procs"]:
         with open(cfg["cgroup_procs"], "w") as f:
             f.write("0")  # "0": this process; its children inherit the cgroup
+    channel = cfg.get("channel")
     if os.getpid() == 1:
         child = os.fork()
         if child:
+            for fd in channel or ():  # only the program holds the pipes: its end is the partner's end-of-file
+                os.close(fd)
             _supervise(child, status_fd)
     for name, (soft, hard) in cfg["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
@@ -133,6 +137,8 @@ def main() -> None:
 
     module = types.ModuleType("__main__")
     module.__file__ = path
+    if channel:
+        module.__dict__["__grpokit_channel__"] = tuple(channel)
     sys.modules["__main__"] = module
     sys.argv = [path]
     exec(compile(source, path, "exec"), module.__dict__)
