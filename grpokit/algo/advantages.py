@@ -17,6 +17,11 @@ counts as 0 where the gate's reward is below its threshold, e.g. correctness onl
 asked-for format. A gate that is not applicable (NaN) gates nothing; a gated reward that is
 not applicable stays NaN.
 
+Failed groups (`failed_group_advantage` x > 0, off by default): a zero-spread group whose every applicable
+total is <= 0 (every answer wrong, nothing to compare) gets advantage -x on each applicable completion
+instead of 0, so the policy is pushed off an answer it gives with confidence and is always wrong about
+(negative-sample reinforcement). Group mean subtraction alone gives such a group no signal at all.
+
 Departures: a group with zero spread (all totals equal, or fewer than two applicable) gets an
 advantage of exactly 0 rather than (r - mean) rounding noise, and a completion whose total is NaN
 gets 0, so neither pushes the policy.
@@ -68,13 +73,15 @@ def compute_advantages(
     group_size: int,
     scale_rewards: Literal["group", "batch", "none"] = "group",
     aggregation: Literal["weighted_sum", "normalize_then_sum"] = "weighted_sum",
+    failed_group_advantage: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] rewards -> ([N] advantages, [N] combined totals). N must be a multiple of group_size."""
     if rewards.shape[0] % group_size:
         raise ValueError(f"{rewards.shape[0]} completions do not split into groups of {group_size}")
     totals = combine_rewards(rewards, weights)  # [N]
     if aggregation == "normalize_then_sum":
-        return _normalize_then_sum(rewards, weights, group_size), totals
+        advantages = _normalize_then_sum(rewards, weights, group_size)
+        return _push_failed(advantages, totals, group_size, failed_group_advantage), totals
     if aggregation != "weighted_sum":
         raise ValueError(f"aggregation must be 'weighted_sum' or 'normalize_then_sum', got {aggregation!r}")
     mean, std, zero_spread = group_stats(totals, group_size)  # [B] each
@@ -90,7 +97,20 @@ def compute_advantages(
     else:
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     silent = zero_spread.repeat_interleave(group_size) | torch.isnan(totals)
-    return torch.where(silent, torch.zeros_like(advantages), advantages), totals
+    advantages = torch.where(silent, torch.zeros_like(advantages), advantages)
+    return _push_failed(advantages, totals, group_size, failed_group_advantage), totals
+
+
+def _push_failed(advantages: torch.Tensor, totals: torch.Tensor, group_size: int, push: float) -> torch.Tensor:
+    """-push on the applicable completions of zero-spread groups whose every applicable total is <= 0."""
+    if push == 0.0:
+        return advantages
+    _, _, zero_spread = group_stats(totals, group_size)
+    grouped = totals.view(-1, group_size)
+    valid = ~torch.isnan(grouped)
+    failed = zero_spread & valid.any(dim=1) & torch.where(valid, grouped <= 0, torch.ones_like(valid)).all(dim=1)
+    hit = failed.repeat_interleave(group_size) & ~torch.isnan(totals)
+    return torch.where(hit, torch.full_like(advantages, -push), advantages)
 
 
 def _normalize_then_sum(rewards: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -156,6 +156,9 @@ class GRPOConfig(BaseModel):
         "max_completion_length)."))
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description=(
         "Divide advantages by the reward std of the group, of the batch, or not at all."))
+    failed_group_advantage: float = Field(0.0, ge=0.0, le=10.0, description=(
+        "Advantage -x for every completion of a group in which all completions got a total reward <= 0 (all wrong): "
+        "pushes the policy off confidently wrong answers, where group-relative advantages give no signal. 0: off."))
     num_iterations: int = Field(1, ge=1, description="Optimizer passes over each generation (mu in the paper).")
     steps_per_generation: int | None = Field(None, gt=0, description=(
         "Micro-batches each generation fills (default: gradient_accumulation_steps); more gives several optimizer "

@@ -83,7 +83,7 @@ class Collector:
         cfg = self.cfg
         aggregation = "normalize_then_sum" if cfg.reward_combination == "normalize_then_sum" else "weighted_sum"
         advantages, _ = compute_advantages(self.combinable(batch.rewards), self.reward_weights, cfg.num_generations,
-                                           cfg.scale_rewards, aggregation)
+                                           cfg.scale_rewards, aggregation, cfg.failed_group_advantage)
         return advantages
 
     # -- sampling ------------------------------------------------------------------------------

@@ -173,3 +173,42 @@ def test_gated_correctness_behind_format_changes_the_advantages():
     gated, totals = compute_advantages(gate_rewards(rewards, 0, 1.0), weights, 4)
     assert totals.tolist() == [1.1, 0.0, 0.1, 0.0]
     assert plain[1] > 0 > gated[1]  # unformatted correctness no longer pays
+
+
+def reference_failed_push(rewards: list[list[float]], weights: list[float], group_size: int, push: float,
+                          base: list[float]) -> list[float]:
+    """Plain-Python: a zero-spread group whose every applicable total is <= 0 gets -push on its applicable rows."""
+    out = list(base)
+    for g in range(0, len(rewards), group_size):
+        totals = []
+        for row in rewards[g:g + group_size]:
+            applicable = [r * w for r, w in zip(row, weights) if not math.isnan(r)]
+            totals.append(sum(applicable) if applicable else math.nan)
+        valid = [t for t in totals if not math.isnan(t)]
+        if valid and (len(valid) < 2 or max(valid) == min(valid)) and max(valid) <= 0:
+            for i, t in enumerate(totals):
+                if not math.isnan(t):
+                    out[g + i] = -push
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["weighted_sum", "normalize_then_sum"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_failed_group_advantage_matches_float64_reference(aggregation, scale):
+    nan = math.nan
+    # groups of 4: all wrong (0); all wrong with one not applicable; all right; mixed; all negative;
+    # one applicable row at 0; every row not applicable; equal positive totals
+    rewards = [[0.0, 0.0]] * 4 + [[0.0, 0.0], [nan, nan], [0.0, 0.0], [0.0, nan]] + [[1.0, 0.1]] * 4 + \
+        [[1.0, 0.0], [0.0, 0.0], [0.0, 0.1], [1.0, 0.1]] + [[-1.0, 0.0]] * 4 + \
+        [[0.0, 0.0], [nan, nan], [nan, nan], [nan, nan]] + [[nan, nan]] * 4 + [[0.0, 0.2]] * 4
+    weights = [1.0, 0.5]
+    r = torch.tensor(rewards, dtype=torch.float64)
+    w = torch.tensor(weights, dtype=torch.float64)
+    base, _ = compute_advantages(r, w, 4, scale, aggregation)
+    got, _ = compute_advantages(r, w, 4, scale, aggregation, failed_group_advantage=0.3)
+    want = reference_failed_push(rewards, weights, 4, 0.3, base.tolist())
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=0)
+    # the pushed rows, spelled out: groups 0, 1 (its applicable rows), 4 and 5 (its one row); nothing else moves
+    pushed = [i for i, (a, b) in enumerate(zip(got.tolist(), base.tolist())) if a != b]
+    assert pushed == [0, 1, 2, 3, 4, 6, 7, 16, 17, 18, 19, 20]
+    assert all(got[i] == -0.3 for i in pushed)
