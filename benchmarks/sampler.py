@@ -15,6 +15,14 @@ seconds are wall time of the whole call (prefill + decode + sampling).
   hf                    model.generate(do_sample=True, num_return_sequences=G) on the left-padded prompts
   hf-onednn-linear      the same on the model with grpokit's oneDNN linear layers (isolates the kernels'
                         share of the difference from the sampler's)
+  grpokit-bf16          grpokit under bf16 autocast, as a `bf16: true` run generates: linear layers on bf16
+                        weight copies packed once per call for oneDNN (cpu_linear.packed_weights)
+  grpokit-bf16-autocast the same with autocast's own per-call bf16 linears (no packed bf16 copies: before)
+  hf-bf16               model.generate under bf16 autocast
+
+With --floor, the weight-read floor of a decode step is printed beside the table: the model's weight bytes in
+float32 and in bf16 over this machine's read bandwidth (a timed sum over a 1 GiB float32 buffer), and each
+variant's seconds per decode position (wall time over --new-tokens; use --no-stop so every row runs them all).
 
 Usage: python benchmarks/sampler.py [--model PATH] [--prompts 8 --group 8 --new-tokens 128]
        [--repeats 5 --threads 2] [--temperature 1.0 --top-p 1.0 --top-k 0] [--no-stop]
@@ -98,7 +106,9 @@ def main() -> None:
     parser.add_argument("--no-stop", action="store_true", help="ignore EOS: every completion runs to --new-tokens")
     parser.add_argument("--variants", default="grpokit,hf",
                         help="comma-separated subset of grpokit, grpokit-torch-linear, grpokit-cat-cache, "
-                             "grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear")
+                             "grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear, grpokit-bf16, "
+                             "grpokit-bf16-autocast, hf-bf16")
+    parser.add_argument("--floor", action="store_true", help="print the weight-read floor per decode step")
     parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                         help="grpokit's cpu_linear setting for the 'grpokit' variant (auto: as a run here chooses)")
     args = parser.parse_args()
@@ -136,6 +146,15 @@ def main() -> None:
         with patch:
             return run_grpokit(engine, prompts, args, stop_ids, seed)
 
+    def bf16(run, packed: bool = True):  # under bf16 autocast, as the trainer generates with `bf16: true`
+        from contextlib import nullcontext
+        from unittest import mock
+
+        linears(grpokit_onednn)
+        patch = nullcontext() if packed else mock.patch.object(cpu_linear, "_bf16_packing_applies", lambda: False)
+        with patch, torch.autocast("cpu", dtype=torch.bfloat16):
+            return run()
+
     grpokit_onednn = cpu_linear.apply(model, args.cpu_linear, "cpu")  # what a grpokit run here chooses
     runners = {
         "grpokit": lambda seed: linears(grpokit_onednn) or run_grpokit(engine, prompts, args, stop_ids, seed),
@@ -145,6 +164,11 @@ def main() -> None:
         "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(engine, prompts, args, stop_ids, seed),
         "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
         "hf-onednn-linear": lambda seed: linears(True) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
+        "grpokit-bf16": lambda seed: bf16(lambda: run_grpokit(engine, prompts, args, stop_ids, seed)),
+        "grpokit-bf16-autocast": lambda seed: bf16(lambda: run_grpokit(engine, prompts, args, stop_ids, seed),
+                                                   packed=False),
+        "hf-bf16": lambda seed: linears(False) or bf16(lambda: run_hf(model, tokenizer, prompts, args, stop_ids,
+                                                                      seed)),
     }
     variants = args.variants.split(",")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
@@ -179,6 +203,22 @@ def main() -> None:
               f"| {statistics.median(tokens[name]):.0f} |")
     rate = {name: statistics.median([t / s for t, s in zip(tokens[name], seconds[name], strict=True)])
             for name in variants}
+    if args.floor:
+        weights = sum(p.numel() for p in model.parameters())
+        buffer = torch.ones(1 << 28)  # 1 GiB of float32
+        buffer.sum()
+        reads = []
+        for _ in range(5):
+            start = time.perf_counter()
+            buffer.sum()
+            reads.append(time.perf_counter() - start)
+        bandwidth = buffer.numel() * 4 / statistics.median(reads)
+        print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (sum over 1 GiB, median of 5); {weights / 1e6:.1f}M "
+              f"weights: floor per decode step {weights * 4 / bandwidth * 1e3:.1f} ms in float32, "
+              f"{weights * 2 / bandwidth * 1e3:.1f} ms in bf16")
+        for name in variants:
+            per_step = statistics.median(seconds[name]) / args.new_tokens
+            print(f"{name}: {per_step * 1e3:.1f} ms per decode position")
     if "hf" in variants:
         for name in variants:
             if name != "hf":

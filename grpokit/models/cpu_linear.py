@@ -102,16 +102,51 @@ class OneDNNLinear(torch.nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
+class PackedBF16Linear(torch.nn.Linear):
+    """A linear layer that, inside `packed_weights` under bf16 autocast, runs its no-grad calls as one bf16 oneDNN
+    product on a bf16 copy of its weight packed once per context: what autocast computes (bf16 operands, float32
+    accumulation, a bf16 result), without autocast's per-call dispatch and plain-layout bf16 kernel. Set on a
+    layer only for the context's duration (its class is put back after); any other call takes the base forward."""
+
+    _packed_bf16: torch.Tensor | None = None
+    _bias_bf16: torch.Tensor | None = None
+    _base: type = torch.nn.Linear  # the class to use outside the fast path and to restore
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (self._packed_bf16 is not None and not torch.is_grad_enabled() and input.device.type == "cpu"
+                and input.numel() > 0 and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+            x = input.reshape(-1, input.shape[-1]).to(torch.bfloat16)
+            out = _matmul(x, self._packed_bf16, self._bias_bf16)
+            return out.view(*input.shape[:-1], self.out_features)
+        return self._base.forward(self, input)
+
+
+def _bf16_packing_applies() -> bool:
+    return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @contextlib.contextmanager
 def packed_weights(model: torch.nn.Module, rows: int = 64) -> Iterator[int]:
-    """Inside the context, `model`'s float32 `OneDNNLinear` layers run their no-grad calls on a copy of the weight
-    reordered once into oneDNN's blocked layout (`rows`: the typical row count, a layout hint; any count works);
-    yields how many layers. The copy costs the layers' weight memory again while the context lasts (the plan counts
-    it); under autocast nothing is packed, as no call would use it. Decode-sized products run ~15-25% faster on it
-    (benchmarks/RESULTS.md). The weights must not change inside the context."""
-    layers = [] if torch.is_autocast_enabled("cpu") else [
-        m for m in model.modules()
-        if type(m) is OneDNNLinear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    """Inside the context, `model`'s linear layers run their no-grad calls on copies of their weights reordered
+    once into oneDNN's blocked layout (`rows`: the typical row count, a layout hint; any count works); yields how
+    many layers. The weights must not change inside the context.
+
+    - float32, autocast off: the `OneDNNLinear` layers (cpu_linear onednn / auto on AMD), on a float32 copy.
+      Decode-sized products run ~15-25% faster on it (benchmarks/RESULTS.md); the copy costs the layers' weight
+      memory again while the context lasts (the plan counts it).
+    - bf16 autocast on CPU (where oneDNN has bf16): every plain float32 linear layer of at least `AUTO_MIN_WEIGHT`
+      weights, `OneDNNLinear` too, on a bf16 copy (half the float32 weights' memory: the copies autocast would
+      cache) through oneDNN's bf16 product: 2-5x faster than autocast's per-call path on decode-sized products,
+      far more for the LM head (benchmarks/RESULTS.md). Same operands and float32 accumulation as autocast;
+      results differ in rounding only. Subclasses (peft's LoRA wrappers, 4-bit layers) are left alone; the plain
+      layers inside them are packed."""
+    if torch.is_autocast_enabled("cpu"):
+        yield from _packed_bf16(model, rows) if _bf16_packing_applies() else iter([0])
+        return
+    layers = [m for m in model.modules()
+              if type(m) is OneDNNLinear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
     with torch.no_grad():
         for layer in layers:
             layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
@@ -120,6 +155,28 @@ def packed_weights(model: torch.nn.Module, rows: int = 64) -> Iterator[int]:
     finally:
         for layer in layers:
             layer._packed = None
+
+
+def _packed_bf16(model: torch.nn.Module, rows: int) -> Iterator[int]:
+    layers = [m for m in model.modules()
+              if type(m) in (torch.nn.Linear, OneDNNLinear) and m.weight.dtype == torch.float32
+              and m.weight.device.type == "cpu" and m.weight.numel() >= AUTO_MIN_WEIGHT
+              and (m.bias is None or m.bias.dtype == torch.float32)]
+    bases = [type(m) for m in layers]
+    try:
+        with torch.no_grad():
+            for layer, base in zip(layers, bases, strict=True):
+                layer.__class__ = PackedBF16Linear
+                layer._base = base
+                layer._packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(
+                    layer.weight.detach().to(torch.bfloat16), rows)
+                layer._bias_bf16 = layer.bias.detach().to(torch.bfloat16) if layer.bias is not None else None
+        yield len(layers)
+    finally:
+        for layer, base in zip(layers, bases, strict=True):
+            for name in ("_packed_bf16", "_bias_bf16", "_base"):
+                layer.__dict__.pop(name, None)
+            layer.__class__ = base
 
 
 def use_onednn(model: torch.nn.Module, min_weight: int = 0) -> int:

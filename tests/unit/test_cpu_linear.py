@@ -224,3 +224,55 @@ def test_eval_and_generate_load_the_model_with_the_setting(tiny_model_dir, setti
     cfg = validate_config({"model": str(tiny_model_dir), "device": "cpu", "cpu_linear": setting})
     model, _, engine, _ = inference._load(cfg)
     assert (type(model.lm_head) is cpu_linear.OneDNNLinear) is converted and engine.model is model
+
+
+@X86_ONLY
+def test_bf16_generation_packs_weights_once_and_its_logps_match_the_trainers_bf16_recompute(tiny_model, monkeypatch):
+    """Under bf16 autocast the sampler's linear layers run on bf16 copies packed once per `generate` (then every
+    layer is as it was); its log-probs match the trainer's autocast recompute of the same ids within 0.02 nats
+    (bf16 keeps 8 bits of mantissa: logits of magnitude ~1-10 round by up to ~0.004-0.03, and the two paths
+    round different products and sums); with the packing off, the autocast sampler's log-probs are as close."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no bf16 support in oneDNN: autocast's own path is used, nothing to compare")
+    model, tokenizer = tiny_model
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)  # the tiny model's layers are below the size threshold
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    packed_calls = []
+    real = cpu_linear._matmul
+    monkeypatch.setattr(cpu_linear, "_matmul",
+                        lambda a, w, b=None: packed_calls.append((a.dtype, w.is_mkldnn)) or real(a, w, b))
+    prompts = [tokenizer(t)["input_ids"] for t in ("What is 2 + 3?", "Hi", "A longer prompt about 17 - 4.")]
+    params = SamplingParams(max_tokens=10, temperature=0.7, seed=3)
+    linears = sum(1 for m in model.modules() if type(m) is torch.nn.Linear)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rollout = TorchEngine(model, 0).generate(prompts, 4, params)
+    assert packed_calls and set(packed_calls) == {(torch.bfloat16, True)}
+    assert sum(1 for m in model.modules() if type(m) is torch.nn.Linear) == linears  # classes put back
+    assert not any(hasattr(m, "_packed_bf16") and "_packed_bf16" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    rows = [p for p in prompts for _ in range(4)]
+    input_ids, attention, cmask = pack(rows, rollout.completion_ids, 0, "cpu")
+    packed_calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logps, _ = completion_logps(model, input_ids, attention, cmask.shape[1], temperature=0.7, chunk_size=7)
+    assert not packed_calls  # the trainer's recompute takes autocast's own path
+    worst = 0.0
+    for i, sampled in enumerate(rollout.sampler_logps):
+        n = len(sampled)
+        worst = max(worst, (logps[i, :n].float() - torch.tensor(sampled)).abs().max().item())
+    assert worst < 0.02, worst
+    monkeypatch.setattr(cpu_linear, "_bf16_packing_applies", lambda: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = TorchEngine(model, 0).generate(prompts, 4, params)
+    assert not packed_calls
+    assert plain.completion_ids == rollout.completion_ids  # same draws: the rounding did not move a sample here
+
+
+def test_fp32_generation_never_packs_bf16(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    seen = []
+    real = cpu_linear._packed_bf16
+    monkeypatch.setattr(cpu_linear, "_packed_bf16", lambda m, r: seen.append(1) or real(m, r))
+    TorchEngine(model, 0).generate([tokenizer("Hi")["input_ids"]], 2, SamplingParams(max_tokens=4, seed=1))
+    assert seen == []
