@@ -96,16 +96,11 @@ def score_hacks(reward, humaneval: list[dict]) -> dict[str, float | None]:
     """Each hack of tests/unit/code_hacks/ against its row (the rows tests/unit/test_code_hacks.py defines)."""
     import inspect
 
-    own = {"asserts/add": {"tests": ["assert add(1, 2) == 3", "assert math.isclose(add(0.1, 0.2), 0.3)",
-                                     "assert add(-1, 1) == 0"]},
-           "asserts/is_even": {"tests": ["assert is_even(4)", "assert not is_even(3)", "assert is_even(0) == True"]},
-           "io/sum": {"input_output": json.dumps({"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"]})},
-           "io/two_sum": {"input_output": json.dumps({"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9],
-                                                                                     [[3, 2, 4], 6]],
-                                                      "outputs": [[0, 1], [1, 2]]})}}
+    hacks = ROOT / "tests" / "unit" / "code_hacks"
+    own = {name: row["columns"] for name, row in json.loads((hacks / "rows.json").read_text()).items()}
     has_io = "input_output" in inspect.signature(reward.__call__).parameters
     scores = {}
-    for path in sorted((ROOT / "tests" / "unit" / "code_hacks").glob("*.txt")):
+    for path in sorted(hacks.glob("*.txt")):
         first, _, body = path.read_text().partition("\n")
         row = first.removeprefix("# row: ").strip()
         if row.startswith("io/") and not has_io:

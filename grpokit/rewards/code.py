@@ -27,8 +27,10 @@ the judge into builtins). So an object with its own `__eq__` or `__bool__`, a su
 report: none of it reaches the tests, which count passed cases and print the report on their own stdout. A
 return value that is not plain data fails its case. The judge runs the prompt's own code (imports, helpers
 such as HumanEval/32's `poly`) from the prompt, never the solution's version of it, and the solution's
-top-level imports of standard-library modules that the tests use without importing them (MBPP-style
-`math.isclose`); names of grpokit's own (`_grpokit_*`) are never the solution's. Not supported in
+top-level `import module [as name]` statements whose names the tests use without importing them (MBPP-style
+`math.isclose`, `np.array`: the judge imports the module itself; never `from module import name`, which could
+bind any object); names of grpokit's own (`_grpokit_*`) are never the solution's. A return value that is a
+subclass of a builtin (Counter, OrderedDict, a namedtuple) crosses as the plain value it holds. Not supported in
 call mode: tests that use a solution's object other than by calling a function (a class instance's methods,
 a module constant), and tests that expect an argument to be changed in place (arguments are copies).
 
@@ -60,7 +62,6 @@ import builtins
 import json
 import re
 import secrets
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -416,7 +417,8 @@ def _grpokit_main():
 _grpokit_main()
 """
     harness = ast.unparse(ast.fix_missing_locations(ast.Module(body=[*preamble, function], type_ignores=[])))
-    judge = (f"{_WIRE}\n{_JUDGE_HELPERS}\n_grpokit_remote = _grpokit_link(__grpokit_channel__)\n\n"
+    futures, context = _split_future(context)
+    judge = (f"{futures}{_WIRE}\n{_JUDGE_HELPERS}\n_grpokit_remote = _grpokit_link(__grpokit_channel__)\n\n"
              f"{context}\n\n{imports}\n{links}\n\n{harness}\n{runner}")
     solution = f"{code}\n\n\n{_WIRE}\n\n_grpokit_serve(globals(), __grpokit_channel__)\n"
     return TestProgram(solution=solution, judge=judge, nonce=nonce, total=total,
@@ -461,8 +463,8 @@ def _names(nodes: list[ast.stmt]) -> tuple[set[str], set[str]]:
 
 
 def _top_level(code: str) -> tuple[set[str], dict[str, str]]:
-    """Names the solution's code binds at top level, and for those bound by an import of a standard-library module,
-    that import statement."""
+    """Names the solution's code binds at top level, and for those bound by `import module [as name]`, that
+    import statement (the judge imports the module itself)."""
     try:
         module = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
@@ -475,15 +477,11 @@ def _top_level(code: str) -> tuple[set[str], dict[str, str]]:
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
                 defined.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
-        elif isinstance(node, (ast.Import, ast.ImportFrom)) and not (isinstance(node, ast.ImportFrom) and node.level):
+        elif isinstance(node, ast.ImportFrom):  # a function the tests call by this name runs in the solution
+            defined.update(a.asname or a.name for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Import):  # modules only: `from m import f` could bind any object as a name
             for alias in node.names:
-                source = alias.name if isinstance(node, ast.Import) else node.module or ""
-                if alias.name == "*" or source.split(".")[0] not in sys.stdlib_module_names:
-                    continue  # only the standard library's modules are imported into the judge
-                name = (alias.asname or alias.name).split(".")[0]
-                one = ast.Import(names=[alias]) if isinstance(node, ast.Import) else \
-                    ast.ImportFrom(module=node.module, names=[alias], level=0)
-                imports[name] = ast.unparse(one)
+                imports[(alias.asname or alias.name).split(".")[0]] = ast.unparse(ast.Import(names=[alias]))
     return defined, imports
 
 
@@ -545,10 +543,22 @@ def _code_candidates(text: str, entry_point: str | None) -> list[str]:
     return candidates
 
 
+_FUTURE = re.compile(r"^from\s+__future__\s+import\s+[^\n]*\n?", re.M)
+
+
+def _split_future(code: str) -> tuple[str, str]:
+    """(the top-level `from __future__ import` lines, the rest): such imports must come first in a program."""
+    futures = _FUTURE.findall(code)
+    return "".join(f if f.endswith("\n") else f + "\n" for f in futures), _FUTURE.sub("", code)
+
+
 def _program_for(code: str, prompt: str, entry_point: str | None) -> str:
     if entry_point and _defines(code, entry_point):
         context = _prompt_context(prompt, entry_point)
-        return f"{context}\n\n{code}" if context else code
+        if not context:
+            return code
+        futures, joined = _split_future(f"{context}\n\n{code}")
+        return futures + joined
     if not prompt:
         return code
     joined = prompt + code

