@@ -16,7 +16,7 @@ from grpokit.config import GRPOConfig
 from grpokit.evaluation import plan
 from grpokit.models import cpu_linear
 from grpokit.models.loading import add_lora, load_policy
-from grpokit.models.logprobs import completion_logps
+from grpokit.models.logprobs import completion_logps, with_cache
 from grpokit.runtime import allocator
 from tests.conftest import run_cli
 
@@ -92,7 +92,7 @@ def test_kv_cache_formula_equals_a_real_dynamic_cache(tiny_model_dir):
     rows, positions = 3, 11
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.randint(0, 50, (rows, positions)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(0, 50, (rows, positions)), **with_cache(model, cache), use_cache=True)
     real = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert plan.kv_cache_bytes(plan.model_shape(str(tiny_model_dir)), rows * positions, 4) == real
 
@@ -132,7 +132,7 @@ def test_activation_formula_matches_what_autograd_saves(tiny_model_dir, settings
     cfg = _cfg(tiny_model_dir, **settings)
     model = load_policy(str(tiny_model_dir), getattr(torch, cfg.torch_dtype))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.train()

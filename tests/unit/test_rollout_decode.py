@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from grpokit.models.logprobs import returned_cache, with_cache
 from grpokit.rollout import decode
 from grpokit.rollout.base import SamplingParams
 from grpokit.rollout.torch_engine import TorchEngine
@@ -105,9 +106,9 @@ def test_model_outputs_are_unchanged_under_decode_attention(tiny_model):
 
     def run():
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=attention, **with_cache(model, cache), use_cache=True)
         step = model(input_ids=torch.tensor([[9], [9]]), attention_mask=torch.cat([attention, torch.ones(2, 1,
-                     dtype=torch.long)], 1), past_key_values=out.past_key_values, use_cache=True)
+                     dtype=torch.long)], 1), **with_cache(model, returned_cache(out)), use_cache=True)
         return out.logits, step.logits
 
     with torch.no_grad():
@@ -121,7 +122,8 @@ def test_model_outputs_are_unchanged_under_decode_attention(tiny_model):
 def _prefilled(model, batch=3, length=4):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.arange(1, batch * length + 1).view(batch, length), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.arange(1, batch * length + 1).view(batch, length), **with_cache(model, cache),
+              use_cache=True)
     return cache
 
 

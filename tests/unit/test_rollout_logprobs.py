@@ -112,7 +112,7 @@ def test_rows_sharing_a_prompt_share_its_forward_with_the_same_logps_and_gradien
     model = model.double()
     model.train()
     if checkpointing:  # transformers drops the cache in checkpointed layers: the rows must run whole, still exact
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     prompts = _prompts(tokenizer)
     order = [0, 0, 1, 2, 1, 0, 2, 2, 1]  # three prompts, three completions each, interleaved
     completions = [[7 + i] * (1 + (i * 5) % 6) for i in range(len(order))]
