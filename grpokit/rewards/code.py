@@ -42,8 +42,10 @@ runs in its own try block in the judge, so one failure does not stop the rest.
 Stdin/stdout mode (APPS `input_output` = {"inputs": [...], "outputs": [...]}, or `tests` as
 [{"input": ..., "output": ...}, ...]): the whole program runs once per case with that input; a case passes when
 the run exits 0 and its output equals the expected one after whitespace is normalised (`normalise_output`),
-compared here, in the parent. With APPS's `fn_name` the inputs are argument lists and the outputs return values
-(a value or a one-item list of it), judged as in call mode; a `class Solution` with that method is called too.
+compared here, in the parent. Once a case times out, the completion's cases not yet started are not run (each
+would cost the whole limit again) and fail. With APPS's `fn_name` the inputs are argument lists and the outputs
+return values (a value or a one-item list of it), judged as in call mode; a `class Solution` with that method is
+called too.
 
 A completion whose entry point has no body (only its docstring, constants, `pass`: it restates the prompt)
 scores 0 without running: returning None is no attempt, even where a test expects None.
@@ -62,6 +64,7 @@ import builtins
 import json
 import re
 import secrets
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -160,8 +163,7 @@ class CodeTests:
         for (i, program), (solution, judge) in zip(calls, pairs, strict=True):
             self.last_results[i], scores[i] = call_verdict(solution, judge, program)
         flat = [(k, stdin) for k, (_, p) in enumerate(ios) for stdin, _ in p.io_cases]
-        runs = run_many([ios[k][1].solution for k, _ in flat], self.limits, self.max_workers,
-                        stdins=[stdin for _, stdin in flat])
+        runs = run_io_cases([(ios[k][1].solution, stdin, k) for k, stdin in flat], self.limits, self.max_workers)
         for k, (i, program) in enumerate(ios):
             mine = [r for (owner, _), r in zip(flat, runs, strict=True) if owner == k]
             self.last_results[i], scores[i] = io_verdict(mine, program)
@@ -209,9 +211,37 @@ def call_verdict(solution: SandboxResult, judge: SandboxResult, program: TestPro
     return replace(solution, detail=detail, stdout=judge.stdout), passed / program.total
 
 
+def run_io_cases(cases: Sequence[tuple[str, str, int]], limits: SandboxLimits, max_workers: int
+                 ) -> list[SandboxResult]:
+    """(program, stdin, owner) runs, up to `max_workers` at once, in order. Once a run of an owner (a completion)
+    times out, its cases not yet started are not run: each would cost the whole time limit again, as a looping
+    program does on every input. They come back as timeouts that say so."""
+    timed_out: set[int] = set()
+    lock = threading.Lock()
+
+    def one(case: tuple[str, str, int]) -> SandboxResult:
+        code, stdin, owner = case
+        with lock:
+            skip = owner in timed_out
+        if skip:
+            return SandboxResult(outcome="timeout", returncode=None, stdout="", stderr="", wall_s=0.0,
+                                 detail="not run: an earlier case of this completion timed out")
+        result = run_many([code], limits, 1, stdins=[stdin])[0]
+        if result.outcome == "timeout":
+            with lock:
+                timed_out.add(owner)
+        return result
+
+    if not cases:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(cases))), thread_name_prefix="io-case") as pool:
+        return list(pool.map(one, cases))
+
+
 def io_verdict(runs: list[SandboxResult], program: TestProgram) -> tuple[SandboxResult, float | None]:
     """Stdin/stdout cases: a case passes when its run exits 0 and its output equals the expected one after
-    whitespace is normalised (`normalise_output`). Each case is its own run: a timeout fails that case only."""
+    whitespace is normalised (`normalise_output`). Each case is its own run: a timeout fails that case, and the
+    completion's cases not started by then are not run (`run_io_cases`)."""
     if any(r.outcome == "sandbox_error" for r in runs):
         return next(r for r in runs if r.outcome == "sandbox_error"), None
     passed = sum(1 for r, (_, expected) in zip(runs, program.io_cases, strict=True)

@@ -11,7 +11,8 @@ import pytest
 
 from grpokit.rewards import judge_wire as wire
 from grpokit.rewards import sandbox
-from grpokit.rewards.code import CodeTests, normalise_output
+from grpokit.rewards.code import CodeTests, normalise_output, run_io_cases
+from grpokit.rewards.sandbox import SandboxLimits
 
 HACKS = Path(__file__).with_name("code_hacks")
 
@@ -175,6 +176,23 @@ def test_a_case_that_times_out_fails_alone_in_stdin_stdout_mode():
     program = "x = int(input())\nwhile x == 0:\n    pass\nprint(x)\n"
     reward = CodeTests(timeout_s=1.0)
     assert reward([program], input_output=[spec]) == [0.5]
+    assert reward.last_outcomes == ["timeout"]
+
+
+def test_a_program_that_loops_on_every_input_runs_no_case_after_its_first_timeout():
+    """Each case would cost the whole time limit again: once one times out, that completion's cases not yet
+    started are not run; another completion's cases all run."""
+    limits = SandboxLimits(wall_s=1.0, cpu_s=1.0)
+    looping = [("while True:\n    pass\n", f"{i}\n", 0) for i in range(8)]
+    echo = [("print(input())\n", f"{i}\n", 1) for i in range(4)]
+    results = run_io_cases(looping + echo, limits, max_workers=2)
+    ran = [r for r in results[:8] if not r.detail.startswith("not run")]
+    assert all(r.outcome == "timeout" for r in results[:8])
+    assert 1 <= len(ran) <= 3, [r.detail for r in results[:8]]  # the cases already under way when one timed out
+    assert [r.stdout.strip() for r in results[8:]] == ["0", "1", "2", "3"]
+    reward = CodeTests(timeout_s=1.0)
+    spec = {"inputs": [f"{i}\n" for i in range(8)], "outputs": [f"{i}\n" for i in range(8)]}
+    assert reward(["while True:\n    pass\n"], input_output=[spec]) == [0.0]
     assert reward.last_outcomes == ["timeout"]
 
 
