@@ -6,8 +6,8 @@ round that is not counted. Prints and saves the median and min-max of the rounds
 
 `--repo DIR` imports grpokit from another checkout (e.g. a `git worktree` of an older commit), so the same script
 measures before and after on the same machine:
-  git worktree add /tmp/grpokit-before <commit>
-  python benchmarks/code_reward.py --repo /tmp/grpokit-before --label before
+  git worktree add ../grpokit-before <commit>
+  python benchmarks/code_reward.py --repo ../grpokit-before --label before
   python benchmarks/code_reward.py --label after
 
 `--hacks` also scores the hack corpus (tests/unit/code_hacks/) with that checkout's `code_tests` and records each

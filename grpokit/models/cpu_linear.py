@@ -138,10 +138,11 @@ def packed_weights(model: torch.nn.Module, rows: int = 64) -> Iterator[int]:
       memory again while the context lasts (the plan counts it).
     - bf16 autocast on CPU (where oneDNN has bf16): every plain float32 linear layer of at least `AUTO_MIN_WEIGHT`
       weights, `OneDNNLinear` too, on a bf16 copy (half the float32 weights' memory: the copies autocast would
-      cache) through oneDNN's bf16 product: 2-5x faster than autocast's per-call path on decode-sized products,
-      far more for the LM head (benchmarks/RESULTS.md). Same operands and float32 accumulation as autocast;
-      results differ in rounding only. Subclasses (peft's LoRA wrappers, 4-bit layers) are left alone; the plain
-      layers inside them are packed."""
+      cache) through oneDNN's bf16 product: on decode-sized products about 2x faster than autocast's own path
+      inside a generation (its cached bf16 weights on the plain-layout kernel), which made a whole bf16
+      generation 4-8% faster on the Xeon measured (benchmarks/RESULTS.md). Same operands and float32
+      accumulation as autocast; results differ in rounding only. Subclasses (peft's LoRA wrappers, 4-bit
+      layers) are left alone; the plain layers inside them are packed."""
     if torch.is_autocast_enabled("cpu"):
         yield from _packed_bf16(model, rows) if _bf16_packing_applies() else iter([0])
         return

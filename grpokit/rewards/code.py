@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.rewards.builtin import completion_text
-from grpokit.rewards.sandbox import Outcome, SandboxLimits, SandboxResult, run_connected, run_many
+from grpokit.rewards.sandbox import Outcome, SandboxLimits, SandboxResult, run_connected, run_python
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _PYTHON_TAGS = ("", "python", "py", "python3", "py3")
@@ -226,7 +226,7 @@ def run_io_cases(cases: Sequence[tuple[str, str, int]], limits: SandboxLimits, m
         if skip:
             return SandboxResult(outcome="timeout", returncode=None, stdout="", stderr="", wall_s=0.0,
                                  detail="not run: an earlier case of this completion timed out")
-        result = run_many([code], limits, 1, stdins=[stdin])[0]
+        result = run_python(code, limits=limits, stdin=stdin)
         if result.outcome == "timeout":
             with lock:
                 timed_out.add(owner)
@@ -287,11 +287,15 @@ def humaneval_program(completion: str, prompt: str, test: str, entry_point: str,
 def asserts_program(completion: str, tests: Sequence[str] | str, *, entry_point: str | None = None,
                     row: int = 0) -> TestProgram:
     """The completion's code; each assert of `tests`, as a separately counted case, in the judge."""
-    if isinstance(tests, str) and tests.lstrip().startswith("["):
+    if isinstance(tests, str) and tests.lstrip().startswith(("[", "{")):
         try:
             tests = json.loads(tests)
         except ValueError:
             pass
+    if isinstance(tests, dict):
+        raise ValueError(f"code_tests: row {row}: 'tests' is a mapping without 'input'/'inputs': give a list of assert "
+                         "strings, one string of asserts, or input/output pairs ({\"input\": [...], \"output\": "
+                         f"[...]}} or [{{\"input\": ..., \"output\": ...}}, ...]); got {str(tests)[:200]!r}")
     cases: list[ast.stmt] = []
     items = [tests] if isinstance(tests, str) else list(tests)
     for item in items:

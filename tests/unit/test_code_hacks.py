@@ -225,6 +225,9 @@ def test_malformed_input_output_is_a_clear_error():
         reward(["print(1)"], input_output=[{"inputs": ["1"], "outputs": []}])
     with pytest.raises(ValueError, match="not JSON"):
         reward(["print(1)"], input_output=["{inputs"])
+    for mapping in ({"cases": ["assert f() == 1"]}, '{"cases": ["assert f() == 1"]}'):  # never a silent None
+        with pytest.raises(ValueError, match="'tests' is a mapping without 'input'"):
+            reward(["def f():\n    return 1\n"], tests=[mapping])
 
 
 @pytest.mark.parametrize("value", [None, True, -7, 2 ** 100, 0.1, float("-inf"), "é\udc80", b"\x00\xff", 3 - 1j,
