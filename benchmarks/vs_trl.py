@@ -177,7 +177,8 @@ def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
     steps = [r for r in rows if "step_time" in r]
     return {"peak_rss_kib": rss,
             "steps": [{"step_time": r["step_time"], "generate_time": r["time/generate"],
-                       "tokens_per_second": r["tokens_per_second"], "mean_length": r["completions/mean_length"]}
+                       "tokens_per_second": r["tokens_per_second"], "mean_length": r["completions/mean_length"],
+                       "timers": {k[len("time/"):]: v for k, v in r.items() if k.startswith("time/")}}
                       for r in steps]}
 
 
@@ -253,7 +254,11 @@ def _spread(values: list[float], fmt: str) -> str:
 def summarise(runs: list[dict], warmup: int) -> dict:
     measured = [s for run in runs for s in run["steps"][warmup:]]
     col = {k: [s[k] for s in measured] for k in ("step_time", "generate_time", "tokens_per_second", "mean_length")}
-    return {"runs": len(runs), "steps": len(measured), **col,
+    timers: dict[str, list[float]] = {}
+    for step in measured:
+        for k, v in step.get("timers", {}).items():
+            timers.setdefault(k, []).append(v)
+    return {"runs": len(runs), "steps": len(measured), **col, "timers": timers,
             "peak_rss_mib": [run["peak_rss_kib"] / 1024 for run in runs]}
 
 
@@ -264,6 +269,10 @@ def table(summary: dict) -> str:
         lines.append(f"| {name} | {s['runs']} x {s['steps'] // s['runs']} | {_spread(s['step_time'], '.2f')} "
                      f"| {_spread(s['generate_time'], '.2f')} | {_spread(s['tokens_per_second'], '.0f')} "
                      f"| {_spread(s['peak_rss_mib'], '.0f')} | {statistics.mean(s['mean_length']):.1f} |")
+    for name, s in summary.items():
+        if s.get("timers"):  # grpokit's own timers: where the rest of its step goes
+            parts = ", ".join(f"{k} {_spread(v, '.2f')}" for k, v in sorted(s["timers"].items()) if k != "generate")
+            lines.append(f"\n{name} timers, s per step (median, min-max): {parts}")
     if {"grpokit", "trl"} <= summary.keys():
         def ratio(key: str) -> float:
             return statistics.median(summary["grpokit"][key]) / statistics.median(summary["trl"][key])

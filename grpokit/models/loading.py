@@ -253,7 +253,10 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg) -> tuple[torch.optim.Opt
     from transformers import get_scheduler
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # torch's fused AdamW (one kernel over each tensor) where it runs: on CPU about 5x faster than the default
+    # multi-tensor path (0.09 s vs 0.50 s a step over SmolLM2-135M's weights on 2 cores, benchmarks/RESULTS.md)
+    fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=fused or None)
     return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
                                     num_training_steps=cfg.max_steps)

@@ -14,6 +14,11 @@ on CPU runs as two batched matmuls instead of torch's SDPA kernel (whose per-cal
 one query token), and float32 linear layers on oneDNN use weights reordered once per call into
 oneDNN's blocked layout. The sampling weights go into one [N, V] buffer reused every step.
 
+On CPU, Llama-family models (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen3, unwrapped float32 weights) decode
+on a lean forward instead of the model's own: the same operations in float32 (bit for bit the same rollouts, tested),
+and under bf16 autocast a bf16 path with fused products on weights cast and packed once per call, its own bf16 KV
+cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA take the model's forward.
+
 Sampling draws one uniform number per row and step and inverts the filtered distribution's CDF
 (cumsum + searchsorted) instead of `torch.multinomial`, which on CPU draws an exponential variate
 for every vocabulary entry (about half of a 135M model's step time at batch 64). Top-p looks for
@@ -37,6 +42,7 @@ Deliberate choices:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import secrets
@@ -44,7 +50,7 @@ import secrets
 import torch
 from transformers import DynamicCache
 
-from grpokit.models import cpu_linear
+from grpokit.models import cpu_linear, decoder
 from grpokit.models.logprobs import returned_cache, with_cache
 from grpokit.rollout import decode
 from grpokit.rollout.base import FinishReason, Rollout, SamplingParams
@@ -80,14 +86,17 @@ class TorchEngine:
         model = self.model
         was_training = model.training
         model.eval()
-        try:
-            with decode.decode_attention(model), cpu_linear.packed_weights(model):
-                return self._generate(prompt_ids, n, params, samples)
+        lean = lean_mode(model)
+        try:  # bf16 on the lean path holds its own packed bf16 weights: no per-layer copies beside them
+            with decode.decode_attention(model), (
+                    contextlib.nullcontext() if lean == "bf16" else cpu_linear.packed_weights(model)):
+                lean_decoder = None if lean is None else decoder.LeanDecoder(model, bf16=lean == "bf16")
+                return self._generate(prompt_ids, n, params, samples, lean_decoder)
         finally:
             model.train(was_training)
 
     def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                  samples: list[range] | None) -> Rollout:
+                  samples: list[range] | None, lean: decoder.LeanDecoder | None) -> Rollout:
         device = next(self.model.parameters()).device
         counts = [n] * len(prompt_ids) if samples is None else [len(r) for r in samples]
         total, steps = sum(counts), params.max_tokens
@@ -107,18 +116,25 @@ class TorchEngine:
             attention[i, width - len(ids):] = 1  # generated positions are all real tokens
         positions = (attention[:, :width].cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))
-        cache = returned_cache(out)
+        if lean is not None and lean.bf16:
+            with torch.autocast(device.type, enabled=False):
+                logits, cache = lean.prefill(input_ids, attention[:, :width], positions)
+        else:
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=input_ids, attention_mask=attention[:, :width], position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))
+            cache, logits = returned_cache(out), out.logits[:, -1].float()
         repeats = torch.tensor(counts, device=device)
         if samples is not None:
             cache.batch_select_indices(torch.arange(len(prompt_ids), device=device).repeat_interleave(repeats))
         elif n > 1:
             cache.batch_repeat_interleave(n)
         decode.preallocate(cache, steps)
-        logits = out.logits[:, -1].float().repeat_interleave(repeats, dim=0)  # [N, V]
+        logits = logits.repeat_interleave(repeats, dim=0)  # [N, V]
         attention = attention.repeat_interleave(repeats, dim=0)  # [N, L + steps]
+        pad = None  # [N, 1, 1, L] True at padded prompt positions: the lean decoder's mask
+        if lean is not None and not lean.bf16 and not bool(attention[:, :width].all()):
+            pad = (attention[:, None, None, :width] == 0)
         next_pos = positions[:, -1].repeat_interleave(repeats, dim=0) + 1  # [N]
         seen = None  # [N, V] tokens of each row's prompt + completion, for the repetition penalty
         if params.repetition_penalty != 1.0:
@@ -158,18 +174,35 @@ class TorchEngine:
                 rows, token, attention = rows[keep], token[keep], attention[keep]
                 next_pos, live = next_pos[keep], live[keep]
                 seen = None if seen is None else seen[keep]
+                pad = None if pad is None else pad[keep]
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            out = self.model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1],
-                             position_ids=next_pos[:, None], use_cache=True, **with_cache(self.model, cache))
-            cache = returned_cache(out)
-            logits = out.logits[:, -1].float()
+            if lean is not None:
+                with torch.autocast(device.type, enabled=False):
+                    logits = lean.step(token, next_pos, cache, pad)
+            else:
+                out = self.model(input_ids=token[:, None], attention_mask=attention[:, :width + step + 1],
+                                 position_ids=next_pos[:, None], use_cache=True, **with_cache(self.model, cache))
+                cache = returned_cache(out)
+                logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
 
         ids, logps = completion.tolist(), sampler_logps.tolist()
         return Rollout(completion_ids=[r[:k] for r, k in zip(ids, lengths, strict=True)],
                        sampler_logps=[r[:k] for r, k in zip(logps, lengths, strict=True)],
                        finish_reasons=finish, group_size=n)
+
+
+def lean_mode(model: torch.nn.Module) -> str | None:
+    """Which lean path (grpokit.models.decoder) a generation on `model` takes here: "float32", "bf16" (under bf16
+    autocast where oneDNN has bf16), or None (the model's own forward: another architecture, wrapped layers,
+    non-float32 weights, CUDA, another autocast)."""
+    device = next(model.parameters()).device
+    if device.type != "cpu" or decoder.unsupported(model) is not None:
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return "float32"
+    return "bf16" if cpu_linear._bf16_packing_applies() else None
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None,

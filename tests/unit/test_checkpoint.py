@@ -216,3 +216,35 @@ def test_with_two_processes_each_gets_back_its_own_micro_batches_and_reward_coun
         restored = _restore(tmp_path, path, *_parts(), procs=_TwoProcesses(index, other))
         assert [float(mb.advantages) for mb in restored.state.pending.micro_batches] == [0.5 * scale, -1.5 * scale]
         assert restored.rewards == ({"failures": [0, 2]} if index == 0 else {"failures": [7]})
+
+
+def test_the_optimizer_is_torchs_fused_adamw_and_its_state_loads_into_the_default_one(tiny_model):
+    """AdamW runs fused on CPU; its step equals the default implementation's within float32 rounding, and an
+    optimizer state saved by a run from before (the default AdamW) loads into it and steps alike."""
+    from grpokit.models.loading import optimizer_and_schedule
+
+    model, _ = tiny_model
+    cfg = validate_config({"model": "m", "dataset": "d", "learning_rate": 1e-3, "max_steps": 4, "weight_decay": 0.1})
+    fused, _ = optimizer_and_schedule(model, cfg)
+    assert fused.defaults["fused"] is True
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    grads = [torch.randn_like(p) for p in params]
+    default = torch.optim.AdamW([torch.nn.Parameter(s.clone()) for s in start], lr=1e-3, weight_decay=0.1)
+    for _ in range(3):
+        for p, g, q in zip(params, grads, default.param_groups[0]["params"], strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        default.step()
+    for p, q in zip(params, default.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    resumed, _ = optimizer_and_schedule(model, cfg)
+    resumed.load_state_dict(default.state_dict())  # the old implementation's state
+    for p, g, q in zip(params, grads, default.param_groups[0]["params"], strict=True):
+        with torch.no_grad():
+            p.copy_(q)
+        p.grad, q.grad = g.clone(), g.clone()
+    resumed.step()
+    default.step()
+    for p, q in zip(params, default.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

@@ -208,3 +208,35 @@ def test_head_under_bf16_autocast_matches_autograd():
     for g, t in zip(got, (hidden, weight), strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, t.grad, rtol=2e-2, atol=2e-2 * t.grad.abs().max().item())
+
+
+def test_autocast_head_runs_on_one_bf16_copy_with_the_gradients_of_autocasts_own_path(tiny_model, monkeypatch):
+    """Under bf16 autocast the head's weight is cast once per call (not once per chunk and again in each chunk's
+    backward); log-probs, entropies and every parameter's gradient match autocast's own per-chunk path within bf16
+    rounding, and the head weight's gradient is float32."""
+    from grpokit.models import logprobs as module
+
+    model, tokenizer = tiny_model
+    model.train()
+    ids = torch.tensor([tokenizer("abc 12 + 7 = 19")["input_ids"]] * 2 + [tokenizer("xyz 3 * 4 = 120")["input_ids"]])
+    attention = torch.ones_like(ids)
+    casts = []
+    real = module._lowp_head
+    monkeypatch.setattr(module, "_lowp_head", lambda head: casts.append(1) or real(head))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, entropy = completion_logps(model, ids, attention, 8, temperature=0.7, chunk_size=3)
+        (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()
+        return logps.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lowp = run()
+    assert len(casts) == 1  # 24 positions in chunks of 3: one cast
+    monkeypatch.setattr(module, "_lowp_head", lambda head: None)  # autocast's own path, as before
+    plain = run()
+    torch.testing.assert_close(lowp[0], plain[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(lowp[1], plain[1], rtol=0, atol=1e-5)
+    assert lowp[2]["lm_head.weight"].dtype == torch.float32
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(lowp[2][name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item(), msg=name)
