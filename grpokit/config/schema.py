@@ -201,8 +201,9 @@ class GRPOConfig(BaseModel):
         "Passes over the train prompts instead of max_steps: max_steps = ceil(epochs x ceil(prompts / "
         "prompts_per_generation)) x optimizer steps per generation, computed once the data is loaded."))
     bf16: bool = Field(False, description=(
-        "bf16 autocast for generation and the update (fp32 master weights); fast on CPUs with avx512_bf16/AMX and on "
-        "recent GPUs."))
+        "bf16 autocast for generation and the update (fp32 master weights and optimizer state); fast on CPUs with "
+        "avx512_bf16/AMX and on recent GPUs. On such CPUs Llama-family models (Llama, Mistral, Qwen2, Qwen3) generate "
+        "on a bf16 path with weights cast and packed once per generation (benchmarks/RESULTS.md)."))
     cpu_linear: Literal["auto", "onednn", "torch"] = Field("auto", description=(
         "Kernel for float32 linear layers on CPU (generation and training): onednn (about 2x MKL on AMD CPUs, where "
         "MKL lacks AVX-512), torch (torch's own, MKL), or auto: onednn on AMD CPUs for layers of at least 16,384 "

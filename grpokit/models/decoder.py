@@ -33,7 +33,7 @@ def unsupported(model: torch.nn.Module) -> str | None:
     """Why `model` cannot run on `LeanDecoder` (None if it can)."""
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
-    if kind not in ARCHITECTURES or type(model).__name__ != f"{type(model).__name__[:-len('ForCausalLM')]}ForCausalLM":
+    if kind not in ARCHITECTURES or not type(model).__name__.endswith("ForCausalLM"):
         return f"model type {kind!r} is not one of {ARCHITECTURES}"
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
@@ -42,7 +42,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
         return f"hidden_act {getattr(config, 'hidden_act', None)!r} (only silu)"
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", "grpokit_decode"):
         return f"attention implementation {config._attn_implementation!r}"
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()) or (
+            kind == "mistral" and getattr(config, "sliding_window", None) is not None):
         return "sliding-window layers"
     if getattr(config, "pretraining_tp", 1) not in (1, None):
         return "pretraining_tp > 1"

@@ -8,7 +8,16 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from grpokit.algo.batches import pack
 from grpokit.models import cpu_linear, decoder
@@ -31,6 +40,8 @@ def _model(kind: str, *, tied: bool = False, seed: int = 0):
                   tie_word_embeddings=tied, eos_token_id=tokenizer.eos_token_id, pad_token_id=None, bos_token_id=None)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif kind == "qwen2":  # biases on the query/key/value projections
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:  # qwen3: per-head norms of queries and keys, head_dim set apart from hidden / heads
@@ -53,7 +64,7 @@ def _rollouts(model, tokenizer, params, n=4, **kwargs):
     return prompts, lean, plain
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_float32_generation_equals_the_models_own_forward_bit_for_bit(kind, temperature):
     """Same tokens, same log-probs to the last bit, same finish reasons; rows finish at EOS (the batch compacts)."""
@@ -184,6 +195,14 @@ def test_unsupported_models_say_why_and_generate_on_their_own_forward():
     half, _ = _model("llama")
     half.to(torch.bfloat16)
     assert "float32" in decoder.unsupported(half)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert "gpt2" in decoder.unsupported(gpt2) and torch_engine.lean_mode(gpt2) is None
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                sliding_window=16))
+    assert "sliding" in decoder.unsupported(windowed)
     steps = []
     real = decoder.LeanDecoder.step
     with mock.patch.object(decoder.LeanDecoder, "step", lambda self, *a: steps.append(1) or real(self, *a)):
