@@ -240,3 +240,35 @@ def test_autocast_head_runs_on_one_bf16_copy_with_the_gradients_of_autocasts_own
     assert lowp[2]["lm_head.weight"].dtype == torch.float32
     for name, grad in plain[2].items():
         torch.testing.assert_close(lowp[2][name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])
+@pytest.mark.parametrize("hidden_grad", [True, False])
+def test_lowp_head_matches_float64_on_the_rounded_operands(chunk_size, hidden_grad):
+    """The head on its bf16 copy, chunk by chunk (uneven last chunk, a bias, a frozen input): log-probs and entropies
+    equal float64 math on the bf16-rounded hidden states, weight and bias within the bf16 logits' rounding, and the
+    float32 gradients of hidden states, weight and bias within bf16 rounding of the products."""
+    gen = torch.Generator().manual_seed(chunk_size)
+    hidden = torch.randn(13, 16, generator=gen).requires_grad_(hidden_grad)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    bias = torch.randn(50, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (13,), generator=gen)
+    upstream = torch.randn(13, generator=gen)
+    lowp = weight.detach().to(torch.bfloat16), bias.detach().to(torch.bfloat16)
+    parts = [_HeadLogProbs.apply(hidden[i:i + chunk_size], weight, bias, targets[i:i + chunk_size], 0.8, False, *lowp)
+             for i in range(0, 13, chunk_size)]
+    logps, entropy = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    (logps * upstream).sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    assert (hidden.grad is not None) is hidden_grad and not entropy.requires_grad
+
+    h64 = hidden.detach().to(torch.bfloat16).double().requires_grad_(True)
+    w64 = lowp[0].double().requires_grad_(True)
+    b64 = lowp[1].double().requires_grad_(True)
+    want_logps, want_entropy = _plain_head(h64, w64, b64, targets, 0.8)
+    (want_logps * upstream.double()).sum().backward()
+    torch.testing.assert_close(logps.double(), want_logps.detach(), rtol=0, atol=0.05)
+    torch.testing.assert_close(entropy.double(), want_entropy.detach(), rtol=0, atol=0.05)
+    pairs = [(weight.grad, w64.grad), (bias.grad, b64.grad)] + ([(hidden.grad, h64.grad)] if hidden_grad else [])
+    for got, want in pairs:
+        torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item())
