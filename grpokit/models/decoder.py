@@ -88,28 +88,30 @@ def _rotate_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attend_one(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-               pad: torch.Tensor | None, *, float32_softmax: bool = False) -> torch.Tensor:
-    """Single-token attention: query [N, H, D], key/value [N, Hkv, L, D], pad [N, 1, 1, P] (True at padded
-    prompt positions, P <= L) -> [N, H * D]. Each key/value head serves its query heads without a repeat copy.
-    Scores as key @ q^T ([L, D] x [D, g] per row and head; on CPU about 1.6x faster than q @ key^T), then laid
-    out [N, Hkv, g, L] (a small copy) so that the mask and softmax run along contiguous memory."""
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """Single-token attention: query [N, H, D], key/value [N, Hkv, L, D] -> [N, H * D]. mask [N or 1, 1, 1, P],
+    P <= L, over the first P positions: bool (True where masked) or additive float. Each key/value head serves its
+    query heads without a repeat copy. Scores as key @ q^T ([L, D] x [D, g] per row and head; on CPU about 1.6x
+    faster than q @ key^T), then laid out [N, Hkv, g, L] (a small copy) so that the mask and softmax run along
+    contiguous memory. Also the single-token attention of `grpokit.rollout.decode`."""
     batch, heads, dim = query.shape
     kv_heads = key.shape[1]
     q = query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale
     scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2).contiguous()  # [N, Hkv, g, L]
-    if pad is not None:
-        scores[..., :pad.shape[-1]].masked_fill_(pad, float("-inf"))
-    if float32_softmax:
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
-    else:
-        weights = scores.softmax(dim=-1)
-    return torch.matmul(weights, value).reshape(batch, heads * dim)
+    if mask is not None:
+        region = scores[..., :mask.shape[-1]]
+        if mask.dtype == torch.bool:
+            region.masked_fill_(mask, float("-inf"))
+        else:
+            region.add_(mask)
+    return torch.matmul(scores.softmax(dim=-1), value).reshape(batch, heads * dim)
 
 
 class LeanDecoder:
-    """Decode steps (and, in bf16, the prefill) of a supported model over a `DynamicCache` whose layers
-    `grpokit.rollout.decode.preallocate` gave in-place buffers. Build it inside the model's no-grad,
-    eval-mode generation; the weights must not change while it is used."""
+    """Decode steps of a supported model: in float32 over a `DynamicCache` whose layers
+    `grpokit.rollout.decode.preallocate` gave in-place buffers (the model prefills), in bf16 over the `BF16Cache` its
+    own `prefill` returns. Build it inside the model's no-grad, eval-mode generation; the weights must not change
+    while it is used."""
 
     def __init__(self, model: torch.nn.Module, *, bf16: bool, rows: int = 64):
         self.model = model
@@ -264,15 +266,15 @@ class BF16Cache:
     def advance(self) -> int:
         """Open the next position (growing the buffers when full); returns its index."""
         if self.length == self.masked.shape[-1]:
-            self.keys = [self._grow(k, 0) for k in self.keys]
-            self.values = [self._grow(v, 0) for v in self.values]
+            self.keys = [self._grow(k) for k in self.keys]
+            self.values = [self._grow(v) for v in self.values]
             self.masked = torch.cat((self.masked, self.masked.new_ones((*self.masked.shape[:-1], self.CHUNK))), -1)
         self.masked[..., self.length] = False
         self.length += 1
         return self.length - 1
 
-    def _grow(self, buffer: torch.Tensor, fill) -> torch.Tensor:
-        grown = buffer.new_full((*buffer.shape[:-2], buffer.shape[-2] + self.CHUNK, buffer.shape[-1]), fill)
+    def _grow(self, buffer: torch.Tensor) -> torch.Tensor:
+        grown = buffer.new_zeros((*buffer.shape[:-2], buffer.shape[-2] + self.CHUNK, buffer.shape[-1]))
         grown[..., :buffer.shape[-2], :] = buffer
         return grown
 

@@ -24,6 +24,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from grpokit.models import decoder
+
 IMPLEMENTATION = "grpokit_decode"
 
 
@@ -85,20 +87,12 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
     scale = dim ** -0.5 if scaling is None else scaling
-    q = query.reshape(batch, kv_heads, heads // kv_heads, dim) * scale  # each key/value head's query heads as rows
-    # scores as key @ q^T ([L, D] x [D, g] per row and head): on CPU about 1.6x faster than q @ key^T; then laid out
-    # [B, Hkv, g, L] (a small copy) so that the mask and softmax run along contiguous memory
-    scores = torch.matmul(key, q.transpose(-1, -2)).transpose(-1, -2).contiguous()  # [B, Hkv, g, L]
+    mask = None
     if attention_mask is not None:
         mask = attention_mask[..., -1:, :]  # [B or 1, 1, 1, L]: shared by all heads
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))
-        else:
-            scores.add_(mask)
-    out = torch.matmul(scores.softmax(dim=-1), value)  # [B, Hkv, g, D]
-    return out.reshape(batch, 1, heads, dim), None
+        mask = ~mask if mask.dtype == torch.bool else mask  # bool: True where attended; attend_one's: where masked
+    return decoder.attend_one(query[:, :, 0], key, value, scale, mask).reshape(batch, 1, heads, dim), None
 
 
 AttentionInterface.register(IMPLEMENTATION, _attention)

@@ -153,7 +153,6 @@ def test_bf16_generation_logps_match_the_trainers_autocast_recompute(kind):
     assert worst < 0.02, worst
 
 
-@BF16
 def test_bf16_cache_attention_matches_float64_over_padding_and_unfilled_positions():
     """BF16Cache.attend reads whole buffers: padded prompt positions and positions not yet filled must weigh 0."""
     torch.manual_seed(0)
