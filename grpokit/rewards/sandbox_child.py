@@ -11,9 +11,12 @@ nothing from grpokit and works whatever the child may read. In order:
 4. Write b"R" to the status pipe and close it: from here on an exit is the program's, so a
    program cannot make its own failure look like a sandbox error.
 5. Run the program file as __main__, with `__grpokit_channel__` = (read_fd, write_fd) in its globals
-   when the run is one of a connected pair (`sandbox.run_connected`).
+   when the run is one of a connected pair (`sandbox.run_connected`). The pipes are always fds 3 and 4,
+   whatever numbers the parent gave them, so what a program sees does not change with how many files
+   grpokit had open: the same completion gets the same reward on every machine.
 """
 
+import fcntl
 import json
 import os
 import resource
@@ -115,6 +118,22 @@ def _make_hook(cfg: dict):
     return hook
 
 
+CHANNEL_FDS = (3, 4)  # the program's (read_fd, write_fd), the same in every run
+
+
+def _renumber(channel: list[int], status_fd: int) -> int:
+    """Move the pipes to CHANNEL_FDS and the status pipe just above them; return the status pipe's new fd.
+    Each fd is first copied above the targets, so no move lands on a pipe not yet moved."""
+    above = CHANNEL_FDS[-1] + 2  # F_DUPFD takes the lowest free fd from here: never a target, never a source
+    copies = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, above) for fd in (*channel, status_fd)]
+    for fd in (*channel, status_fd):
+        os.close(fd)
+    for copy, target in zip(copies, (*CHANNEL_FDS, CHANNEL_FDS[-1] + 1)):
+        os.dup2(copy, target, inheritable=target != CHANNEL_FDS[-1] + 1)
+        os.close(copy)
+    return CHANNEL_FDS[-1] + 1
+
+
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     status_fd = cfg["status_fd"]
@@ -128,6 +147,9 @@ def main() -> None:
             for fd in channel or ():  # only the program holds the pipes: its end is the partner's end-of-file
                 os.close(fd)
             _supervise(child, status_fd)
+    if channel:
+        status_fd = _renumber(channel, status_fd)
+        channel = list(CHANNEL_FDS)
     for name, (soft, hard) in cfg["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     if cfg["uid"] is not None:

@@ -386,6 +386,24 @@ def test_a_program_cannot_pass_itself_off_as_a_sandbox_error():
         assert run_python(code, limits=FAST).outcome != "sandbox_error", code
 
 
+def test_connected_programs_find_their_pipes_at_fds_3_and_4_whatever_the_parent_holds(mode):
+    """The fd numbers a program sees must not depend on how many files this process has open, or a completion
+    that writes to fixed fds would be scored differently from one machine (or test order) to the next."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(150)]  # the pipes' own numbers land above 150
+    try:
+        first, second = sandbox.run_connected(
+            "import os\nprint(__grpokit_channel__)\nos.write(__grpokit_channel__[1], b'ping')\n"
+            "print(os.read(__grpokit_channel__[0], 4))",
+            "import os\nprint(__grpokit_channel__)\nprint(os.read(__grpokit_channel__[0], 4))\n"
+            "os.write(__grpokit_channel__[1], b'pong')", SandboxLimits(wall_s=20.0, cpu_s=10, memory_mb=256))
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert (first.outcome, second.outcome) == ("passed", "passed"), (first.detail, second.detail)
+    assert first.stdout.split() == ["(3,", "4)", "b'pong'"]
+    assert second.stdout.split() == ["(3,", "4)", "b'ping'"]
+
+
 # ---- concurrency and parents ---------------------------------------------------------------------------
 
 def test_run_many_runs_in_parallel_and_keeps_order():
