@@ -39,7 +39,7 @@ test: setup system-packages
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-test-slow: setup
+test-slow: setup system-packages
 	$(PY) -m pytest -m slow
 
 clean:

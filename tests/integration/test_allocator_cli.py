@@ -31,6 +31,7 @@ def test_train_restarts_itself_on_tcmalloc_and_keeps_its_arguments(tiny_model_di
     assert "tcmalloc: large alloc" not in result.stderr
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 @pytest.mark.skipif(not LINUX_GLIBC_BEFORE_2_39, reason="the restart applies on glibc before 2.39 only")
 def test_system_keeps_glibc_and_the_summary_and_plan_say_what_that_costs(tiny_model_dir, tmp_path):
     env = {**_without_allocator_settings(), "GRPOKIT_ALLOCATOR": "system"}

@@ -74,6 +74,7 @@ def _record(directory):
     return json.loads((directory / "best_model" / "best_metric.json").read_text())
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_best_model_is_the_best_evaluation_and_survives_resume(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir)
     result = run_cli("train", str(cfg), cwd=tmp_path)

@@ -150,6 +150,7 @@ def test_export_merges_a_lora_run(tmp_path, qa_setup):
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_pipeline_example_runs_each_stage_on_the_previous_ones_output(tmp_path, tiny_model_dir):
     """examples/pipeline: data -> sft -> filter -> train -> eval --compare, each run.sh's command, on the tiny model."""
     shutil.copytree(REPO / "examples", tmp_path / "examples")

@@ -203,6 +203,7 @@ def test_on_collapse_stop_ends_the_run_at_the_collapse_as_max_steps_would(tmp_pa
     assert (run / "final_model" / "model.safetensors").is_file() and (run / f"checkpoint-{collapse['step']}").is_dir()
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_on_collapse_adapt_raises_the_temperature_from_the_next_generation_and_resumes_with_it(tmp_path,
                                                                                                tiny_model_dir):
     """Greedy rollouts (temperature 0) until identical_completions fires at step S; with on_collapse adapt the

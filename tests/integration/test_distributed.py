@@ -66,6 +66,7 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_two_processes_train_as_one_on_the_same_global_batch(tmp_path, tiny_model_dir):
     # 5 prompts: 2 on process 0, 3 on process 1
     held_out = {"eval_dataset": "held_out.jsonl", "eval_steps": 2, "log_completions_steps": 1}

@@ -71,6 +71,7 @@ def test_eval_compare_two_models(tmp_path, tiny_model_dir, second_model_dir):
     assert any(row["difference"] != 0 for row in out["difference"].values())  # the models differ; B - A was checked
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_filter_keeps_mixed_prompts_and_trains(tmp_path, tiny_model_dir):
     (tmp_path / "coin.py").write_text(REWARD_MODULE)
     kinds = ["right", "wrong", "mixed", "right", "mixed", "wrong", "mixed", "mixed"]

@@ -67,6 +67,7 @@ def test_merged_model_equals_the_adapter_model(lora_run, tiny_model_dir, monkeyp
     torch.testing.assert_close(_logits(merged, input_ids), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_adapter_errors(lora_run):
     no_merge = run_cli("export", "run/final_model", "out", cwd=lora_run)
     assert no_merge.returncode == 2 and "is a LoRA adapter: pass --merge" in no_merge.stderr
@@ -101,6 +102,7 @@ def test_non_model_directories_are_clear_errors(tmp_path, tiny_model_dir):
     assert "a full model, nothing to merge" in full.stdout and (tmp_path / "full" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_eval_takes_a_lora_output_directly_and_scores_it_as_its_merged_model(lora_run):
     """Reference 004's pipeline ends with `grpokit eval` on the GRPO run's final_model: with LoRA that is an adapter
     directory, evaluated (alone or in --compare) merged into its base, exactly as the exported merged model is."""

@@ -153,6 +153,7 @@ def test_messages_rows_train_on_assistant_turns_only(tmp_path):
     assert examples[1].prompt_ids == grpo_prompt
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_lora_sft_writes_a_merged_model_grpo_trains_from(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, max_steps=2, learning_rate=1e-2,
                   num_generations=4, max_completion_length=6)
@@ -223,6 +224,7 @@ def test_sft_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, tiny_mo
     _same_final_weights(run, tmp_path / "resumed")
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_a_signal_stops_sft_with_a_checkpoint_that_resumes(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, max_steps=100_000, lr_scheduler_type="constant", save_steps=None)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRPOKIT_CACHE": str(tmp_path / ".cache")}
@@ -247,6 +249,7 @@ def test_a_signal_stops_sft_with_a_checkpoint_that_resumes(tmp_path, tiny_model_
     assert steps == list(range(1, step + 3)) and (tmp_path / "run" / "final_model").is_dir()
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_sft_and_grpo_checkpoints_are_not_mixed_up_and_a_changed_setting_is_refused(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, max_steps=2, save_steps=1)
     assert run_cli("sft", cfg.name, cwd=tmp_path).returncode == 0

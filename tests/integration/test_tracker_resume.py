@@ -4,6 +4,7 @@ step, and `--resume` continues the same MLflow run and the same W&B run (offline
 import json
 import math
 
+import pytest
 import yaml
 
 from grpokit.observe.metrics import mlflow_name
@@ -30,6 +31,7 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_mlflow_holds_every_metric_at_every_step_and_resume_continues_its_run(tmp_path, tiny_model_dir, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -72,6 +74,7 @@ def test_mlflow_holds_every_metric_at_every_step_and_resume_continues_its_run(tm
     assert [line["step"] for line in _jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_wandb_offline_resume_continues_the_same_run(tmp_path, tiny_model_dir):
     _setup(tmp_path, tiny_model_dir, report_to="wandb")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(tmp_path)}
