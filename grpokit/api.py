@@ -6,7 +6,9 @@ grpokit's own config (`grpokit.config.schema.GRPOConfig`, validated there, so ba
 and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
 
 - Where TRL's default differs from grpokit's schema, the API takes TRL's: `lr_scheduler_type`
-  "linear", `logging_steps` 10, `bf16` true unless `fp16` is set, `output_dir` "trainer_output".
+  "linear", `logging_steps` 10, `output_dir` "trainer_output". `bf16` unset is grpokit's `auto` (TRL: true
+  unless `fp16` is set): on where the hardware computes bf16 natively, so a GPU or CPU without it trains in
+  float32 instead of emulating bf16; with `fp16` set it is off.
 - Checkpoints: `save_steps`, `save_total_limit`, `save_strategy="no"` (none), and
   `resume_from_checkpoint` (in GRPOConfig or `train(resume_from_checkpoint=True | path)`) work as in
   TRL; a grpokit checkpoint also holds the unfinished generation, so resuming repeats nothing.
@@ -98,7 +100,7 @@ _REWARD_KEYS = ("reward_combination", "multi_objective_aggregation", "reward_gat
 # so config.yaml records the steps actually run
 _OWN_TRANSLATION = {"num_train_epochs", "scale_rewards"}
 # TRL's defaults where grpokit's schema has another (TRL inherits lr_scheduler_type from transformers'
-# TrainingArguments; it sets logging_steps 10 and bf16 = not fp16)
+# TrainingArguments; it sets logging_steps 10; its bf16 = not fp16 becomes bf16 auto unless fp16 is set)
 _TRL_DEFAULTS = {"num_train_epochs": 3.0, "output_dir": "trainer_output", "lr_scheduler_type": "linear",
                  "logging_steps": 10}
 
@@ -134,7 +136,8 @@ class GRPOConfig:
                     and (k in RunConfig.model_fields or k == "multi_objective_aggregation")}
         for key in ("output_dir", "lr_scheduler_type", "logging_steps"):
             settings.setdefault(key, _TRL_DEFAULTS[key])
-        settings.setdefault("bf16", not kwargs.get("fp16"))
+        if settings.get("bf16", None) is None:  # unset, or TRL's None ("not set")
+            settings["bf16"] = False if kwargs.get("fp16") else "auto"
         max_steps = settings.pop("max_steps", -1)
         self.num_train_epochs = float(kwargs.get("num_train_epochs", _TRL_DEFAULTS["num_train_epochs"]))
         if self.num_train_epochs <= 0 and max_steps in (None, -1):
@@ -175,7 +178,7 @@ class GRPOConfig:
         out: dict[str, Any] = {}
         if kwargs.get("fp16"):
             log.warning("GRPOConfig: fp16=True: grpokit has no fp16 mixed precision; training in %s "
-                        "(bf16=True gives bf16 autocast)", "bf16 autocast" if kwargs.get("bf16") else "float32")
+                        "(bf16=True gives bf16 autocast)", "bf16 autocast" if kwargs.get("bf16") is True else "float32")
         if kwargs.get("warmup_ratio"):
             if "warmup_steps" in kwargs:
                 raise ConfigError("GRPOConfig: give warmup_steps or warmup_ratio, not both")

@@ -349,10 +349,14 @@ def _train(args) -> int:
     _resume_or_overwrite(args)
     from pathlib import Path
 
-    if args.resume:  # a missing or foreign checkpoint is said before the model loads
-        from grpokit.train import checkpoint
+    if args.resume:  # a missing or foreign checkpoint is said before the model loads, and the settings given as
+        # 'auto' take the checkpoint's values before anything (the 4-bit loading arguments) reads them
+        from grpokit.runtime.distributed import rank
+        from grpokit.train.harness import resume_checkpoint
 
-        checkpoint.find(Path(cfg.output_dir), args.resume)
+        if rank() != 0:  # one process speaks for the job (as the trainer sets it)
+            logging.getLogger("grpokit").setLevel(logging.WARNING)
+        resume_checkpoint(cfg.settle_auto(), args.resume)
     from grpokit.runtime.distributed import rank
     from grpokit.train.harness import claim_output_dir
 
@@ -372,7 +376,7 @@ def _check(args) -> int:
         return 0
     from grpokit.evaluation.preflight import preflight
 
-    cfg = load_config(args.config, args.overrides, preset=args.preset)
+    cfg = load_config(args.config, args.overrides, preset=args.preset).settle_auto()  # printed as the run would
     if not args.quiet_config:
         for name, field in GRPOConfig.model_fields.items():
             print(f"{name}: {getattr(cfg, name)!r}  # {field.description}")

@@ -19,7 +19,7 @@ import math
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from grpokit.rewards.registry import BUILTIN_REWARDS, reward_name
 from grpokit.runtime.distributed import world_size
@@ -47,6 +47,9 @@ class GRPOConfig(BaseModel):
     """Every setting of a run, with its default and help; built once per run and checked as a whole."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # fields given as 'auto' and settled by `settle_auto` -> what it chose and why (replaced, never mutated: copies
+    # of a config share their private attributes)
+    _from_auto: dict[str, str] = PrivateAttr(default_factory=dict)
 
     # model and data
     model: str = Field("smollm2-135m-instruct", description=(
@@ -200,10 +203,13 @@ class GRPOConfig(BaseModel):
     num_train_epochs: float | None = Field(None, gt=0.0, description=(
         "Passes over the train prompts instead of max_steps: max_steps = ceil(epochs x ceil(prompts / "
         "prompts_per_generation)) x optimizer steps per generation, computed once the data is loaded."))
-    bf16: bool = Field(False, description=(
+    bf16: bool | Literal["auto"] = Field("auto", description=(
         "bf16 autocast for generation and the update (fp32 master weights and optimizer state); fast on CPUs with "
         "avx512_bf16/AMX and on recent GPUs. On such CPUs Llama-family models (Llama, Mistral, Qwen2, Qwen3) generate "
-        "on a bf16 path with weights cast and packed once per generation (benchmarks/RESULTS.md)."))
+        "on a bf16 path with weights cast and packed once per generation (benchmarks/RESULTS.md). auto: on where the "
+        "run's device computes bf16 natively (a CUDA GPU of compute capability 8.0+, an x86 CPU with avx512_bf16 or "
+        "AMX) and the weights are float32, else off; settled when the run starts (its config.yaml records true or "
+        "false), and a resumed run keeps its checkpoint's choice."))
     cpu_linear: Literal["auto", "onednn", "torch"] = Field("auto", description=(
         "Kernel for float32 linear layers on CPU (generation and training): onednn (about 2x MKL on AMD CPUs, where "
         "MKL lacks AVX-512), torch (torch's own, MKL), or auto: onednn on AMD CPUs for layers of at least 16,384 "
@@ -392,6 +398,52 @@ class GRPOConfig(BaseModel):
             logging.getLogger("grpokit.config").info("load_in_4bit: auto -> off: %s; the weights load in full "
                                                      "precision", why)
         return why is None
+
+    def _bf16_here(self) -> tuple[bool, str]:
+        """`bf16: auto`: whether this run's device computes bf16 natively and the weights are float32 (autocast's
+        master weights), and the note that says so."""
+        from grpokit.runtime import bf16_unsupported
+
+        why = (f"torch_dtype is {self.torch_dtype}, not float32" if self.torch_dtype != "float32"
+               else bf16_unsupported(self.device))
+        if why is None:
+            return True, "bf16: auto -> on: the device computes bf16 natively (autocast; float32 master weights)"
+        return False, f"bf16: auto -> off: {why}; the run computes in {self.torch_dtype}"
+
+    def settle_auto(self) -> GRPOConfig:
+        """Settle `bf16: auto` for this machine, in place (config.yaml then records true or false, and a config
+        rebuilt from `model_dump(exclude_unset=True)` keeps the value); returns self. The answer needs torch (is
+        there a GPU, does it compute bf16), which loading a config never imports, so the commands that compute call
+        this first: `early_checks` (train, --dry-run, check), sft, eval/filter/generate, plan, and the 4-bit
+        loading arguments."""
+        if self.bf16 == "auto":
+            import logging
+
+            value, note = self._bf16_here()
+            logging.getLogger("grpokit.config").info("%s", note)
+            self.__dict__["bf16"] = value  # not setattr: validate_assignment would re-run the GRPO-only checks
+            self.__pydantic_fields_set__.add("bf16")
+            self._from_auto = {**self._from_auto, "bf16": note}
+        return self
+
+    @property
+    def settled_from_auto(self) -> dict[str, str]:
+        """The fields this config was given as 'auto' and `settle_auto` settled for this machine, each with its
+        note (a resumed run takes its checkpoint's values for them instead: `keep_settled`)."""
+        return dict(self._from_auto)
+
+    def keep_settled(self, saved: dict[str, Any], where: str) -> list[str]:
+        """Give the fields settled from 'auto' the values of `saved` (a checkpoint's config, from `where`), so that
+        a resumed run computes as it began on whatever machine it resumes; returns what changed, said."""
+        said = []
+        for key in sorted(self._from_auto):
+            value = saved.get(key)
+            if isinstance(value, bool) and value != getattr(self, key):
+                said.append(f"{key}: auto -> {'on' if value else 'off'}, as the run in {where} settled it; this "
+                            f"machine would settle {'on' if getattr(self, key) else 'off'}")
+                self.__dict__[key] = value  # bool either way: nothing else to check
+                self._from_auto = {**self._from_auto, key: said[-1]}
+        return said
 
     def _check_quantization(self) -> None:
         if not self.load_in_4bit:

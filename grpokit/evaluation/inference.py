@@ -56,9 +56,11 @@ def _load(cfg: GRPOConfig):
 
 
 def _autocast(cfg: GRPOConfig, model: torch.nn.Module):
-    """What the trainer generates under: bf16 autocast when `bf16` is set (so eval here equals its eval/*)."""
+    """What the trainer generates under: bf16 autocast when `bf16` is set or settles on (so eval here equals its
+    eval/*)."""
     device_type = next(model.parameters()).device.type
-    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    enabled = cfg.settle_auto().bf16
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def _runner(cfg: GRPOConfig, funcs, records: list[dict], log_name: str) -> RewardRunner:

@@ -60,6 +60,7 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
     The Python API hands in records and reward callables already made; else the config names them.
     `check_columns` False leaves each reward's arguments against the columns to the caller (`preflight` reports
     every reward's instead of stopping at the first)."""
+    cfg.settle_auto()  # bf16: auto -> true or false on this machine, before anything reads it
     check_quantization(cfg)  # load_in_4bit without a CUDA GPU or bitsandbytes: fail before data and model
     funcs = resolve_rewards(reward_funcs or cfg.reward_funcs)
     train = train_records if train_records is not None else data_mod.dataset_records(cfg, "train")

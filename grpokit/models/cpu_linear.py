@@ -27,11 +27,11 @@ import contextlib
 import platform
 from collections.abc import Iterator
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from grpokit.errors import ConfigError
+from grpokit.runtime import cpu_info
 
 # auto leaves smaller layers to torch: a oneDNN call costs ~15 us more than MKL's on a 64 x 32 weight and wins
 # from 256 x 256 on (a 37-row input: 87 us vs 425 us on the development machine); tiny test models stay on MKL
@@ -200,12 +200,7 @@ def restore(model: torch.nn.Module) -> None:
 
 def cpu_vendor() -> str:
     """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), "" where it cannot be read."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return cpu_info("vendor_id") or platform.processor()
 
 
 def min_weight(mode: str, device: torch.device | str) -> int | None:

@@ -121,13 +121,14 @@ def prepare_tokenizer(tokenizer, path: str = "the given tokenizer"):
 
 
 def bnb_4bit_kwargs(cfg) -> dict[str, Any] | None:
-    """transformers' `BitsAndBytesConfig` arguments for `load_in_4bit` (None without it); machine-independent.
+    """transformers' `BitsAndBytesConfig` arguments for `load_in_4bit` (None without it); machine-independent but
+    for `bf16: auto`, which it settles.
 
     The compute dtype follows the run's precision, as TRL and Axolotl do: bfloat16 under `bf16` or
     `torch_dtype: bfloat16`, float16 for `torch_dtype: float16`, else float32."""
     if not cfg.load_in_4bit:
         return None
-    if cfg.bf16 or cfg.torch_dtype == "bfloat16":
+    if cfg.settle_auto().bf16 or cfg.torch_dtype == "bfloat16":
         compute_dtype = torch.bfloat16
     elif cfg.torch_dtype == "float16":
         compute_dtype = torch.float16

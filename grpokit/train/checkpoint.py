@@ -127,24 +127,32 @@ def save(output_dir: Path, step: int, *, policy, tokenizer, optimizer, scheduler
     return final
 
 
-def load(path: Path) -> Saved:
-    def read(name: str, how):
-        file = path / name
-        if not file.is_file():
-            return None
-        try:
-            return how(file)
-        except Exception as exc:  # a damaged or foreign file: say which, not a traceback
-            raise ConfigError(f"--resume {path}: cannot read {name} ({type(exc).__name__}: {exc}); resume from "
-                              "an earlier checkpoint") from None
+def _read(path: Path, name: str, how):
+    """`how(path / name)`; None where the file is absent; a ConfigError naming it where it cannot be read."""
+    file = path / name
+    if not file.is_file():
+        return None
+    try:
+        return how(file)
+    except Exception as exc:  # a damaged or foreign file: say which, not a traceback
+        raise ConfigError(f"--resume {path}: cannot read {name} ({type(exc).__name__}: {exc}); resume from "
+                          "an earlier checkpoint") from None
 
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """The config a checkpoint's run had (its config.yaml; {} where absent). Model-free."""
+    config = _read(path, "config.yaml", lambda f: yaml.safe_load(f.read_text()))
+    return config if isinstance(config, dict) else {}
+
+
+def load(path: Path) -> Saved:
     def tensors(file: Path):
         return torch.load(file, map_location="cpu", weights_only=True)
 
-    return Saved(path=path, state=read(STATE_FILE, lambda f: json.loads(f.read_text())),
-                 config=read("config.yaml", lambda f: yaml.safe_load(f.read_text())) or {},
-                 optimizer=read("optimizer.pt", tensors), scheduler=read("scheduler.pt", tensors),
-                 rng=read("rng_state.pt", tensors), pending=read("pending.pt", tensors))
+    return Saved(path=path, state=_read(path, STATE_FILE, lambda f: json.loads(f.read_text())),
+                 config=saved_config(path), optimizer=_read(path, "optimizer.pt", tensors),
+                 scheduler=_read(path, "scheduler.pt", tensors), rng=_read(path, "rng_state.pt", tensors),
+                 pending=_read(path, "pending.pt", tensors))
 
 
 def check_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -89,8 +89,15 @@ def claim_output_dir(out: Path, *, resume: str | bool | None, overwrite: bool, c
 
 def resume_checkpoint(cfg: GRPOConfig, resume: str | bool | None, kind: str = "grpo") -> Path | None:
     """The checkpoint `--resume` names (True: the newest in output_dir; or a path), written by a run of `kind`;
-    None without `resume`. Cheap and model-free: call it before anything loads."""
-    return checkpoint.find(Path(cfg.output_dir), resume, kind=kind) if resume else None
+    None without `resume`. Cheap and model-free: call it before anything loads. The settings `cfg` was given as
+    'auto' take the values the checkpoint's run settled on (another machine, or a newer default, would settle them
+    otherwise), so that the resumed run computes as it began."""
+    if not resume:
+        return None
+    path = checkpoint.find(Path(cfg.output_dir), resume, kind=kind)
+    for said in cfg.keep_settled(checkpoint.saved_config(path), str(path)):
+        log.info("%s", said)
+    return path
 
 
 class StopSignals:

@@ -49,6 +49,7 @@ from grpokit.models.loading import (
 )
 from grpokit.models.logprobs import completion_logps
 from grpokit.observe.metrics import check_sinks
+from grpokit.observe.runlog import precision
 from grpokit.runtime import allocator
 from grpokit.runtime.distributed import rank
 from grpokit.train import checkpoint
@@ -248,6 +249,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
     `resume`: go on from the newest checkpoint-N in output_dir (True) or from a checkpoint's path; `force` skips the
     check that the settings which change the results are the checkpoint's; `overwrite` moves a run already in
     output_dir aside (without it such a run stops this one, harness.claim_output_dir)."""
+    cfg.settle_auto()  # bf16: auto -> true or false on this machine
     if cfg.load_in_4bit:  # final_model is LoRA merged into the loaded base: a 4-bit base would save rounded weights
         raise ConfigError("load_in_4bit: `grpokit sft` does not train on 4-bit weights: it saves final_model as the "
                           "LoRA adapter merged into the base it trained on, and a 4-bit base would make that a "
@@ -290,6 +292,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
                f"{trains_on}: "
                f"{cfg.max_steps} steps of {rows_per_step} rows, lr {cfg.learning_rate:g}, "
                f"{'LoRA' if cfg.use_peft else 'all weights'}{' (float32 linear layers on oneDNN)' if onednn else ''}",
+               *([precision(cfg).strip()[1:-1]] if precision(cfg) else []),  # the bf16 choice on a line of its own
                *([allocator.describe()] if device.type == "cpu" else []),
                *([f"resumed from {resumed_from}: step {run.step} of {cfg.max_steps}"] if resumed_from else [])]
 

@@ -42,7 +42,8 @@ def workdir(tmp_path, monkeypatch):
 def make_config(model_dir, **overrides):
     base = {"model": str(model_dir), "dataset": "train.jsonl", "output_dir": "run", "device": "cpu",
             "reward_funcs": ["my_rewards.text_hash"], "num_generations": 4, "per_device_train_batch_size": 8,
-            "max_completion_length": 10, "learning_rate": 1e-2, "max_steps": 1, "seed": 3}
+            "max_completion_length": 10, "learning_rate": 1e-2, "max_steps": 1, "seed": 3,
+            "bf16": False}  # float32 on every machine: these tests compare against float32 references
     return validate_config({**base, **overrides})
 
 

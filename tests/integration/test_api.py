@@ -156,9 +156,10 @@ def test_harmless_trl_arguments_are_noted(caplog):
 def test_trl_defaults_and_translations():
     args = GRPOConfig(max_steps=3)
     run = args.run_config
-    assert (run.lr_scheduler_type, run.logging_steps, run.bf16, run.output_dir) == ("linear", 10, True,
+    assert (run.lr_scheduler_type, run.logging_steps, run.bf16, run.output_dir) == ("linear", 10, "auto",
                                                                                      "trainer_output")
     assert GRPOConfig(max_steps=3, fp16=True).run_config.bf16 is False
+    assert GRPOConfig(max_steps=3, bf16=None).run_config.bf16 == "auto"  # recent TRL's "not set"
     assert GRPOConfig(max_steps=3, lr_scheduler_type="constant", logging_steps=1).run_config.logging_steps == 1
     assert GRPOConfig(max_steps=3, save_strategy="no").run_config.save_steps is None
     assert GRPOConfig(max_steps=3, save_steps=7, save_total_limit=1).run_config.save_total_limit == 1

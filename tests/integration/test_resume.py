@@ -113,6 +113,7 @@ def test_save_total_limit_keeps_the_newest(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in (tmp_path / "run").glob("*checkpoint*")) == ["checkpoint-3", "checkpoint-4"]
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_resume_with_a_changed_setting_is_an_error_unless_forced(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir, max_steps=2, save_steps=1, beta=0.0)
     assert run_cli("train", str(cfg), cwd=tmp_path).returncode == 0
@@ -129,6 +130,7 @@ def test_resume_with_a_changed_setting_is_an_error_unless_forced(tmp_path, tiny_
     assert [m["step"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_resume_without_a_checkpoint_says_so(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir)
     result = run_cli("train", str(cfg), "--resume", cwd=tmp_path)
@@ -161,6 +163,7 @@ def _env(tmp_path):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "GRPOKIT_CACHE": str(tmp_path / ".cache")}
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir, max_steps=6, save_steps=2, beta=0.0)
     (tmp_path / "killer.py").write_text(KILL_DURING_SAVE)
@@ -181,7 +184,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable(tmp_pa
     _assert_same_weights(tmp_path / "straight" / "final_model", run / "final_model")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT])  # SIGTERM: slow
 def test_a_signal_writes_a_checkpoint_and_names_it(tmp_path, tiny_model_dir, sig):
     cfg = _setup(tmp_path, tiny_model_dir, max_steps=10_000, save_steps=None, beta=0.0)
     with open(tmp_path / "out.txt", "w") as out:
@@ -206,6 +209,7 @@ def test_a_signal_writes_a_checkpoint_and_names_it(tmp_path, tiny_model_dir, sig
     assert f"at step {step} of {step + 1}" in resumed.stdout
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_max_train_seconds_ends_the_run_at_a_step_end_and_resume_goes_on(tmp_path, tiny_model_dir):
     """A budget smaller than one step: the run ends after step 1 as a run ends at max_steps (final_model), plus a
     checkpoint; resumed without the budget it runs the other steps and equals a run that never had one."""
@@ -229,3 +233,24 @@ def test_max_train_seconds_ends_the_run_at_a_step_end_and_resume_goes_on(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert [m["step"] for m in _metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]
     _assert_same_weights(tmp_path / "run" / "final_model", run / "final_model")
+
+
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
+def test_a_resumed_run_keeps_the_bf16_its_checkpoint_settled(tmp_path, tiny_model_dir):
+    # the run starts with bf16 explicitly the opposite of what `auto` settles on this machine; resumed under auto
+    # (the default), it keeps the checkpoint's precision, and so ends where the straight run ends
+    from grpokit.runtime import bf16_unsupported
+
+    here = bf16_unsupported("cpu") is None
+    cfg = _setup(tmp_path, tiny_model_dir, bf16=not here, max_steps=4, save_steps=2)
+    straight = run_cli("train", str(cfg), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    resumed = run_cli("train", str(cfg), "--resume", str(checkpoint), "--set", "output_dir=resumed",
+                      "--set", "bf16=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    on_off = {True: "on", False: "off"}
+    assert (f"bf16: auto -> {on_off[not here]}, as the run in {checkpoint} settled it; this machine would settle "
+            f"{on_off[here]}") in resumed.stdout + resumed.stderr
+    assert yaml.safe_load((tmp_path / "resumed" / "config.yaml").read_text())["bf16"] is (not here)
+    _assert_same_weights(tmp_path / "run" / "final_model", tmp_path / "resumed" / "final_model")

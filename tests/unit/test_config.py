@@ -1,8 +1,11 @@
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from grpokit.config import GRPOConfig, load_config, validate_config
 from grpokit.errors import ConfigError
@@ -159,3 +162,79 @@ def test_help_config_lists_every_key_with_its_default_and_help():
     help_text = subprocess.run([sys.executable, "-m", "grpokit", "check", "--help-config"], capture_output=True,
                                text=True, cwd=REPO, check=True).stdout
     assert help_text.splitlines() == rows
+
+
+@pytest.mark.parametrize("flags, native", [
+    ("fpu sse2 avx2 avx512f avx512_bf16", True),  # Cooper Lake, AMD Zen 4
+    ("fpu sse2 avx2 avx512f amx_bf16 amx_tile", True),  # Sapphire Rapids (flags as an AMX-only listing would give)
+    ("fpu sse2 avx2 avx512f avx512bw", False),  # Skylake: bf16 only emulated
+    ("", False),  # no /proc/cpuinfo
+])
+def test_bf16_auto_follows_the_cpus_native_bf16(monkeypatch, caplog, flags, native):
+    import logging
+
+    import grpokit.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_info", lambda field: flags if field == "flags" else "")
+    with caplog.at_level(logging.INFO, logger="grpokit.config"):
+        cfg = GRPOConfig(device="cpu")
+        assert cfg.bf16 == "auto" and not caplog.text  # loading a config needs no torch: the run settles it
+        assert cfg.settle_auto() is cfg
+    assert cfg.bf16 is native and set(cfg.settled_from_auto) == {"bf16"}
+    rebuilt = GRPOConfig(**cfg.model_dump(exclude_unset=True))  # as `grpokit plan` rebuilds it: no second settling
+    assert rebuilt.bf16 is native
+    assert yaml.safe_load(cfg.to_yaml())["bf16"] is native  # the run's config.yaml records the choice
+    assert ("bf16: auto -> on" if native else "bf16: auto -> off: the CPU has no avx512_bf16 or AMX") in caplog.text
+
+
+def test_bf16_auto_is_off_for_half_weights_and_gpus_without_native_bf16(monkeypatch, caplog):
+    import logging
+
+    import grpokit.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_info", lambda field: "avx512_bf16" if field == "flags" else "")
+    with caplog.at_level(logging.INFO, logger="grpokit.config"):
+        assert GRPOConfig(device="cpu", torch_dtype="bfloat16").settle_auto().bf16 is False
+        assert "bf16: auto -> off: torch_dtype is bfloat16, not float32" in caplog.text
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert GRPOConfig(device="cuda").settle_auto().bf16 is False
+        assert "off: no CUDA GPU is available" in caplog.text
+        assert GRPOConfig().settle_auto().bf16 is True  # no device: the CPU when torch sees no GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        gpus = {0: ("Tesla T4", False), 1: ("A100", True), 3: ("L4", True)}  # name, native bf16
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+        current = []
+        monkeypatch.setattr(torch.cuda, "device", lambda i: current.append(i) or contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: gpus[i][0])
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: including_emulation or gpus[current[-1]][1])
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        assert GRPOConfig().settle_auto().bf16 is False  # no device: the GPU when torch sees one, GPU 0
+        assert "off: the GPU (Tesla T4) has no native bf16" in caplog.text
+        assert GRPOConfig(device="cuda:1").settle_auto().bf16 is True  # the GPU the device names
+        monkeypatch.setenv("LOCAL_RANK", "3")  # a torchrun / accelerate process: its own GPU
+        assert GRPOConfig(device="cuda").settle_auto().bf16 is True and current[-1] == 3
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_an_explicit_bf16_is_kept_and_not_settled(value):
+    cfg = GRPOConfig(bf16=value).settle_auto()
+    assert cfg.bf16 is value and cfg.settled_from_auto == {}
+    assert load_config(None, [f"bf16={str(value).lower()}"]).settle_auto().bf16 is value
+    assert set(load_config(None, ["bf16=auto"]).settle_auto().settled_from_auto) == {"bf16"}
+
+
+def test_bf16_auto_names_a_gpu_this_process_cannot_see(monkeypatch):
+    from grpokit.runtime import bf16_unsupported
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    with pytest.raises(ConfigError, match=r"device cuda:2 names CUDA GPU 2, but this process sees 1 "
+                                          r"\(CUDA_VISIBLE_DEVICES=5\); name a visible GPU \(cuda:0 to cuda:0\)"):
+        bf16_unsupported("cuda:2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="LOCAL_RANK 1 names CUDA GPU 1, but this process sees 1"):
+        bf16_unsupported("cuda")
+    with pytest.raises(ConfigError, match="device cuda:x names CUDA GPU x"):
+        bf16_unsupported("cuda:x")

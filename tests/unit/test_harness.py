@@ -122,3 +122,39 @@ def test_claim_output_dir_refuses_a_run_and_moves_it_aside_whole(tmp_path, monke
     moved = harness.claim_output_dir(out, resume=None, overwrite=True)
     assert moved == tmp_path / "run.old-20261203T000000Z-2" and not out.exists()
     assert (moved / "notes.txt").read_text() == "mine" and (moved / "checkpoint-11").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["grpo", "sft"])
+@pytest.mark.parametrize("saved", [True, False])
+def test_resume_takes_the_checkpoints_bf16_for_a_setting_left_to_auto(tmp_path, monkeypatch, caplog, kind, saved):
+    """`bf16: auto` settles per machine; a resumed run keeps what its checkpoint's run settled, whatever this machine
+    would choose. SFT's config is checked as SFT's: its 4-row batch is no GRPO group multiple, which an assignment
+    that re-validated the config as GRPO's would refuse."""
+    import json
+    import logging
+
+    import yaml
+
+    import grpokit.runtime as runtime
+    from grpokit.config import validate_config
+    from grpokit.train.harness import resume_checkpoint
+
+    monkeypatch.setattr(runtime, "bf16_unsupported", lambda device: None if not saved else "no native bf16 here")
+    point = tmp_path / "run" / "checkpoint-2"
+    point.mkdir(parents=True)
+    (point / "trainer_state.json").write_text(json.dumps({"kind": kind, "global_step": 2}))
+    (point / "config.yaml").write_text(yaml.safe_dump({"bf16": saved}))
+    settings = {"output_dir": str(tmp_path / "run"), "per_device_train_batch_size": 4 if kind == "sft" else 8}
+    auto = validate_config(settings, command=kind if kind == "sft" else "train").settle_auto()
+    assert auto.bf16 is (not saved)  # this machine's choice, the opposite of the checkpoint's
+    with caplog.at_level(logging.INFO):
+        assert resume_checkpoint(auto, True, kind=kind) == point
+    assert auto.bf16 is saved and auto.model_dump()["bf16"] is saved
+    assert f"bf16: auto -> {'on' if saved else 'off'}, as the run in {point} settled it" in caplog.text
+    explicit = validate_config({**settings, "bf16": not saved}, command=kind if kind == "sft" else "train")
+    resume_checkpoint(explicit.settle_auto(), True, kind=kind)
+    assert explicit.bf16 is (not saved)  # set by the user: the config check then refuses the change, as before
+    (point / "config.yaml").write_text(yaml.safe_dump({"bf16": "auto"}))  # a foreign value is never taken
+    other = validate_config(settings, command=kind if kind == "sft" else "train").settle_auto()
+    resume_checkpoint(other, True, kind=kind)
+    assert other.bf16 is (not saved)

@@ -67,11 +67,12 @@ def test_axolotl_spellings_that_contradict_or_are_unknown(data, fragment):
 
 
 @pytest.mark.parametrize(("settings", "expected"), [
-    ({}, {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": torch.float32}),
+    ({"bf16": False}, {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                       "bnb_4bit_compute_dtype": torch.float32}),
     ({"bf16": True}, {"bnb_4bit_compute_dtype": torch.bfloat16}),
     ({"torch_dtype": "bfloat16"}, {"bnb_4bit_compute_dtype": torch.bfloat16}),
     ({"torch_dtype": "float16"}, {"bnb_4bit_compute_dtype": torch.float16}),
-    ({"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False},
+    ({"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False, "bf16": False},
      {"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": torch.float32}),
 ])
 def test_bitsandbytes_config_follows_the_run(settings, expected):
@@ -84,6 +85,17 @@ def test_bitsandbytes_config_follows_the_run(settings, expected):
     for key, value in {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, **expected}.items():
         assert getattr(built, key) == value, key
     assert models.bnb_4bit_kwargs(validate_config({"use_peft": True})) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_compute_dtype_under_bf16_auto_follows_the_gpu(monkeypatch, native):
+    import grpokit.runtime as runtime
+
+    monkeypatch.setattr(runtime, "bf16_unsupported", lambda device: None if native else "the GPU has no native bf16")
+    cfg = validate_config({"load_in_4bit": True, "use_peft": True})
+    assert cfg.bf16 == "auto"
+    assert models.bnb_4bit_kwargs(cfg)["bnb_4bit_compute_dtype"] is (torch.bfloat16 if native else torch.float32)
+    assert cfg.bf16 is native  # settled on the way
 
 
 QLORA = {"load_in_4bit": True, "use_peft": True}
