@@ -24,7 +24,7 @@ import inspect
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from grpokit.models import cpu_linear
+from grpokit.models import attention, cpu_linear
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -179,10 +179,7 @@ def returned_cache(output):
 
 def _prompt_cache(model: torch.nn.Module):
     """An empty DynamicCache of plain (full-attention, growable) layers for `model`, or None if it has other kinds."""
-    checkpointed = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
-    if checkpointed is None:
-        checkpointed = getattr(model, "is_gradient_checkpointing", False)
-    if checkpointed:
+    if attention.checkpointing(model):
         return None  # checkpointed layers drop the cache
     supports = getattr(model, "_supports_default_dynamic_cache", None)
     if supports is not None and not supports():
@@ -241,11 +238,12 @@ def completion_logps(
         entropy = -(logprobs.exp() * logprobs).sum(-1).detach()
         return logprobs.gather(-1, targets[..., None]).squeeze(-1), entropy
 
-    hidden = _shared_prompt_hidden(model, input_ids, attention_mask, completion_length) if share_prompts else None
-    if hidden is None:
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                     use_cache=False).last_hidden_state  # [B, P + T, H]
-        hidden = hidden[:, -completion_length - 1:-1]  # [B, T, H]: the states that predict each completion token
+    with attention.training_attention(model):  # short sequences' attention in large products on CPU
+        hidden = _shared_prompt_hidden(model, input_ids, attention_mask, completion_length) if share_prompts else None
+        if hidden is None:
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                         use_cache=False).last_hidden_state  # [B, P + T, H]
+            hidden = hidden[:, -completion_length - 1:-1]  # [B, T, H]: the states that predict each completion token
     batch, length, width = hidden.shape
     flat_hidden = hidden.reshape(batch * length, width)
     flat_targets = targets.reshape(batch * length)

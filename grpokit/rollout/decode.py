@@ -15,16 +15,13 @@ only inside the context and only where it was on "sdpa".
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from grpokit.models import decoder
+from grpokit.models import attention, decoder
 
 IMPLEMENTATION = "grpokit_decode"
 
@@ -99,18 +96,6 @@ AttentionInterface.register(IMPLEMENTATION, _attention)
 AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 
-@contextlib.contextmanager
-def decode_attention(model: torch.nn.Module) -> Iterator[bool]:
-    """Inside the context, the model's configs on "sdpa" use `_attention`; yields whether any was switched."""
-    configs = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
-            configs[id(config)] = config
-    for config in configs.values():
-        config._attn_implementation_internal = IMPLEMENTATION
-    try:
-        yield bool(configs)
-    finally:
-        for config in configs.values():
-            config._attn_implementation_internal = "sdpa"
+def decode_attention(model: torch.nn.Module):
+    """A context inside which the model's configs on "sdpa" use `_attention`; it yields whether any was switched."""
+    return attention.switched(model, IMPLEMENTATION)
