@@ -1,12 +1,13 @@
 """`grpokit plan`'s CPU memory estimate against the measured peak RSS of `grpokit train` on SmolLM2-135M.
 
 For each config, `grpokit train` runs for --steps optimizer steps (default 2; G=8, 2 prompts per generation,
-max_completion_length 128, the built-in arithmetic data) in a fresh subprocess, and the child's peak RSS is
-read from wait4 (ru_maxrss: the largest process of its tree, reward workers included, not a sum). The estimate is
-grpokit.evaluation.plan's total with its "Python process" line, measured in this process after it has built the
-model on the meta device, as `grpokit plan` does. The plan bounds prompts and completions at max_prompt_length /
-max_completion_length, so short arithmetic prompts and completions that stop early make the measurement fall below
-the estimate; --prompt-length sets max_prompt_length for both (arithmetic prompts fit).
+max_completion_length 128, the built-in arithmetic data, a length reward so that every group trains) in a fresh
+subprocess, and the child's peak RSS is read from wait4 (ru_maxrss: the largest process of its tree, reward workers
+included, not a sum). The estimate is grpokit.evaluation.plan's total with its "Python process" line, measured in
+this process after it has built the model on the meta device, as `grpokit plan` does. The plan bounds prompts and
+completions at max_prompt_length / max_completion_length, so short arithmetic prompts and completions that stop
+early make the measurement fall below the estimate; --prompt-length sets max_prompt_length for both (arithmetic
+prompts fit).
 
 Each config runs under each --allocators setting, --repeats times, the settings alternating:
   auto      `grpokit train` as users start it: it restarts itself on tcmalloc where glibc < 2.39 would keep freed
@@ -105,7 +106,10 @@ def main() -> int:
     common = ["model=smollm2-135m-instruct", "device=cpu", "num_generations=8", "per_device_train_batch_size=16",
               "gradient_accumulation_steps=1", f"max_completion_length={args.completion_length}",
               f"max_prompt_length={args.prompt_length}", f"max_steps={args.steps}", "save_steps=null",
-              "report_to=none", "eval_steps=null", "logging_steps=1", *args.overrides]
+              "report_to=none", "eval_steps=null", "logging_steps=1",
+              # a reward with spread in every group: rows whose group has none skip their backward, and the
+              # update's activations (most of the estimate) would go unmeasured
+              "reward_funcs=[{func: length, args: {target: 64}}]", *args.overrides]
     shape = plan.model_shape("smollm2-135m-instruct")
     process = plan.process_bytes(load_config(None, common))  # after model_shape, as `grpokit plan` measures it
     work = Path(tempfile.mkdtemp(prefix="plan-vs-measured-"))

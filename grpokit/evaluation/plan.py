@@ -28,10 +28,15 @@ the normalised RMSNorm output (f, or 2 with bf16/fp16 weights):
     2 RMSNorms:   2 * (h*f + f)                 fp32 input and rsqrt
                 + 2 * h*n                       normalised input of the norm weight (only when norm weights train)
     projections:  (h + h + i) * a               inputs of q/k/v (shared), gate/up (shared), down; o_proj's input is
-                                                SDPA's output (no copy)
+                                                SDPA's output (no copy); under bf16 autocast (5h + i) * a: autocast
+                                                casts the input for each of q, k, v, gate and up
     SDPA:         4 * nq*d * a                  q, k and v (k/v repeated to nq heads: transformers repeats them when a
                                                 padding mask is passed), output
                 + nq * 4 + K * a                logsumexp (fp32), the [Q, K] mask row
+    or, where the trainer's grouped attention runs (grpokit.models.attention: bf16 or fp16 on CPU, no gradient
+    checkpointing, short sequences):
+                  2 * nq*d * a + 2 * nkv*d * a  q, o_proj's input (its own copy of the output here), and k and v
+                                                with their nkv heads (not repeated); one mask for all layers
     MLP:          3 * i * a                     SiLU input, SiLU output, up output
 With LoRA the frozen base linears save no input; each adapted module of input width m saves m*a (2*m*a with
 dropout: the mask and the dropped input) plus r*a (lora_A's output); inputs shared by q/k/v and gate/up count once
@@ -40,9 +45,9 @@ states the log-prob chunks read ([rows, T, h] x n).
 A micro-batch of B rows with prompt P and completion T tokens (the config's maxima: an upper bound) forwards
 B*(P+T) tokens attending to P+T keys; with share_prompt_forward, its U distinct prompts run once (U*P tokens,
 K = P) and the completions run on the prompt cache (B*T tokens, K = P+T, plus each row's P repeated prompt keys and
-values saved by SDPA). Gradient checkpointing stores each layer's input (h x residual bytes per token) and
-recomputes one layer at a time, so activations are L*tokens*h*r + one layer's + the outside terms; it also turns
-share_prompt_forward off (transformers drops the cache inside checkpointed layers).
+values saved by SDPA, or their nkv heads by the grouped attention). Gradient checkpointing stores each layer's input
+(h x residual bytes per token) and recomputes one layer at a time, so activations are L*tokens*h*r + one layer's +
+the outside terms; it also turns share_prompt_forward off (transformers drops the cache inside checkpointed layers).
 
 Log-prob chunk: chunk x V x 4 bytes x `LOGIT_COPIES` (the shifted logits and their exponentials; backward
 recomputes the logits and turns them into their gradient in place: logprobs.py).
@@ -167,7 +172,7 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     `process`: the Python process's own memory (`process_bytes(cfg)`), a line of its own when non-zero."""
     w = _DTYPE_BYTES[cfg.torch_dtype]
     half_weights = cfg.torch_dtype in ("bfloat16", "float16")
-    autocast = cfg.bf16 and not half_weights
+    autocast = cfg.settle_auto().bf16 and not half_weights
     act = 2 if (autocast or half_weights) else w
     f = max(4, w)
     normed = w if half_weights else f
@@ -181,10 +186,25 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     trainable = sum(cfg.lora_r * (n_in + n_out) for n_in, n_out in targets.values()) if cfg.use_peft else shape.params
     train_bytes = lora_dtype if cfg.use_peft else w
 
-    def layer_per_token(keys: int) -> float:
-        total = 2 * (h * f + f) + 4 * shape.heads * shape.head_dim * act + shape.heads * 4 + keys * act + 3 * i * act
-        if not cfg.use_peft:
-            return total + 2 * h * normed + (2 * h + i) * act
+    from grpokit.models import attention  # the trainer's attention for short low-precision sequences on CPU
+
+    grouped_ok = (autocast or half_weights) and trains_on_cpu(cfg)
+
+    def grouped(rows: int, queries: int, keys: int, checkpointing: bool) -> bool:
+        """Whether the trainer's forward of `rows` x `queries` tokens against `keys` runs `attention`'s grouped
+        products (else torch's SDPA); gradient checkpointing keeps SDPA."""
+        return grouped_ok and not checkpointing and attention.takes_size(rows, shape.heads, queries, keys)
+
+    def attention_per_token(keys: int, is_grouped: bool) -> float:
+        qd = shape.heads * shape.head_dim
+        if is_grouped:  # q (grouped copy), k and v (not repeated), o_proj's input; one mask for every layer
+            return 2 * qd * act + 2 * shape.kv_heads * shape.head_dim * act
+        return 4 * qd * act + shape.heads * 4 + keys * act
+
+    def layer_per_token(keys: int, is_grouped: bool = False) -> float:
+        total = 2 * (h * f + f) + attention_per_token(keys, is_grouped) + 3 * i * act
+        if not cfg.use_peft:  # autocast casts each linear's input for it: q, k, v and gate, up save a copy each
+            return total + 2 * h * normed + ((5 * h if autocast else 2 * h) + i) * act
         per_layer = {name.rsplit(".", 1)[-1]: io for name, io in targets.items() if ".layers.0." in name}
         if cfg.lora_dropout > 0:  # each module: its dropout mask and dropped input
             total += sum(2 * n_in * act for n_in, _ in per_layer.values())
@@ -202,11 +222,14 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
         head_inputs = B * T * h * normed
         if checkpointing or not shared:
             tokens = B * (P + T)
-            one_layer = tokens * layer_per_token(P + T)
+            one_layer = tokens * layer_per_token(P + T, grouped(B, P + T, P + T, checkpointing))
         else:
             tokens = prompts * P + B * T
-            prompt_kv = B * P * 2 * shape.heads * shape.head_dim * act
-            one_layer = prompts * P * layer_per_token(P) + B * T * layer_per_token(P + T) + prompt_kv
+            completions_grouped = grouped(B, T, P + T, checkpointing)
+            kv_heads = shape.kv_heads if completions_grouped else shape.heads  # SDPA saves them repeated
+            prompt_kv = B * P * 2 * kv_heads * shape.head_dim * act
+            one_layer = (prompts * P * layer_per_token(P, grouped(prompts, P, P, checkpointing))
+                         + B * T * layer_per_token(P + T, completions_grouped) + prompt_kv)
         stored = L * tokens * h * resid + one_layer if checkpointing else L * one_layer
         return int(stored + tokens * outside_per_token + head_inputs)
 
@@ -412,7 +435,7 @@ def suggest(cfg: GRPOConfig, budget_bytes: int, shape: ModelShape, process: int 
     lora = f"use_peft: true (LoRA r={cfg.lora_r}, {cfg.lora_target_modules})"
     if not cfg.use_peft and attempt(lora, {"use_peft": True}):
         return out
-    if not cfg.bf16 and cfg.torch_dtype == "float32":
+    if not cfg.settle_auto().bf16 and cfg.torch_dtype == "float32":
         attempt("bf16: true (autocast, fp32 master weights)", {"bf16": True})
     return out
 

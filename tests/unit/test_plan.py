@@ -23,7 +23,8 @@ from tests.conftest import run_cli
 
 def _cfg(model_dir, **kw) -> GRPOConfig:
     base = {"model": str(model_dir), "device": "cpu", "max_prompt_length": 24, "max_completion_length": 16,
-            "num_generations": 4, "per_device_train_batch_size": 8}
+            "num_generations": 4, "per_device_train_batch_size": 8,
+            "bf16": False}  # float32 on every machine (bf16: auto would follow the CPU); bf16 cases set it
     return GRPOConfig(**{**base, **kw})
 
 
@@ -121,12 +122,11 @@ def _saved_bytes(model, cfg: GRPOConfig) -> int:
 
 
 # (settings, relative tolerance): LoRA with dropout over-counts layer 0 (its norm input, the embedding output, needs
-# no grad) by ~5%; under bf16 autocast the bf16 weight copies autograd saves are a line of their own, and ~10% more
-# is saved than the formula counts (not yet itemised)
+# no grad) by ~5%; under bf16 autocast the bf16 weight copies autograd saves are a line of their own
 @pytest.mark.parametrize("settings,tolerance", [
     ({}, 0.03), ({"share_prompt_forward": False}, 0.03), ({"gradient_checkpointing": True}, 0.03),
     ({"use_peft": True}, 0.06), ({"use_peft": True, "lora_dropout": 0.0}, 0.03), ({"torch_dtype": "bfloat16"}, 0.03),
-    ({"bf16": True}, 0.12),
+    ({"bf16": True}, 0.04),
 ], ids=["full", "no-share", "checkpointing", "lora", "lora-no-dropout", "bf16-weights", "bf16-autocast"])
 def test_activation_formula_matches_what_autograd_saves(tiny_model_dir, settings, tolerance):
     cfg = _cfg(tiny_model_dir, **settings)
