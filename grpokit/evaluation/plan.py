@@ -13,8 +13,9 @@ Each line is in bytes and belongs to one phase:
   old / reference log-probs ([rows, T] fp32 each).
 - training (one micro-batch's forward + backward): gradients (trainable params; freed after each optimizer step),
   activations, the log-prob chunk's logits, bf16 copies of the Linear weights under bf16 autocast (fp32 weights:
-  each linear saves its bf16 weight for backward), and the AdamW step's temporaries (one trainable-sized
-  buffer; counted instead of the activations when larger, since the step runs after backward has freed them).
+  each linear saves its bf16 weight for backward; with LoRA, one copy of the frozen weights per decoder pass), and
+  the AdamW step's temporaries (one trainable-sized buffer; counted instead of the activations when larger, since
+  the step runs after backward has freed them).
 - generation: the KV cache, the sampler's [rows, V] fp32 logits (x `GEN_LOGIT_COPIES`), one layer's prefill
   intermediates, the bf16 weight copies autocast caches for trainable weights, and (float32 on CPU, linear layers
   on oneDNN) the sampler's packed copy of those layers' weights.
@@ -38,10 +39,12 @@ the normalised RMSNorm output (f, or 2 with bf16/fp16 weights):
                   2 * nq*d * a + 2 * nkv*d * a  q, o_proj's input (its own copy of the output here), and k and v
                                                 with their nkv heads (not repeated); one mask for all layers
     MLP:          3 * i * a                     SiLU input, SiLU output, up output
-With LoRA the frozen base linears save no input; each adapted module of input width m saves m*a (2*m*a with
-dropout: the mask and the dropped input) plus r*a (lora_A's output); inputs shared by q/k/v and gate/up count once
-without dropout. Outside the layers: the final norm (h*f + f + h*n) and input ids (8) per token, and the hidden
-states the log-prob chunks read ([rows, T, h] x n).
+With LoRA the frozen base linears save no input; each adapted module of input width m saves m*a (with dropout
+m*(b + a): the mask, whose b bytes are those of the module's input (n for q/k/v and gate/up, a for o and down), and
+the dropped input) plus r*a (lora_A's output); inputs shared by q/k/v and gate/up count once without dropout,
+except under bf16 autocast, where each lora_A casts the norm's float32 output for itself. Under autocast the frozen
+weights' bf16 copies are a training line (`autocast_copies`). Outside the layers: the final norm (h*f + f + h*n)
+and input ids (8) per token, and the hidden states the log-prob chunks read ([rows, T, h] x n).
 A micro-batch of B rows with prompt P and completion T tokens (the config's maxima: an upper bound) forwards
 B*(P+T) tokens attending to P+T keys; with share_prompt_forward, its U distinct prompts run once (U*P tokens,
 K = P) and the completions run on the prompt cache (B*T tokens, K = P+T, plus each row's P repeated prompt keys and
@@ -166,6 +169,10 @@ def _prompts_per_micro_batch(rows: int, group: int, total: int) -> int:
     return max(len({r // group for r in range(start, min(start + rows, total))}) for start in range(0, total, rows))
 
 
+# the decoder Linears whose input is an RMSNorm's output (float32 under autocast of float32 weights)
+NORM_FED = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
+
+
 def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     """Bytes per component and tokens per optimizer step for `cfg` on a model of `shape`; see the module docstring.
 
@@ -206,8 +213,11 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
         if not cfg.use_peft:  # autocast casts each linear's input for it: q, k, v and gate, up save a copy each
             return total + 2 * h * normed + ((5 * h if autocast else 2 * h) + i) * act
         per_layer = {name.rsplit(".", 1)[-1]: io for name, io in targets.items() if ".layers.0." in name}
-        if cfg.lora_dropout > 0:  # each module: its dropout mask and dropped input
-            total += sum(2 * n_in * act for n_in, _ in per_layer.values())
+        if cfg.lora_dropout > 0:  # each module: its dropout mask (its input's dtype: the norm's output for q/k/v
+            # and gate/up) and the dropped input lora_A saves (autocast's bf16 copy of it)
+            total += sum(n_in * ((normed if name in NORM_FED else act) + act) for name, (n_in, _) in per_layer.items())
+        elif autocast:  # each lora_A casts the norm's float32 output for itself: q/k/v and gate/up share no copy
+            total += sum(n_in * act for name, (n_in, _) in per_layer.items() if name in NORM_FED or name == "down_proj")
         else:  # one saved input per distinct input: q/k/v share theirs, gate/up theirs; o_proj's is SDPA's output
             shared = [{"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}]
             total += sum(per_layer[next(iter(s & per_layer.keys()))][0] * act for s in shared if s & per_layer.keys())
@@ -238,7 +248,7 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     chunk = min(cfg.logprob_chunk_size, B * T) * shape.vocab * 4 * LOGIT_COPIES
     quantized = four_bit_numel(shape) if cfg.load_in_4bit else 0
     weights = int(quantized * four_bit_bytes_per_weight(cfg.bnb_4bit_use_double_quant)) + (shape.params - quantized) * w
-    cast_copies = shape.linear_weights * 2 if autocast else 0
+    cast_copies = autocast_copies(cfg, shape, trainable, shared) if autocast else 0
     optimizer = 2 * trainable * train_bytes
     grads = trainable * train_bytes
     stored_logps = total_rows * T * 4 * (int(cfg.policy_moves) + int(cfg.beta > 0))
@@ -294,6 +304,22 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     return Estimate(lines=lines, persistent=persistent, training=training, generation=generation,
                     total=persistent + max(training, generation), activations_without_checkpointing=act_plain,
                     activations_with_checkpointing=act_ckpt, tokens=tokens_per_step(cfg, prompts, shared))
+
+
+def autocast_copies(cfg: GRPOConfig, shape: ModelShape, trainable: int, shared: bool) -> int:
+    """Bytes of the bf16 weight copies bf16 autocast holds through a micro-batch's forward and backward (float32
+    weights). Full fine-tuning: autocast caches one copy of each trainable weight for the whole forward. LoRA: it
+    caches the adapters' copies, but it casts each frozen decoder Linear weight anew at every call and the call's
+    backward keeps that copy: once per decoder pass (two with the shared prompt forward: prompts, then
+    completions), one layer at a time under gradient checkpointing; the LM head is cast once per log-prob call."""
+    if not cfg.use_peft:
+        return shape.linear_weights * 2
+    decoder = sum(n_in * n_out for n_in, n_out in shape.lora_modules.values())
+    head = shape.linear_weights - decoder
+    if cfg.load_in_4bit:  # bitsandbytes' 4-bit layers dequantize in their own function: no autocast copies
+        decoder = 0
+    passes = 1 / shape.layers if cfg.gradient_checkpointing else (2 if shared else 1)
+    return int((decoder * passes + head + trainable) * 2)
 
 
 BNB_4BIT_BLOCKSIZE = 64  # bitsandbytes' 4-bit block: one absmax per 64 weights
