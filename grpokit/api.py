@@ -8,7 +8,8 @@ and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
 - Where TRL's default differs from grpokit's schema, the API takes TRL's: `lr_scheduler_type`
   "linear", `logging_steps` 10, `output_dir` "trainer_output". `bf16` unset is grpokit's `auto` (TRL: true
   unless `fp16` is set): on where the hardware computes bf16 natively, so a GPU or CPU without it trains in
-  float32 instead of emulating bf16; with `fp16` set it is off.
+  float32 instead of emulating bf16; with `fp16` set it is off. `args.bf16` reads True or False, what auto
+  settled on this machine, as TRL's reads a bool.
 - Checkpoints: `save_steps`, `save_total_limit`, `save_strategy="no"` (none), and
   `resume_from_checkpoint` (in GRPOConfig or `train(resume_from_checkpoint=True | path)`) work as in
   TRL; a grpokit checkpoint also holds the unfinished generation, so resuming repeats nothing.
@@ -152,7 +153,7 @@ class GRPOConfig:
         self.reward_weights = settings.pop("reward_weights", None)
         # checked against the reward functions, which only the trainer knows
         self._reward_settings = {k: settings.pop(k) for k in _REWARD_KEYS if k in settings}
-        self.run_config = validate_config(settings, source="GRPOConfig")
+        self.run_config = validate_config(settings, source="GRPOConfig").settle_auto()  # args.bf16: a bool, as TRL's
         if self.reward_weights is not None and not all(isinstance(w, (int, float)) for w in self.reward_weights):
             raise ConfigError(f"GRPOConfig: reward_weights must be numbers (got {self.reward_weights!r})")
         self._max_steps_given = "max_steps" in settings
@@ -170,7 +171,7 @@ class GRPOConfig:
         epochs = data.pop("num_train_epochs", None)
         self._max_steps_given = epochs is None
         self.num_train_epochs = float(epochs or 0)
-        self.run_config = validate_config(data, source="config")
+        self.run_config = validate_config(data, source="config").settle_auto()
         return self
 
     @staticmethod
@@ -233,6 +234,8 @@ class GRPOConfig:
         """grpokit's config for a run on `num_prompts` prompts with these rewards and this model; `recorded`: what the
         trainer's own arguments set (the LoRA settings of a peft_config, an in-memory dataset's description)."""
         data = self.run_config.model_dump(exclude_unset=True)
+        data.update({key: "auto" for key in self.run_config.settled_from_auto})  # the run settles them itself (and
+        # a resumed one takes its checkpoint's values)
         data.update(self._reward_settings, reward_funcs=reward_funcs, reward_weights=reward_weights, model=model_name)
         data.update(recorded or {})
         data.update(self._quantization)

@@ -13,6 +13,7 @@ import yaml
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.errors import ConfigError, DataError, GrpokitError
+from grpokit.runtime import bf16_unsupported
 from tests.conftest import build_tiny_model
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trl_python_api.py"
@@ -156,10 +157,16 @@ def test_harmless_trl_arguments_are_noted(caplog):
 def test_trl_defaults_and_translations():
     args = GRPOConfig(max_steps=3)
     run = args.run_config
-    assert (run.lr_scheduler_type, run.logging_steps, run.bf16, run.output_dir) == ("linear", 10, "auto",
-                                                                                     "trainer_output")
+    native = bf16_unsupported(None) is None
+    assert (run.lr_scheduler_type, run.logging_steps, run.output_dir) == ("linear", 10, "trainer_output")
+    # bf16 unset: auto, settled at once on this machine, so args.bf16 reads a bool as TRL's does
+    assert args.bf16 is native and run.bf16 is native and set(run.settled_from_auto) == {"bf16"}
     assert GRPOConfig(max_steps=3, fp16=True).run_config.bf16 is False
-    assert GRPOConfig(max_steps=3, bf16=None).run_config.bf16 == "auto"  # recent TRL's "not set"
+    assert GRPOConfig(max_steps=3, bf16=None).bf16 is native  # recent TRL's "not set"
+    assert GRPOConfig(max_steps=3, bf16=True).run_config.settled_from_auto == {}
+    # the run's own config gets auto back: it settles it itself, and a resumed run takes its checkpoint's value
+    assert args.resolved(4, [{"func": "length"}], None, "m").bf16 == "auto"
+    assert GRPOConfig(max_steps=3, bf16=False).resolved(4, [{"func": "length"}], None, "m").bf16 is False
     assert GRPOConfig(max_steps=3, lr_scheduler_type="constant", logging_steps=1).run_config.logging_steps == 1
     assert GRPOConfig(max_steps=3, save_strategy="no").run_config.save_steps is None
     assert GRPOConfig(max_steps=3, save_steps=7, save_total_limit=1).run_config.save_total_limit == 1
