@@ -87,6 +87,7 @@ def test_eval_reports_accuracy(tmp_path, qa_setup):
     assert "eval/accuracy:" in result.stdout
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 @pytest.mark.parametrize("bf16", [False, True])
 def test_eval_of_the_final_model_equals_the_trainers_last_evaluation(tmp_path, qa_setup, bf16):
     """`grpokit eval` generates as the trainer's evaluation does (bf16 autocast included): same numbers."""
@@ -139,6 +140,7 @@ def test_generate_writes_n_completions_per_prompt(tmp_path, qa_setup):
     assert all(isinstance(r["completion"], str) and r["finish_reason"] in ("stop", "length") for r in rows)
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_export_merges_a_lora_run(tmp_path, qa_setup):
     result = run_cli("train", *qa_setup, *TINY, "--set", "use_peft=true", "--set", "eval_dataset=null", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -283,6 +283,7 @@ def _tree(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_a_second_run_never_overwrites_a_finished_one(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir, max_steps=3, save_steps=1, log_completions_steps=1, eval_on_start=False)
     first = run_cli("train", str(cfg), cwd=tmp_path)
@@ -314,6 +315,7 @@ def test_a_second_run_never_overwrites_a_finished_one(tmp_path, tiny_model_dir):
                                                 "completions/step_3"))]  # nothing of the old run mixed in
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_sft_into_a_run_directory_is_refused_too(tmp_path, tiny_model_dir):
     cfg = _setup(tmp_path, tiny_model_dir, max_steps=1, per_device_train_batch_size=4,
                  gradient_accumulation_steps=1)

@@ -130,6 +130,7 @@ def test_two_processes_resume_mid_generation_exactly(tmp_path, tiny_model_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_a_process_that_fails_stops_the_job_with_each_error_said_once(tmp_path, tiny_model_dir):
     """Process 1's reward function always fails: it stops with the reward error; process 0, waiting in the
     generation's gather, stops at once with one line that points at it (no hang, no traceback)."""

@@ -136,6 +136,7 @@ def test_filter_keep_all_writes_every_row(tmp_path, tiny_model_dir):
     assert kept[0]["pass_rate"] == 1.0 and kept[1]["pass_rate"] == 0.0 and kept[2]["pass_rate"] in (0, 1 / 3, 2 / 3, 1)
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_eval_flags_errors(tmp_path):
     result = run_cli("eval", "--data", "x.jsonl", "--k", "2", cwd=tmp_path)
     assert result.returncode == 2 and "--samples" in result.stderr

@@ -89,6 +89,7 @@ def test_adapter_errors(lora_run):
     assert occupied.returncode == 2 and "exists and is not empty" in occupied.stderr
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_non_model_directories_are_clear_errors(tmp_path, tiny_model_dir):
     (tmp_path / "run" / "final_model").mkdir(parents=True)
     (tmp_path / "run" / "metrics.jsonl").write_text("")

@@ -6,6 +6,7 @@ checks what the reference promises: the metric logged, the setting kept, the rew
 
 import json
 
+import pytest
 import yaml
 
 from tests.conftest import run_cli, write_jsonl
@@ -76,6 +77,7 @@ def _gec_rows():
     return [{"prompt": f"Correct: {s}", "source": s, "target": t} for s, t in pairs]
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_001_a_reward_spec_subclass_trains_and_logs_its_metrics(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "gec.jsonl", _gec_rows())
     (tmp_path / "gec_spec.py").write_text(GEC_SPEC)
@@ -151,6 +153,7 @@ def code_reward(generated_code, test_cases):
 '''
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_004_the_guides_own_reward_signatures_train_without_a_decorator(tmp_path, tiny_model_dir):
     rows = [{"prompt": f"Write {w}", "ground_truth": w, "tests": [w, w[:2]]} for w in ("abc", "de", "fgh", "ij")]
     write_jsonl(tmp_path / "train.jsonl", rows)
@@ -222,6 +225,7 @@ output_dir: run
 '''
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_000_an_axolotl_dataset_type_is_applied_as_the_transform(tmp_path, tiny_model_dir):
     rows = [{"question": f"What is {a} + 1?", "reference_answer": str(a + 1)} for a in range(6)]
     write_jsonl(tmp_path / "qa.jsonl", rows)  # no prompt column: only the transform makes one

@@ -68,6 +68,7 @@ def _straight_and_resumed(tmp_path, tiny_model_dir, resume_at, **overrides):
     return tmp_path / "run", tmp_path / "resumed"
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_resume_mid_generation_equals_a_straight_run(tmp_path, tiny_model_dir):
     # 2 micro-batches per generation x 2 iterations = 4 optimizer steps per generation: checkpoint-3 falls inside
     # the first generation, with one window still to run on its saved completions and old/reference log-probs
@@ -98,6 +99,7 @@ def test_resume_at_an_epoch_boundary_runs_the_remaining_steps(tmp_path, tiny_mod
     _assert_same_weights(run / "final_model", resumed / "final_model")
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_resume_with_lora_restores_the_adapter(tmp_path, tiny_model_dir):
     run, resumed = _straight_and_resumed(tmp_path, tiny_model_dir, 2, use_peft=True, lora_r=4, lora_alpha=8,
                                          lora_target_modules=["q_proj", "v_proj"], max_steps=4, save_steps=2)
@@ -184,7 +186,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_resumable(tmp_pa
     _assert_same_weights(tmp_path / "straight" / "final_model", run / "final_model")
 
 
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT])  # SIGTERM: slow
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_writes_a_checkpoint_and_names_it(tmp_path, tiny_model_dir, sig):
     cfg = _setup(tmp_path, tiny_model_dir, max_steps=10_000, save_steps=None, beta=0.0)
     with open(tmp_path / "out.txt", "w") as out:

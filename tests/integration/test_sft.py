@@ -202,7 +202,8 @@ def _same_final_weights(a, b) -> None:
 
 
 # the adapter's own reload is GRPO's (checkpoint.load_weights, tested in test_resume.py): LoRA runs with the slow tests
-@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_sft_resumed_from_a_checkpoint_equals_the_straight_run(tmp_path, tiny_model_dir, lora):
     """N steps, resume, N more = 2N steps: the same losses after the checkpoint and bit-identical final weights.
     30 rows, 8 per micro-batch, 2 per step: the epoch ends inside step 2, so the saved data order matters."""

@@ -74,6 +74,7 @@ def test_the_corpus_covers_every_class_of_attack():
     assert len(names) >= 25
 
 
+@pytest.mark.slow  # over 10 s: the slow target (make test-slow; CI runs both)
 def test_every_hack_scores_zero_and_honest_solutions_score_one(humaneval):
     hacks = corpus()
     rows = [row for _, row, _ in hacks]
