@@ -101,7 +101,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs):
     """transformers' attention contract: query [B, H, Tq, D], key/value [B, Hkv, Tk, D], mask bool (True where
     attended) or additive [B or 1, 1, Tq, Tk], or None -> ([B, Tq, H, D], None)."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    autocast = torch.is_autocast_enabled("cpu") and query.dtype == torch.float32  # autocast casts float32 only
+    dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
     if dtype not in (torch.bfloat16, torch.float16) or not _takes(module, query, key, value, attention_mask, dropout,
                                                                    kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

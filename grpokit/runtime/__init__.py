@@ -42,7 +42,10 @@ def bf16_unsupported(device: str | None) -> str | None:
     if kind == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA GPU is available"
-        named = index or os.environ.get("LOCAL_RANK", "0")
+        from grpokit.runtime.distributed import world_size
+
+        # the process's GPU: the one `device` names, else LOCAL_RANK's under a launcher (a stray one alone: GPU 0)
+        named = index or (os.environ.get("LOCAL_RANK", "0") if world_size() > 1 else "0")
         count = torch.cuda.device_count()
         if not named.isdigit() or int(named) >= count:
             from grpokit.errors import ConfigError

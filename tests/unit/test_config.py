@@ -212,7 +212,9 @@ def test_bf16_auto_is_off_for_half_weights_and_gpus_without_native_bf16(monkeypa
         assert GRPOConfig().settle_auto().bf16 is False  # no device: the GPU when torch sees one, GPU 0
         assert "off: the GPU (Tesla T4) has no native bf16" in caplog.text
         assert GRPOConfig(device="cuda:1").settle_auto().bf16 is True  # the GPU the device names
-        monkeypatch.setenv("LOCAL_RANK", "3")  # a torchrun / accelerate process: its own GPU
+        monkeypatch.setenv("LOCAL_RANK", "3")
+        assert GRPOConfig(device="cuda").settle_auto().bf16 is False and current[-1] == 0  # a stray one: GPU 0
+        monkeypatch.setenv("WORLD_SIZE", "4")  # a torchrun / accelerate process: its own GPU
         assert GRPOConfig(device="cuda").settle_auto().bf16 is True and current[-1] == 3
 
 
@@ -234,6 +236,7 @@ def test_bf16_auto_names_a_gpu_this_process_cannot_see(monkeypatch):
                                           r"\(CUDA_VISIBLE_DEVICES=5\); name a visible GPU \(cuda:0 to cuda:0\)"):
         bf16_unsupported("cuda:2")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="LOCAL_RANK 1 names CUDA GPU 1, but this process sees 1"):
         bf16_unsupported("cuda")
     with pytest.raises(ConfigError, match="device cuda:x names CUDA GPU x"):

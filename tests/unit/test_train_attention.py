@@ -219,7 +219,10 @@ def test_long_sequences_odd_masks_and_checkpointing_keep_torch_sdpa(tiny_model, 
     assert attention._attention(module, query, key, value, None, softcap=30.0) == "sdpa"
     assert attention._attention(module, query[:, :, :1], key, value, None) == "sdpa"  # one query: decode's business
     assert attention._attention(module, query.float(), key.float(), value.float(), None) == "sdpa"  # float32
-    assert len(sdpa_calls) == 6
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float32 only: float64 stays float64 (SDPA)
+        assert attention._attention(module, query.double(), key.double(), value.double(), None) == "sdpa"
+        assert attention._attention(module, query.float(), key.float(), value.float(), None)[0].shape == (2, 8, 6, 8)
+    assert len(sdpa_calls) == 7
 
     model, _ = tiny_model
     with attention.training_attention(model) as on:
