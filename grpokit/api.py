@@ -9,7 +9,7 @@ and the run is grpokit's `Trainer`. Departures from TRL, each deliberate:
   "linear", `logging_steps` 10, `output_dir` "trainer_output". `bf16` unset is grpokit's `auto` (TRL: true
   unless `fp16` is set): on where the hardware computes bf16 natively, so a GPU or CPU without it trains in
   float32 instead of emulating bf16; with `fp16` set it is off. `args.bf16` reads True or False, what auto
-  settled on this machine, as TRL's reads a bool.
+  settled on this machine, as TRL's reads a bool (on a CUDA GPU once a GRPOTrainer is built on it).
 - Checkpoints: `save_steps`, `save_total_limit`, `save_strategy="no"` (none), and
   `resume_from_checkpoint` (in GRPOConfig or `train(resume_from_checkpoint=True | path)`) work as in
   TRL; a grpokit checkpoint also holds the unfinished generation, so resuming repeats nothing.
@@ -153,7 +153,9 @@ class GRPOConfig:
         self.reward_weights = settings.pop("reward_weights", None)
         # checked against the reward functions, which only the trainer knows
         self._reward_settings = {k: settings.pop(k) for k in _REWARD_KEYS if k in settings}
-        self.run_config = validate_config(settings, source="GRPOConfig").settle_auto()  # args.bf16: a bool, as TRL's
+        # args.bf16 a bool, as TRL's (on a GPU once the trainer has settled it: asking the GPU starts CUDA, and the
+        # trainer's reward workers fork first)
+        self.run_config = validate_config(settings, source="GRPOConfig").settle_auto(cuda=False)
         if self.reward_weights is not None and not all(isinstance(w, (int, float)) for w in self.reward_weights):
             raise ConfigError(f"GRPOConfig: reward_weights must be numbers (got {self.reward_weights!r})")
         self._max_steps_given = "max_steps" in settings
@@ -171,7 +173,7 @@ class GRPOConfig:
         epochs = data.pop("num_train_epochs", None)
         self._max_steps_given = epochs is None
         self.num_train_epochs = float(epochs or 0)
-        self.run_config = validate_config(data, source="config").settle_auto()
+        self.run_config = validate_config(data, source="config").settle_auto(cuda=False)
         return self
 
     @staticmethod
@@ -315,6 +317,7 @@ class GRPOTrainer:
         self._trainer = Trainer(cfg, train_records=train_records, eval_records=eval_records,
                                 model=None if isinstance(model, str) else model, tokenizer=processing_class,
                                 reward_funcs=entries, peft_config=peft_config)
+        self.args.run_config.take_settled(self._trainer.cfg)  # on a GPU, args.bf16 reads a bool from here on
         self._trained = False
 
     @property

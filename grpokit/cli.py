@@ -356,7 +356,7 @@ def _train(args) -> int:
 
         if rank() != 0:  # one process speaks for the job (as the trainer sets it)
             logging.getLogger("grpokit").setLevel(logging.WARNING)
-        resume_checkpoint(cfg.settle_auto(), args.resume)
+        resume_checkpoint(cfg.settle_auto(cuda=False), args.resume)  # on a GPU: the checkpoint's, unasked
     from grpokit.runtime.distributed import rank
     from grpokit.train.harness import claim_output_dir
 

@@ -410,13 +410,16 @@ class GRPOConfig(BaseModel):
             return True, "bf16: auto -> on: the device computes bf16 natively (autocast; float32 master weights)"
         return False, f"bf16: auto -> off: {why}; the run computes in {self.torch_dtype}"
 
-    def settle_auto(self) -> GRPOConfig:
+    def settle_auto(self, *, cuda: bool = True) -> GRPOConfig:
         """Settle `bf16: auto` for this machine, in place (config.yaml then records true or false, and a config
         rebuilt from `model_dump(exclude_unset=True)` keeps the value); returns self. The answer needs torch (is
         there a GPU, does it compute bf16), which loading a config never imports, so the commands that compute call
         this first: `early_checks` (train, --dry-run, check), sft, eval/filter/generate, plan, and the 4-bit
-        loading arguments."""
-        if self.bf16 == "auto":
+        loading arguments.
+
+        `cuda` False leaves a run on a CUDA GPU unsettled: asking the GPU starts CUDA in this process, after which
+        the trainer's reward workers could not use CUDA in their fork (the trainer settles it after they start)."""
+        if self.bf16 == "auto" and (cuda or not self._on_cuda()):
             import logging
 
             value, note = self._bf16_here()
@@ -426,6 +429,29 @@ class GRPOConfig(BaseModel):
             self._from_auto = {**self._from_auto, "bf16": note}
         return self
 
+    def take_settled(self, other: GRPOConfig) -> GRPOConfig:
+        """This config's fields still 'auto' take what `other` (the same settings, settled) settled them to, with
+        its notes; returns self."""
+        for key, note in other.settled_from_auto.items():
+            if getattr(self, key) == "auto":
+                self.__dict__[key] = getattr(other, key)
+                self.__pydantic_fields_set__.add(key)
+                self._from_auto = {**self._from_auto, key: note}
+        return self
+
+    def _on_cuda(self) -> bool:
+        """Whether the run computes on a CUDA GPU (its device, or none named and torch sees a GPU)."""
+        if self.device is not None:
+            return self.device.startswith("cuda")
+        from grpokit.runtime import cuda_available
+
+        return cuda_available()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in self.__dict__ and name in self._from_auto:  # set by hand after it was settled: no longer auto's
+            self._from_auto = {key: note for key, note in self._from_auto.items() if key != name}
+
     @property
     def settled_from_auto(self) -> dict[str, str]:
         """The fields this config was given as 'auto' and `settle_auto` settled for this machine, each with its
@@ -433,16 +459,19 @@ class GRPOConfig(BaseModel):
         return dict(self._from_auto)
 
     def keep_settled(self, saved: dict[str, Any], where: str) -> list[str]:
-        """Give the fields settled from 'auto' the values of `saved` (a checkpoint's config, from `where`), so that
-        a resumed run computes as it began on whatever machine it resumes; returns what changed, said."""
+        """Give the fields given as 'auto' (settled or not yet) the values of `saved` (a checkpoint's config, from
+        `where`), so that a resumed run computes as it began on whatever machine it resumes; returns what changed,
+        said."""
         said = []
-        for key in sorted(self._from_auto):
-            value = saved.get(key)
-            if isinstance(value, bool) and value != getattr(self, key):
-                said.append(f"{key}: auto -> {'on' if value else 'off'}, as the run in {where} settled it; this "
-                            f"machine would settle {'on' if getattr(self, key) else 'off'}")
-                self.__dict__[key] = value  # bool either way: nothing else to check
-                self._from_auto = {**self._from_auto, key: said[-1]}
+        for key in sorted({*self._from_auto, *(k for k in ("bf16",) if getattr(self, k) == "auto")}):
+            value, current = saved.get(key), getattr(self, key)
+            if not isinstance(value, bool) or value == current:
+                continue
+            said.append(f"{key}: auto -> {'on' if value else 'off'}, as the run in {where} settled it"
+                        + ("" if current == "auto" else f"; this machine would settle {'on' if current else 'off'}"))
+            self.__dict__[key] = value  # bool either way: nothing else to check
+            self.__pydantic_fields_set__.add(key)
+            self._from_auto = {**self._from_auto, key: said[-1]}
         return said
 
     def _check_quantization(self) -> None:

@@ -54,13 +54,14 @@ class RunInputs:
 
 
 def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, eval_records: list[dict] | None = None,
-                 reward_funcs: list | None = None, check_columns: bool = True) -> RunInputs:
+                 reward_funcs: list | None = None, check_columns: bool = True, settle_cuda: bool = True) -> RunInputs:
     """Load what a run needs before its model and check every setting that can be checked without it.
 
     The Python API hands in records and reward callables already made; else the config names them.
     `check_columns` False leaves each reward's arguments against the columns to the caller (`preflight` reports
-    every reward's instead of stopping at the first)."""
-    cfg.settle_auto()  # bf16: auto -> true or false on this machine, before anything reads it
+    every reward's instead of stopping at the first). `settle_cuda` False leaves `bf16: auto` on a CUDA GPU for the
+    trainer to settle once its reward workers have forked (`GRPOConfig.settle_auto`)."""
+    cfg.settle_auto(cuda=settle_cuda)  # bf16: auto -> true or false on this machine, before anything reads it
     check_quantization(cfg)  # load_in_4bit without a CUDA GPU or bitsandbytes: fail before data and model
     funcs = resolve_rewards(reward_funcs or cfg.reward_funcs)
     train = train_records if train_records is not None else data_mod.dataset_records(cfg, "train")

@@ -63,7 +63,8 @@ class Trainer:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         # data, rewards and every setting checked without a model first: their errors come before the (slow) load
-        inputs = early_checks(cfg, train_records=train_records, eval_records=eval_records, reward_funcs=reward_funcs)
+        inputs = early_checks(cfg, train_records=train_records, eval_records=eval_records, reward_funcs=reward_funcs,
+                              settle_cuda=False)  # asking a GPU starts CUDA, which the workers' fork must precede
         self.cfg = cfg = inputs.cfg
         self.reward_funcs: list[RewardFunction] = inputs.reward_funcs
         self.train_records, self.eval_records = inputs.train_records, inputs.eval_records
@@ -74,6 +75,7 @@ class Trainer:
         self.rewards = RewardRunner(self.reward_funcs, timeout=cfg.reward_timeout,
                                     error_rate_limit=cfg.reward_error_rate_limit,
                                     error_log=Path(cfg.output_dir) / errors_file)
+        cfg.settle_auto()  # bf16: auto on a CUDA GPU, now that the reward workers have forked
         self.procs = Processes(cpu=self.device.type == "cpu")  # several under accelerate launch / torchrun
         if self.procs.count > 1:
             self.device = self.procs.device

@@ -301,3 +301,21 @@ def test_sampling_settings_reach_the_sampler(workdir, tiny_model_dir):
         if hit:  # the completion ends at its first stop string
             assert reason == "stop" and hit[0] == len(text) - 1, (text, reason)
     assert any(t and t[-1] in "e7" for t in texts), f"no completion met a stop string: {texts}"
+
+
+def test_bf16_auto_on_a_gpu_is_asked_only_after_the_reward_workers_fork(workdir, tiny_model_dir, monkeypatch):
+    """Asking a GPU whether it computes bf16 starts CUDA in the trainer's process; its reward workers fork before
+    that, so that a reward using CUDA in a worker still can. The run is on the CPU, told it is on a GPU."""
+    from grpokit import runtime
+    from grpokit.config.schema import GRPOConfig
+    from grpokit.train import trainer as trainer_mod
+
+    events = []
+    real_runner, real_ask = trainer_mod.RewardRunner, runtime.bf16_unsupported
+    monkeypatch.setattr(trainer_mod, "RewardRunner", lambda *a, **k: events.append("fork") or real_runner(*a, **k))
+    monkeypatch.setattr(runtime, "bf16_unsupported", lambda device: events.append("ask") or real_ask(device))
+    monkeypatch.setattr(GRPOConfig, "_on_cuda", lambda self: True)
+    trainer = Trainer(make_config(tiny_model_dir, bf16="auto"))
+    assert events == ["fork", "ask"]
+    assert trainer.cfg.bf16 is (real_ask("cpu") is None) and set(trainer.cfg.settled_from_auto) == {"bf16"}
+    trainer.rewards.close()

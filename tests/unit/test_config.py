@@ -241,3 +241,28 @@ def test_bf16_auto_names_a_gpu_this_process_cannot_see(monkeypatch):
         bf16_unsupported("cuda")
     with pytest.raises(ConfigError, match="device cuda:x names CUDA GPU x"):
         bf16_unsupported("cuda:x")
+
+
+def test_bf16_auto_on_a_gpu_can_wait_and_a_checkpoint_settles_it_unasked(monkeypatch):
+    """settle_auto(cuda=False) leaves a GPU run's bf16 for later (the trainer asks the GPU after its reward workers
+    fork); a resumed run's checkpoint settles it without asking the GPU at all; a value set by hand after settling
+    is no longer auto's (no note, and a resume keeps it)."""
+    from grpokit import runtime
+
+    asked = []
+    monkeypatch.setattr(runtime, "bf16_unsupported", lambda device: asked.append(device))  # None: native bf16
+    gpu = GRPOConfig(device="cuda").settle_auto(cuda=False)
+    assert gpu.bf16 == "auto" and gpu.settled_from_auto == {} and asked == []
+    assert GRPOConfig(device="cpu").settle_auto(cuda=False).bf16 is True and asked == ["cpu"]
+    said = gpu.keep_settled({"bf16": False}, "run/checkpoint-4")
+    assert said == ["bf16: auto -> off, as the run in run/checkpoint-4 settled it"] and asked == ["cpu"]
+    assert gpu.bf16 is False and gpu.model_dump(exclude_unset=True)["bf16"] is False
+    assert gpu.settled_from_auto == {"bf16": said[0]}
+
+    cfg = GRPOConfig(device="cpu").settle_auto()
+    assert set(cfg.settled_from_auto) == {"bf16"}
+    cfg.bf16 = False  # by hand: no longer auto's
+    assert cfg.settled_from_auto == {} and cfg.keep_settled({"bf16": True}, "ckpt") == [] and cfg.bf16 is False
+    unsettled = GRPOConfig(device="cuda")
+    assert unsettled.take_settled(GRPOConfig(device="cpu").settle_auto()).bf16 is True
+    assert set(unsettled.settled_from_auto) == {"bf16"}
