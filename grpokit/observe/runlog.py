@@ -20,13 +20,10 @@ if TYPE_CHECKING:
 SAMPLE_CHARS = 300  # a console sample shows at most this many characters of the prompt and of the completion
 
 
-def precision(cfg: GRPOConfig) -> str:
-    """The run's precision as the summary says it after the device: " (bf16 autocast)", or with `bf16: auto` its
-    note either way (the CPU or GPU has native bf16, or why not)."""
-    note = cfg.settled_from_auto.get("bf16")
-    if note is not None:
-        return f" ({note})"
-    return " (bf16 autocast)" if cfg.bf16 is True else ""
+def precision(cfg: GRPOConfig) -> str | None:
+    """The run's precision as its summary says it: "bf16 autocast", or with `bf16: auto` its note either way (the
+    CPU or GPU has native bf16, or why not); None for a float32 run that asked for it."""
+    return cfg.settled_from_auto.get("bf16") or ("bf16 autocast" if cfg.bf16 is True else None)
 
 
 def summary_lines(cfg: GRPOConfig, policy, *, device, train_prompts: int, eval_prompts: int | None,
@@ -39,7 +36,7 @@ def summary_lines(cfg: GRPOConfig, policy, *, device, train_prompts: int, eval_p
     trainable = sum(p.numel() for p in params if p.requires_grad)
     share = 100 * trainable / max(total, 1)
     lines = [f"model {cfg.model}: {trainable:,} trainable of {total:,} parameters ({share:.1f}%) on {device}"
-             f"{precision(cfg)}"
+             f"{f' ({precision(cfg)})' if precision(cfg) else ''}"
              f"{' (float32 linear layers on oneDNN)' if onednn_linear else ''}"]
     if str(device).startswith("cpu"):  # where freed tensor memory is the C allocator's to keep or reuse
         lines.append(allocator.describe())

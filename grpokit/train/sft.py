@@ -292,7 +292,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
                f"{trains_on}: "
                f"{cfg.max_steps} steps of {rows_per_step} rows, lr {cfg.learning_rate:g}, "
                f"{'LoRA' if cfg.use_peft else 'all weights'}{' (float32 linear layers on oneDNN)' if onednn else ''}",
-               *([precision(cfg).strip()[1:-1]] if precision(cfg) else []),  # the bf16 choice on a line of its own
+               *([precision(cfg)] if precision(cfg) else []),  # the bf16 choice on a line of its own
                *([allocator.describe()] if device.type == "cpu" else []),
                *([f"resumed from {resumed_from}: step {run.step} of {cfg.max_steps}"] if resumed_from else [])]
 

@@ -79,6 +79,9 @@ def test_sft_puts_linear_layers_on_the_kernel_the_setting_names(tmp_path, tiny_m
     result = run_cli("sft", cfg.name, cwd=tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     assert ("(float32 linear layers on oneDNN)" in result.stdout) is (setting == "onednn"), result.stdout
+    lines = result.stdout.splitlines()
+    summary = next(i for i, line in enumerate(lines) if line.startswith("SFT of "))
+    assert lines[summary + 1].startswith("bf16: auto -> "), result.stdout  # the summary: what auto chose, and why
     restarts = allocator.choose() is not None  # sft restarts on tcmalloc as train does (grpokit.runtime.allocator)
     assert ("C allocator: tcmalloc" in result.stdout) is restarts and "C allocator: " in result.stdout, result.stdout
     from transformers import AutoModelForCausalLM

@@ -96,3 +96,20 @@ def test_summary_counts_every_process(monkeypatch):
     assert "= 16 completions in 1 micro-batch(es) of 8 in each of 2 processes" in text
     assert "per optimizer step: 1 micro-batch(es) in each of 2 processes = 16 completions (4 prompts)" in text
     assert "(all 16 completions, over every process)" in text
+
+
+def test_summary_says_the_precision_and_why_auto_chose_it(monkeypatch):
+    from grpokit import runtime
+
+    assert _summary(bf16=True)[0].endswith("on cpu (bf16 autocast)")
+    assert _summary(bf16=False)[0].endswith("on cpu")
+    assert _summary(bf16="auto")[0].endswith("on cpu")  # not settled yet: says nothing it does not know
+    policy = torch.nn.Linear(4, 3)
+    for why in (None, "the CPU has no avx512_bf16 or AMX bf16 instructions"):
+        monkeypatch.setattr(runtime, "bf16_unsupported", lambda device, why=why: why)
+        cfg = validate_config({"device": "cpu"}).settle_auto()
+        line = runlog.summary_lines(cfg, policy, device="cpu", train_prompts=10, eval_prompts=None)[0]
+        assert line.endswith(f"on cpu ({runlog.precision(cfg)})")
+        assert runlog.precision(cfg) == ("bf16: auto -> on: the device computes bf16 natively (autocast; float32 "
+                                         "master weights)" if why is None else
+                                         f"bf16: auto -> off: {why}; the run computes in float32")
