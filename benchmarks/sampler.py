@@ -8,7 +8,8 @@ seconds are wall time of the whole call (prefill + decode + sampling).
 
   grpokit               TorchEngine.generate(prompt_ids, n=G, params), float32 linear layers as a grpokit
                         run on this machine has them (cpu_linear: auto; --cpu-linear to force)
-  grpokit-torch-linear  the same with torch's own linear kernel (MKL)
+  grpokit-torch-linear  the same with torch's own linear kernel (MKL's sgemm; cpu_linear: torch, so no weights
+                        packed for MKL's packed GEMM, which auto uses on Intel CPUs)
   grpokit-cat-cache     grpokit without its in-place KV cache (transformers' cache, grown by torch.cat)
   grpokit-sdpa          grpokit with torch's SDPA for single-token attention instead of its two matmuls
   grpokit-unpacked      grpokit with oneDNN linears on the plain weights (not reordered once per call)
@@ -125,7 +126,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = _prompt_ids(tokenizer, args.prompts)
     stop_ids = [] if args.no_stop else [tokenizer.eos_token_id]
-    engine = TorchEngine(model, tokenizer.pad_token_id)
+    engine = TorchEngine(model, tokenizer.pad_token_id, cpu_linear=args.cpu_linear)
+    torch_engine = TorchEngine(model, tokenizer.pad_token_id, cpu_linear="torch")
 
     def linears(onednn: bool):  # the model's float32 linear layers on oneDNN (as grpokit trains) or torch's own
         if onednn:
@@ -141,7 +143,7 @@ def main() -> None:
 
         patch = {"cat-cache": mock.patch.object(decode, "preallocate", lambda cache, extra: 0),
                  "sdpa": mock.patch.object(decode, "decode_attention", lambda model: nullcontext(False)),
-                 "unpacked": mock.patch.object(cpu_linear, "packed_weights", lambda model: nullcontext(0))}[name]
+                 "unpacked": mock.patch.object(cpu_linear, "packed_weights", lambda model, **_: nullcontext(0))}[name]
         linears(grpokit_onednn)
         with patch:
             return run_grpokit(engine, prompts, args, stop_ids, seed)
@@ -161,7 +163,8 @@ def main() -> None:
         "grpokit-cat-cache": lambda seed: without("cat-cache", seed),
         "grpokit-sdpa": lambda seed: without("sdpa", seed),
         "grpokit-unpacked": lambda seed: without("unpacked", seed),
-        "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(engine, prompts, args, stop_ids, seed),
+        "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(torch_engine, prompts, args, stop_ids,
+                                                                           seed),
         "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
         "hf-onednn-linear": lambda seed: linears(True) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
         "grpokit-bf16": lambda seed: bf16(lambda: run_grpokit(engine, prompts, args, stop_ids, seed)),
@@ -174,7 +177,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; model {path}; CPU vendor "
           f"{cpu_linear.cpu_vendor() or 'unknown'}: the 'grpokit' variant's linear layers on "
-          f"{'oneDNN' if grpokit_onednn else 'torch'} (cpu_linear: {args.cpu_linear})")
+          f"{'oneDNN' if grpokit_onednn else 'torch'}"
+          f"{', decode on MKL packed' if cpu_linear.mkl_rows(args.cpu_linear, 'cpu', 8) else ''} "
+          f"(cpu_linear: {args.cpu_linear})")
     print(f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, T={args.temperature}, "
           f"top_p={args.top_p}, top_k={args.top_k}, stop={'none' if args.no_stop else 'eos'}")
 

@@ -51,7 +51,7 @@ def _load(cfg: GRPOConfig):
         model = load_policy(path, getattr(torch, cfg.torch_dtype))
     model = model.to(device).eval()
     cpu_linear.apply(model, cfg.cpu_linear, device)
-    engine = TorchEngine(model, tokenizer.pad_token_id, tokenizer=tokenizer)
+    engine = TorchEngine(model, tokenizer.pad_token_id, tokenizer=tokenizer, cpu_linear=cfg.cpu_linear)
     return model, tokenizer, engine, stop_token_ids(tokenizer, model)
 
 

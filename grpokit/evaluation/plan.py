@@ -261,7 +261,7 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
     gen_logits = total_rows * shape.vocab * 4 * GEN_LOGIT_COPIES
     prefill = int(gen_prompts * P * (4 * h + 3 * i) * act + gen_prompts * P * P * act)
     gen_casts = (shape.linear_weights * 2 if not cfg.use_peft else 0) if autocast else 0
-    packed = packed_weight_bytes(cfg, shape, autocast)
+    packed, packed_for = packed_weight_bytes(cfg, shape, autocast, total_rows)
 
     lines = []
     if process:
@@ -294,7 +294,7 @@ def estimate(cfg: GRPOConfig, shape: ModelShape, process: int = 0) -> Estimate:
         if gen_casts:
             lines.append(Line(name="bf16 weight copies (autocast)", bytes=gen_casts, phase="generation"))
         if packed:
-            lines.append(Line(name="oneDNN-packed copies of float32 linear weights (sampler)", bytes=packed,
+            lines.append(Line(name=f"{packed_for}-packed copies of float32 linear weights (sampler)", bytes=packed,
                               phase="generation"))
 
     persistent = sum(x.bytes for x in lines if x.phase == "persistent")
@@ -340,14 +340,17 @@ def four_bit_numel(shape: ModelShape) -> int:
     return sum(n_in * n_out for n_in, n_out in shape.lora_modules.values())
 
 
-def packed_weight_bytes(cfg: GRPOConfig, shape: ModelShape, autocast: bool) -> int:
-    """The in-process sampler's copies of the float32 linear weights that run on oneDNN (cpu_linear.packed_weights)."""
+def packed_weight_bytes(cfg: GRPOConfig, shape: ModelShape, autocast: bool, rows: int) -> tuple[int, str]:
+    """The in-process sampler's copies of the float32 linear weights packed for oneDNN or MKL
+    (cpu_linear.packed_weights) when it generates `rows` rows at once, and for which ("oneDNN", "MKL")."""
     from grpokit.models import cpu_linear
 
     if (cfg.use_vllm or autocast or cfg.torch_dtype != "float32" or cfg.load_in_4bit or not trains_on_cpu(cfg)):
-        return 0
-    smallest = cpu_linear.min_weight(cfg.cpu_linear, "cpu")
-    return 0 if smallest is None else 4 * sum(n for n in shape.linear_sizes if n >= smallest)
+        return 0, ""
+    smallest, kind = cpu_linear.min_weight(cfg.cpu_linear, "cpu"), "oneDNN"
+    if smallest is None and cpu_linear.mkl_rows(cfg.cpu_linear, "cpu", rows) is not None:
+        smallest, kind = cpu_linear.AUTO_MIN_WEIGHT, "MKL"
+    return (0, "") if smallest is None else (4 * sum(n for n in shape.linear_sizes if n >= smallest), kind)
 
 
 def trains_on_cpu(cfg: GRPOConfig) -> bool:

@@ -19,6 +19,14 @@ oneDNN on AMD CPUs, whose MKL path lacks AVX-512, for layers of at least `AUTO_M
 torch's choice elsewhere (on Intel CPUs MKL runs its AVX-512 kernels; not measured here). The rule is
 deliberately not a timing probe: the same machine always makes the same choice, so two runs of one
 config (and a run and its resume) compute alike.
+
+Under `auto` on other CPUs (Intel) the in-process sampler's no-grad products of the plain float32 layers of at
+least `AUTO_MIN_WEIGHT` weights run on MKL's packed GEMM (cblas_sgemm_pack / compute through torch's
+`torch.ops.mkl._mkl_linear`, the op torch's inductor uses for CPU linears), each weight packed once per
+generation for the batch's row count (`packed_weights(..., mkl_rows=N)`). MKL's plain sgemm re-packs the weight
+on every call; at decode sizes that costs more than the product: on a 2-core Xeon without avx512_bf16 a float32
+SmolLM2-135M decode step took 50 ms instead of 66 at 8 rows and 110 instead of 132 at 64 (benchmarks/RESULTS.md).
+Same float32 math and accumulation; results differ in rounding only. `torch` keeps MKL's plain sgemm everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ import torch
 
 from grpokit.errors import ConfigError
 from grpokit.runtime import cpu_info
+
+# MKL's packed GEMM serves from this many rows up: below it MKL's plain sgemm is as fast (near a matrix-vector product)
+MKL_MIN_ROWS = 5
 
 # auto leaves smaller layers to torch: a oneDNN call costs ~15 us more than MKL's on a 64 x 32 weight and wins
 # from 256 x 256 on (a 37-row input: 87 us vs 425 us on the development machine); tiny test models stay on MKL
@@ -47,6 +58,17 @@ def onednn_available() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return bool(torch.backends.mkldnn.is_available() and out.shape == (2, 4) and torch.all(out == 3))
+
+
+@cache
+def mkl_packed_available() -> bool:
+    """Whether this torch build has MKL's packed float32 product (`torch.ops.mkl._mkl_linear`) and it runs here."""
+    try:
+        weight, x = torch.arange(12, dtype=torch.float32).view(4, 3), torch.ones(2, 3)
+        out = torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(weight, 2), weight, None, 2)
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.backends.mkl.is_available() and torch.equal(out, x @ weight.T))
 
 
 def _matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,6 +112,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def _mkl_pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """weight [N, K] packed by MKL for products with `rows`-row inputs (an opaque tensor for `_mkl_product`)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+
+
+def _mkl_product(a: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 rows: int) -> torch.Tensor:
+    """a [rows, K] @ weight[N, K]^T (+ bias) -> [rows, N] on MKL's packed GEMM (`packed`: weight packed for rows)."""
+    return torch.ops.mkl._mkl_linear(a, packed, weight, bias, rows)
+
+
 class OneDNNLinear(torch.nn.Linear):
     """An `nn.Linear` whose eligible calls run on oneDNN; made by `use_onednn`, never constructed directly."""
 
@@ -122,20 +155,46 @@ class PackedBF16Linear(torch.nn.Linear):
         return self._base.forward(self, input)
 
 
+class PackedMKLLinear(torch.nn.Linear):
+    """A plain float32 linear layer that, inside `packed_weights(..., mkl_rows=N)`, runs its no-grad calls of more
+    than N / 2 and at most N rows on MKL's packed GEMM with its weight packed for N rows (fewer rows are padded
+    with zeros to N: MKL's packed product serves only the row count it was packed for, and at decode sizes the
+    weight's read, not the rows, sets its cost; `fit_packed` repacks once the batch has halved). Set on a layer
+    only for the context's duration (its class is put back after); any other call takes `nn.Linear`'s forward."""
+
+    _packed_mkl: torch.Tensor | None = None
+    _rows: int = 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows, m = self._rows, input.numel() // max(input.shape[-1], 1)
+        if (self._packed_mkl is not None and rows < 2 * m and m <= rows and not torch.is_grad_enabled()
+                and input.shape[-1] == self.in_features and input.device.type == "cpu"
+                and input.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+            x = input.reshape(m, self.in_features)
+            if m < rows:
+                x = torch.cat((x, x.new_zeros(rows - m, self.in_features)))
+            out = _mkl_product(x, self._packed_mkl, self.weight, self.bias, rows)
+            return out[:m].view(*input.shape[:-1], self.out_features)
+        return torch.nn.Linear.forward(self, input)
+
+
 def _bf16_packing_applies() -> bool:
     return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @contextlib.contextmanager
-def packed_weights(model: torch.nn.Module, rows: int = 64) -> Iterator[int]:
+def packed_weights(model: torch.nn.Module, rows: int = 64, *, mkl_rows: int | None = None) -> Iterator[int]:
     """Inside the context, `model`'s linear layers run their no-grad calls on copies of their weights reordered
-    once into oneDNN's blocked layout (`rows`: the typical row count, a layout hint; any count works); yields how
-    many layers. The weights must not change inside the context.
+    once into oneDNN's blocked layout (`rows`: the typical row count, a layout hint; any count works) or packed for
+    MKL; yields how many layers. The weights must not change inside the context.
 
     - float32, autocast off: the `OneDNNLinear` layers (cpu_linear onednn / auto on AMD), on a float32 copy.
       Decode-sized products run ~15-25% faster on it (benchmarks/RESULTS.md); the copy costs the layers' weight
       memory again while the context lasts (the plan counts it).
+    - float32, autocast off, `mkl_rows` given (cpu_linear auto on other CPUs: `mkl_rows`): the plain
+      `nn.Linear` layers of at least `AUTO_MIN_WEIGHT` weights, on a float32 copy packed by MKL for `mkl_rows`
+      rows (`PackedMKLLinear`; the same memory again, counted by the plan).
     - bf16 autocast on CPU (where oneDNN has bf16): every plain float32 linear layer of at least `AUTO_MIN_WEIGHT`
       weights, `OneDNNLinear` too, on a bf16 copy (half the float32 weights' memory: the copies autocast would
       cache) through oneDNN's bf16 product: on decode-sized products about 2x faster than autocast's own path
@@ -148,14 +207,26 @@ def packed_weights(model: torch.nn.Module, rows: int = 64) -> Iterator[int]:
         return
     layers = [m for m in model.modules()
               if type(m) is OneDNNLinear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
-    with torch.no_grad():
-        for layer in layers:
-            layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
+    plain = [] if mkl_rows is None or not mkl_packed_available() else [
+        m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32
+        and m.weight.device.type == "cpu" and m.weight.numel() >= AUTO_MIN_WEIGHT
+        and (m.bias is None or m.bias.dtype == torch.float32)]
     try:
-        yield len(layers)
+        with torch.no_grad():
+            for layer in layers:
+                layer._packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
+            for layer in plain:
+                layer.__class__ = PackedMKLLinear
+                layer._rows = mkl_rows
+                layer._packed_mkl = _mkl_pack(layer.weight.detach(), mkl_rows)
+        yield len(layers) + len(plain)
     finally:
         for layer in layers:
             layer._packed = None
+        for layer in plain:
+            for name in ("_packed_mkl", "_rows"):
+                layer.__dict__.pop(name, None)
+            layer.__class__ = torch.nn.Linear
 
 
 def _packed_bf16(model: torch.nn.Module, rows: int) -> Iterator[int]:
@@ -215,6 +286,32 @@ def min_weight(mode: str, device: torch.device | str) -> int | None:
                               "(torch.ops.mkldnn._linear_pointwise); set cpu_linear: torch (or auto)")
         return None
     return AUTO_MIN_WEIGHT if mode == "auto" else 0
+
+
+def fit_packed(model: torch.nn.Module, rows: int) -> int:
+    """The sampler's batch is down to `rows`: every `PackedMKLLinear` of `model` packed for at least twice as many
+    is packed again for `rows` (from `MKL_MIN_ROWS` rows up; below, it drops its packed copy and runs MKL's plain
+    sgemm). Returns how many layers changed. A repack reads and writes the weights once, so halving bounds it to
+    a few per generation."""
+    changed = 0
+    with torch.no_grad():
+        for layer in model.modules():
+            if type(layer) is PackedMKLLinear and layer._packed_mkl is not None and 2 * rows <= layer._rows:
+                layer._packed_mkl = None  # freed before the new copy is made
+                if rows >= MKL_MIN_ROWS:
+                    layer._packed_mkl = _mkl_pack(layer.weight.detach(), rows)
+                layer._rows = rows
+                changed += 1
+    return changed
+
+
+def mkl_rows(mode: str, device: torch.device | str, rows: int) -> int | None:
+    """The row count the sampler packs the plain float32 layers for (`packed_weights`' `mkl_rows`) when it
+    generates `rows` rows under `mode` on `device`, or None: under auto, on a CPU that is not AMD's (there auto puts
+    them on oneDNN), where MKL's packed op runs, from `MKL_MIN_ROWS` rows up."""
+    use = (mode == "auto" and rows >= MKL_MIN_ROWS and torch.device(device).type == "cpu"
+           and "AMD" not in cpu_vendor() and mkl_packed_available())
+    return rows if use else None
 
 
 def apply(model: torch.nn.Module, mode: str, device: torch.device | str) -> bool:

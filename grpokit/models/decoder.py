@@ -5,7 +5,7 @@ transformers' forward spends most of a 64-row decode step of SmolLM2-135M outsid
 layer: benchmarks/RESULTS.md). `LeanDecoder` computes the same layers with about 40 operator calls per layer:
 
 - float32: the same operations as transformers' Llama code, in the same order, on the model's own linear
-  layers (so oneDNN's packed weights where `cpu_linear.packed_weights` set them): its logits equal the model's
+  layers (so on the copies `cpu_linear.packed_weights` packed for oneDNN or MKL): its logits equal the model's
   bit for bit (tested). Only single-token decode steps run here; the prompt's prefill stays on the model.
 - bf16 (under bf16 autocast on a CPU whose oneDNN has bf16): what autocast computes, with the casts where
   autocast puts them, but each layer's query/key/value products fused into one bf16 product and its gate/up
@@ -26,7 +26,7 @@ import torch
 from grpokit.models import cpu_linear
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-_LINEARS = (torch.nn.Linear, cpu_linear.OneDNNLinear)
+_LINEARS = (torch.nn.Linear, cpu_linear.OneDNNLinear, cpu_linear.PackedMKLLinear)
 
 
 def unsupported(model: torch.nn.Module) -> str | None:

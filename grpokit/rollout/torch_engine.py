@@ -11,13 +11,15 @@ Three things keep the decode step to the model's own work (grpokit.rollout.decod
 grpokit.models.cpu_linear): the KV cache is preallocated for the whole completion and written in place
 (transformers' cache copies itself with `torch.cat` every step; on any device), single-token attention
 on CPU runs as two batched matmuls instead of torch's SDPA kernel (whose per-call setup dominated at
-one query token), and float32 linear layers on oneDNN use weights reordered once per call into
-oneDNN's blocked layout. The sampling weights go into one [N, V] buffer reused every step.
+one query token), and float32 linear layers use weights reordered once per call: into oneDNN's blocked
+layout where they run on oneDNN (cpu_linear onednn, auto on AMD), packed for MKL's packed GEMM and the batch's
+row count under cpu_linear auto elsewhere. The sampling weights go into one [N, V] buffer reused every step.
 
 On CPU, Llama-family models (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen3, unwrapped float32 weights) decode
-on a lean forward instead of the model's own: the same operations in float32 (bit for bit the same rollouts, tested),
-and under bf16 autocast a bf16 path with fused products on weights cast and packed once per call, its own bf16 KV
-cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA take the model's forward.
+on a lean forward instead of the model's own: the same operations in float32 (bit for bit the model's logits on the
+same linear layers, tested), and under bf16 autocast a bf16 path with fused products on weights cast and packed once
+per call, its own bf16 KV cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA
+take the model's forward.
 
 Sampling draws one uniform number per row and step and inverts the filtered distribution's CDF
 (cumsum + searchsorted) instead of `torch.multinomial`, which on CPU draws an exponential variate
@@ -60,10 +62,11 @@ _TOP_P_CANDIDATES = 1024  # top-p searches the nucleus among this many tokens be
 
 
 class TorchEngine:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, *, tokenizer=None):
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, *, tokenizer=None, cpu_linear: str = "auto"):
         self.model = model
         self.pad_token_id = pad_token_id
         self.tokenizer = tokenizer  # only needed for stop strings
+        self.cpu_linear = cpu_linear  # the run's cpu_linear: under auto on Intel CPUs the decode products run packed
 
     def load_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same module as the policy: nothing to copy
@@ -87,9 +90,11 @@ class TorchEngine:
         was_training = model.training
         model.eval()
         lean = lean_mode(model)
+        rows = n * len(prompt_ids) if samples is None else sum(len(r) for r in samples)
+        mkl_rows = cpu_linear.mkl_rows(self.cpu_linear, next(model.parameters()).device, rows)
         try:  # bf16 on the lean path holds its own packed bf16 weights: no per-layer copies beside them
-            with decode.decode_attention(model), (
-                    contextlib.nullcontext() if lean == "bf16" else cpu_linear.packed_weights(model)):
+            with decode.decode_attention(model), (contextlib.nullcontext() if lean == "bf16"
+                                                  else cpu_linear.packed_weights(model, mkl_rows=mkl_rows)):
                 lean_decoder = None if lean is None else decoder.LeanDecoder(model, bf16=lean == "bf16")
                 return self._generate(prompt_ids, n, params, samples, lean_decoder)
         finally:
@@ -171,6 +176,7 @@ class TorchEngine:
             if len(rows) - live_count >= max(1, math.ceil(_COMPACT_FRACTION * len(rows))):
                 keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
+                cpu_linear.fit_packed(self.model, len(keep))  # weights packed for MKL follow the batch as it halves
                 rows, token, attention = rows[keep], token[keep], attention[keep]
                 next_pos, live = next_pos[keep], live[keep]
                 seen = None if seen is None else seen[keep]

@@ -94,7 +94,8 @@ class Trainer:
         self.reference = models.frozen_copy(self.policy) if cfg.beta > 0 and not self.uses_adapters else None
         # vLLM when use_vllm (synced and verified now, and before each generation after an update); else in-process
         self.engine = (make_engine(cfg, model_path or getattr(self.policy, "name_or_path", cfg.model), self.policy)
-                       or TorchEngine(self.policy, self.tokenizer.pad_token_id, tokenizer=self.tokenizer))
+                       or TorchEngine(self.policy, self.tokenizer.pad_token_id, tokenizer=self.tokenizer,
+                                      cpu_linear=cfg.cpu_linear))
         self.engine_stale = False  # the policy changed since the engine last received its weights
         self.train_data = data_mod.tokenise_prompts(self.train_records, self.tokenizer, cfg.max_prompt_length,
                                                     cfg.dataset)

@@ -214,6 +214,15 @@ def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
         torch.testing.assert_close(logps[i, :n].detach(), plain[i, :n], rtol=1e-4, atol=1e-5)
 
 
+def _recompute(model, prompts, rollout, temperature):
+    """The trainer's log-probs of a rollout's completions ([rows, T]; each prompt's rows in turn)."""
+    group = len(rollout.completion_ids) // len(prompts)
+    input_ids, attention, cmask = pack([p for p in prompts for _ in range(group)], rollout.completion_ids, 0, "cpu")
+    with torch.no_grad():
+        return completion_logps(model, input_ids, attention, cmask.shape[1], temperature=temperature,
+                                chunk_size=7)[0]
+
+
 @X86_ONLY
 @pytest.mark.parametrize(("setting", "converted"), [("onednn", True), ("torch", False)])
 def test_eval_and_generate_load_the_model_with_the_setting(tiny_model_dir, setting, converted):
@@ -224,6 +233,20 @@ def test_eval_and_generate_load_the_model_with_the_setting(tiny_model_dir, setti
     cfg = validate_config({"model": str(tiny_model_dir), "device": "cpu", "cpu_linear": setting})
     model, _, engine, _ = inference._load(cfg)
     assert (type(model.lm_head) is cpu_linear.OneDNNLinear) is converted and engine.model is model
+    assert engine.cpu_linear == setting  # the sampler packs (or not) as the setting asks
+
+
+@pytest.mark.parametrize("setting", ["auto", "torch"])
+def test_the_trainer_s_sampler_takes_the_setting(tiny_model_dir, tmp_path, monkeypatch, setting):
+    from grpokit.config import validate_config
+    from grpokit.train.trainer import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "What is 2 + 3?", "answer": "5"}\n')
+    cfg = validate_config({"model": str(tiny_model_dir), "dataset": "train.jsonl", "output_dir": "run",
+                           "device": "cpu", "reward_funcs": ["answer_format"], "num_generations": 2,
+                           "per_device_train_batch_size": 2, "max_steps": 1, "cpu_linear": setting})
+    assert Trainer(cfg).engine.cpu_linear == setting
 
 
 @X86_ONLY
@@ -250,11 +273,9 @@ def test_bf16_generation_packs_weights_once_and_its_logps_match_the_trainers_bf1
     assert sum(1 for m in model.modules() if type(m) is torch.nn.Linear) == linears  # classes put back
     assert not any(hasattr(m, "_packed_bf16") and "_packed_bf16" in m.__dict__ for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    rows = [p for p in prompts for _ in range(4)]
-    input_ids, attention, cmask = pack(rows, rollout.completion_ids, 0, "cpu")
     packed_calls.clear()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logps, _ = completion_logps(model, input_ids, attention, cmask.shape[1], temperature=0.7, chunk_size=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = _recompute(model, prompts, rollout, temperature=0.7)
     assert not packed_calls  # the trainer's recompute takes autocast's own path
     worst = 0.0
     for i, sampled in enumerate(rollout.sampler_logps):
@@ -276,3 +297,127 @@ def test_fp32_generation_never_packs_bf16(tiny_model, monkeypatch):
     monkeypatch.setattr(cpu_linear, "_packed_bf16", lambda m, r: seen.append(1) or real(m, r))
     TorchEngine(model, 0).generate([tokenizer("Hi")["input_ids"]], 2, SamplingParams(max_tokens=4, seed=1))
     assert seen == []
+
+
+# MKL's packed GEMM for the sampler's float32 products (cpu_linear auto on Intel CPUs)
+
+@X86_ONLY
+def test_mkl_packed_op_runs_with_the_installed_torch():
+    assert cpu_linear.mkl_packed_available(), "torch.ops.mkl._mkl_linear is missing or fails in this torch build"
+
+
+@pytest.fixture
+def mkl_calls(monkeypatch):
+    """Counts the products on MKL's packed GEMM (their row counts)."""
+    calls = []
+    real = cpu_linear._mkl_product
+
+    def counting(a, *args):
+        calls.append(a.shape[0])
+        return real(a, *args)
+
+    monkeypatch.setattr(cpu_linear, "_mkl_product", counting)
+    return calls
+
+
+@X86_ONLY
+@pytest.mark.parametrize(("packed_rows", "lead", "served"), [
+    (8, (8,), True), (8, (5,), True),  # 5 rows padded to the 8 packed for
+    (8, (4,), False),  # half or fewer: MKL's plain sgemm (padding would cost more than it saves)
+    (8, (9,), False),  # more rows than packed for (a prefill)
+    (6, (2, 3), True),  # [2, 3, K]: 6 rows
+    (64, (64,), True), (64, (40,), True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mkl_packed_weights_serve_no_grad_calls_and_match_float64(packed_rows, lead, served, bias, mkl_calls):
+    """Inside `packed_weights(mkl_rows=N)` the plain layers of at least AUTO_MIN_WEIGHT weights serve their no-grad
+    calls of N/2 < rows <= N on MKL's packed GEMM with the float64 result; other calls, calls that need gradients
+    and smaller layers take nn.Linear unchanged (bit for bit); leaving the context puts every layer back."""
+    gen = torch.Generator().manual_seed(packed_rows + len(lead))
+    big = torch.nn.Linear(160, 128, bias=bias)  # 20,480 weights >= AUTO_MIN_WEIGHT
+    small = torch.nn.Linear(128, 16)
+    model = torch.nn.Sequential(big, small)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(*lead, 160, generator=gen)
+    with cpu_linear.packed_weights(model, mkl_rows=packed_rows) as packed:
+        assert packed == 1 and type(big) is cpu_linear.PackedMKLLinear and type(small) is torch.nn.Linear
+        with torch.no_grad():
+            out = big(x)
+            assert torch.equal(small(out), torch.nn.functional.linear(out, small.weight, small.bias))
+        assert mkl_calls == ([packed_rows] if served else [])
+        x_grad = x.clone().requires_grad_()
+        with_grad = big(x_grad)
+        with_grad.sum().backward()
+        assert len(mkl_calls) == int(served) and big.weight.grad is not None
+        assert torch.equal(with_grad.detach(), torch.nn.functional.linear(x, big.weight, big.bias))
+    assert type(big) is torch.nn.Linear and not {"_packed_mkl", "_rows"} & big.__dict__.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    want = x.double() @ big.weight.detach().double().T + (big.bias.detach().double() if bias else 0)
+    assert out.shape == want.shape
+    _close(out, want, "MKL-packed output")
+    if not served:
+        assert torch.equal(out, torch.nn.functional.linear(x, big.weight, big.bias))
+
+
+@X86_ONLY
+def test_fit_packed_repacks_as_the_batch_halves_and_drops_the_copy_below_the_minimum(mkl_calls, monkeypatch):
+    repacked = []
+    real = torch.ops.mkl._mkl_reorder_linear_weight
+    monkeypatch.setattr(cpu_linear, "_mkl_pack", lambda w, rows: repacked.append(rows) or real(w, rows))
+    layer = torch.nn.Linear(160, 128)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(16, 160)
+    want = x.double() @ layer.weight.detach().double().T + layer.bias.detach().double()
+    with torch.no_grad(), cpu_linear.packed_weights(model, mkl_rows=16):
+        assert repacked == [16]
+        for rows, changed, packed_for, packs in [(12, 0, 16, [16]), (9, 0, 16, [16]), (8, 1, 8, [16, 8]),
+                                                 (6, 0, 8, [16, 8]), (4, 1, None, [16, 8]), (2, 0, None, [16, 8])]:
+            assert cpu_linear.fit_packed(model, rows) == changed, rows
+            assert repacked == packs, rows
+            assert (layer._packed_mkl is None) is (packed_for is None)
+            mkl_calls.clear()
+            _close(layer(x[:rows]), want[:rows], f"{rows} rows")
+            assert mkl_calls == ([packed_for] if packed_for else []), rows
+    assert type(layer) is torch.nn.Linear
+
+
+def test_mkl_rows_follows_the_setting_device_vendor_and_batch(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "mkl_packed_available", lambda: True)
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    assert cpu_linear.mkl_rows("auto", "cpu", 8) == 8
+    assert cpu_linear.mkl_rows("auto", "cpu", cpu_linear.MKL_MIN_ROWS - 1) is None
+    assert cpu_linear.mkl_rows("torch", "cpu", 8) is None, "torch keeps MKL's plain sgemm"
+    assert cpu_linear.mkl_rows("onednn", "cpu", 8) is None
+    assert cpu_linear.mkl_rows("auto", "cuda", 8) is None
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu_linear.mkl_rows("auto", "cpu", 8) is None, "auto puts AMD's layers on oneDNN"
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(cpu_linear, "mkl_packed_available", lambda: False)
+    assert cpu_linear.mkl_rows("auto", "cpu", 8) is None
+
+
+@X86_ONLY
+def test_sampler_on_mkl_packed_weights_matches_the_trainers_logps_and_torch_settings_rollouts(tiny_model, mkl_calls,
+                                                                                             monkeypatch):
+    """cpu_linear auto on an Intel CPU: the sampler's decode products run packed for the batch (repacked as the
+    batch halves), its log-probs are the trainer's recompute within float32 rounding, and the layers are plain
+    again after; cpu_linear torch never packs."""
+    model, tokenizer = tiny_model
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)  # the tiny model's layers are below the size threshold
+    fitted = []
+    real_fit = cpu_linear.fit_packed
+    monkeypatch.setattr(cpu_linear, "fit_packed", lambda m, rows: fitted.append(rows) or real_fit(m, rows))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prompts = [tokenizer(t)["input_ids"] for t in ("What is 2 + 3?", "Hi", "A longer prompt about 17 - 4.")]
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, stop_token_ids=list(range(20, 30)))
+    rollout = TorchEngine(model, 0, cpu_linear="auto").generate(prompts, 4, params)
+    assert 12 in mkl_calls, ("the decode steps of the 12 rows ran packed for 12", mkl_calls, fitted)
+    assert fitted and set(mkl_calls) <= {12, *fitted}, (fitted, set(mkl_calls))
+    assert sum(1 for m in model.modules() if type(m) is torch.nn.Linear) == 15  # 7 per layer and the head
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    logps = _recompute(model, prompts, rollout, temperature=1.0)
+    for i, sampled in enumerate(rollout.sampler_logps):
+        torch.testing.assert_close(logps[i, :len(sampled)], torch.tensor(sampled), rtol=1e-4, atol=1e-5)
+    mkl_calls.clear()
+    TorchEngine(model, 0, cpu_linear="torch").generate(prompts, 4, params)
+    assert mkl_calls == []

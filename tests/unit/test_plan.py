@@ -231,27 +231,33 @@ def test_process_line_is_given_and_counted_on_cpu_only(tiny_model_dir):
                                                  ("auto", "GenuineIntel"), ("torch", "AuthenticAMD")])
 def test_packed_weight_line_equals_what_the_sampler_packs(tiny_model_dir, monkeypatch, setting, vendor):
     """The generation phase counts the sampler's packed float32 weights: exactly the layers cpu_linear puts on oneDNN
-    (auto: by vendor and size), none under bf16 autocast."""
+    (auto on AMD: by size) or packs for MKL (auto elsewhere: by size, for the generation's rows), none under bf16
+    autocast."""
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
     monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 2048)  # splits the tiny model's layers by size
     cfg = _cfg(tiny_model_dir, cpu_linear=setting)
     model = load_policy(str(tiny_model_dir))
     cpu_linear.apply(model, setting, "cpu")
-    with cpu_linear.packed_weights(model):
-        packed = [m for m in model.modules() if getattr(m, "_packed", None) is not None]
-        real = sum(m.weight.nbytes for m in packed)
+    mkl_rows = cpu_linear.mkl_rows(setting, "cpu", cfg.generation_batch_size)  # as TorchEngine.generate asks
+    with cpu_linear.packed_weights(model, mkl_rows=mkl_rows):
+        onednn = [m for m in model.modules() if getattr(m, "_packed", None) is not None]
+        mkl = [m for m in model.modules() if getattr(m, "_packed_mkl", None) is not None]
+        real = sum(m.weight.nbytes for m in onednn + mkl)
     shape = plan.model_shape(str(tiny_model_dir))
     est = plan.estimate(cfg, shape)
     names = [line.name for line in est.lines]
+    kind = "MKL-packed" if mkl else "oneDNN-packed"
+    assert not (onednn and mkl)
     if real:
-        assert _line(est, "oneDNN-packed") == real
-        assert (0 < len(packed) < len(shape.linear_sizes) if setting == "auto"
-                else len(packed) == len(shape.linear_sizes))
+        assert _line(est, kind) == real
+        assert (0 < len(onednn + mkl) < len(shape.linear_sizes) if setting == "auto"
+                else len(onednn) == len(shape.linear_sizes))
     else:
-        assert not any(name.startswith("oneDNN-packed") for name in names)
-    assert (setting, vendor) in {("onednn", "GenuineIntel"), ("auto", "AuthenticAMD")} or real == 0
+        assert not any("-packed" in name for name in names)
+    assert {("onednn", "GenuineIntel"): onednn, ("auto", "AuthenticAMD"): onednn,
+            ("auto", "GenuineIntel"): mkl}.get((setting, vendor), real == 0)
     autocast = plan.estimate(cfg.model_copy(update={"bf16": True}), shape)
-    assert not any(line.name.startswith("oneDNN-packed") for line in autocast.lines)
+    assert not any("-packed" in line.name for line in autocast.lines)
 
 
 # `python -m grpokit ARGS`, printing the process's peak RSS at exit. VmHWM, not wait4's ru_maxrss: Linux carries a
