@@ -443,11 +443,9 @@ class GRPOConfig(BaseModel):
 
     def _on_cuda(self) -> bool:
         """Whether the run computes on a CUDA GPU (its device, or none named and torch sees a GPU)."""
-        if self.device is not None:
-            return self.device.startswith("cuda")
-        from grpokit.runtime import cuda_available
+        from grpokit.runtime import run_device
 
-        return cuda_available()
+        return run_device(self.device).startswith("cuda")
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)

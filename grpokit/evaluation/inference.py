@@ -31,6 +31,7 @@ from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_pa
 from grpokit.rewards import RewardRunner, resolve_rewards
 from grpokit.rewards.contract import decode_completions
 from grpokit.rollout.torch_engine import TorchEngine
+from grpokit.runtime import run_device
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 def _load(cfg: GRPOConfig):
     """The model `cfg.model` names, ready to generate: a model directory or hub id, or a LoRA adapter directory (a
     run's final_model, best_model or checkpoint-N with LoRA), merged into its base model."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(run_device(cfg.device))
     adapter = Path(cfg.model).expanduser()
     if (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
         model, base = _merged(adapter, None, command="eval")

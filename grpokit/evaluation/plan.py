@@ -82,6 +82,7 @@ from dataclasses import dataclass, field
 import torch
 
 from grpokit.config import GRPOConfig
+from grpokit.runtime import run_device
 
 LOGIT_COPIES = 2  # [chunk, V] float32 tensors alive at once: shifted logits and exp (forward), one in backward
 GEN_LOGIT_COPIES = 4  # sampler: float logits, scaled/filtered copies, softmax
@@ -354,7 +355,7 @@ def packed_weight_bytes(cfg: GRPOConfig, shape: ModelShape, autocast: bool, rows
 
 
 def trains_on_cpu(cfg: GRPOConfig) -> bool:
-    return (cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    return run_device(cfg.device).startswith("cpu")
 
 
 def process_bytes(cfg: GRPOConfig) -> int:
@@ -477,7 +478,7 @@ def plan(cfg: GRPOConfig, budget_bytes: int) -> tuple[Estimate, list[Suggestion]
 
 def default_budget(cfg: GRPOConfig) -> tuple[int, str]:
     """(bytes, where from): CUDA device memory when the config trains on cuda, else this machine's total RAM."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(cfg.device)
     if device.startswith("cuda"):
         index = torch.device(device).index or 0
         return torch.cuda.get_device_properties(index).total_memory, f"memory of {torch.cuda.get_device_name(index)}"

@@ -32,6 +32,7 @@ from typing import Any
 from grpokit.errors import ConfigError, RewardError
 from grpokit.rewards.builtin import completion_text
 from grpokit.rewards.judge import REFERENCE_COLUMNS, reference_texts
+from grpokit.runtime import run_device
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 def _device(name: str | None):
     import torch
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(run_device(name))
 
 
 def _load(loader, path: str, what: str, **kwargs):

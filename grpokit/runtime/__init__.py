@@ -1,6 +1,6 @@
 """The process a run lives in: several processes (accelerate / torchrun), the memory allocator, and what the machine
-has (`cuda_available`, `cpu_info`, `bf16_unsupported`: for the settings that depend on it, `load_in_4bit: auto` and
-`bf16: auto`, without the config importing torch)."""
+has (`cuda_available`, `run_device`, `cpu_info`, `bf16_unsupported`: for the settings that depend on it,
+`load_in_4bit: auto` and `bf16: auto`, without the config importing torch)."""
 
 
 def cuda_available() -> bool:
@@ -8,6 +8,12 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def run_device(name: str | None) -> str:
+    """The device a run computes on: `name` ("cpu", "cuda", "cuda:1", ...) where one is named, else "cuda" where
+    torch sees a GPU, else "cpu" (imports torch only when none is named)."""
+    return name or ("cuda" if cuda_available() else "cpu")
 
 
 def cpu_info(field: str) -> str:
@@ -38,7 +44,7 @@ def bf16_unsupported(device: str | None) -> str | None:
 
     import torch
 
-    kind, _, index = (device or ("cuda" if torch.cuda.is_available() else "cpu")).partition(":")
+    kind, _, index = run_device(device).partition(":")
     if kind == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA GPU is available"

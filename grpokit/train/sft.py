@@ -50,7 +50,7 @@ from grpokit.models.loading import (
 from grpokit.models.logprobs import completion_logps
 from grpokit.observe.metrics import check_sinks
 from grpokit.observe.runlog import precision
-from grpokit.runtime import allocator
+from grpokit.runtime import allocator, run_device
 from grpokit.runtime.distributed import rank
 from grpokit.train import checkpoint
 from grpokit.train.harness import RunHarness, claim_output_dir, resume_checkpoint
@@ -262,7 +262,7 @@ def run_sft(cfg: GRPOConfig, config_name: str = "CONFIG", resume: str | bool | N
     claim_output_dir(Path(cfg.output_dir), resume=resume, overwrite=overwrite, command="sft", config_name=config_name,
                      main=rank() == 0)  # an earlier run there is never overwritten
     resumed_from = resume_checkpoint(cfg, resume, kind="sft")  # before anything loads
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(run_device(cfg.device))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     # data errors come before the (slow) model load

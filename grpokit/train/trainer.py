@@ -32,6 +32,7 @@ from grpokit.rewards import RewardFunction, RewardRunner
 from grpokit.rollout.collect import Collector
 from grpokit.rollout.torch_engine import TorchEngine
 from grpokit.rollout.vllm_engine import make_engine
+from grpokit.runtime import run_device
 from grpokit.runtime.distributed import Processes, share
 from grpokit.runtime.distributed import rank as process_rank
 from grpokit.train import checkpoint
@@ -59,7 +60,7 @@ class Trainer:
                  eval_records: list[dict] | None = None, model=None, tokenizer=None, reward_funcs: list | None = None,
                  peft_config=None):
         self.cfg = cfg
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(run_device(cfg.device))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         # data, rewards and every setting checked without a model first: their errors come before the (slow) load

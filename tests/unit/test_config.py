@@ -218,6 +218,20 @@ def test_bf16_auto_is_off_for_half_weights_and_gpus_without_native_bf16(monkeypa
         assert GRPOConfig(device="cuda").settle_auto().bf16 is True and current[-1] == 3
 
 
+def test_a_run_computes_on_the_named_device_else_cuda_where_torch_sees_a_gpu(monkeypatch):
+    """One rule (runtime.run_device) for the config's bf16: auto, the plan's CPU terms and the trainer's device."""
+    from grpokit.evaluation import plan
+    from grpokit.runtime import run_device
+
+    for gpu in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert run_device(None) == ("cuda" if gpu else "cpu")
+        assert run_device("cpu") == "cpu" and run_device("cuda:1") == "cuda:1"
+        assert GRPOConfig()._on_cuda() is gpu and plan.trains_on_cpu(GRPOConfig()) is not gpu
+        assert GRPOConfig(device="cuda:1")._on_cuda() and not plan.trains_on_cpu(GRPOConfig(device="cuda:1"))
+        assert not GRPOConfig(device="cpu")._on_cuda() and plan.trains_on_cpu(GRPOConfig(device="cpu"))
+
+
 @pytest.mark.parametrize("value", [True, False])
 def test_an_explicit_bf16_is_kept_and_not_settled(value):
     cfg = GRPOConfig(bf16=value).settle_auto()
