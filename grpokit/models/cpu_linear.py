@@ -23,9 +23,9 @@ config (and a run and its resume) compute alike.
 Under `auto` on other CPUs (Intel) the in-process sampler's no-grad products of the plain float32 layers of at
 least `AUTO_MIN_WEIGHT` weights run on MKL's packed GEMM (cblas_sgemm_pack / compute through torch's
 `torch.ops.mkl._mkl_linear`, the op torch's inductor uses for CPU linears), each weight packed once per
-generation for the batch's row count (`packed_weights(..., mkl_rows=N)`). MKL's plain sgemm re-packs the weight
-on every call; at decode sizes that costs more than the product: on a 2-core Xeon without avx512_bf16 a float32
-SmolLM2-135M decode step took 50 ms instead of 66 at 8 rows and 110 instead of 132 at 64 (benchmarks/RESULTS.md).
+generation for the batch's row count (`packed_weights(..., mkl_rows=N)`). MKL's plain sgemm packs its operands
+inside every call; with the weights packed once, a float32 SmolLM2-135M decode step on a 2-core Xeon without
+avx512_bf16 took 21% less time at 8 rows and 16% less at 64 (benchmarks/RESULTS.md).
 Same float32 math and accumulation; results differ in rounding only. `torch` keeps MKL's plain sgemm everywhere.
 """
 
