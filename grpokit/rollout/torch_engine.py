@@ -17,9 +17,10 @@ row count under cpu_linear auto elsewhere. The sampling weights go into one [N, 
 
 On CPU, Llama-family models (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen3, unwrapped float32 weights) decode
 on a lean forward instead of the model's own: the same operations in float32 (bit for bit the model's logits on the
-same linear layers, tested), and under bf16 autocast a bf16 path with fused products on weights cast and packed once
-per call, its own bf16 KV cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA
-take the model's forward.
+same linear layers, tested); where cpu_linear auto packs for MKL, the same float32 math with each layer's
+query/key/value and gate/up products fused, on copies packed once per call (the decoder's, not the layers');
+and under bf16 autocast a bf16 path with fused products on weights cast and packed once per call, its own bf16 KV
+cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA take the model's forward.
 
 Sampling draws one uniform number per row and step and inverts the filtered distribution's CDF
 (cumsum + searchsorted) instead of `torch.multinomial`, which on CPU draws an exponential variate
@@ -92,16 +93,21 @@ class TorchEngine:
         lean = lean_mode(model)
         rows = n * len(prompt_ids) if samples is None else sum(len(r) for r in samples)
         mkl_rows = cpu_linear.mkl_rows(self.cpu_linear, next(model.parameters()).device, rows)
-        try:  # bf16 on the lean path holds its own packed bf16 weights: no per-layer copies beside them
-            with decode.decode_attention(model), (contextlib.nullcontext() if lean == "bf16"
+        try:
+            lean_decoder = None if lean is None else decoder.LeanDecoder(model, bf16=lean == "bf16", mkl_rows=mkl_rows)
+            # the lean bf16 path, and the lean float32 one on MKL, hold their own packed weights: no per-layer copies
+            own = lean_decoder is not None and (lean_decoder.bf16 or lean_decoder.mkl is not None)
+            with decode.decode_attention(model), (contextlib.nullcontext() if own
                                                   else cpu_linear.packed_weights(model, mkl_rows=mkl_rows)):
-                lean_decoder = None if lean is None else decoder.LeanDecoder(model, bf16=lean == "bf16")
-                return self._generate(prompt_ids, n, params, samples, lean_decoder)
+                return self._generate(prompt_ids, n, params, samples, lean_decoder,
+                                      refit=mkl_rows is not None and not own)
         finally:
             model.train(was_training)
 
     def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
-                  samples: list[range] | None, lean: decoder.LeanDecoder | None) -> Rollout:
+                  samples: list[range] | None, lean: decoder.LeanDecoder | None, refit: bool = False) -> Rollout:
+        """refit: the model's layers are packed for MKL (`cpu_linear.packed_weights`): refit them as the batch
+        shrinks."""
         device = next(self.model.parameters()).device
         counts = [n] * len(prompt_ids) if samples is None else [len(r) for r in samples]
         total, steps = sum(counts), params.max_tokens
@@ -176,7 +182,10 @@ class TorchEngine:
             if len(rows) - live_count >= max(1, math.ceil(_COMPACT_FRACTION * len(rows))):
                 keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                cpu_linear.fit_packed(self.model, len(keep))  # weights packed for MKL follow the batch as it halves
+                if refit:  # weights packed for MKL follow the batch as it halves
+                    cpu_linear.fit_packed(self.model, len(keep))
+                if lean is not None:
+                    lean.fit(len(keep))
                 rows, token, attention = rows[keep], token[keep], attention[keep]
                 next_pos, live = next_pos[keep], live[keep]
                 seen = None if seen is None else seen[keep]

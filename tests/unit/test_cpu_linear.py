@@ -396,23 +396,43 @@ def test_mkl_rows_follows_the_setting_device_vendor_and_batch(monkeypatch):
 
 
 @X86_ONLY
+@pytest.mark.parametrize("path", ["lean", "model"])
 def test_sampler_on_mkl_packed_weights_matches_the_trainers_logps_and_torch_settings_rollouts(tiny_model, mkl_calls,
-                                                                                             monkeypatch):
+                                                                                             monkeypatch, path):
     """cpu_linear auto on an Intel CPU: the sampler's decode products run packed for the batch (repacked as the
-    batch halves), its log-probs are the trainer's recompute within float32 rounding, and the layers are plain
-    again after; cpu_linear torch never packs."""
+    batch halves, dropped below MKL_MIN_ROWS), its log-probs are the trainer's recompute within float32 rounding,
+    and the model is as it was after; cpu_linear torch never packs. lean: the Llama model decodes on the lean
+    decoder's fused products, which hold the packed copies (the layers stay plain); model: a model without the lean
+    path decodes on its own layers, packed in place."""
+    from grpokit.rollout import torch_engine
+
     model, tokenizer = tiny_model
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)  # the tiny model's layers are below the size threshold
-    fitted = []
-    real_fit = cpu_linear.fit_packed
+    if path == "model":
+        monkeypatch.setattr(torch_engine, "lean_mode", lambda m: None)
+    packs, fitted = [], []
+    real_pack, real_fit = cpu_linear._mkl_pack, cpu_linear.fit_packed
+    monkeypatch.setattr(cpu_linear, "_mkl_pack", lambda w, rows: packs.append(rows) or real_pack(w, rows))
     monkeypatch.setattr(cpu_linear, "fit_packed", lambda m, rows: fitted.append(rows) or real_fit(m, rows))
+    layer_classes = []
+    real_product = cpu_linear._mkl_product
+    monkeypatch.setattr(cpu_linear, "_mkl_product", lambda *a: layer_classes.append(
+        {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}) or real_product(*a))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     prompts = [tokenizer(t)["input_ids"] for t in ("What is 2 + 3?", "Hi", "A longer prompt about 17 - 4.")]
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, stop_token_ids=list(range(20, 30)))
     rollout = TorchEngine(model, 0, cpu_linear="auto").generate(prompts, 4, params)
-    assert 12 in mkl_calls, ("the decode steps of the 12 rows ran packed for 12", mkl_calls, fitted)
-    assert fitted and set(mkl_calls) <= {12, *fitted}, (fitted, set(mkl_calls))
+    finished = sorted((len(c) for c in rollout.completion_ids), reverse=True)
+    assert finished[5] < 12, ("the test needs the batch to halve", finished)
+    products = 15 if path == "model" else 9  # 7 layers or 4 fused products per decoder layer, and the head
+    assert packs[:products] == [12] * products and 6 in packs, packs  # packed for the batch, again at half
+    assert set(packs) <= {12, 6, 5}, packs
+    assert 12 in mkl_calls and set(mkl_calls) <= set(packs), (mkl_calls, packs)
+    if path == "lean":
+        assert fitted == [] and layer_classes and all(c == {torch.nn.Linear} for c in layer_classes)
+    else:
+        assert fitted and all(cpu_linear.PackedMKLLinear in c for c in layer_classes)
     assert sum(1 for m in model.modules() if type(m) is torch.nn.Linear) == 15  # 7 per layer and the head
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     logps = _recompute(model, prompts, rollout, temperature=1.0)

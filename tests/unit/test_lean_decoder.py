@@ -3,6 +3,7 @@ rounding of the trainer's autocast recompute, and the models it must leave to tr
 
 from __future__ import annotations
 
+import copy
 import platform
 from unittest import mock
 
@@ -114,6 +115,106 @@ def test_float32_on_onednn_linears_is_unchanged_too():
     cpu_linear.use_onednn(model)
     _, lean, plain = _rollouts(model, tokenizer, SamplingParams(max_tokens=12, temperature=0.8, seed=2))
     assert lean.completion_ids == plain.completion_ids and lean.sampler_logps == plain.sampler_logps
+
+
+MKL = pytest.mark.skipif(not cpu_linear.mkl_packed_available(), reason="no MKL packed GEMM in this torch build")
+
+
+def _one_step(model, tokenizer, token, make_decoder):
+    """Prefill the prompts (left padded) on the model and take one decode step with `make_decoder()`'s step ->
+    (its float32 logits [3, V], the float64 model's logits of the same position)."""
+    from transformers import DynamicCache
+
+    from grpokit.rollout import decode
+
+    ids = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in ids])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    nxt = positions[:, -1] + 1
+    with torch.no_grad(), decode.decode_attention(model):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache)
+        decode.preallocate(cache, 4)
+        got = make_decoder().step(token, nxt, cache, (attention == 0)[:, None, None])
+    reference = copy.deepcopy(model).double()
+    full = torch.cat([attention, torch.ones(3, 1, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        want = reference(input_ids=torch.cat([input_ids, token[:, None]], dim=1), attention_mask=full,
+                         position_ids=torch.cat([positions, nxt[:, None]], dim=1)).logits[:, -1]
+    return got, want
+
+
+@MKL
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("packed_rows", [3, 4, 5])  # 3 rows: as packed for; 4, 5: padded with zeros to them
+def test_float32_step_on_fused_mkl_products_matches_float64(kind, packed_rows, monkeypatch):
+    """The float32 step on MKL's packed GEMM (cpu_linear auto on Intel CPUs): fused query/key/value and gate/up
+    products (Qwen2's biases, Qwen3's per-head norms), queries and keys rotated together, over left padding: its
+    logits are the float64 model's within float32 rounding, as close as the model's own float32 forward is. The
+    decoder holds one packed copy per fused product and none of the model's layers changes class."""
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)  # the tiny model's layers are below the size threshold
+    model, tokenizer = _model(kind, tied=kind == "qwen3")
+    token = torch.tensor([5, 9, 11])
+    lean, products = [], []
+    real = cpu_linear._mkl_product
+    monkeypatch.setattr(cpu_linear, "_mkl_product", lambda a, *rest: products.append(a.shape[0]) or real(a, *rest))
+    got, want = _one_step(model, tokenizer, token,
+                          lambda: lean.append(decoder.LeanDecoder(model, bf16=False, mkl_rows=packed_rows)) or lean[0])
+    assert lean[0].mkl is not None and len(lean[0].mkl) == 4 * 2 + 1 and lean[0].mkl_rows == packed_rows
+    assert products == [packed_rows] * 9, products  # every product of the step, on rows padded to those packed for
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    plain, _ = _one_step(model, tokenizer, token, lambda: decoder.LeanDecoder(model, bf16=False))
+    assert len(products) == 9
+    error, own_error = (got.double() - want).abs().max().item(), (plain.double() - want).abs().max().item()
+    assert error <= max(4 * own_error, 1e-5), (error, own_error)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fused_steps_rms_norm_is_the_models():
+    gen = torch.Generator().manual_seed(0)
+    norm = torch.nn.Module()
+    norm.weight, norm.variance_epsilon = torch.randn(96, generator=gen), 1e-6
+    for scale in (1e-3, 1.0, 50.0):
+        x = torch.randn(7, 96, generator=gen) * scale
+        assert torch.equal(decoder._rms_norm_fast(x, norm), decoder._rms_norm(x, norm))
+        want = norm.weight.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        torch.testing.assert_close(decoder._rms_norm_fast(x, norm).double(), want, rtol=1e-5, atol=1e-6)
+
+
+@MKL
+def test_fused_mkl_products_repack_as_the_batch_halves_and_drop_below_the_minimum(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    model, _ = _model("llama")
+    packs = []
+    real = cpu_linear._mkl_pack
+    monkeypatch.setattr(cpu_linear, "_mkl_pack", lambda w, rows: packs.append(rows) or real(w, rows))
+    lean = decoder.LeanDecoder(model, bf16=False, mkl_rows=24)
+    assert packs == [24] * 9
+    for rows, packed_for, total in [(20, 24, 9), (13, 24, 9), (12, 12, 18), (7, 12, 18), (6, 6, 27), (4, 6, 27),
+                                    (3, None, 27)]:
+        lean.fit(rows)
+        assert len(packs) == total and lean.mkl_rows == (packed_for or 0), rows
+        assert (lean.mkl is None) is (packed_for is None), rows
+    with pytest.raises(RuntimeError, match="LeanDecoder.fit"):
+        fresh = decoder.LeanDecoder(model, bf16=False, mkl_rows=24)
+        fresh._mkl_mm(torch.zeros(12, 32), fresh.mkl[0])  # half the rows it was packed for: fit() was skipped
+
+
+def test_fused_mkl_products_need_every_layer_at_the_size_threshold(monkeypatch):
+    """Only where cpu_linear would pack every layer (all at least AUTO_MIN_WEIGHT weights, plain nn.Linear) does
+    the decoder fuse; otherwise it steps on the model's layers (which the sampler then packs one by one)."""
+    model, _ = _model("llama")
+    monkeypatch.setattr(cpu_linear, "mkl_packed_available", lambda: True)
+    assert decoder.LeanDecoder(model, bf16=False, mkl_rows=8).mkl is None  # hidden 32: layers of 2,048 weights
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    assert decoder.LeanDecoder(model, bf16=False).mkl is None  # no mkl_rows: not asked to pack
+    cpu_linear.use_onednn(model)
+    assert decoder.LeanDecoder(model, bf16=False, mkl_rows=8).mkl is None  # layers on oneDNN: not MKL's
+    cpu_linear.restore(model)
+    monkeypatch.setattr(cpu_linear, "mkl_packed_available", lambda: False)
+    assert decoder.LeanDecoder(model, bf16=False, mkl_rows=8).mkl is None
 
 
 def test_some_samples_of_a_group_are_those_of_the_full_call_on_the_lean_path():

@@ -260,6 +260,23 @@ def test_packed_weight_line_equals_what_the_sampler_packs(tiny_model_dir, monkey
     assert not any("-packed" in line.name for line in autocast.lines)
 
 
+@pytest.mark.skipif(not cpu_linear.mkl_packed_available(), reason="no MKL packed GEMM in this torch build")
+def test_packed_weight_line_equals_the_lean_decoders_fused_copies(tiny_model_dir, monkeypatch):
+    """Where every layer qualifies, the sampler's lean decoder holds the MKL-packed copies itself (fused per layer):
+    the same weights, so the plan's line is their size."""
+    from grpokit.models import decoder
+
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    cfg = _cfg(tiny_model_dir, cpu_linear="auto")
+    model = load_policy(str(tiny_model_dir)).eval()
+    rows = cpu_linear.mkl_rows("auto", "cpu", cfg.generation_batch_size)  # as TorchEngine.generate asks
+    lean = decoder.LeanDecoder(model, bf16=False, mkl_rows=rows)
+    assert lean.mkl is not None
+    held = sum(4 * shape.numel() for _, shape, _ in lean.mkl)
+    assert _line(plan.estimate(cfg, plan.model_shape(str(tiny_model_dir))), "MKL-packed") == held
+
+
 # `python -m grpokit ARGS`, printing the process's peak RSS at exit. VmHWM, not wait4's ru_maxrss: Linux carries a
 # child's pre-exec maximum (its forked copy of this pytest process, large late in the suite) into ru_maxrss.
 PEAK_AT_EXIT = """
