@@ -25,7 +25,9 @@ least `AUTO_MIN_WEIGHT` weights run on MKL's packed GEMM (cblas_sgemm_pack / com
 `torch.ops.mkl._mkl_linear`, the op torch's inductor uses for CPU linears), each weight packed once per
 generation for the batch's row count (`packed_weights(..., mkl_rows=N)`). MKL's plain sgemm packs its operands
 inside every call; with the weights packed once, a float32 SmolLM2-135M decode step on a 2-core Xeon without
-avx512_bf16 took 21% less time at 8 rows and 16% less at 64 (benchmarks/RESULTS.md).
+avx512_bf16 took 21% less time at 8 rows and 16% less at 64 (benchmarks/RESULTS.md). On the models the sampler's
+lean decoder runs (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen3), the decoder holds the packed copies
+itself, one per fused product, and the layers stay plain; `packed_weights` serves the other models.
 Same float32 math and accumulation; results differ in rounding only. `torch` keeps MKL's plain sgemm everywhere.
 """
 
@@ -41,8 +43,9 @@ import torch
 from grpokit.errors import ConfigError
 from grpokit.runtime import cpu_info
 
-# MKL's packed GEMM serves from this many rows up: below it MKL's plain sgemm is as fast (near a matrix-vector product)
-MKL_MIN_ROWS = 5
+# MKL's packed GEMM serves from this many rows up: below it MKL's plain sgemm is faster (near a matrix-vector product).
+# A float32 SmolLM2-135M decode position on a 2-core Xeon, plain / packed: 3 rows 34.8 / 36.0 ms, 4 rows 47.0 / 38.3
+MKL_MIN_ROWS = 4
 
 # auto leaves smaller layers to torch: a oneDNN call costs ~15 us more than MKL's on a 64 x 32 weight and wins
 # from 256 x 256 on (a 37-row input: 87 us vs 425 us on the development machine); tiny test models stay on MKL
@@ -290,13 +293,14 @@ def min_weight(mode: str, device: torch.device | str) -> int | None:
 
 def fit_packed(model: torch.nn.Module, rows: int) -> int:
     """The sampler's batch is down to `rows`: every `PackedMKLLinear` of `model` packed for at least twice as many
-    is packed again for `rows` (from `MKL_MIN_ROWS` rows up; below, it drops its packed copy and runs MKL's plain
-    sgemm). Returns how many layers changed. A repack reads and writes the weights once, so halving bounds it to
-    a few per generation."""
+    is packed again for `rows`; below `MKL_MIN_ROWS` rows each drops its packed copy (however many it was packed
+    for) and runs MKL's plain sgemm. Returns how many layers changed. A repack reads and writes the weights once,
+    so halving bounds it to a few per generation."""
     changed = 0
     with torch.no_grad():
         for layer in model.modules():
-            if type(layer) is PackedMKLLinear and layer._packed_mkl is not None and 2 * rows <= layer._rows:
+            if (type(layer) is PackedMKLLinear and layer._packed_mkl is not None
+                    and (2 * rows <= layer._rows or rows < MKL_MIN_ROWS)):
                 layer._packed_mkl = None  # freed before the new copy is made
                 if rows >= MKL_MIN_ROWS:
                     layer._packed_mkl = _mkl_pack(layer.weight.detach(), rows)

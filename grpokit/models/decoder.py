@@ -184,9 +184,9 @@ class LeanDecoder:
                 self.mkl[i] = (cpu_linear._mkl_pack(weight, rows), weight.new_zeros(()).expand(weight.shape), bias)
 
     def fit(self, rows: int) -> None:
-        """The batch is down to `rows`: once it has halved, repack the float32 products for it (from
-        `cpu_linear.MKL_MIN_ROWS` up; below, drop them and step on the model's own layers)."""
-        if self.mkl is None or 2 * rows > self.mkl_rows:
+        """The batch is down to `rows`: once it has halved, repack the float32 products for it; below
+        `cpu_linear.MKL_MIN_ROWS` rows drop them and step on the model's own layers."""
+        if self.mkl is None or (2 * rows > self.mkl_rows and rows >= cpu_linear.MKL_MIN_ROWS):
             return
         if rows < cpu_linear.MKL_MIN_ROWS:
             self.mkl, self.mkl_rows = None, 0

@@ -370,13 +370,17 @@ def test_fit_packed_repacks_as_the_batch_halves_and_drops_the_copy_below_the_min
     with torch.no_grad(), cpu_linear.packed_weights(model, mkl_rows=16):
         assert repacked == [16]
         for rows, changed, packed_for, packs in [(12, 0, 16, [16]), (9, 0, 16, [16]), (8, 1, 8, [16, 8]),
-                                                 (6, 0, 8, [16, 8]), (4, 1, None, [16, 8]), (2, 0, None, [16, 8])]:
+                                                 (6, 0, 8, [16, 8]), (4, 1, 4, [16, 8, 4]), (3, 1, None, [16, 8, 4]),
+                                                 (2, 0, None, [16, 8, 4])]:
             assert cpu_linear.fit_packed(model, rows) == changed, rows
             assert repacked == packs, rows
             assert (layer._packed_mkl is None) is (packed_for is None)
             mkl_calls.clear()
             _close(layer(x[:rows]), want[:rows], f"{rows} rows")
             assert mkl_calls == ([packed_for] if packed_for else []), rows
+    with torch.no_grad(), cpu_linear.packed_weights(model, mkl_rows=5):  # 3 of 5 rows: not halved, but below 4
+        assert cpu_linear.fit_packed(model, 4) == 0 and cpu_linear.fit_packed(model, 3) == 1
+        assert layer._packed_mkl is None
     assert type(layer) is torch.nn.Linear
 
 

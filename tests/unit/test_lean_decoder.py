@@ -197,6 +197,14 @@ def test_fused_mkl_products_repack_as_the_batch_halves_and_drop_below_the_minimu
         lean.fit(rows)
         assert len(packs) == total and lean.mkl_rows == (packed_for or 0), rows
         assert (lean.mkl is None) is (packed_for is None), rows
+    lean = decoder.LeanDecoder(model, bf16=False, mkl_rows=8)
+    lean.fit(4)
+    assert lean.mkl_rows == 4 and packs[-9:] == [4] * 9  # halved to MKL_MIN_ROWS: packed for it
+    lean = decoder.LeanDecoder(model, bf16=False, mkl_rows=5)
+    lean.fit(4)
+    assert lean.mkl_rows == 5
+    lean.fit(3)  # not halved, but below MKL_MIN_ROWS
+    assert lean.mkl is None
     with pytest.raises(RuntimeError, match="LeanDecoder.fit"):
         fresh = decoder.LeanDecoder(model, bf16=False, mkl_rows=24)
         fresh._mkl_mm(torch.zeros(12, 32), fresh.mkl[0])  # half the rows it was packed for: fit() was skipped
