@@ -10,6 +10,8 @@ seconds are wall time of the whole call (prefill + decode + sampling).
                         run on this machine has them (cpu_linear: auto; --cpu-linear to force)
   grpokit-torch-linear  the same with torch's own linear kernel (MKL's sgemm; cpu_linear: torch, so no weights
                         packed for MKL's packed GEMM, which auto uses on Intel CPUs)
+  grpokit-unfused       grpokit with its float32 decode on the model's own linear layers, each packed for MKL on its
+                        own (what cpu_linear auto did on Intel CPUs before the lean decoder fused its products)
   grpokit-cat-cache     grpokit without its in-place KV cache (transformers' cache, grown by torch.cat)
   grpokit-sdpa          grpokit with torch's SDPA for single-token attention instead of its two matmuls
   grpokit-unpacked      grpokit with oneDNN linears on the plain weights (not reordered once per call)
@@ -106,8 +108,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--no-stop", action="store_true", help="ignore EOS: every completion runs to --new-tokens")
     parser.add_argument("--variants", default="grpokit,hf",
-                        help="comma-separated subset of grpokit, grpokit-torch-linear, grpokit-cat-cache, "
-                             "grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear, grpokit-bf16, "
+                        help="comma-separated subset of grpokit, grpokit-torch-linear, grpokit-unfused, "
+                             "grpokit-cat-cache, grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear, grpokit-bf16, "
                              "grpokit-bf16-autocast, hf-bf16")
     parser.add_argument("--floor", action="store_true", help="print the weight-read floor per decode step")
     parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
@@ -139,11 +141,13 @@ def main() -> None:
         from contextlib import nullcontext
         from unittest import mock
 
+        from grpokit.models import decoder
         from grpokit.rollout import decode
 
         patch = {"cat-cache": mock.patch.object(decode, "preallocate", lambda cache, extra: 0),
                  "sdpa": mock.patch.object(decode, "decode_attention", lambda model: nullcontext(False)),
-                 "unpacked": mock.patch.object(cpu_linear, "packed_weights", lambda model, **_: nullcontext(0))}[name]
+                 "unpacked": mock.patch.object(cpu_linear, "packed_weights", lambda model, **_: nullcontext(0)),
+                 "unfused": mock.patch.object(decoder.LeanDecoder, "_mkl_applies", lambda self: False)}[name]
         linears(grpokit_onednn)
         with patch:
             return run_grpokit(engine, prompts, args, stop_ids, seed)
@@ -163,6 +167,7 @@ def main() -> None:
         "grpokit-cat-cache": lambda seed: without("cat-cache", seed),
         "grpokit-sdpa": lambda seed: without("sdpa", seed),
         "grpokit-unpacked": lambda seed: without("unpacked", seed),
+        "grpokit-unfused": lambda seed: without("unfused", seed),
         "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(torch_engine, prompts, args, stop_ids,
                                                                            seed),
         "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
