@@ -14,7 +14,8 @@ seconds are wall time of the whole call (prefill + decode + sampling).
                         own (what cpu_linear auto did on Intel CPUs before the lean decoder fused its products)
   grpokit-cat-cache     grpokit without its in-place KV cache (transformers' cache, grown by torch.cat)
   grpokit-sdpa          grpokit with torch's SDPA for single-token attention instead of its two matmuls
-  grpokit-unpacked      grpokit with oneDNN linears on the plain weights (not reordered once per call)
+  grpokit-unpacked      grpokit with its linears on the plain weights (none reordered for oneDNN or packed for MKL
+                        once per call)
   hf                    model.generate(do_sample=True, num_return_sequences=G) on the left-padded prompts
   hf-onednn-linear      the same on the model with grpokit's oneDNN linear layers (isolates the kernels'
                         share of the difference from the sampler's)
@@ -146,7 +147,8 @@ def main() -> None:
 
         patch = {"cat-cache": mock.patch.object(decode, "preallocate", lambda cache, extra: 0),
                  "sdpa": mock.patch.object(decode, "decode_attention", lambda model: nullcontext(False)),
-                 "unpacked": mock.patch.object(cpu_linear, "packed_weights", lambda model, **_: nullcontext(0)),
+                 "unpacked": mock.patch.multiple(cpu_linear, packed_weights=lambda model, **_: nullcontext(0),
+                                                 mkl_shape_stand_in_works=lambda: False),  # no fused MKL copies
                  "unfused": mock.patch.object(decoder.LeanDecoder, "_mkl_applies", lambda self: False)}[name]
         linears(grpokit_onednn)
         with patch:

@@ -25,9 +25,10 @@ least `AUTO_MIN_WEIGHT` weights run on MKL's packed GEMM (cblas_sgemm_pack / com
 `torch.ops.mkl._mkl_linear`, the op torch's inductor uses for CPU linears), each weight packed once per
 generation for the batch's row count (`packed_weights(..., mkl_rows=N)`). MKL's plain sgemm packs its operands
 inside every call; with the weights packed once, a float32 SmolLM2-135M decode step on a 2-core Xeon without
-avx512_bf16 took 21% less time at 8 rows and 16% less at 64 (benchmarks/RESULTS.md). On the models the sampler's
-lean decoder runs (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen3), the decoder holds the packed copies
-itself, one per fused product, and the layers stay plain; `packed_weights` serves the other models.
+avx512_bf16 took 21% less time at 8 rows and 16% less at 64 (benchmarks/RESULTS.md). Where the sampler's lean
+decoder runs (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen3) and every linear layer is at least
+`AUTO_MIN_WEIGHT` weights, the decoder holds the packed copies itself, one per fused product, and the layers stay
+plain; otherwise `packed_weights` packs the layers that qualify.
 Same float32 math and accumulation; results differ in rounding only. `torch` keeps MKL's plain sgemm everywhere.
 """
 
@@ -72,6 +73,18 @@ def mkl_packed_available() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return bool(torch.backends.mkl.is_available() and torch.equal(out, x @ weight.T))
+
+
+@cache
+def mkl_shape_stand_in_works() -> bool:
+    """Whether MKL's packed op reads only the shape of its plain-weight argument when the input has the rows packed
+    for (torch 2.13's does), so that a zero-stride view can stand in for a weight that is not held."""
+    if not mkl_packed_available():
+        return False
+    weight, x = torch.arange(12, dtype=torch.float32).view(4, 3), torch.ones(2, 3)
+    stand_in = weight.new_zeros(()).expand(weight.shape)
+    out = torch.ops.mkl._mkl_linear(x, torch.ops.mkl._mkl_reorder_linear_weight(weight, 2), stand_in, None, 2)
+    return torch.equal(out, x @ weight.T)
 
 
 def _matmul(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

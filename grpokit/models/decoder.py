@@ -17,10 +17,11 @@ layer: benchmarks/RESULTS.md). `LeanDecoder` computes the same layers with about
 - float32 on MKL's packed GEMM (`mkl_rows`: cpu_linear auto on Intel CPUs, where every linear layer is at least
   `cpu_linear.AUTO_MIN_WEIGHT` weights, so the same layers `packed_weights` would pack): each layer's
   query/key/value products fused into one product and its gate/up products into another, on float32 copies packed
-  by MKL for the batch's rows; queries and keys rotated together, in place. The same float32 math as the model's
-  forward, rounded differently (the fused products, multiply-adds in the rotation): tested against float64. Fewer
-  and larger operations per step than the model's own layers (about 7 ms of a 49 ms 8-row step of SmolLM2-135M on
-  a 2-core Xeon, benchmarks/RESULTS.md). The prompt's prefill stays on the model.
+  by MKL for the batch's rows (repacked as the batch halves); queries and keys rotated together, in three
+  operations. The same float32 math as the model's forward, rounded differently (the fused products, multiply-adds
+  in the rotation): tested against float64. Fewer and larger operations per step than on the model's own layers:
+  an 8-row step of SmolLM2-135M on a 2-core Xeon went from 49.9 to 44.4 ms (benchmarks/RESULTS.md). The prompt's
+  prefill stays on the model.
 
 `unsupported(model)` says why a model cannot take this path (None if it can); the sampler then uses the model's
 own forward, as before.
@@ -162,8 +163,9 @@ class LeanDecoder:
 
     def _mkl_applies(self) -> bool:
         """Whether the float32 step runs fused on MKL's packed GEMM: plain layers, each at least AUTO_MIN_WEIGHT
-        weights (the layers `cpu_linear.packed_weights` packs for MKL, so the plan's count holds), MKL's op here."""
-        return cpu_linear.mkl_packed_available() and all(
+        weights (the layers `cpu_linear.packed_weights` packs for MKL, so the plan's count holds), and MKL's op here
+        taking a stand-in for the plain weight (`_pack_mkl`)."""
+        return cpu_linear.mkl_shape_stand_in_works() and all(
             type(m) is torch.nn.Linear and m.weight.numel() >= cpu_linear.AUTO_MIN_WEIGHT
             for group in self._groups() for m in group)
 

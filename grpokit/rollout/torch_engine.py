@@ -18,7 +18,8 @@ row count under cpu_linear auto elsewhere. The sampling weights go into one [N, 
 On CPU, Llama-family models (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen3, unwrapped float32 weights) decode
 on a lean forward instead of the model's own: the same operations in float32 (bit for bit the model's logits on the
 same linear layers, tested); where cpu_linear auto packs for MKL, the same float32 math with each layer's
-query/key/value and gate/up products fused, on copies packed once per call (the decoder's, not the layers');
+query/key/value and gate/up products fused, on copies packed once per call and again as the batch halves (the
+decoder's, not the layers');
 and under bf16 autocast a bf16 path with fused products on weights cast and packed once per call, its own bf16 KV
 cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA take the model's forward.
 

@@ -214,15 +214,22 @@ def test_fused_mkl_products_need_every_layer_at_the_size_threshold(monkeypatch):
     """Only where cpu_linear would pack every layer (all at least AUTO_MIN_WEIGHT weights, plain nn.Linear) does
     the decoder fuse; otherwise it steps on the model's layers (which the sampler then packs one by one)."""
     model, _ = _model("llama")
-    monkeypatch.setattr(cpu_linear, "mkl_packed_available", lambda: True)
+    monkeypatch.setattr(cpu_linear, "mkl_shape_stand_in_works", lambda: True)
     assert decoder.LeanDecoder(model, bf16=False, mkl_rows=8).mkl is None  # hidden 32: layers of 2,048 weights
     monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
     assert decoder.LeanDecoder(model, bf16=False).mkl is None  # no mkl_rows: not asked to pack
     cpu_linear.use_onednn(model)
     assert decoder.LeanDecoder(model, bf16=False, mkl_rows=8).mkl is None  # layers on oneDNN: not MKL's
     cpu_linear.restore(model)
-    monkeypatch.setattr(cpu_linear, "mkl_packed_available", lambda: False)
+    monkeypatch.setattr(cpu_linear, "mkl_shape_stand_in_works", lambda: False)  # a torch whose op reads the weight
     assert decoder.LeanDecoder(model, bf16=False, mkl_rows=8).mkl is None
+
+
+@MKL
+def test_mkl_packed_op_takes_a_stand_in_for_the_plain_weight():
+    """The fused copies rely on it (no concatenated float32 weights held); a torch that reads the plain weight on
+    the packed path turns the fused path off instead of computing on zeros."""
+    assert cpu_linear.mkl_shape_stand_in_works()
 
 
 def test_some_samples_of_a_group_are_those_of_the_full_call_on_the_lean_path():

@@ -263,7 +263,8 @@ def test_packed_weight_line_equals_what_the_sampler_packs(tiny_model_dir, monkey
 @pytest.mark.skipif(not cpu_linear.mkl_packed_available(), reason="no MKL packed GEMM in this torch build")
 def test_packed_weight_line_equals_the_lean_decoders_fused_copies(tiny_model_dir, monkeypatch):
     """Where every layer qualifies, the sampler's lean decoder holds the MKL-packed copies itself (fused per layer):
-    the same weights, so the plan's line is their size."""
+    the same weights, so the plan's line is their size. (torch's packing op allocates more than that, 2-9x for
+    SmolLM2-135M's products, but writes, and so makes resident, about the weights' size: benchmarks/RESULTS.md.)"""
     from grpokit.models import decoder
 
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
