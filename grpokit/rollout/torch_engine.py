@@ -58,6 +58,7 @@ from grpokit.models import cpu_linear, decoder
 from grpokit.models.logprobs import returned_cache, with_cache
 from grpokit.rollout import decode
 from grpokit.rollout.base import FinishReason, Rollout, SamplingParams
+from grpokit.runtime import allocator
 
 _COMPACT_FRACTION = 0.1  # drop finished rows once this fraction of the batch has finished (benchmarks/RESULTS.md)
 _TOP_P_CANDIDATES = 1024  # top-p searches the nucleus among this many tokens before sorting the vocabulary
@@ -100,10 +101,14 @@ class TorchEngine:
             own = lean_decoder is not None and (lean_decoder.bf16 or lean_decoder.mkl is not None)
             with decode.decode_attention(model), (contextlib.nullcontext() if own
                                                   else cpu_linear.packed_weights(model, mkl_rows=mkl_rows)):
-                return self._generate(prompt_ids, n, params, samples, lean_decoder,
-                                      refit=mkl_rows is not None and not own)
+                rollout = self._generate(prompt_ids, n, params, samples, lean_decoder,
+                                         refit=mkl_rows is not None and not own)
         finally:
             model.train(was_training)
+        del lean_decoder  # its packed copies: freed before the release below
+        if mkl_rows is not None:  # the MKL-packed copies are free now: tcmalloc would keep them resident
+            allocator.release_free_memory()
+        return rollout
 
     def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams,
                   samples: list[range] | None, lean: decoder.LeanDecoder | None, refit: bool = False) -> Rollout:

@@ -1,7 +1,12 @@
 """Choosing the C allocator a model-loading command restarts on (grpokit.runtime.allocator), with fake library
-folders."""
+folders; returning tcmalloc's free memory after a generation, on the real library."""
 
 from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +80,68 @@ def test_preloaded_reads_ld_preload_entries():
     assert allocator.preloaded({"LD_PRELOAD": "libfoo.so /x/libmimalloc.so"}) == "mimalloc"
     assert allocator.preloaded({"LD_PRELOAD": "/opt/tcmalloc-build/libfoo.so"}) is None  # the file, not the folder
     assert allocator.preloaded({}) is None
+
+
+_RELEASE_PROBE = """
+import torch
+from grpokit.runtime import allocator
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) << 10
+block = torch.ones(64 << 20)  # 256 MiB, written
+del block
+held = rss()
+released = allocator.release_free_memory()
+print(repr((allocator.in_use(), released, held - rss())))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+@pytest.mark.parametrize("preload", [True, False])
+def test_release_free_memory_returns_tcmalloc_s_freed_pages(preload):
+    """On tcmalloc a freed 256 MiB tensor stays resident until the release, which returns it; on glibc (which maps
+    such a block apart and unmaps it on free) there is nothing to do and nothing is called."""
+    library = allocator.find("tcmalloc")
+    assert library, "tcmalloc is not installed: `make test` installs libtcmalloc-minimal4"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GRPOKIT_ALLOCATOR")}
+    if preload:
+        env["LD_PRELOAD"] = library
+    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    name, released, freed = ast.literal_eval(out.strip().splitlines()[-1])
+    assert name == ("tcmalloc" if preload else allocator.in_use())
+    assert released is preload
+    if preload:
+        assert freed > 200 << 20, f"the release returned {freed >> 20} MiB of a freed 256 MiB tensor"
+
+
+def test_generation_on_mkl_packed_copies_releases_them_once_freed(tiny_model, monkeypatch):
+    """After a generation that packed weights for MKL, the engine asks the allocator to release free memory, once,
+    after the packed copies (the lean decoder's) are gone; a generation that packed nothing does not ask."""
+    import weakref
+
+    from grpokit.models import cpu_linear, decoder
+    from grpokit.rollout.base import SamplingParams
+    from grpokit.rollout.torch_engine import TorchEngine
+
+    if not cpu_linear.mkl_shape_stand_in_works():
+        pytest.skip("no MKL packed GEMM in this torch build")
+    model, tokenizer = tiny_model
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    decoders, releases = [], []
+    real_init = decoder.LeanDecoder.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        decoders.append((weakref.ref(self), self.mkl is not None))
+
+    monkeypatch.setattr(decoder.LeanDecoder, "__init__", init)
+    monkeypatch.setattr(allocator, "_tcmalloc_release",
+                        lambda: lambda: releases.append([ref() is None for ref, _ in decoders]))
+    prompts = [tokenizer(t)["input_ids"] for t in ("What is 2 + 3?", "Hi")]
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=1)
+    TorchEngine(model, 0, cpu_linear="auto").generate(prompts, 4, params)
+    assert [packed for _, packed in decoders] == [True]
+    assert releases == [[True]], "one release, after the decoder and its packed copies were freed"
+    TorchEngine(model, 0, cpu_linear="torch").generate(prompts, 4, params)
+    assert len(releases) == 1
