@@ -19,9 +19,9 @@ On CPU, Llama-family models (grpokit.models.decoder: Llama, Mistral, Qwen2, Qwen
 on a lean forward instead of the model's own: the same operations in float32 (bit for bit the model's logits on the
 same linear layers, tested); where cpu_linear auto packs for MKL, the same float32 math with each layer's
 query/key/value and gate/up products fused, on copies packed once per call and again as the batch halves (the
-decoder's, not the layers');
-and under bf16 autocast a bf16 path with fused products on weights cast and packed once per call, its own bf16 KV
-cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA take the model's forward.
+decoder's, not the layers'); and under bf16 autocast a bf16 path with fused products on weights cast and packed once
+per call, its own bf16 KV cache and no per-token casts (its prefill too). Other models, LoRA-wrapped layers and CUDA
+take the model's forward.
 
 Sampling draws one uniform number per row and step and inverts the filtered distribution's CDF
 (cumsum + searchsorted) instead of `torch.multinomial`, which on CPU draws an exponential variate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import platform
 import subprocess
 import sys
 
@@ -114,6 +115,8 @@ def test_release_free_memory_returns_tcmalloc_s_freed_pages(preload):
         assert freed > 200 << 20, f"the release returned {freed >> 20} MiB of a freed 256 MiB tensor"
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="MKL's packed GEMM is only required of torch's x86-64 builds (test_cpu_linear.py)")
 def test_generation_on_mkl_packed_copies_releases_them_once_freed(tiny_model, monkeypatch):
     """After a generation that packed weights for MKL, the engine asks the allocator to release free memory, once,
     after the packed copies (the lean decoder's) are gone; a generation that packed nothing does not ask."""
@@ -123,8 +126,6 @@ def test_generation_on_mkl_packed_copies_releases_them_once_freed(tiny_model, mo
     from grpokit.rollout.base import SamplingParams
     from grpokit.rollout.torch_engine import TorchEngine
 
-    if not cpu_linear.mkl_shape_stand_in_works():
-        pytest.skip("no MKL packed GEMM in this torch build")
     model, tokenizer = tiny_model
     monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
