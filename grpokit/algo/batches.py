@@ -20,6 +20,7 @@ class MicroBatch:
     ref_logps: torch.Tensor | None = None  # [M, T]
     step_sequences: int | None = None  # the loss normaliser's counts over the micro-batch's whole optimizer step
     step_tokens: int | None = None  # (every micro-batch of the window, on every process)
+    sampler_entropy: torch.Tensor | None = None  # [M, T] each token's entropy under the sampler, when it gave them
 
     def rows(self, index: torch.Tensor) -> MicroBatch:
         """The micro-batch of the rows `index` (the step's counts kept: the loss is normalised as before)."""
@@ -29,7 +30,8 @@ class MicroBatch:
         return MicroBatch(input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
                           completion_mask=self.completion_mask[index], advantages=self.advantages[index],
                           old_logps=pick(self.old_logps), ref_logps=pick(self.ref_logps),
-                          step_sequences=self.step_sequences, step_tokens=self.step_tokens)
+                          step_sequences=self.step_sequences, step_tokens=self.step_tokens,
+                          sampler_entropy=pick(self.sampler_entropy))
 
 
 @dataclass(slots=True, kw_only=True)
@@ -42,6 +44,7 @@ class Generation:
     completion_ids: list[list[int]]  # [N]
     finish_reasons: list[str]  # [N]
     rewards: torch.Tensor  # [N, K], NaN = not applicable
+    sampler_entropies: list[list[float] | None]  # [N], each token's entropy under the sampler (None: not given)
 
     def groups(self, keep: list[int], group_size: int) -> Generation:
         rows = [g * group_size + j for g in keep for j in range(group_size)]
@@ -115,6 +118,13 @@ def make_micro_batch(batch: Generation, advantages: torch.Tensor, planned: Plann
     if mask_truncated:
         finished = torch.tensor([f == "stop" for f in batch.finish_reasons[sl]], device=device)
         cmask = cmask * finished[:, None]
+    entropies = batch.sampler_entropies[sl]
+    sampler_entropy = None
+    if all(e is not None for e in entropies):  # [M, T] like the completion mask, 0 past each completion
+        sampler_entropy = torch.zeros(cmask.shape, dtype=dtype)
+        for i, e in enumerate(entropies):
+            sampler_entropy[i, :len(e)] = torch.tensor(e, dtype=dtype)
+        sampler_entropy = sampler_entropy.to(device)
     return MicroBatch(input_ids=input_ids, attention_mask=attention, completion_mask=cmask,
                       advantages=advantages[sl].to(device, dtype), step_sequences=planned.totals.num_sequences,
-                      step_tokens=planned.totals.num_tokens)
+                      step_tokens=planned.totals.num_tokens, sampler_entropy=sampler_entropy)

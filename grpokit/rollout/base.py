@@ -28,6 +28,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings, matched in the decoded completion text
     seed: int | None = None
+    entropies: bool = False  # also return each sampled token's entropy (engines that cannot return None)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -38,6 +39,9 @@ class Rollout:
     sampler_logps: list[list[float]]  # [B*n][T_i], log-prob of each sampled token under the sampler
     finish_reasons: list[FinishReason]  # [B*n]
     group_size: int
+    # [B*n][T_i] with SamplingParams.entropies: the entropy of the distribution each token's log-prob is under
+    # (logits / temperature, before penalty and filters: the trainer's); None when not asked or not available
+    sampler_entropies: list[list[float]] | None = None
 
 
 class Engine(Protocol):

@@ -55,13 +55,15 @@ class Collected:
 
 class Collector:
     """Samples and scores generations for one run. `engine` gives the engine to sample with (after any weight
-    sync), `context` the run facts a reward may name, `autocast` the forward passes' autocast context."""
+    sync), `context` the run facts a reward may name, `autocast` the forward passes' autocast context; `entropies`:
+    ask the engine for each token's entropy (the update's metric for rows it does not train on)."""
 
     def __init__(self, cfg: GRPOConfig, data: TokenisedPrompts, *, engine: Callable[[], Engine], tokenizer,
                  rewards: RewardRunner, stop_ids: list[int], procs: Processes, timers: Timers,
-                 autocast: Callable[[], AbstractContextManager], context: Callable[[], dict]):
+                 autocast: Callable[[], AbstractContextManager], context: Callable[[], dict], entropies: bool = False):
         self.cfg, self.data, self.engine, self.tokenizer, self.rewards = cfg, data, engine, tokenizer, rewards
         self.stop_ids, self.procs, self.timers, self.autocast, self.context = stop_ids, procs, timers, autocast, context
+        self.entropies = entropies
         self.reward_names = [f.name for f in rewards.funcs]
         self.reward_weights = torch.tensor(cfg.weights, dtype=torch.float64)
         if cfg.reward_combination == "gated" and cfg.reward_gate not in self.reward_names:
@@ -109,7 +111,7 @@ class Collector:
         if state.temperature is not None:
             sampling["temperature"] = state.temperature
         params = SamplingParams(max_tokens=cfg.max_completion_length, stop_token_ids=self.stop_ids,
-                                seed=cfg.seed * 1_000_003 + state.generations, **sampling)
+                                seed=cfg.seed * 1_000_003 + state.generations, entropies=self.entropies, **sampling)
         all_prompt_ids = [p for p in prompt_ids for _ in range(g)]
         if self.procs.count == 1:
             local = self._sample_rows(prompt_ids, records, None, params)
@@ -132,7 +134,8 @@ class Collector:
         row_records = [r for r, c in zip(records, counts, strict=True) for _ in range(c)]
         if not row_records:  # more processes than rows: this one sits the generation out
             return Generation(prompts=[], completions=[], prompt_ids=[], completion_ids=[], finish_reasons=[],
-                              rewards=torch.empty((0, len(self.reward_names)), dtype=torch.float64))
+                              rewards=torch.empty((0, len(self.reward_names)), dtype=torch.float64),
+                              sampler_entropies=[])
         with self.timers("generate"), self.autocast():
             extra = {} if samples is None else {"samples": samples}
             rollout = self.engine().generate(prompt_ids, g, params, **extra)
@@ -146,7 +149,8 @@ class Collector:
         return Generation(prompts=prompts, completions=completions,
                           prompt_ids=[p for p, c in zip(prompt_ids, counts, strict=True) for _ in range(c)],
                           completion_ids=rollout.completion_ids, finish_reasons=list(rollout.finish_reasons),
-                          rewards=rewards)
+                          rewards=rewards, sampler_entropies=(rollout.sampler_entropies
+                                                              or [None] * len(rollout.completion_ids)))
 
     def _dynamic_sampling(self, state: RunPosition, sampled: list[Generation],
                           need: int) -> tuple[Generation, dict[str, float]]:

@@ -162,6 +162,7 @@ class TorchEngine:
 
         completion = torch.full((total, steps), self.pad_token_id, dtype=torch.long, device=device)  # [N, T]
         sampler_logps = torch.zeros((total, steps), dtype=torch.float32, device=device)  # [N, T]
+        entropies = torch.zeros((total, steps), dtype=torch.float32, device=device) if params.entropies else None
         lengths = [steps] * total
         finish: list[FinishReason] = ["length"] * total
         stop_text = _StopStrings(self.tokenizer, params.stop, total) if params.stop else None
@@ -171,10 +172,13 @@ class TorchEngine:
 
         work = torch.empty_like(logits) if uniforms is not None else None  # [N, V] sampling weights, reused each step
         for step in range(steps):
+            entropy = None if entropies is None else logits.new_empty(len(rows))
             token, token_logp = sample(logits, params, None if uniforms is None else uniforms[rows, step], seen,
-                                       None if work is None else work[:len(rows)])
+                                       None if work is None else work[:len(rows)], entropy)
             completion[rows, step] = token
             sampler_logps[rows, step] = token_logp
+            if entropies is not None:
+                entropies[rows, step] = entropy
             finished = torch.isin(token, stop_ids) & live  # [N]
             if stop_text is not None:
                 finished |= stop_text.hits(rows.tolist(), token.tolist(), live.tolist(), device)
@@ -209,9 +213,11 @@ class TorchEngine:
             next_pos = next_pos + 1
 
         ids, logps = completion.tolist(), sampler_logps.tolist()
+        ents = None if entropies is None else entropies.tolist()
         return Rollout(completion_ids=[r[:k] for r, k in zip(ids, lengths, strict=True)],
                        sampler_logps=[r[:k] for r, k in zip(logps, lengths, strict=True)],
-                       finish_reasons=finish, group_size=n)
+                       finish_reasons=finish, group_size=n,
+                       sampler_entropies=None if ents is None else [r[:k] for r, k in zip(ents, lengths, strict=True)])
 
 
 def lean_mode(model: torch.nn.Module) -> str | None:
@@ -227,12 +233,14 @@ def lean_mode(model: torch.nn.Module) -> str | None:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None,
-           seen: torch.Tensor | None = None, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           seen: torch.Tensor | None = None, work: torch.Tensor | None = None,
+           entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row: (token [N], its log-prob [N] under logits / temperature, unpenalised, unfiltered).
 
     logits [N, V] float32; uniform [N] in [0, 1), None for greedy; seen [N, V] bool for the repetition penalty;
     work: an optional [N, V] float32 buffer for the sampling weights (a decode loop passes one, so no step allocates
-    and page-faults a fresh [N, V] tensor).
+    and page-faults a fresh [N, V] tensor); entropy: an optional [N] float32 tensor that receives the entropy of
+    the recorded distribution (softmax of logits / temperature), as the trainer computes it.
     """
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = logits / temperature if temperature != 1.0 else logits  # [N, V]
@@ -243,10 +251,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor |
         token = drawn_from.argmax(dim=-1)
     else:
         filtered = filter_logits(drawn_from, top_k=params.top_k, top_p=params.top_p, min_p=params.min_p)
-        token, top, mass = _draw(filtered, uniform, work)
         if filtered is scaled:  # the weights drawn from are those of the recorded distribution: reuse their sum
+            token, top, mass = _draw(filtered, uniform, work, entropy)
             return token, scaled.gather(-1, token[:, None]).squeeze(-1) - (top + mass.log())
-    token_logp = scaled.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+        token, _, _ = _draw(filtered, uniform, work)
+    normaliser = torch.logsumexp(scaled, dim=-1)  # [N]
+    if entropy is not None:  # log Z - sum(p * s): the trainer's formula (grpokit.models.logprobs)
+        torch.sub(normaliser, torch.linalg.vecdot(torch.exp(scaled - normaliser[:, None]), scaled), out=entropy)
+    token_logp = scaled.gather(-1, token[:, None]).squeeze(-1) - normaliser
     return token, token_logp
 
 
@@ -308,14 +320,17 @@ def draw(filtered: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return _draw(filtered, uniform)[0]
 
 
-def _draw(filtered: torch.Tensor, uniform: torch.Tensor,
-          work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _draw(filtered: torch.Tensor, uniform: torch.Tensor, work: torch.Tensor | None = None,
+          entropy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`draw`, also returning each row's max logit and sum of exp(filtered - max) ([N] each): the row's log-normaliser
-    is max + log(sum). `work` [N, V] receives the weights and their cumulative sums (a new tensor if None)."""
+    is max + log(sum). `work` [N, V] receives the weights and their cumulative sums (a new tensor if None);
+    `entropy` [N], if given, the entropy of softmax(filtered) from the same weights (one more pass over them)."""
     top = filtered.amax(dim=-1, keepdim=True)  # [N, 1]
     weights = torch.sub(filtered, top, out=work) if work is not None else filtered - top
     weights.exp_()  # [N, V], unnormalised
     mass = weights.sum(dim=-1)  # pairwise sum: as accurate as logsumexp's
+    if entropy is not None:  # log Z - sum(p * s), Z = mass * e^top
+        torch.sub(top.squeeze(-1) + mass.log(), torch.linalg.vecdot(weights, filtered) / mass, out=entropy)
     cdf = weights.cumsum_(dim=-1)  # in place: weights are not needed again
     total = cdf[:, -1]
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))  # strictly below total

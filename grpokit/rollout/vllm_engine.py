@@ -406,7 +406,9 @@ class VLLMServerEngine:
 
 
 def sampling_params_to_json(params: SamplingParams) -> dict:
-    return {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}
+    """The fields the server reads; not `entropies`, which vLLM does not give (a server of a grpokit without the
+    field would refuse it)."""
+    return {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__ if name != "entropies"}
 
 
 def rollout_from_json(body: dict, prompts: int, n: int, where: str) -> Rollout:

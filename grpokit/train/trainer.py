@@ -115,10 +115,6 @@ class Trainer:
         self.loss_settings = loss_settings(cfg)
         self.loss_dtype = torch.float64 if cfg.torch_dtype == "float64" else torch.float32
         self.timers = Timers()
-        # the rollout and its rewards; checks reward_gate against the rewards
-        self.collector = Collector(cfg, self.train_data, engine=self.synced_engine, tokenizer=self.tokenizer,
-                                   rewards=self.rewards, stop_ids=self.stop_ids, procs=self.procs, timers=self.timers,
-                                   autocast=self.autocast, context=self.reward_context)
         self.accuracy_reward = cfg.eval_accuracy_reward or self.reward_funcs[0].name
         # with one reward the total is the correctness reward: the length-hacking check has nothing to compare
         self.health = HealthMonitor(correctness_reward=self.accuracy_reward if len(self.reward_funcs) > 1 else None)
@@ -127,6 +123,12 @@ class Trainer:
         self.updater = Updater(cfg, self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
                                logprobs=self.logprobs, settings=self.loss_settings, procs=self.procs,
                                train_module=self.train_module, device=self.device, autocast=self.autocast)
+        # the rollout and its rewards; checks reward_gate against the rewards. The in-process sampler gives each
+        # token's entropy where the update takes silent rows' entropy from it
+        self.collector = Collector(cfg, self.train_data, engine=self.synced_engine, tokenizer=self.tokenizer,
+                                   rewards=self.rewards, stop_ids=self.stop_ids, procs=self.procs, timers=self.timers,
+                                   autocast=self.autocast, context=self.reward_context,
+                                   entropies=self.updater.uses_sampler_entropy)
         self.state = TrainState.start(cfg.seed)
         self.stop_reason: str | None = None  # set by a step that ends the run early (on_collapse: stop)
 

@@ -120,6 +120,22 @@ class Updater:
         return (self._skip_silent_rows and self.settings.beta == 0 and self.settings.top_entropy_quantile >= 1.0
                 and self.procs.count == 1 and self.train_module is None)
 
+    @property
+    def uses_sampler_entropy(self) -> bool:
+        """Silent rows take their entropy metric from the sampler (`MicroBatch.sampler_entropy`) instead of a forward
+        pass: where their backward is skipped and the policy has not moved since it sampled them (one pass, one
+        optimizer step per generation), so the sampler's distribution is the one the forward would compute (up to
+        rounding: the sampler's products are not the trainer's)."""
+        return self.skip_silent_rows and not self.cfg.policy_moves
+
+    def silent_entropy(self, silent: MicroBatch) -> torch.Tensor:
+        """[M, T] token entropies of rows that do not train: the sampler's where it gave them and
+        `uses_sampler_entropy` holds, else from a forward pass alone."""
+        if self.uses_sampler_entropy and silent.sampler_entropy is not None:
+            return silent.sampler_entropy
+        with torch.no_grad(), self.autocast():
+            return self.logprobs.of(self.policy, silent)[1]
+
     def update(self, window: list[MicroBatch]) -> dict[str, float]:
         """Train on `window`: metrics (token means over the window, every process's), loss, grad_norm, skipped_step."""
         if window[0].step_sequences is None:  # micro-batches from a checkpoint written before the fields existed
@@ -132,10 +148,9 @@ class Updater:
         backward_ran = False
         for i, mb in enumerate(window):
             trained, silent = self.split_silent(mb)
-            if silent is not None:  # no gradient to give: their entropy (a metric) from a forward pass alone
-                with torch.no_grad(), self.autocast():
-                    _, silent_entropy = self.logprobs.of(self.policy, silent)
-                sums["entropy"] = sums.get("entropy", 0.0) + (silent_entropy * silent.completion_mask).sum()
+            if silent is not None:  # no gradient to give: only their entropy, a metric
+                silent_entropy = (self.silent_entropy(silent) * silent.completion_mask).sum()
+                sums["entropy"] = sums.get("entropy", 0.0) + silent_entropy
             if trained is None:
                 continue
             with self.procs.no_sync(self.train_module, skip=i < len(window) - 1):  # all-reduce on the last one

@@ -83,7 +83,8 @@ def test_skipping_the_backward_of_silent_rows_gives_the_same_step(workdir, tiny_
     """Kind-C groups have zero spread (advantage exactly 0): the update that skips their backward pass gives the
     same loss, gradient norm, metrics and weights as the one that trains on every row, in float64; so does a
     following window where every row is silent (AdamW's momentum step still taken), and with several passes the
-    second pass (old log-probs stored, the ratio moves)."""
+    second pass (old log-probs stored, the ratio moves). With one pass the silent rows' entropy (a metric) is the
+    sampler's, which samples in float32: that metric agrees to float32 rounding."""
     results = []
     for skip in (True, False):
         cfg = make_config(tiny_model_dir, reward_funcs=["my_rewards.constant_for_c"], torch_dtype="float64",
@@ -97,6 +98,7 @@ def test_skipping_the_backward_of_silent_rows_gives_the_same_step(workdir, tiny_
         steps = [trainer.updater.update(batch) for _ in range(num_iterations)]
         for mb in batch:
             mb.advantages = torch.zeros_like(mb.advantages)
+            mb.sampler_entropy = None  # the batch again after a step (not a trainer flow): the sampler's is stale
         steps.append(trainer.updater.update(batch))
         results.append((_state(trainer), steps))
     (state_a, steps_a), (state_b, steps_b) = results
@@ -104,11 +106,41 @@ def test_skipping_the_backward_of_silent_rows_gives_the_same_step(workdir, tiny_
     for m_a, m_b in zip(steps_a, steps_b, strict=True):
         assert m_a.keys() == m_b.keys()
         for key in m_a:
-            assert m_a[key] == pytest.approx(m_b[key], rel=1e-10, abs=1e-12), key
+            rel = 1e-7 if key == "entropy" and num_iterations == 1 else 1e-10
+            assert m_a[key] == pytest.approx(m_b[key], rel=rel, abs=1e-12), key
     for name in state_a:
         torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-10, atol=1e-12, msg=name)
     assert any(not torch.equal(state_a[n], s) for n, s in _state(Trainer(make_config(
         tiny_model_dir, torch_dtype="float64", output_dir="fresh"))).items())  # the steps moved the weights
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_silent_rows_take_their_entropy_from_the_sampler_without_a_forward_pass(workdir, tiny_model_dir,
+                                                                              num_iterations):
+    """Every group silent (one constant reward). With one pass the update runs no forward pass at all: its entropy
+    metric is the sampler's, equal to the forward's within float32 rounding. With two passes the policy moves before
+    the second, so the sampler is not asked and the forward computes it."""
+    (workdir / "flat.py").write_text("def flat(completions, **kwargs):\n    return [0.5] * len(completions)\n")
+    trainer = Trainer(make_config(tiny_model_dir, reward_funcs=["flat.flat"], num_iterations=num_iterations,
+                                  per_device_train_batch_size=4, gradient_accumulation_steps=2))
+    batch, _ = _generation(trainer)
+    assert all(not mb.advantages.any() for mb in batch)
+    of = trainer.logprobs.of
+    with torch.no_grad():
+        tokens = sum(int(mb.completion_mask.sum()) for mb in batch)
+        want = sum(float((of(trainer.policy, mb)[1] * mb.completion_mask).sum()) for mb in batch) / tokens
+    calls = []
+    trainer.logprobs.of = lambda model, mb: calls.append(len(mb.advantages)) or of(model, mb)
+    metrics = trainer.updater.update(batch)
+    if num_iterations == 1:
+        assert trainer.updater.uses_sampler_entropy and all(mb.sampler_entropy is not None for mb in batch)
+        assert calls == []
+        assert metrics["entropy"] == pytest.approx(want, rel=1e-5)
+    else:
+        assert not trainer.updater.uses_sampler_entropy and all(mb.sampler_entropy is None for mb in batch)
+        assert calls == [4, 4]
+        assert metrics["entropy"] == pytest.approx(want, rel=1e-6)
+    assert metrics["grad_norm"] == 0
 
 
 def test_ratio_is_one_on_first_pass_and_moves_on_the_second(workdir, tiny_model_dir):
@@ -139,7 +171,8 @@ def test_mask_truncated_completions_leaves_cut_off_rows_out(workdir, tiny_model_
     trainer = Trainer(make_config(tiny_model_dir, mask_truncated_completions=True, per_device_train_batch_size=4))
     generation = Generation(prompts=["p"] * 4, completions=["c"] * 4, prompt_ids=[[5, 6]] * 4,
                             completion_ids=[[7, 8, 1], [7, 8, 9], [7, 1], [7]],
-                            finish_reasons=["stop", "length", "stop", "length"], rewards=torch.zeros(4, 1))
+                            finish_reasons=["stop", "length", "stop", "length"], rewards=torch.zeros(4, 1),
+                            sampler_entropies=[None] * 4)
     (mb,) = trainer.micro_batches(generation, torch.ones(4))
     assert mb.completion_mask.sum(dim=1).tolist() == [3, 0, 2, 0]
 

@@ -8,7 +8,14 @@ import torch
 from grpokit.algo.batches import pack
 from grpokit.models.logprobs import completion_logps
 from grpokit.rollout.base import SamplingParams
-from grpokit.rollout.torch_engine import TorchEngine, apply_repetition_penalty, draw, filter_logits, row_uniforms
+from grpokit.rollout.torch_engine import (
+    TorchEngine,
+    apply_repetition_penalty,
+    draw,
+    filter_logits,
+    row_uniforms,
+    sample,
+)
 
 
 def _prompts(tokenizer):
@@ -131,18 +138,50 @@ def test_greedy_with_repetition_penalty_matches_transformers(tiny_model):
 
 @pytest.mark.parametrize("settings", [
     dict(temperature=0.6),
+    dict(temperature=1.0),
+    dict(temperature=0.0),
     dict(temperature=1.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3),
 ])
 def test_sampler_logps_are_the_tempered_unfiltered_unpenalised_logps(tiny_model, settings):
+    """Also each token's entropy (`SamplingParams.entropies`): the trainer's entropy of the same distribution."""
     model, tokenizer = tiny_model
     prompts = _prompts(tokenizer)
     engine = TorchEngine(model, 0)
-    rollout = engine.generate(prompts, 3, SamplingParams(max_tokens=12, seed=11, stop_token_ids=[7], **settings))
+    rollout = engine.generate(prompts, 3, SamplingParams(max_tokens=12, seed=11, stop_token_ids=[7], entropies=True,
+                                                         **settings))
     input_ids, attention, cmask = pack([p for p in prompts for _ in range(3)], rollout.completion_ids, 0, "cpu")
     with torch.no_grad():
-        logps, _ = completion_logps(model, input_ids, attention, cmask.shape[1], temperature=settings["temperature"])
-    for i, sampled in enumerate(rollout.sampler_logps):
+        logps, entropy = completion_logps(model, input_ids, attention, cmask.shape[1],
+                                          temperature=settings["temperature"])
+    assert len(rollout.sampler_entropies) == len(rollout.completion_ids)
+    for i, (sampled, entropies) in enumerate(zip(rollout.sampler_logps, rollout.sampler_entropies, strict=True)):
+        assert len(entropies) == len(sampled) == len(rollout.completion_ids[i])
         torch.testing.assert_close(logps[i, :len(sampled)], torch.tensor(sampled), rtol=0, atol=1e-5)
+        torch.testing.assert_close(entropy[i, :len(sampled)], torch.tensor(entropies), rtol=0, atol=1e-5)
+    unasked = engine.generate(prompts, 3, SamplingParams(max_tokens=12, seed=11, stop_token_ids=[7], **settings))
+    assert unasked.sampler_entropies is None
+    assert unasked.completion_ids == rollout.completion_ids and unasked.sampler_logps == rollout.sampler_logps
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.5), dict(top_k=3), dict(top_p=0.7),
+                                      dict(repetition_penalty=1.5), dict(temperature=0.0)])
+def test_sample_entropy_matches_a_float64_reference(settings):
+    """The entropy `sample` writes: of softmax(logits / temperature), whatever the filters and penalty drew from;
+    from the drawing weights when nothing filters (the fast path), from the logits otherwise."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3000, generator=gen) * 1.5
+    params = SamplingParams(max_tokens=1, **settings)
+    temperature = params.temperature or 1.0
+    seen = (torch.rand(5, 3000, generator=gen) < 0.1) if params.repetition_penalty != 1.0 else None
+    uniform = None if params.temperature == 0 else torch.rand(5, generator=gen)
+    entropy = torch.full((5,), float("nan"))
+    token, logp = sample(logits, params, uniform, seen, None, entropy)
+    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
+    want = -(log_p.exp() * log_p).sum(-1)
+    assert want.min() > 1.0  # not a near-degenerate distribution, where any formula would agree
+    torch.testing.assert_close(entropy.double(), want, rtol=0, atol=2e-5)
+    same_token, same_logp = sample(logits, params, uniform, seen)  # the draw does not depend on asking
+    assert torch.equal(token, same_token) and torch.equal(logp, same_logp)
 
 
 def test_stop_strings_end_completions(tiny_model):
