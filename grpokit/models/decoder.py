@@ -101,6 +101,22 @@ def _rotate_fast(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out
 
 
+def _rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`_rotate_fast` in three operator calls: signed_sin is sin with its first half negated (made once a step), and
+    the halves swapped by a roll. The same products and sums, so bit for bit `_rotate_fast`'s result (tested)."""
+    return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, -1), signed_sin)
+
+
+def _append_kv(layer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write one position's key and value [N, Hkv, D] into a cache layer; returns all its keys and values as
+    [N * Hkv, L, D] (views where the layer was preallocated: `grpokit.rollout.decode`)."""
+    append = getattr(layer, "append_one", None)
+    if append is not None:
+        return append(key, value)
+    keys, values = layer.update(key[:, :, None], value[:, :, None])
+    return keys.flatten(0, 1), values.flatten(0, 1)
+
+
 def attend_one(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                mask: torch.Tensor | None) -> torch.Tensor:
     """Single-token attention: query [N, H, D], key/value [N, Hkv, L, D] -> [N, H * D]. mask [N or 1, 1, 1, P],
@@ -199,11 +215,11 @@ class LeanDecoder:
         """x [m, K] @ a packed product's weight^T (+ bias) -> [m, N]; rows padded with zeros to those packed for."""
         packed, shape, bias = product
         m, rows = x.shape[0], self.mkl_rows
-        if m != rows:
-            if not rows // 2 < m < rows:
-                raise RuntimeError(f"products packed for {rows} rows cannot serve {m}: LeanDecoder.fit was not called")
-            x = torch.cat((x, x.new_zeros(rows - m, x.shape[1])))
-        return cpu_linear._mkl_product(x, packed, shape, bias, rows)[:m]
+        if m == rows:
+            return cpu_linear._mkl_product(x, packed, shape, bias, rows)
+        if not rows // 2 < m < rows:
+            raise RuntimeError(f"products packed for {rows} rows cannot serve {m}: LeanDecoder.fit was not called")
+        return cpu_linear._mkl_product(torch.cat((x, x.new_zeros(rows - m, x.shape[1]))), packed, shape, bias, rows)[:m]
 
     @staticmethod
     def _pack_bf16(linears: list[torch.nn.Module], rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -238,7 +254,8 @@ class LeanDecoder:
         if self.bf16:
             return self._step_bf16(h, cos, sin, cache)
         if self.mkl is not None:
-            return self._step_mkl(h, cos, sin, cache, pad)
+            half = dim // 2
+            return self._step_mkl(h, cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1), cache, pad)
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = _rms_norm(h, layer.input_layernorm)
@@ -253,10 +270,11 @@ class LeanDecoder:
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         return self.model.lm_head(_rms_norm(h, self.base.norm)).float()
 
-    def _step_mkl(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
+    def _step_mkl(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, cache,
                   pad: torch.Tensor | None) -> torch.Tensor:
+        """signed_sin: sin with its first half negated (`_rotate_signed`)."""
         n, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
-        split = (heads + kv_heads) * dim
+        split, groups = (heads + kv_heads) * dim, heads // kv_heads
         mm, products = self._mkl_mm, self.mkl
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -265,9 +283,15 @@ class LeanDecoder:
             qk = qkv[:, :split].view(n, heads + kv_heads, dim)
             if getattr(attn, "q_norm", None) is not None:
                 qk = torch.cat(self._qk_norm(attn, qk[:, :heads], qk[:, heads:], False), dim=1)
-            qk = _rotate_fast(qk, cos, sin)
-            keys, values = cache.layers[i].update(qk[:, heads:, None], qkv[:, split:].view(n, kv_heads, 1, dim))
-            h = h + mm(attend_one(qk[:, :heads], keys, values, self.scale, pad), o_w)
+            qk = _rotate_signed(qk, cos, signed_sin)
+            keys, values = _append_kv(cache.layers[i], qk[:, heads:], qkv[:, split:].view(n, kv_heads, dim))
+            # attention in [N * Hkv] batched products over the cache's views (as attend_one, without its 4-D matmuls)
+            scores = torch.bmm(torch.mul(qk[:, :heads], self.scale).view(n * kv_heads, groups, dim),
+                               keys.transpose(1, 2))  # [N * Hkv, g, L]
+            if pad is not None:
+                scores.view(n, kv_heads, groups, -1)[..., :pad.shape[-1]].masked_fill_(pad, float("-inf"))
+            out = torch.bmm(scores.softmax(dim=-1), values).view(n, heads * dim)
+            h = h + mm(out, o_w)
             gate_up = mm(_rms_norm_fast(h, layer.post_attention_layernorm), gate_up_w)
             half = gate_up.shape[-1] // 2
             h = h + mm(torch.nn.functional.silu(gate_up[:, :half]) * gate_up[:, half:], down_w)

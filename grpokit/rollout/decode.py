@@ -41,6 +41,19 @@ class _PreallocatedLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :length + new]
         return self.keys, self.values
 
+    def append_one(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position's key and value [N, Hkv, D] written in place (the lean decoder's step); returns every filled
+        position's keys and values as [N * Hkv, L, D] views."""
+        length = self.keys.shape[-2]
+        if length == self._key_buffer.shape[-2]:
+            keys, values = self.update(key[:, :, None], value[:, :, None])
+            return keys.flatten(0, 1), values.flatten(0, 1)
+        self._key_buffer.select(2, length).copy_(key)
+        self._value_buffer.select(2, length).copy_(value)
+        self.keys = self._key_buffer[:, :, :length + 1]
+        self.values = self._value_buffer[:, :, :length + 1]
+        return self.keys.flatten(0, 1), self.values.flatten(0, 1)
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._key_buffer = self._key_buffer[indices]
         self._value_buffer = self._value_buffer[indices]

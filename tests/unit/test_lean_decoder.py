@@ -175,6 +175,58 @@ def test_float32_step_on_fused_mkl_products_matches_float64(kind, packed_rows, m
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
+@MKL
+def test_fused_step_writes_into_any_cache_layer(monkeypatch):
+    """The fused step writes each layer's new key and value in place where the cache was preallocated with room,
+    and through the layer's own `update` where it has no room left or was never preallocated: the same logits and
+    the same keys and values, one position longer, in all three."""
+    from transformers import DynamicCache, DynamicLayer
+
+    from grpokit.rollout import decode
+
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    model, tokenizer = _model("llama", tied=False)
+    ids = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in ids])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    results = []
+    for room in (4, 0, None):
+        with torch.no_grad(), decode.decode_attention(model):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache)
+            if room is not None:
+                decode.preallocate(cache, room)
+            lean = decoder.LeanDecoder(model, bf16=False, mkl_rows=3)
+            logits = lean.step(torch.tensor([5, 9, 11]), positions[:, -1] + 1, cache, (attention == 0)[:, None, None])
+        kinds = {type(layer) for layer in cache.layers}
+        assert kinds == ({decode._PreallocatedLayer} if room == 4 else {DynamicLayer}), (room, kinds)
+        assert all(layer.keys.shape[-2] == layer.values.shape[-2] == width + 1 for layer in cache.layers)
+        results.append((logits, [(layer.keys, layer.values) for layer in cache.layers]))
+    (logits, kv), others = results[0], results[1:]
+    for other_logits, other_kv in others:
+        torch.testing.assert_close(other_logits, logits, rtol=1e-6, atol=1e-6)
+        for (k, v), (k2, v2) in zip(kv, other_kv, strict=True):
+            torch.testing.assert_close(k2, k, rtol=0, atol=0)
+            torch.testing.assert_close(v2, v, rtol=0, atol=0)
+
+
+def test_rotation_with_a_signed_sine_is_the_fast_rotation_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    angles = torch.rand(5, 1, 32, generator=gen) * 100
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()  # [N, 1, D]
+    signed = torch.cat((-sin[..., :32], sin[..., 32:]), dim=-1)
+    for scale in (1e-3, 1.0, 50.0):
+        x = torch.randn(5, 12, 64, generator=gen) * scale
+        got = decoder._rotate_signed(x, cos, signed)
+        assert torch.equal(got, decoder._rotate_fast(x, cos, sin))
+        want = decoder._rotate(x.double(), cos.double(), sin.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6 * scale)
+        strided = torch.randn(5, 20, 64, generator=gen)[:, 4:16] * scale  # a view, as the step's query/key slice
+        assert torch.equal(decoder._rotate_signed(strided, cos, signed), decoder._rotate_fast(strided, cos, sin))
+
+
 def test_the_fused_steps_rms_norm_is_the_models():
     gen = torch.Generator().manual_seed(0)
     norm = torch.nn.Module()
