@@ -1,11 +1,13 @@
 """grpokit vs TRL's GRPOTrainer: optimizer-step time, generation throughput and peak RSS.
 
 Both frameworks train the same model on the same rows (grpokit's built-in arithmetic task,
-written to a JSONL file) with the same reward (`number_match` below), group size G, prompts per
-step, completion length, beta, learning rate, seed and torch thread count, fp32 on CPU (or bf16 mixed
-precision in both with --bf16). Each generation feeds exactly one optimizer step (one micro-batch of
-prompts x G completions, one iteration), so a step is: sample, score, one forward/backward, one AdamW
-update.
+written to a JSONL file) with the same reward (`number_match` below, or `digit_share` with
+`--reward digit_share`), group size G, prompts per step, completion length, beta, learning rate, seed and
+torch thread count, fp32 on CPU (or bf16 mixed precision in both with --bf16). Each generation feeds
+exactly one optimizer step (one micro-batch of prompts x G completions, one iteration), so a step is:
+sample, score, one forward/backward, one AdamW update. A group without reward spread has nothing to learn:
+grpokit skips its rows' passes (their gradient is exactly zero), TRL runs them. The table gives the share
+of such groups in each framework's measured steps.
 
 Every run is a fresh subprocess; runs alternate (grpokit, TRL, grpokit, TRL, ...) so drift on a
 shared machine hits both alike. Per run the first `--warmup` steps are dropped. Peak RSS is the
@@ -33,6 +35,7 @@ Results and the machine they were measured on: benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -59,6 +62,16 @@ def number_match(prompts, completions, answer, **kwargs) -> list[float]:
         numbers = _NUMBER.findall(text)
         scores.append(1.0 if numbers and numbers[-1] == str(expected).strip() else 0.0)
     return scores
+
+
+def digit_share(prompts, completions, **kwargs) -> list[float]:
+    """The share of the completion's characters that are digits: a reward with spread in nearly every group, so
+    every step trains (`number_match` is 0 for most groups of a small model: most steps have nothing to learn)."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+
+REWARDS = {"number_match": number_match, "digit_share": digit_share}
 
 
 # -- models (built with grpokit's environment) --------------------------------------------------
@@ -160,7 +173,7 @@ def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
     out = work / "grpokit-out"
     config = {
         "model": spec["model_dir"], "dataset": spec["rows"], "eval_dataset": None,
-        "reward_funcs": [{"func": f"{Path(__file__).resolve()}:number_match", "name": "number_match"}],
+        "reward_funcs": [{"func": f"{Path(__file__).resolve()}:{spec['reward']}", "name": spec["reward"]}],
         "num_generations": spec["G"], "per_device_train_batch_size": spec["prompts"] * spec["G"],
         "gradient_accumulation_steps": 1, "steps_per_generation": 1, "num_iterations": 1,
         "max_completion_length": spec["completion"], "temperature": 1.0, "top_p": 1.0, "top_k": 0,
@@ -178,6 +191,7 @@ def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
     return {"peak_rss_kib": rss,
             "steps": [{"step_time": r["step_time"], "generate_time": r["time/generate"],
                        "tokens_per_second": r["tokens_per_second"], "mean_length": r["completions/mean_length"],
+                       "zero_spread": r["frac_reward_zero_std"],
                        "timers": {k[len("time/"):]: v for k, v in r.items() if k.startswith("time/")}}
                       for r in steps]}
 
@@ -212,10 +226,18 @@ def trl_child(spec_path: str) -> None:
         model_init_kwargs={"dtype": "float32"}, use_vllm=False, report_to="none", logging_steps=1,
         save_strategy="no", seed=spec["seed"], dataloader_num_workers=0, gradient_checkpointing=False,
     )
-    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=number_match, args=args,
-                          train_dataset=Dataset.from_list(rows))
-
     generation = {"time": 0.0, "tokens": 0}
+    reward = REWARDS[spec.get("reward", "number_match")]
+
+    @functools.wraps(reward)
+    def scored(*a, **kw):  # and the share of this step's groups without reward spread (nothing to learn)
+        scores = reward(*a, **kw)
+        groups = [scores[i:i + spec["G"]] for i in range(0, len(scores), spec["G"])]
+        generation["zero_spread"] = sum(max(g) == min(g) for g in groups) / len(groups)
+        return scores
+
+    trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=scored, args=args,
+                          train_dataset=Dataset.from_list(rows))
     generate_single_turn = trainer._generate_single_turn
 
     def timed_generate(*a, **kw):
@@ -238,7 +260,8 @@ def trl_child(spec_path: str) -> None:
             g_time = generation["time"]
             steps.append({"step_time": time.perf_counter() - self.started, "generate_time": g_time,
                           "tokens_per_second": generation["tokens"] / max(g_time, 1e-9),
-                          "mean_length": generation["tokens"] / max(generation["count"], 1)})
+                          "mean_length": generation["tokens"] / max(generation["count"], 1),
+                          "zero_spread": generation.get("zero_spread")})
 
     trainer.add_callback(StepTimer())
     trainer.train()
@@ -258,17 +281,21 @@ def summarise(runs: list[dict], warmup: int) -> dict:
     for step in measured:
         for k, v in step.get("timers", {}).items():
             timers.setdefault(k, []).append(v)
+    zero_spread = [s["zero_spread"] for s in measured if s.get("zero_spread") is not None]  # older files lack it
     return {"runs": len(runs), "steps": len(measured), **col, "timers": timers,
-            "peak_rss_mib": [run["peak_rss_kib"] / 1024 for run in runs]}
+            "peak_rss_mib": [run["peak_rss_kib"] / 1024 for run in runs],
+            "zero_spread": statistics.mean(zero_spread) if zero_spread else None}
 
 
 def table(summary: dict) -> str:
     lines = ["| framework | runs x steps | step time, s | generate time, s | generation tokens/s "
-             "| peak RSS, MiB | mean completion length |", "|---|---|---|---|---|---|---|"]
+             "| peak RSS, MiB | mean completion length | groups without reward spread |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
+        silent = "n/a" if s.get("zero_spread") is None else f"{s['zero_spread']:.0%}"
         lines.append(f"| {name} | {s['runs']} x {s['steps'] // s['runs']} | {_spread(s['step_time'], '.2f')} "
                      f"| {_spread(s['generate_time'], '.2f')} | {_spread(s['tokens_per_second'], '.0f')} "
-                     f"| {_spread(s['peak_rss_mib'], '.0f')} | {statistics.mean(s['mean_length']):.1f} |")
+                     f"| {_spread(s['peak_rss_mib'], '.0f')} | {statistics.mean(s['mean_length']):.1f} | {silent} |")
     for name, s in summary.items():
         if s.get("timers"):  # grpokit's own timers: where the rest of its step goes
             parts = ", ".join(f"{k} {_spread(v, '.2f')}" for k, v in sorted(s["timers"].items()) if k != "generate")
@@ -280,6 +307,16 @@ def table(summary: dict) -> str:
         lines.append(f"\ngrpokit / TRL median step time: {ratio('step_time'):.2f}; "
                      f"median peak RSS: {ratio('peak_rss_mib'):.2f}")
     return "\n".join(lines)
+
+
+def _repo_relative(path: str | None) -> str | None:
+    """`path` relative to the repository when it lies inside it (a venv's python), else as given."""
+    if path is None:
+        return None
+    try:
+        return str(Path(os.path.abspath(path)).relative_to(REPO))
+    except ValueError:
+        return path
 
 
 def _versions(trl_python: str | None, grpokit_src: str | None) -> dict:
@@ -325,6 +362,8 @@ def main() -> None:
                         help="a grpokit config setting on top of the benchmark's (e.g. cpu_linear=torch); repeatable")
     parser.add_argument("--frameworks", default="grpokit,trl", help="which to run, comma-separated")
     parser.add_argument("--natural-stops", action="store_true", help="keep the model's EOS (lengths may differ)")
+    parser.add_argument("--reward", choices=sorted(REWARDS), default="number_match",
+                        help="the reward in both (digit_share: spread in nearly every group, so every step trains)")
     parser.add_argument("--trl-python", default=".venv-trl/bin/python", help="python of TRL's venv")
     parser.add_argument("--grpokit-python", default=sys.executable)
     parser.add_argument("--grpokit-src", default=None,
@@ -353,9 +392,11 @@ def main() -> None:
                 "rows": str(write_rows(tmp / "rows.jsonl", 512)), "G": args.G, "prompts": args.prompts,
                 "completion": args.completion, "beta": args.beta, "lr": args.lr, "threads": args.threads,
                 "seed": args.seed, "warmup": args.warmup, "steps": args.steps, "timeout": args.timeout,
-                "bf16": args.bf16, "grpokit_set": dict(item.split("=", 1) for item in args.grpokit_set)}
+                "bf16": args.bf16, "grpokit_set": dict(item.split("=", 1) for item in args.grpokit_set),
+                "reward": args.reward}
         chosen = args.frameworks.split(",")
-        info = {"args": vars(args),
+        shown = {k: _repo_relative(v) if k.endswith("_python") else v for k, v in vars(args).items()}
+        info = {"args": shown,  # no path of this machine in a results file
                 "versions": _versions(args.trl_python if "trl" in chosen else None, args.grpokit_src),
                 "load_before": _uptime(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -390,7 +431,8 @@ def report(result: dict) -> None:
     """Print the settings, machine load and table of one benchmark (a finished or interrupted one)."""
     a = result["args"]
     print(f"\nmodel {a['model']}, G={a['G']}, {a['prompts']} prompts/step, {a['completion']} tokens, "
-          f"beta={a['beta']}, {'natural stops' if a['natural_stops'] else 'forced length'}; "
+          f"beta={a['beta']}, {'natural stops' if a['natural_stops'] else 'forced length'}, "
+          f"reward {a.get('reward', 'number_match')}; "
           f"versions {result['versions']}")
     print(f"load average before: {result['load_before']}; after: {result.get('load_after', 'interrupted')}\n")
     print(table({name: summarise(runs, a["warmup"]) for name, runs in result["runs"].items() if runs}))
