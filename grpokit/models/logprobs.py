@@ -14,10 +14,16 @@ runs once, its KV cache is indexed out to its rows, and the completions run on t
 flows through the indexing, so gradients are those of G separate forwards, summed, and the prompt's
 activations are stored once instead of G times. With gradient checkpointing (transformers drops the
 cache inside checkpointed layers) or caches other than plain growable ones (sliding windows) the rows run whole.
+
+Completions that stop at their own lengths are padded to the longest. The padding never reaches the LM head (only
+real completion tokens are scored; padded positions get log-prob and entropy 0), and rows of very different
+lengths run the decoder in groups of similar length (`length_buckets`), each padded to its own longest: the
+same log-probs and gradients, with fewer padded positions computed.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 
@@ -191,9 +197,41 @@ def _prompt_cache(model: torch.nn.Module):
     return cache if all(type(layer) is DynamicLayer for layer in cache.layers) else None
 
 
+# a decoder call per group of rows must save at least this many padded token positions (`length_buckets`)
+BUCKET_MIN_SAVING = 64
+
+
+def length_buckets(lengths: list[int], min_saving: int = BUCKET_MIN_SAVING) -> list[list[int]]:
+    """Rows (indices into `lengths`, each group in ascending length) grouped so that the token positions computed,
+    each group padded to its longest row, plus `min_saving` per group beyond the first, are fewest. The optimum is
+    contiguous in sorted order (a row moved to a group of longer rows never costs less), found exactly in O(B^2)."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    sizes = [max(lengths[r], 1) for r in order]
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end):  # rows order[start:end] padded to sizes[end - 1]
+            cost = best[start] + (end - start) * sizes[end - 1] + (min_saving if start else 0)
+            if best[end] is None or cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def _rows_of(cache, index: torch.Tensor):
+    """A new cache holding rows `index` of `cache` (differentiable indexing); `cache` is left as it is."""
+    rows = copy.copy(cache)
+    rows.layers = [copy.copy(layer) for layer in cache.layers]
+    rows.batch_select_indices(index)
+    return rows
+
+
 def _shared_prompt_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           completion_length: int) -> torch.Tensor | None:
-    """[B, T, H] hidden states predicting the completion tokens, each distinct prompt run once; None = not shared."""
+    """[B, T, H] hidden states predicting the completion tokens, each distinct prompt run once; None = not shared.
+    Positions past a row's completion hold zeros where its group of rows (`length_buckets`) was shorter."""
     width_p = input_ids.shape[1] - completion_length
     cache = _prompt_cache(model) if width_p else None
     if cache is None:
@@ -207,12 +245,55 @@ def _shared_prompt_hidden(model: torch.nn.Module, input_ids: torch.Tensor, atten
     decoder = model.get_decoder()
     prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
                          position_ids=positions_from_mask(prompt_mask), use_cache=True, **with_cache(decoder, cache))
-    cache.batch_select_indices(row_prompt)  # [U, ...] -> [B, ...]; differentiable indexing
-    positions = prompt_mask.sum(-1)[row_prompt, None] + torch.arange(completion_length, device=input_ids.device)
-    completion_out = decoder(input_ids=input_ids[:, width_p:], attention_mask=attention_mask, position_ids=positions,
-                             use_cache=True, **with_cache(decoder, cache))
-    last_prompt = prompt_out.last_hidden_state[row_prompt, -1:]  # predicts completion token 0
-    return torch.cat([last_prompt, completion_out.last_hidden_state[:, :-1]], dim=1)
+    buckets = length_buckets(attention_mask[:, width_p:].sum(-1).tolist())
+    if len(buckets) == 1:
+        cache.batch_select_indices(row_prompt)  # [U, ...] -> [B, ...]; differentiable indexing
+        positions = prompt_mask.sum(-1)[row_prompt, None] + torch.arange(completion_length, device=input_ids.device)
+        completion_out = decoder(input_ids=input_ids[:, width_p:], attention_mask=attention_mask,
+                                 position_ids=positions, use_cache=True, **with_cache(decoder, cache))
+        last_prompt = prompt_out.last_hidden_state[row_prompt, -1:]  # predicts completion token 0
+        return torch.cat([last_prompt, completion_out.last_hidden_state[:, :-1]], dim=1)
+    pieces = []
+    for rows in buckets:  # each group of rows on its own copy of the prompts' cache, to its own longest completion
+        index = torch.tensor(rows, device=input_ids.device)
+        length = max(1, int(attention_mask[index, width_p:].sum(-1).max()))
+        prompts = row_prompt[index]
+        positions = prompt_mask.sum(-1)[prompts, None] + torch.arange(length, device=input_ids.device)
+        rows_cache = _rows_of(cache, prompts)
+        out = decoder(input_ids=input_ids[index, width_p:width_p + length],
+                      attention_mask=attention_mask[index, :width_p + length], position_ids=positions,
+                      use_cache=True, **with_cache(decoder, rows_cache))
+        hidden = torch.cat([prompt_out.last_hidden_state[prompts, -1:], out.last_hidden_state[:, :-1]], dim=1)
+        pieces.append(torch.nn.functional.pad(hidden, (0, 0, 0, completion_length - length)))
+    return _in_row_order(pieces, buckets)
+
+
+def _in_row_order(pieces: list[torch.Tensor], buckets: list[list[int]]) -> torch.Tensor:
+    """The groups' [rows, ...] results back in the rows' original order (differentiable)."""
+    order = torch.tensor([r for rows in buckets for r in rows], device=pieces[0].device)
+    return torch.cat(pieces).index_select(0, torch.argsort(order))
+
+
+def _whole_rows_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       positions: torch.Tensor, completion_length: int) -> torch.Tensor:
+    """[B, T, H] hidden states predicting the completion tokens, every row run whole (prompt and completion), in
+    groups of similar completion length (`length_buckets`) where the completions have a prompt before them."""
+    decoder = model.get_decoder()
+    width_p = input_ids.shape[1] - completion_length
+    buckets = length_buckets(attention_mask[:, width_p:].sum(-1).tolist()) if width_p else [[]]
+    if len(buckets) == 1:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=False).last_hidden_state  # [B, P + T, H]
+        return hidden[:, -completion_length - 1:-1]  # the states that predict each completion token
+    pieces = []
+    for rows in buckets:
+        index = torch.tensor(rows, device=input_ids.device)
+        length = max(1, int(attention_mask[index, width_p:].sum(-1).max()))
+        hidden = decoder(input_ids=input_ids[index, :width_p + length],
+                         attention_mask=attention_mask[index, :width_p + length],
+                         position_ids=positions[index, :width_p + length], use_cache=False).last_hidden_state
+        pieces.append(torch.nn.functional.pad(hidden[:, width_p - 1:-1], (0, 0, 0, completion_length - length)))
+    return _in_row_order(pieces, buckets)
 
 
 def completion_logps(
@@ -241,17 +322,19 @@ def completion_logps(
     with attention.training_attention(model):  # short sequences' attention in large products on CPU
         hidden = _shared_prompt_hidden(model, input_ids, attention_mask, completion_length) if share_prompts else None
         if hidden is None:
-            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                         use_cache=False).last_hidden_state  # [B, P + T, H]
-            hidden = hidden[:, -completion_length - 1:-1]  # [B, T, H]: the states that predict each completion token
+            hidden = _whole_rows_hidden(model, input_ids, attention_mask, positions, completion_length)
     batch, length, width = hidden.shape
     flat_hidden = hidden.reshape(batch * length, width)
     flat_targets = targets.reshape(batch * length)
+    real = attention_mask[:, -completion_length:].reshape(batch * length).nonzero().squeeze(-1)  # scored positions
+    padded = 0 < len(real) < batch * length
+    if padded:  # padding never reaches the head
+        flat_hidden, flat_targets = flat_hidden.index_select(0, real), flat_targets.index_select(0, real)
     head = model.get_output_embeddings()
     onednn = isinstance(head, cpu_linear.OneDNNLinear)  # the head's own kernel choice (grpokit.models.cpu_linear)
     lowp = _lowp_head(head)
     logps, entropies = [], []
-    for start in range(0, batch * length, chunk_size):
+    for start in range(0, len(flat_hidden), chunk_size):
         h = flat_hidden[start:start + chunk_size]
         t = flat_targets[start:start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or head.weight.requires_grad):
@@ -260,7 +343,11 @@ def completion_logps(
             lp, ent, _ = _head_logps(h, head.weight, head.bias, t, temperature, onednn, lowp)
         logps.append(lp)
         entropies.append(ent)
-    return torch.cat(logps).view(batch, length), torch.cat(entropies).view(batch, length)
+    logps, entropies = torch.cat(logps), torch.cat(entropies)
+    if padded:  # padded positions: log-prob and entropy 0 (every consumer masks them)
+        logps = logps.new_zeros(batch * length).index_copy(0, real, logps)
+        entropies = entropies.new_zeros(batch * length).index_copy(0, real, entropies)
+    return logps.view(batch, length), entropies.view(batch, length)
 
 
 class CompletionLogProbs(torch.nn.Module):

@@ -141,6 +141,88 @@ def test_rows_sharing_a_prompt_share_its_forward_with_the_same_logps_and_gradien
         torch.testing.assert_close(grads[name], p.grad, rtol=tolerance, atol=tolerance * p.grad.abs().max(), msg=name)
 
 
+def test_length_buckets_are_the_cheapest_grouping():
+    """Against every partition of the rows (brute force): the fewest padded positions plus the per-group charge."""
+    import itertools
+    import random
+
+    from grpokit.models.logprobs import length_buckets
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for part in partitions(rest):
+            for i in range(len(part)):
+                yield part[:i] + [[first] + part[i]] + part[i + 1:]
+            yield [[first]] + part
+
+    def cost(groups, lengths, charge):
+        return sum(len(g) * max(max(lengths[r] for r in g), 1) for g in groups) + charge * (len(groups) - 1)
+
+    rng = random.Random(0)
+    for trial in range(60):
+        lengths = [rng.choice([0, 1, 3, 20, 64, 100, 128, 300]) for _ in range(rng.randint(1, 7))]
+        charge = rng.choice([0, 16, 64, 1000])
+        got = length_buckets(lengths, charge)
+        assert sorted(itertools.chain(*got)) == list(range(len(lengths)))
+        assert cost(got, lengths, charge) == min(cost(p, lengths, charge) for p in partitions(list(range(len(lengths)))))
+    assert length_buckets([5, 6, 7, 8]) == [[0, 1, 2, 3]]  # nothing worth a second call
+    assert length_buckets([128, 10, 12, 130, 11, 9]) == [[5, 1, 4, 2], [0, 3]]
+
+
+@pytest.mark.parametrize("share,checkpointing", [(True, False), (False, False), (True, True)])
+def test_rows_of_very_different_lengths_run_in_groups_with_the_same_logps_and_gradients(tiny_model, share,
+                                                                                       checkpointing):
+    """Completions of 3 to 150 tokens: the decoder runs groups of similar length (fewer padded positions), the head
+    sees only real tokens, and log-probs, entropies and gradients are those of whole rows through the model (float64);
+    padded positions hold 0."""
+    from grpokit.models import logprobs
+
+    model, tokenizer = tiny_model
+    model = model.double()
+    model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    prompts = _prompts(tokenizer)
+    lengths = [150, 3, 140, 5, 70, 8, 66, 145]
+    order = [0, 0, 1, 0, 1, 0, 1, 2]
+    completions = [[7 + (i * 13 + j * 7) % 50 for j in range(n)] for i, n in enumerate(lengths)]
+    input_ids, attention, cmask = pack([prompts[k] for k in order], completions, 0, "cpu")
+    t = cmask.shape[1]
+    weights = torch.linspace(-1.0, 2.0, len(order), dtype=torch.float64)[:, None]
+
+    batch_sizes, head_rows = [], []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: batch_sizes.append(out.shape[0]))
+    real_apply = logprobs._HeadLogProbs.apply
+    logprobs._HeadLogProbs.apply = lambda h, *rest: head_rows.append(h.shape[0]) or real_apply(h, *rest)
+    try:
+        model.zero_grad()
+        logps, entropy = completion_logps(model, input_ids, attention, t, temperature=0.7, chunk_size=4096,
+                                          share_prompts=share)
+        (logps * cmask * weights).sum().backward()
+    finally:
+        hook.remove()
+        logprobs._HeadLogProbs.apply = real_apply
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    groups = [[1, 3, 5], [4, 6], [0, 2, 7]]  # 3-8 tokens, 66-70, 140-150
+    assert head_rows == [sum(lengths)]  # the head scores real tokens only
+    assert batch_sizes == ([3] if share and not checkpointing else []) + [len(g) for g in groups], batch_sizes
+    assert torch.all(logps[cmask == 0] == 0) and torch.all(entropy[cmask == 0] == 0)
+
+    model.zero_grad()
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions_from_mask(attention)).logits
+    log_p = torch.log_softmax(logits[:, -t - 1:-1] / 0.7, dim=-1)
+    full = log_p.gather(-1, input_ids[:, -t:, None]).squeeze(-1)
+    (full * cmask * weights).sum().backward()
+    torch.testing.assert_close(logps * cmask, full * cmask, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(entropy * cmask, -(log_p.exp() * log_p).sum(-1) * cmask, rtol=1e-10, atol=1e-12)
+    tolerance = 1e-6 if share and not checkpointing else 1e-8  # as in the shared-prompt test above
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=tolerance, atol=tolerance * p.grad.abs().max(), msg=name)
+
+
 def test_distinct_prompts_or_the_switch_off_run_rows_whole(tiny_model):
     model, tokenizer = tiny_model
     prompts = _prompts(tokenizer)
