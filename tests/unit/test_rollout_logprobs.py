@@ -167,7 +167,8 @@ def test_length_buckets_are_the_cheapest_grouping():
         charge = rng.choice([0, 16, 64, 1000])
         got = length_buckets(lengths, charge)
         assert sorted(itertools.chain(*got)) == list(range(len(lengths)))
-        assert cost(got, lengths, charge) == min(cost(p, lengths, charge) for p in partitions(list(range(len(lengths)))))
+        every = partitions(list(range(len(lengths))))
+        assert cost(got, lengths, charge) == min(cost(p, lengths, charge) for p in every)
     assert length_buckets([5, 6, 7, 8]) == [[0, 1, 2, 3]]  # nothing worth a second call
     assert length_buckets([128, 10, 12, 130, 11, 9]) == [[5, 1, 4, 2], [0, 3]]
 
