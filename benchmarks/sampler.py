@@ -64,11 +64,11 @@ def _prompt_ids(tokenizer, count: int) -> list[list[int]]:
                                           return_dict=True)["input_ids"] for t in texts]
 
 
-def run_grpokit(engine, prompts, args, stop_ids, seed) -> int:
+def run_grpokit(engine, prompts, args, stop_ids, seed, entropies: bool = False) -> int:
     from grpokit.rollout.base import SamplingParams
 
     params = SamplingParams(max_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, stop_token_ids=stop_ids, seed=seed)
+                            top_k=args.top_k, stop_token_ids=stop_ids, seed=seed, entropies=entropies)
     rollout = engine.generate(prompts, args.group, params)
     return sum(len(c) for c in rollout.completion_ids)
 
@@ -109,7 +109,9 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--no-stop", action="store_true", help="ignore EOS: every completion runs to --new-tokens")
     parser.add_argument("--variants", default="grpokit,hf",
-                        help="comma-separated subset of grpokit, grpokit-torch-linear, grpokit-unfused, "
+                        help="comma-separated subset of grpokit, grpokit-entropies (each token's entropy too, as a "
+                             "run asks where silent rows take theirs from the sampler), grpokit-torch-linear, "
+                             "grpokit-unfused, "
                              "grpokit-cat-cache, grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear, grpokit-bf16, "
                              "grpokit-bf16-autocast, hf-bf16")
     parser.add_argument("--floor", action="store_true", help="print the weight-read floor per decode step")
@@ -166,6 +168,8 @@ def main() -> None:
     grpokit_onednn = cpu_linear.apply(model, args.cpu_linear, "cpu")  # what a grpokit run here chooses
     runners = {
         "grpokit": lambda seed: linears(grpokit_onednn) or run_grpokit(engine, prompts, args, stop_ids, seed),
+        "grpokit-entropies": lambda seed: linears(grpokit_onednn) or run_grpokit(engine, prompts, args, stop_ids, seed,
+                                                                                entropies=True),
         "grpokit-cat-cache": lambda seed: without("cat-cache", seed),
         "grpokit-sdpa": lambda seed: without("sdpa", seed),
         "grpokit-unpacked": lambda seed: without("unpacked", seed),
