@@ -29,6 +29,8 @@ Usage (from the repository root, with grpokit's venv):
       --trl-python .venv-trl/bin/python [--grpokit-src DIR] [--json out.json] [--frameworks grpokit]
       [--grpokit-set cpu_linear=torch]
   python benchmarks/vs_trl.py --report out.json     # the table of a finished or interrupted run
+  --floors FLOORS.json (benchmarks/floors.py --json, SmolLM2 only) holds each step against this machine's floor:
+  the longest completion's positions at the weight-read floor, the training rows' tokens at the GEMM peak.
 Results and the machine they were measured on: benchmarks/RESULTS.md.
 """
 
@@ -131,6 +133,48 @@ def write_rows(path: Path, count: int) -> Path:
     return path
 
 
+def prompt_lengths(model_dir: str, rows_path: str) -> list[int]:
+    """Each row's prompt in tokens, as both frameworks feed it: the chat template with its generation prompt."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in Path(rows_path).read_text().splitlines() if line.strip()]
+    texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
+    return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def load_floors(path: str, model: str, precision: str) -> dict:
+    """The floors a step is held against, from a `benchmarks/floors.py --json` file measured on this machine."""
+    data = json.loads(Path(path).read_text())
+    if model != "smollm2" or data.get("model") != "smollm2-135m-instruct":
+        raise SystemExit(f"--floors {path}: its floors are for {data.get('model')!r}; they apply to "
+                         "--model smollm2 (SmolLM2-135M-Instruct) only")
+    return {"file": Path(path).name, "weights": data["weights"], "head_weights": _head_weights(),
+            "read_bandwidth_gbs": data["read_bandwidth_gbs"], "gemm_gflops": data["gemm_gflops"][precision],
+            "bytes_per_weight": 2 if precision == "bf16" else 4}
+
+
+def _head_weights() -> int:
+    """SmolLM2-135M's LM head: vocabulary x hidden size (a prompt's tokens need no logits)."""
+    from grpokit.models.loading import resolve_model_path
+
+    config = json.loads((Path(resolve_model_path("smollm2-135m-instruct")) / "config.json").read_text())
+    return config["vocab_size"] * config["hidden_size"]
+
+
+def step_floor(step: dict, floors: dict, prompt_tokens: int, groups: int, group_size: int) -> float:
+    """The least time this machine allows for a step's work, in seconds: every decode position reads the weights
+    once (the prompt's pass, then one per further token of the longest completion), and the rows that train (those
+    of groups with reward spread) take 6 FLOP per weight and token at the GEMM peak: their completions' tokens
+    through every weight, their prompt once a group and without the LM head. `prompt_tokens` is the shortest
+    prompt of the rows, so this is a lower bound."""
+    read = floors["weights"] * floors["bytes_per_weight"] / (floors["read_bandwidth_gbs"] * 1e9)
+    training_groups = groups * (1.0 - (step.get("zero_spread") or 0.0))
+    flop = 6 * training_groups * (group_size * step["mean_length"] * floors["weights"]
+                                  + prompt_tokens * (floors["weights"] - floors["head_weights"]))
+    return step["max_length"] * read + flop / (floors["gemm_gflops"] * 1e9)
+
+
 # -- one run of each framework --------------------------------------------------------------------
 
 def _child_env(threads: int, extra_pythonpath: str | None) -> dict:
@@ -191,6 +235,7 @@ def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
     return {"peak_rss_kib": rss,
             "steps": [{"step_time": r["step_time"], "generate_time": r["time/generate"],
                        "tokens_per_second": r["tokens_per_second"], "mean_length": r["completions/mean_length"],
+                       "max_length": r["completions/max_length"],
                        "zero_spread": r["frac_reward_zero_std"],
                        "timers": {k[len("time/"):]: v for k, v in r.items() if k.startswith("time/")}}
                       for r in steps]}
@@ -246,6 +291,7 @@ def trl_child(spec_path: str) -> None:
         generation["time"] += time.perf_counter() - started
         generation["tokens"] += sum(len(c) for c in completion_ids)
         generation["count"] = len(completion_ids)
+        generation["max"] = max([generation.get("max", 0), *(len(c) for c in completion_ids)])
         return completion_ids, logprobs
 
     trainer._generate_single_turn = timed_generate
@@ -253,7 +299,7 @@ def trl_child(spec_path: str) -> None:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            generation.update(time=0.0, tokens=0, count=0)
+            generation.update(time=0.0, tokens=0, count=0, max=0)
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -261,6 +307,7 @@ def trl_child(spec_path: str) -> None:
             steps.append({"step_time": time.perf_counter() - self.started, "generate_time": g_time,
                           "tokens_per_second": generation["tokens"] / max(g_time, 1e-9),
                           "mean_length": generation["tokens"] / max(generation["count"], 1),
+                          "max_length": generation["max"],
                           "zero_spread": generation.get("zero_spread")})
 
     trainer.add_callback(StepTimer())
@@ -274,7 +321,9 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
-def summarise(runs: list[dict], warmup: int) -> dict:
+def summarise(runs: list[dict], warmup: int, floor=None) -> dict:
+    """Medians and spreads of the measured steps; with `floor` (a step -> seconds function), each step's floor
+    and its time over it."""
     measured = [s for run in runs for s in run["steps"][warmup:]]
     col = {k: [s[k] for s in measured] for k in ("step_time", "generate_time", "tokens_per_second", "mean_length")}
     timers: dict[str, list[float]] = {}
@@ -284,7 +333,9 @@ def summarise(runs: list[dict], warmup: int) -> dict:
     zero_spread = [s["zero_spread"] for s in measured if s.get("zero_spread") is not None]  # older files lack it
     return {"runs": len(runs), "steps": len(measured), **col, "timers": timers,
             "peak_rss_mib": [run["peak_rss_kib"] / 1024 for run in runs],
-            "zero_spread": statistics.mean(zero_spread) if zero_spread else None}
+            "zero_spread": statistics.mean(zero_spread) if zero_spread else None,
+            **({"floor": [floor(s) for s in measured], "over_floor": [s["step_time"] / floor(s) for s in measured]}
+               if floor else {})}
 
 
 def table(summary: dict) -> str:
@@ -306,6 +357,15 @@ def table(summary: dict) -> str:
 
         lines.append(f"\ngrpokit / TRL median step time: {ratio('step_time'):.2f}; "
                      f"median peak RSS: {ratio('peak_rss_mib'):.2f}")
+    for name, s in summary.items():
+        if s.get("floor"):
+            lines.append(f"\n{name} step floor, s: {_spread(s['floor'], '.2f')}; "
+                         f"step / its floor: {_spread(s['over_floor'], '.2f')}")
+    if "floor" in summary.get("trl", {}):
+        # at TRL's own completions: how close to the floor a step 0.25x TRL's would have to run
+        need = [0.25 * step / floor for step, floor in zip(summary["trl"]["step_time"], summary["trl"]["floor"])]
+        lines.append(f"a step 0.25x TRL's, on TRL's completions, is {_spread(need, '.2f')} x their floor "
+                     "(below 1: faster than the machine allows)")
     return "\n".join(lines)
 
 
@@ -372,6 +432,8 @@ def main() -> None:
                              "default: the installed one")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     parser.add_argument("--json", default=None, help="also write the raw timings here")
+    parser.add_argument("--floors", default=None, metavar="JSON",
+                        help="a `benchmarks/floors.py --json` file of this machine: report each step against its floor")
     parser.add_argument("--logs", default=None, help="copy each run's console log into this directory")
     parser.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved --json and exit")
     parser.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
@@ -380,7 +442,14 @@ def main() -> None:
         trl_child(args.trl_child)
         return
     if args.report:
-        report(json.loads(Path(args.report).read_text()))
+        result = json.loads(Path(args.report).read_text())
+        if args.floors:  # the same steps against another floors file (one measured when the machine was quieter)
+            if "prompt_tokens_min" not in result:
+                raise SystemExit(f"--report {args.report}: measured without --floors (no prompt lengths recorded); "
+                                 "--floors applies to results of this version of the benchmark")
+            precision = "bf16" if result["args"]["bf16"] else "float32"
+            result["floors"] = load_floors(args.floors, result["args"]["model"], precision)
+        report(result)
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the running child is killed too
@@ -395,10 +464,14 @@ def main() -> None:
                 "bf16": args.bf16, "grpokit_set": dict(item.split("=", 1) for item in args.grpokit_set),
                 "reward": args.reward}
         chosen = args.frameworks.split(",")
+        floors = {}
+        if args.floors:
+            floors = {"floors": load_floors(args.floors, args.model, "bf16" if args.bf16 else "float32"),
+                      "prompt_tokens_min": min(prompt_lengths(spec["model_dir"], spec["rows"]))}
         shown = {k: _repo_relative(v) if k.endswith("_python") else v for k, v in vars(args).items()}
         info = {"args": shown,  # no path of this machine in a results file
                 "versions": _versions(args.trl_python if "trl" in chosen else None, args.grpokit_src),
-                "load_before": _uptime(),
+                "load_before": _uptime(), **floors,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         runs: dict[str, list[dict]] = {name: [] for name in ("grpokit", "trl") if name in chosen}
         for r in range(args.rounds):
@@ -435,7 +508,18 @@ def report(result: dict) -> None:
           f"reward {a.get('reward', 'number_match')}; "
           f"versions {result['versions']}")
     print(f"load average before: {result['load_before']}; after: {result.get('load_after', 'interrupted')}\n")
-    print(table({name: summarise(runs, a["warmup"]) for name, runs in result["runs"].items() if runs}))
+    floors, prompt_tokens = result.get("floors"), result.get("prompt_tokens_min")
+    if floors:
+        floors.setdefault("head_weights", _head_weights())  # the first results with floors did not record it
+        print(f"floors ({floors['file']}): weights {floors['weights']:,}, "
+              f"read {floors['read_bandwidth_gbs']:.1f} GB/s, GEMM {floors['gemm_gflops']:.0f} GFLOP/s; "
+              f"shortest prompt {prompt_tokens} tokens\n")
+
+    def floor(step: dict) -> float:
+        return step_floor(step, floors, prompt_tokens, a["prompts"], a["G"])
+
+    print(table({name: summarise(runs, a["warmup"], floor if floors else None)
+                 for name, runs in result["runs"].items() if runs}))
 
 
 if __name__ == "__main__":
