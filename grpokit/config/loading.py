@@ -10,6 +10,8 @@ did-you-mean; pydantic's errors are rewritten one line per key.
 from __future__ import annotations
 
 import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +80,45 @@ def validate_config(data: dict[str, Any], source: str = "config", command: str =
     try:
         return GRPOConfig.model_validate(data, context={"command": command})
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "config"
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {where}: {msg}" + (f" (got {err['input']!r})" if err["loc"] else ""))
-        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(_error_lines(exc.errors()))) from None
+
+
+def _error_lines(errors: list[dict]) -> list[str]:
+    """One line per invalid value. Where a key's type is a union (`bf16: bool | "auto"`), pydantic reports the value
+    against each member under the member's tag: a value of one member's shape (a list for `report_to`) gets that
+    member's errors without the tag; any other gets one line listing what each member wants."""
+    unions: dict[str, list[dict]] = {}
+    for err in errors:
+        loc = err["loc"]
+        if len(loc) >= 2 and isinstance(loc[0], str) and _is_union(loc[0]):
+            unions.setdefault(loc[0], []).append(err)
+    lines, done = [], set()
+    for err in errors:
+        loc = err["loc"]
+        key = loc[0] if loc else None
+        if key in unions:
+            if key not in done:
+                done.add(key)
+                lines += _union_lines(key, unions[key])
+            continue
+        where = ".".join(str(p) for p in loc) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg}" + (f" (got {err['input']!r})" if loc else ""))
+    return lines
+
+
+def _union_lines(key: str, errs: list[dict]) -> list[str]:
+    deeper = [e for e in errs if len(e["loc"]) > 2]
+    if deeper:
+        return [f"  {'.'.join(str(p) for p in (key, *e['loc'][2:]))}: {e['msg'].removeprefix('Value error, ')} "
+                f"(got {e['input']!r})" for e in deeper]
+    wants = [e["msg"].removeprefix("Input should be ").split(", unable to")[0] for e in errs]
+    return [f"  {key}: should be {' or '.join(dict.fromkeys(wants))} (got {errs[0]['input']!r})"]
+
+
+def _is_union(key: str) -> bool:
+    field = GRPOConfig.model_fields.get(key)
+    return field is not None and typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
 
 
 def describe_fields() -> str:

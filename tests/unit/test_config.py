@@ -36,6 +36,22 @@ def test_impossible_values_are_rejected_at_load(overrides, fragment):
     assert fragment in str(err.value)
 
 
+def test_a_value_that_fits_no_member_of_a_union_gets_one_line():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["learning_rate=fast", "bf16=maybe", "load_in_4bit=3"])
+    lines = str(err.value).splitlines()[1:]  # in the schema's order, each union's line where its errors began
+    assert lines == ["  load_in_4bit: should be a valid boolean or 'auto' (got 3)",
+                     "  learning_rate: Input should be a valid number, unable to parse string as a number (got 'fast')",
+                     "  bf16: should be a valid boolean or 'auto' (got 'maybe')"]
+
+
+def test_a_value_of_one_union_members_shape_gets_that_members_errors_without_its_tag():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"report_to": ["wandb", "neptune"]})
+    lines = str(err.value).splitlines()[1:]
+    assert lines == ["  report_to.1: Input should be 'tensorboard', 'wandb', 'mlflow' or 'trackio' (got 'neptune')"]
+
+
 def test_set_values_are_parsed_as_yaml(tmp_path):
     cfg = load_config(None, ["learning_rate=3e-6", "bf16=true", "reward_funcs=[number_correct]", "eval_limit=5",
                              "epsilon_high=0.28"])
