@@ -290,8 +290,19 @@ def cpu_vendor() -> str:
     return cpu_info("vendor_id") or platform.processor()
 
 
+MODES = ("auto", "onednn", "torch")  # the config's `cpu_linear` values
+
+
+def check_mode(mode: str, where: str = "cpu_linear") -> str:
+    """`mode` if it is one of MODES; else a ValueError naming `where` and the values it takes."""
+    if mode not in MODES:
+        raise ValueError(f"{where}={mode!r} is not a cpu_linear setting: use one of {', '.join(map(repr, MODES))}")
+    return mode
+
+
 def min_weight(mode: str, device: torch.device | str) -> int | None:
     """The smallest weight (element count) put on oneDNN under `mode` on `device`; None where none is."""
+    check_mode(mode)
     if torch.device(device).type != "cpu" or mode == "torch":
         return None
     if mode == "auto" and "AMD" not in cpu_vendor():
@@ -326,6 +337,7 @@ def mkl_rows(mode: str, device: torch.device | str, rows: int) -> int | None:
     """The row count the sampler packs the plain float32 layers for (`packed_weights`' `mkl_rows`) when it
     generates `rows` rows under `mode` on `device`, or None: under auto, on a CPU that is not AMD's (there auto puts
     them on oneDNN), where MKL's packed op runs, from `MKL_MIN_ROWS` rows up."""
+    check_mode(mode)
     use = (mode == "auto" and rows >= MKL_MIN_ROWS and torch.device(device).type == "cpu"
            and "AMD" not in cpu_vendor() and mkl_packed_available())
     return rows if use else None

@@ -55,6 +55,7 @@ import torch
 from transformers import DynamicCache
 
 from grpokit.models import cpu_linear, decoder
+from grpokit.models.cpu_linear import check_mode as check_cpu_linear
 from grpokit.models.logprobs import returned_cache, with_cache
 from grpokit.rollout import decode
 from grpokit.rollout.base import FinishReason, Rollout, SamplingParams
@@ -69,7 +70,8 @@ class TorchEngine:
         self.model = model
         self.pad_token_id = pad_token_id
         self.tokenizer = tokenizer  # only needed for stop strings
-        self.cpu_linear = cpu_linear  # the run's cpu_linear: under auto on Intel CPUs the decode products run packed
+        # the run's cpu_linear: under auto on Intel CPUs the decode products run packed
+        self.cpu_linear = check_cpu_linear(cpu_linear, "TorchEngine(cpu_linear)")
 
     def load_weights(self, model: torch.nn.Module) -> None:
         self.model = model  # same module as the policy: nothing to copy

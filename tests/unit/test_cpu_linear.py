@@ -185,6 +185,24 @@ def test_apply_follows_the_setting_device_and_vendor(tiny_model, monkeypatch):
         cpu_linear.apply(model, "onednn", "cpu")
 
 
+def test_an_unknown_setting_is_refused_wherever_it_is_passed(tiny_model):
+    model, _ = tiny_model
+    import typing
+
+    from grpokit.config.schema import GRPOConfig
+    assert typing.get_args(GRPOConfig.model_fields["cpu_linear"].annotation) == cpu_linear.MODES
+    with pytest.raises(ValueError, match=r"TorchEngine\(cpu_linear\)='mkl' is not a cpu_linear setting: use one of "
+                                         r"'auto', 'onednn', 'torch'"):
+        TorchEngine(model, 0, cpu_linear="mkl")
+    with pytest.raises(ValueError, match="cpu_linear='oneDNN' is not a cpu_linear setting"):
+        cpu_linear.apply(model, "oneDNN", "cpu")  # which would have put every layer on oneDNN
+    with pytest.raises(ValueError, match="cpu_linear='Auto' is not"):
+        cpu_linear.mkl_rows("Auto", "cpu", 8)
+    assert type(model.lm_head) is torch.nn.Linear
+    for mode in cpu_linear.MODES:
+        assert TorchEngine(model, 0, cpu_linear=mode).cpu_linear == mode
+
+
 def test_cpu_vendor_is_read():
     assert isinstance(cpu_linear.cpu_vendor(), str)
 
