@@ -2,6 +2,7 @@
 conversion of a model, and the sampler/trainer log-probs on a converted model."""
 
 import copy
+import dataclasses
 import platform
 
 import pytest
@@ -232,13 +233,14 @@ def test_sampler_logps_equal_trainer_logps_on_onednn(tiny_model, onednn_calls):
         torch.testing.assert_close(logps[i, :n].detach(), plain[i, :n], rtol=1e-4, atol=1e-5)
 
 
-def _recompute(model, prompts, rollout, temperature):
-    """The trainer's log-probs of a rollout's completions ([rows, T]; each prompt's rows in turn)."""
+def _recompute(model, prompts, rollout, temperature, entropy=False):
+    """The trainer's log-probs of a rollout's completions ([rows, T]; each prompt's rows in turn), and with `entropy`
+    its entropies too."""
     group = len(rollout.completion_ids) // len(prompts)
     input_ids, attention, cmask = pack([p for p in prompts for _ in range(group)], rollout.completion_ids, 0, "cpu")
     with torch.no_grad():
-        return completion_logps(model, input_ids, attention, cmask.shape[1], temperature=temperature,
-                                chunk_size=7)[0]
+        out = completion_logps(model, input_ids, attention, cmask.shape[1], temperature=temperature, chunk_size=7)
+    return out if entropy else out[0]
 
 
 @X86_ONLY
@@ -272,7 +274,9 @@ def test_bf16_generation_packs_weights_once_and_its_logps_match_the_trainers_bf1
     """Under bf16 autocast the sampler's linear layers run on bf16 copies packed once per `generate` (then every
     layer is as it was); its log-probs match the trainer's autocast recompute of the same ids within 0.02 nats
     (bf16 keeps 8 bits of mantissa: logits of magnitude ~1-10 round by up to ~0.004-0.03, and the two paths
-    round different products and sums); with the packing off, the autocast sampler's log-probs are as close."""
+    round different products and sums); with the packing off, the autocast sampler's log-probs are as close.
+    Its entropies (asked for as a run asks for them) match the recompute's within 2e-3 nats (measured: 2e-4 on this
+    near-uniform tiny model, whose entropy moves 7e-3 between temperature 0.7 and 1), and asking moves no token."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no bf16 support in oneDNN: autocast's own path is used, nothing to compare")
     model, tokenizer = tiny_model
@@ -286,20 +290,23 @@ def test_bf16_generation_packs_weights_once_and_its_logps_match_the_trainers_bf1
     params = SamplingParams(max_tokens=10, temperature=0.7, seed=3)
     linears = sum(1 for m in model.modules() if type(m) is torch.nn.Linear)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rollout = TorchEngine(model, 0).generate(prompts, 4, params)
+        rollout = TorchEngine(model, 0).generate(prompts, 4, dataclasses.replace(params, entropies=True))
     assert packed_calls and set(packed_calls) == {(torch.bfloat16, True)}
     assert sum(1 for m in model.modules() if type(m) is torch.nn.Linear) == linears  # classes put back
     assert not any(hasattr(m, "_packed_bf16") and "_packed_bf16" in m.__dict__ for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     packed_calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logps = _recompute(model, prompts, rollout, temperature=0.7)
+        logps, entropy = _recompute(model, prompts, rollout, temperature=0.7, entropy=True)
     assert not packed_calls  # the trainer's recompute takes autocast's own path
-    worst = 0.0
-    for i, sampled in enumerate(rollout.sampler_logps):
+    worst = worst_entropy = 0.0
+    for i, (sampled, entropies) in enumerate(zip(rollout.sampler_logps, rollout.sampler_entropies, strict=True)):
         n = len(sampled)
+        assert len(entropies) == n
         worst = max(worst, (logps[i, :n].float() - torch.tensor(sampled)).abs().max().item())
+        worst_entropy = max(worst_entropy, (entropy[i, :n].float() - torch.tensor(entropies)).abs().max().item())
     assert worst < 0.02, worst
+    assert worst_entropy < 2e-3, worst_entropy
     monkeypatch.setattr(cpu_linear, "_bf16_packing_applies", lambda: False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = TorchEngine(model, 0).generate(prompts, 4, params)
