@@ -189,7 +189,9 @@ def _child_env(threads: int, extra_pythonpath: str | None) -> dict:
 def _run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> int:
     """Run `cmd` to completion; return its peak RSS in KiB (ru_maxrss of its process tree)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        # not in the repository: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH,
+        # so from the repository root the working tree's grpokit would shadow --grpokit-src
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=log_path.parent)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -209,6 +211,20 @@ def _run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> int
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; log {log_path}:\n{tail}")
     return usage.ru_maxrss
+
+
+def grpokit_origin(python: str, src: str | None, cwd: Path) -> str:
+    """Which grpokit a grpokit run imports, as `run_grpokit` starts it (same interpreter, environment and working
+    directory): "the working tree" or "--grpokit-src"; exits if --grpokit-src is given but another one would load."""
+    probe = subprocess.run([python, "-c", "import grpokit; print(grpokit.__file__)"], env=_child_env(1, src),
+                           cwd=cwd, capture_output=True, text=True, check=True)
+    origin = Path(probe.stdout.strip()).resolve()
+    if src is None:
+        return "the working tree" if origin.is_relative_to(REPO) else "an installed copy outside the repository"
+    if not origin.is_relative_to(Path(src).resolve()):
+        raise SystemExit(f"--grpokit-src {src}: a run would import grpokit from {origin} instead; give the directory "
+                         "that holds the grpokit package (git archive COMMIT grpokit | tar -x -C DIR)")
+    return "--grpokit-src"
 
 
 def run_grpokit(spec: dict, work: Path, python: str, src: str | None) -> dict:
@@ -438,6 +454,8 @@ def main() -> None:
     parser.add_argument("--report", default=None, metavar="JSON", help="print the table of a saved --json and exit")
     parser.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # absolute, not resolved (a venv's python is a symlink that must keep its name): the runs start elsewhere
+    args.trl_python, args.grpokit_python = os.path.abspath(args.trl_python), os.path.abspath(args.grpokit_python)
     if args.trl_child:
         trl_child(args.trl_child)
         return
@@ -464,6 +482,7 @@ def main() -> None:
                 "bf16": args.bf16, "grpokit_set": dict(item.split("=", 1) for item in args.grpokit_set),
                 "reward": args.reward}
         chosen = args.frameworks.split(",")
+        imported = grpokit_origin(args.grpokit_python, args.grpokit_src, tmp) if "grpokit" in chosen else None
         floors = {}
         if args.floors:
             floors = {"floors": load_floors(args.floors, args.model, "bf16" if args.bf16 else "float32"),
@@ -471,7 +490,7 @@ def main() -> None:
         shown = {k: _repo_relative(v) if k.endswith("_python") else v for k, v in vars(args).items()}
         info = {"args": shown,  # no path of this machine in a results file
                 "versions": _versions(args.trl_python if "trl" in chosen else None, args.grpokit_src),
-                "load_before": _uptime(), **floors,
+                "load_before": _uptime(), **floors, "grpokit_imported_from": imported,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         runs: dict[str, list[dict]] = {name: [] for name in ("grpokit", "trl") if name in chosen}
         for r in range(args.rounds):
@@ -506,7 +525,8 @@ def report(result: dict) -> None:
     print(f"\nmodel {a['model']}, G={a['G']}, {a['prompts']} prompts/step, {a['completion']} tokens, "
           f"beta={a['beta']}, {'natural stops' if a['natural_stops'] else 'forced length'}, "
           f"reward {a.get('reward', 'number_match')}; "
-          f"versions {result['versions']}")
+          f"versions {result['versions']}" + (f"; grpokit imported from {result['grpokit_imported_from']}"
+                                              if result.get("grpokit_imported_from") else ""))
     print(f"load average before: {result['load_before']}; after: {result.get('load_after', 'interrupted')}\n")
     floors, prompt_tokens = result.get("floors"), result.get("prompt_tokens_min")
     if floors:

@@ -1,7 +1,9 @@
-"""benchmarks/vs_trl.py's floor of a step: weight reads for the decode, 6 FLOP per weight and token for the update."""
+"""benchmarks/vs_trl.py: the floor of a step (weight reads for the decode, 6 FLOP per weight and token for the
+update), and which grpokit its runs import."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,23 @@ def test_report_holds_each_framework_against_its_floor(capsys):
     assert "grpokit step floor, s: 20.00 (20.00-20.00); step / its floor: 1.50" in out
     assert "trl step floor, s: 40.00 (40.00-40.00); step / its floor: 2.00" in out
     assert "a step 0.25x TRL's, on TRL's completions, is 0.50 (0.50-0.50) x their floor" in out
+
+
+def test_runs_import_the_grpokit_they_are_given(tmp_path):
+    src = tmp_path / "export"
+    (src / "grpokit").mkdir(parents=True)
+    (src / "grpokit" / "__init__.py").write_text("")
+    (src / "grpokit" / "__main__.py").write_text("print('the export')")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert vs_trl.grpokit_origin(sys.executable, str(src), work) == "--grpokit-src"
+    assert vs_trl.grpokit_origin(sys.executable, None, work) == "the working tree"
+    log = work / "run.log"  # a run itself, started as run_grpokit starts `python -m grpokit train`
+    vs_trl._run_child([sys.executable, "-m", "grpokit"], vs_trl._child_env(1, str(src)), log, timeout=60)
+    assert log.read_text() == "the export\n"  # not the working tree's CLI
+    # from the repository root `python -m grpokit` would take the working tree's package ahead of PYTHONPATH: the
+    # runs start in their own directory, and a --grpokit-src that would not load is refused before any run
+    with pytest.raises(SystemExit, match="would import grpokit from .* instead"):
+        vs_trl.grpokit_origin(sys.executable, str(src), ROOT)
+    with pytest.raises(SystemExit, match="would import grpokit from"):
+        vs_trl.grpokit_origin(sys.executable, str(tmp_path / "no-package-here"), work)
