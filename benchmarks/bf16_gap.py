@@ -45,6 +45,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from grpokit.algo.batches import pack
+    from grpokit.data.loading import tokenise_prompts
     from grpokit.models.loading import load_policy, resolve_model_path
     from grpokit.models.logprobs import completion_logps
     from grpokit.rollout.base import SamplingParams
@@ -54,10 +55,11 @@ def main() -> None:
     path = resolve_model_path(args.model)
     model = load_policy(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"] for q in QUESTIONS]
+    records = [{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS]
+    prompts = tokenise_prompts(records, tokenizer, None, "bf16_gap questions").prompt_ids
+    stops = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     params = SamplingParams(max_tokens=args.tokens, temperature=args.temperature, top_p=1.0, top_k=0,
-                            stop_token_ids=[tokenizer.eos_token_id], seed=args.seed, entropies=True)
+                            stop_token_ids=stops, seed=args.seed, entropies=True)
     print(f"machine: {platform.machine()}, torch {torch.__version__}, oneDNN bf16: "
           f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}; model {args.model}; {len(prompts)} prompts x "
           f"G={args.group}, up to {args.tokens} tokens, T={args.temperature}, seed {args.seed}")

@@ -134,13 +134,14 @@ def write_rows(path: Path, count: int) -> Path:
 
 
 def prompt_lengths(model_dir: str, rows_path: str) -> list[int]:
-    """Each row's prompt in tokens, as both frameworks feed it: the chat template with its generation prompt."""
+    """Each row's prompt in tokens, as grpokit feeds it (TRL renders the same chat template)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from grpokit.data.loading import tokenise_prompts
+
     rows = [json.loads(line) for line in Path(rows_path).read_text().splitlines() if line.strip()]
-    texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
-    return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    tokenised = tokenise_prompts(rows, AutoTokenizer.from_pretrained(model_dir), None, rows_path)
+    return [len(ids) for ids in tokenised.prompt_ids]
 
 
 def load_floors(path: str, model: str, precision: str) -> dict:
