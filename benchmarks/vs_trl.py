@@ -146,13 +146,17 @@ def prompt_lengths(model_dir: str, rows_path: str) -> list[int]:
 
 def load_floors(path: str, model: str, precision: str) -> dict:
     """The floors a step is held against, from a `benchmarks/floors.py --json` file measured on this machine."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+        weights, bandwidth, gflops = data["weights"], data["read_bandwidth_gbs"], data["gemm_gflops"][precision]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--floors {path}: not a `benchmarks/floors.py --json` file ({type(exc).__name__}: {exc}); "
+                         "write one with python benchmarks/floors.py --json FILE") from None
     if model != "smollm2" or data.get("model") != "smollm2-135m-instruct":
         raise SystemExit(f"--floors {path}: its floors are for {data.get('model')!r}; they apply to "
                          "--model smollm2 (SmolLM2-135M-Instruct) only")
-    return {"file": Path(path).name, "weights": data["weights"], "head_weights": _head_weights(),
-            "read_bandwidth_gbs": data["read_bandwidth_gbs"], "gemm_gflops": data["gemm_gflops"][precision],
-            "bytes_per_weight": 2 if precision == "bf16" else 4}
+    return {"file": Path(path).name, "weights": weights, "head_weights": _head_weights(),
+            "read_bandwidth_gbs": bandwidth, "gemm_gflops": gflops, "bytes_per_weight": 2 if precision == "bf16" else 4}
 
 
 def _head_weights() -> int:
@@ -218,7 +222,10 @@ def grpokit_origin(python: str, src: str | None, cwd: Path) -> str:
     """Which grpokit a grpokit run imports, as `run_grpokit` starts it (same interpreter, environment and working
     directory): "the working tree" or "--grpokit-src"; exits if --grpokit-src is given but another one would load."""
     probe = subprocess.run([python, "-c", "import grpokit; print(grpokit.__file__)"], env=_child_env(1, src),
-                           cwd=cwd, capture_output=True, text=True, check=True)
+                           cwd=cwd, capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise SystemExit(f"{python} cannot import grpokit{f' from --grpokit-src {src}' if src else ''}:\n"
+                         f"{probe.stderr.strip()[-1500:]}")
     origin = Path(probe.stdout.strip()).resolve()
     if src is None:
         return "the working tree" if origin.is_relative_to(REPO) else "an installed copy outside the repository"

@@ -38,6 +38,15 @@ def _floors_file(tmp_path: Path, model: str = "smollm2-135m-instruct") -> Path:
     return path
 
 
+@pytest.mark.parametrize("text", [None, "not json", "{}", '{"weights": 1, "read_bandwidth_gbs": 2, "gemm_gflops": 3}'])
+def test_a_file_that_is_not_floors_is_refused_with_what_to_run(tmp_path, text):
+    path = tmp_path / "floors.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match=r"not a `benchmarks/floors.py --json` file .*python benchmarks/floors.py"):
+        vs_trl.load_floors(str(path), "smollm2", "float32")
+
+
 def test_load_floors_takes_the_run_precision_and_refuses_other_models(tmp_path):
     floors = vs_trl.load_floors(str(_floors_file(tmp_path)), "smollm2", "bf16")
     assert (floors["gemm_gflops"], floors["bytes_per_weight"]) == (6e-6, 2)
@@ -84,3 +93,6 @@ def test_runs_import_the_grpokit_they_are_given(tmp_path):
         vs_trl.grpokit_origin(sys.executable, str(src), ROOT)
     with pytest.raises(SystemExit, match="would import grpokit from"):
         vs_trl.grpokit_origin(sys.executable, str(tmp_path / "no-package-here"), work)
+    (src / "grpokit" / "__init__.py").write_text("raise ImportError('half an export')")
+    with pytest.raises(SystemExit, match=r"(?s)cannot import grpokit from --grpokit-src .*half an export"):
+        vs_trl.grpokit_origin(sys.executable, str(src), work)
