@@ -229,16 +229,20 @@ def test_rotation_with_a_signed_sine_is_the_fast_rotation_bit_for_bit():
 
 @pytest.mark.parametrize("width", [96, 576, 1536])  # 576: SmolLM2's (the tiny models' 32 divides exactly anyway)
 def test_the_fused_steps_rms_norm_is_the_models(width):
-    """The fused step's `_rms_norm_fast` equals transformers' computation bit for bit at real models' widths, and
-    float64 within float32 rounding."""
+    """The fused step's `_rms_norm_fast`, and the other steps' `_rms_norm_on`, on a norm's constants cast once, equal
+    transformers' computation bit for bit at real models' widths, and float64 within float32 rounding."""
     gen = torch.Generator().manual_seed(0)
     norm = torch.nn.Module()
     norm.weight, norm.variance_epsilon = torch.randn(width, generator=gen), 1e-6
     for scale in (1e-3, 1.0, 50.0):
         x = torch.randn(7, width, generator=gen) * scale
-        assert torch.equal(decoder._rms_norm_fast(x, norm), decoder._rms_norm(x, norm))
+        constants = decoder._norm_constants(norm, width)
+        fast = decoder._rms_norm_fast(x, *constants)
+        assert torch.equal(fast, decoder._rms_norm(x, norm))
+        assert torch.equal(decoder._rms_norm_on(x, constants), decoder._rms_norm(x, norm))
+        assert all(c.dtype == torch.float32 and c.dim() == 0 for c in constants[1:])
         want = norm.weight.double() * x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
-        torch.testing.assert_close(decoder._rms_norm_fast(x, norm).double(), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @MKL
