@@ -26,6 +26,8 @@ from grpokit.runtime.distributed import world_size
 
 # a field's mark: it changes what a run logs or keeps, not what it computes, so it may differ on resume
 RESUME_NEUTRAL: dict[str, Any] = {"resume_neutral": True}
+# the metric sinks `report_to` may name (its type lists the same)
+REPORT_SINKS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 class RewardEntry(BaseModel):
@@ -306,7 +308,14 @@ class GRPOConfig(BaseModel):
     @field_validator("report_to", mode="before")
     @classmethod
     def _one_sink(cls, value):
-        return [value] if isinstance(value, str) and value not in ("auto", "all", "none") else value
+        if not isinstance(value, str) or value in ("auto", "all", "none"):
+            return value
+        if value not in REPORT_SINKS:  # said here: as a list it would be reported as `report_to.0`
+            close = difflib.get_close_matches(value, REPORT_SINKS + ("auto", "all", "none"), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown sink; {hint}Give one of {', '.join(REPORT_SINKS)}, a list of them, or "
+                             "auto, all, none")
+        return [value]
 
     @property
     def micro_batches_per_generation(self) -> int:

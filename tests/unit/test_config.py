@@ -1,6 +1,7 @@
 import contextlib
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import yaml
 
 from grpokit.config import GRPOConfig, load_config, validate_config
+from grpokit.config.schema import REPORT_SINKS
 from grpokit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +52,23 @@ def test_a_value_of_one_union_members_shape_gets_that_members_errors_without_its
         validate_config({"report_to": ["wandb", "neptune"]})
     lines = str(err.value).splitlines()[1:]
     assert lines == ["  report_to.1: Input should be 'tensorboard', 'wandb', 'mlflow' or 'trackio' (got 'neptune')"]
+
+
+@pytest.mark.parametrize(("value", "hint"), [("tensorbord", "did you mean 'tensorboard'? "), ("neptune", "")])
+def test_one_unknown_sink_is_reported_under_its_key(value, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"report_to={value}"])
+    assert str(err.value).splitlines()[1:] == [
+        f"  report_to: unknown sink; {hint}Give one of tensorboard, wandb, mlflow, trackio, a list of them, or auto, "
+        f"all, none (got '{value}')"]
+
+
+def test_report_to_takes_every_sink_it_lists_alone_or_in_a_list():
+    member = typing.get_args(GRPOConfig.model_fields["report_to"].annotation)[0]  # list[Literal[...]]
+    assert typing.get_args(typing.get_args(member)[0]) == REPORT_SINKS
+    for sink in REPORT_SINKS:
+        assert validate_config({"report_to": sink}).report_to == [sink]
+        assert validate_config({"report_to": [sink]}).report_to == [sink]
 
 
 def test_set_values_are_parsed_as_yaml(tmp_path):
