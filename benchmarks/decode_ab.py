@@ -9,7 +9,12 @@ touched the cache layer (`grpokit.rollout.decode._PreallocatedLayer.append_one`)
 Usage (repository root, grpokit's venv, alone on the machine):
   LD_PRELOAD=libtcmalloc_minimal.so.4 python benchmarks/decode_ab.py --before fae67f0 --prompts 1 --repeats 7
 Prints ms per decode position (wall time of a generation / new tokens, every row running to --new-tokens),
-median (min-max) and every run, and whether both gave the same completions.
+median (min-max) and every run, and whether both gave the same completions; and the decode steps alone
+(`LeanDecoder.step`, timed around each call: the median step of each generation, then their median).
+
+--stub-products replaces each of MKL's packed products (the fused float32 step's) with a stored result of its
+shape: the steps then time everything but the products, which on a shared VM carry most of its memory-bandwidth
+noise. Completions are then meaningless (and not compared); use it to measure a change to the step's other work.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7, help="timed generations of each")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stub-products", action="store_true",
+                        help="replace MKL's packed products with stored results: time the step's other work")
     args = parser.parse_args()
 
     import torch
@@ -55,6 +62,29 @@ def main() -> None:
     before = types.ModuleType("decoder_before")
     exec(compile(source, f"{args.before}:grpokit/models/decoder.py", "exec"), before.__dict__)  # noqa: S102
     append_one = getattr(decode._PreallocatedLayer, "append_one", None)
+
+    steps: list[float] = []
+
+    def timed(step):
+        def run(*a, **k):
+            start = time.perf_counter()
+            out = step(*a, **k)
+            steps.append(time.perf_counter() - start)
+            return out
+        return run
+
+    after_step, before_step = after.LeanDecoder.step, before.LeanDecoder.step
+    after.LeanDecoder.step, before.LeanDecoder.step = timed(after_step), timed(before_step)
+    if args.stub_products:
+        stored: dict[tuple[int, int], torch.Tensor] = {}
+
+        def stub(a, packed, weight, bias, rows):
+            key = (a.shape[0], weight.shape[0])
+            if key not in stored:
+                stored[key] = torch.randn(key) * 0.01
+            return stored[key]
+
+        cpu_linear._mkl_product = stub
 
     def use(which: str) -> None:
         torch_engine.decoder = after if which == "after" else before
@@ -77,18 +107,24 @@ def main() -> None:
         use(which)
         engine.generate(prompts, args.group, SamplingParams(max_tokens=16, temperature=1.0, stop_token_ids=[], seed=0))
     times: dict[str, list[float]] = {"before": [], "after": []}
+    step_medians: dict[str, list[float]] = {"before": [], "after": []}
     completions = {}
     for r in range(args.repeats):
         for which in ("before", "after") if r % 2 == 0 else ("after", "before"):
             use(which)
+            steps.clear()
             started = time.perf_counter()
             completions[which] = engine.generate(prompts, args.group, params).completion_ids
             times[which].append((time.perf_counter() - started) * 1e3 / args.new_tokens)
+            step_medians[which].append(statistics.median(steps) * 1e3)
     use("after")
     for which, values in times.items():
+        alone = step_medians[which]
         print(f"{which}: {statistics.median(values):.1f} ms per position ({min(values):.1f}-{max(values):.1f}); "
-              f"runs {[round(v, 1) for v in values]}")
-    print(f"load after: {os.getloadavg()}; same completions: {completions['before'] == completions['after']}")
+              f"runs {[round(v, 1) for v in values]}; decode steps alone {statistics.median(alone):.2f} ms "
+              f"({min(alone):.2f}-{max(alone):.2f})")
+    same = "not compared (--stub-products)" if args.stub_products else completions["before"] == completions["after"]
+    print(f"load after: {os.getloadavg()}; same completions: {same}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ seconds are wall time of the whole call (prefill + decode + sampling).
 
 With --floor, the weight-read floor of a decode step is printed beside the table: the model's weight bytes in
 float32 and in bf16 over this machine's read bandwidth (a timed sum over a 1 GiB float32 buffer), and each
-variant's seconds per decode position (wall time over --new-tokens; use --no-stop so every row runs them all).
+variant's seconds per decode position (wall time over --new-tokens; use --no-stop so every row runs them all). For
+variants that decode on grpokit's lean decoder it also prints the decode steps alone (`LeanDecoder.step`, timed
+around each call): the part of a position the floor bounds, without the prefill, the packing of the weights once a
+generation and the sampling.
 
 Usage: python benchmarks/sampler.py [--model PATH] [--prompts 8 --group 8 --new-tokens 128]
        [--repeats 5 --threads 2] [--temperature 1.0 --top-p 1.0 --top-k 0] [--no-stop]
@@ -194,6 +197,22 @@ def main() -> None:
     print(f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, T={args.temperature}, "
           f"top_p={args.top_p}, top_k={args.top_k}, stop={'none' if args.no_stop else 'eos'}")
 
+    step_times: dict[str, list[float]] = {name: [] for name in variants}
+    running: list[str | None] = [None]  # the timed variant: its lean decode steps are recorded
+    if args.floor:
+        from grpokit.models import decoder
+
+        step = decoder.LeanDecoder.step
+
+        def timed_step(*a, **k):
+            start = time.perf_counter()
+            out = step(*a, **k)
+            if running[0] is not None:
+                step_times[running[0]].append(time.perf_counter() - start)
+            return out
+
+        decoder.LeanDecoder.step = timed_step
+
     full_length = args.new_tokens
     args.new_tokens = min(16, full_length)
     for name in variants:  # a short warm-up: first-call allocations, lazy imports
@@ -203,9 +222,11 @@ def main() -> None:
     tokens: dict[str, list[int]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name in variants if repeat % 2 == 0 else variants[::-1]:
+            running[0] = name
             start = time.perf_counter()
             count = runners[name](seed=repeat)
             seconds[name].append(time.perf_counter() - start)
+            running[0] = None
             tokens[name].append(count)
             print(f"  run {repeat} {name}: {seconds[name][-1]:.2f} s, {count} tokens", flush=True)
 
@@ -232,9 +253,17 @@ def main() -> None:
         print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (sum over 1 GiB, median of 5); {weights / 1e6:.1f}M "
               f"weights: floor per decode step {weights * 4 / bandwidth * 1e3:.1f} ms in float32, "
               f"{weights * 2 / bandwidth * 1e3:.1f} ms in bf16")
+        floor = weights * 4 / bandwidth
         for name in variants:
             per_step = statistics.median(seconds[name]) / args.new_tokens
-            print(f"{name}: {per_step * 1e3:.1f} ms per decode position")
+            line = f"{name}: {per_step * 1e3:.1f} ms per decode position ({per_step / floor:.2f}x the float32 floor)"
+            if step_times[name]:
+                times = sorted(step_times[name])
+                alone = statistics.median(times)
+                line += (f"; decode steps alone {alone * 1e3:.1f} ms, median of {len(times)} (10th-90th percentile "
+                         f"{times[len(times) // 10] * 1e3:.1f}-{times[len(times) * 9 // 10] * 1e3:.1f}): "
+                         f"{alone / floor:.2f}x the float32 floor")
+            print(line)
     if "hf" in variants:
         for name in variants:
             if name != "hf":
