@@ -12,6 +12,8 @@ seconds are wall time of the whole call (prefill + decode + sampling).
                         packed for MKL's packed GEMM, which auto uses on Intel CPUs)
   grpokit-unfused       grpokit with its float32 decode on the model's own linear layers, each packed for MKL on its
                         own (what cpu_linear auto did on Intel CPUs before the lean decoder fused its products)
+  grpokit-per-row-prompts  grpokit with each row's copy of its prompt's keys and values, read by every row, instead
+                        of each prompt's once for its rows (the fused float32 step's SharedPrefixCache)
   grpokit-cat-cache     grpokit without its in-place KV cache (transformers' cache, grown by torch.cat)
   grpokit-sdpa          grpokit with torch's SDPA for single-token attention instead of its two matmuls
   grpokit-unpacked      grpokit with its linears on the plain weights (none reordered for oneDNN or packed for MKL
@@ -61,10 +63,19 @@ QUESTIONS = [
 ]
 
 
-def _prompt_ids(tokenizer, count: int) -> list[list[int]]:
+INSTRUCTIONS = ("You are a careful assistant. Read the question, think step by step, check each step, and give the "
+                "final answer on its own line after 'Answer:'. Keep the reasoning short and plain.")
+
+
+def _prompt_ids(tokenizer, count: int, system_words: int = 0) -> list[list[int]]:
+    """count chat prompts; system_words > 0 puts a system message of that many words (the instructions repeated)
+    before each question, as tasks with instructions or examples have longer prompts."""
     texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)["input_ids"] for t in texts]
+    words = INSTRUCTIONS.split()
+    system = [{"role": "system", "content": " ".join(words[i % len(words)] for i in range(system_words))}]
+    return [tokenizer.apply_chat_template((system if system_words else []) + [{"role": "user", "content": t}],
+                                          add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for t in texts]
 
 
 def run_grpokit(engine, prompts, args, stop_ids, seed, entropies: bool = False) -> int:
@@ -118,6 +129,8 @@ def main() -> None:
                              "grpokit-cat-cache, grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear, grpokit-bf16, "
                              "grpokit-bf16-autocast, hf-bf16")
     parser.add_argument("--floor", action="store_true", help="print the weight-read floor per decode step")
+    parser.add_argument("--system-words", type=int, default=0,
+                        help="a system message of this many words before each question (longer prompts)")
     parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                         help="grpokit's cpu_linear setting for the 'grpokit' variant (auto: as a run here chooses)")
     args = parser.parse_args()
@@ -132,7 +145,7 @@ def main() -> None:
     path = resolve_model_path(args.model)
     model = load_policy(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    prompts = _prompt_ids(tokenizer, args.prompts)
+    prompts = _prompt_ids(tokenizer, args.prompts, args.system_words)
     stop_ids = [] if args.no_stop else [tokenizer.eos_token_id]
     engine = TorchEngine(model, tokenizer.pad_token_id, cpu_linear=args.cpu_linear)
     torch_engine = TorchEngine(model, tokenizer.pad_token_id, cpu_linear="torch")
@@ -154,7 +167,9 @@ def main() -> None:
                  "sdpa": mock.patch.object(decode, "decode_attention", lambda model: nullcontext(False)),
                  "unpacked": mock.patch.multiple(cpu_linear, packed_weights=lambda model, **_: nullcontext(0),
                                                  mkl_shape_stand_in_works=lambda: False),  # no fused MKL copies
-                 "unfused": mock.patch.object(decoder.LeanDecoder, "_mkl_applies", lambda self: False)}[name]
+                 "unfused": mock.patch.object(decoder.LeanDecoder, "_mkl_applies", lambda self: False),
+                 "per-row-prompts": mock.patch.object(decode.SharedPrefixCache, "applies",
+                                                      staticmethod(lambda cache: False))}[name]
         linears(grpokit_onednn)
         with patch:
             return run_grpokit(engine, prompts, args, stop_ids, seed)
@@ -177,6 +192,7 @@ def main() -> None:
         "grpokit-sdpa": lambda seed: without("sdpa", seed),
         "grpokit-unpacked": lambda seed: without("unpacked", seed),
         "grpokit-unfused": lambda seed: without("unfused", seed),
+        "grpokit-per-row-prompts": lambda seed: without("per-row-prompts", seed),
         "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(torch_engine, prompts, args, stop_ids,
                                                                            seed),
         "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
@@ -194,6 +210,7 @@ def main() -> None:
           f"{'oneDNN' if grpokit_onednn else 'torch'}"
           f"{', decode on MKL packed' if cpu_linear.mkl_rows(args.cpu_linear, 'cpu', 8) else ''} "
           f"(cpu_linear: {args.cpu_linear})")
+    print(f"prompt tokens: {sorted(len(p) for p in prompts)}")
     print(f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens, T={args.temperature}, "
           f"top_p={args.top_p}, top_k={args.top_k}, stop={'none' if args.no_stop else 'eos'}")
 

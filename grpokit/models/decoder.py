@@ -299,6 +299,9 @@ class LeanDecoder:
         n, heads, kv_heads, dim = h.shape[0], self.heads, self.kv_heads, self.head_dim
         split, groups = (heads + kv_heads) * dim, heads // kv_heads
         mm, products, scale = self._mkl_mm, self.mkl, self._scale
+        shared = getattr(cache, "shared", False)  # a `grpokit.rollout.decode.SharedPrefixCache`
+        if shared:
+            cache.advance()
         for i, (in_norm, post_norm, q_norm) in enumerate(self._norms):
             qkv_w, o_w, gate_up_w, down_w = products[4 * i:4 * i + 4]
             qkv = mm(_rms_norm_fast(h, *in_norm), qkv_w)  # [N, (H + 2 Hkv) D]
@@ -306,13 +309,18 @@ class LeanDecoder:
             if q_norm is not None:
                 qk = torch.cat(self._qk_norm(self.layers[i].self_attn, qk[:, :heads], qk[:, heads:], False), dim=1)
             qk = _rotate_signed(qk, cos, signed_sin)
-            keys, values = _append_kv(cache.layers[i], qk[:, heads:], qkv[:, split:].view(n, kv_heads, dim))
-            # attention in [N * Hkv] batched products over the cache's views (as attend_one, without its 4-D matmuls)
-            scores = torch.bmm(torch.mul(qk[:, :heads], scale).view(n * kv_heads, groups, dim),
-                               keys.transpose(1, 2))  # [N * Hkv, g, L]
-            if pad is not None:
-                scores.view(n, kv_heads, groups, -1)[..., :pad.shape[-1]].masked_fill_(pad, float("-inf"))
-            out = torch.bmm(scores.softmax(dim=-1), values).view(n, heads * dim)
+            if shared:  # each prompt's keys and values read once for its rows (its own padding mask)
+                out = cache.attend(i, torch.mul(qk[:, :heads], scale), qk[:, heads:],
+                                   qkv[:, split:].view(n, kv_heads, dim))
+            else:
+                keys, values = _append_kv(cache.layers[i], qk[:, heads:], qkv[:, split:].view(n, kv_heads, dim))
+                # attention in [N * Hkv] batched products over the cache's views (as attend_one, without its 4-D
+                # matmuls)
+                scores = torch.bmm(torch.mul(qk[:, :heads], scale).view(n * kv_heads, groups, dim),
+                                   keys.transpose(1, 2))  # [N * Hkv, g, L]
+                if pad is not None:
+                    scores.view(n, kv_heads, groups, -1)[..., :pad.shape[-1]].masked_fill_(pad, float("-inf"))
+                out = torch.bmm(scores.softmax(dim=-1), values).view(n, heads * dim)
             h = h + mm(out, o_w)
             gate_up = mm(_rms_norm_fast(h, *post_norm), gate_up_w)
             half = gate_up.shape[-1] // 2

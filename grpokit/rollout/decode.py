@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -85,6 +85,120 @@ def preallocate(cache, extra: int) -> int:
         layer.__class__ = _PreallocatedLayer
         converted += 1
     return converted
+
+
+class SharedPrefixCache:
+    """Keys and values of a generation whose rows come in equal groups of one prompt each (GRPO's G completions of
+    a prompt), for the fused float32 decode step (`LeanDecoder` on MKL's packed products): each prompt's keys and
+    values once, as the model's prefill left them ([P, Hkv, W, D] a layer), and each row's generated positions in
+    buffers of their own ([N, Hkv, C, D], N = P x group, rows in prompt order).
+
+    Held per row (`preallocate`), the prompt's keys and values are G copies, and a decode step reads every copy:
+    at 64 rows of 200-token prompts that is more than the step reads of the weights. Here a step reads each prompt
+    once: the queries of a prompt's rows meet its keys in one product, their own positions in another, and one
+    softmax spans both, so the result is the same attention, rounded differently (tested against float64).
+
+    The rows must stay in equal groups: `batch_select_indices` keeps the finished rows out, and when the groups left
+    differ in size (or the decode step leaves the fused path), `materialize()` gives the per-row cache instead."""
+
+    shared = True
+
+    def __init__(self, prefill: DynamicCache, group: int, capacity: int, padding: torch.Tensor | None):
+        """prefill: the model's cache of the P prompts (plain dynamic layers); group: rows a prompt; capacity:
+        positions to generate; padding: [P, W] bool, True at each prompt's left padding (None: none)."""
+        self.prefill = prefill
+        self.prefix_keys = [layer.keys.contiguous() for layer in prefill.layers]  # [P, Hkv, W, D]
+        self.prefix_values = [layer.values.contiguous() for layer in prefill.layers]
+        prompts, kv_heads, _, dim = self.prefix_keys[0].shape
+        self.group = group
+        self.padding = None if padding is None else padding[:, None, None]  # [P, 1, 1, W]
+        self.keys = [k.new_empty(prompts * group, kv_heads, capacity, dim) for k in self.prefix_keys]
+        self.values = [v.new_empty(prompts * group, kv_heads, capacity, dim) for v in self.prefix_values]
+        self.prompt_of_row = torch.arange(prompts, device=self.keys[0].device).repeat_interleave(group)
+        self.regular = True  # every prompt has `group` rows, in order
+        self.length = 0
+
+    @staticmethod
+    def applies(cache) -> bool:
+        """Whether a prefill cache can be shared: every layer plain dynamic, [P, Hkv, W, D]."""
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
+                                    for layer in layers)
+
+    def advance(self) -> int:
+        """Open the next generated position (once a decode step, before its layers); returns its index."""
+        if self.length == self.keys[0].shape[2]:
+            raise RuntimeError(f"SharedPrefixCache is full: it has room for {self.length} generated positions")
+        self.length += 1
+        return self.length - 1
+
+    def attend(self, i: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Layer i: write the step's key and value [N, Hkv, D] at the position `advance` opened, then attend with
+        query [N, H, D] (already scaled) over the row's prompt and generated positions -> [N, H * D]."""
+        position = self.length - 1
+        keys, values = self.keys[i], self.values[i]
+        keys.select(2, position).copy_(key)
+        values.select(2, position).copy_(value)
+        prefix_keys, prefix_values = self.prefix_keys[i], self.prefix_values[i]
+        prompts, kv_heads, width, dim = prefix_keys.shape
+        rows, heads, _ = query.shape
+        group, per_kv = self.group, heads // kv_heads
+        length = position + 1
+        # a prompt's rows against its keys: [P * Hkv, G * g, W]
+        grouped = query.view(prompts, group, kv_heads, per_kv, dim).transpose(1, 2).reshape(
+            prompts * kv_heads, group * per_kv, dim)
+        prompt_scores = torch.bmm(grouped, prefix_keys.view(prompts * kv_heads, width, dim).transpose(1, 2))
+        if self.padding is not None:
+            prompt_scores.view(prompts, kv_heads, group * per_kv, width).masked_fill_(self.padding, float("-inf"))
+        # each row against its own generated positions: [N * Hkv, g, L]
+        own_scores = torch.bmm(query.view(rows * kv_heads, per_kv, dim),
+                               keys[:, :, :length].flatten(0, 1).transpose(1, 2))
+        scores = torch.cat((prompt_scores.view(prompts, kv_heads, group, per_kv, width).transpose(1, 2),
+                            own_scores.view(prompts, group, kv_heads, per_kv, length)), dim=-1)  # [P, G, Hkv, g, W+L]
+        probs = scores.softmax(dim=-1)
+        from_prompt = torch.bmm(probs[..., :width].transpose(1, 2).reshape(prompts * kv_heads, group * per_kv, width),
+                                prefix_values.view(prompts * kv_heads, width, dim))  # [P * Hkv, G * g, D]
+        out = torch.bmm(probs[..., width:].reshape(rows * kv_heads, per_kv, length),
+                        values[:, :, :length].flatten(0, 1))  # [N * Hkv, g, D]
+        out = out.view(prompts, group, kv_heads, per_kv, dim).add_(
+            from_prompt.view(prompts, kv_heads, group, per_kv, dim).transpose(1, 2))
+        return out.view(rows, heads * dim)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows `indices` (ascending); prompts left without rows are dropped. Rows left in unequal groups
+        mark the cache irregular: `materialize()` must then replace it before the next step."""
+        self.keys = [k[indices] for k in self.keys]
+        self.values = [v[indices] for v in self.values]
+        self.prompt_of_row = self.prompt_of_row[indices]
+        counts = torch.bincount(self.prompt_of_row, minlength=self.prefix_keys[0].shape[0])
+        present = counts.nonzero().squeeze(-1)
+        sizes = counts[present].unique()
+        if len(sizes) != 1:
+            self.regular = False
+            return
+        if len(present) < len(counts):  # whole prompts finished: their keys and values go
+            self.prefix_keys = [k[present] for k in self.prefix_keys]
+            self.prefix_values = [v[present] for v in self.prefix_values]
+            self.padding = None if self.padding is None else self.padding[present]
+        self.group = int(sizes[0])
+        self.prompt_of_row = torch.arange(len(present), device=present.device).repeat_interleave(self.group)
+
+    def materialize(self) -> DynamicCache:
+        """The same keys and values per row, as `preallocate` leaves a cache: the prefill's `DynamicCache`, each
+        layer [N, Hkv, W + L, D] in a buffer with room for the positions still to generate."""
+        rows = self.prompt_of_row
+        for i, layer in enumerate(self.prefill.layers):
+            prefix_keys, keys = self.prefix_keys[i], self.keys[i]
+            width, length, capacity = prefix_keys.shape[2], self.length, keys.shape[2]
+            for name, prefix, own in (("keys", prefix_keys, keys), ("values", self.prefix_values[i], self.values[i])):
+                buffer = own.new_empty((own.shape[0], own.shape[1], width + capacity, own.shape[3]))
+                buffer[:, :, :width] = prefix[rows]
+                buffer[:, :, width:width + length] = own[:, :, :length]
+                setattr(layer, "_key_buffer" if name == "keys" else "_value_buffer", buffer)
+                setattr(layer, name, buffer[:, :, :width + length])
+            layer.__class__ = _PreallocatedLayer
+        self.keys = self.values = self.prefix_keys = self.prefix_values = []
+        return self.prefill
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -212,6 +212,104 @@ def test_fused_step_writes_into_any_cache_layer(monkeypatch):
             torch.testing.assert_close(v2, v, rtol=0, atol=0)
 
 
+@MKL
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_shared_prompt_keys_give_the_per_row_caches_attention(kind, monkeypatch):
+    """The fused step over a `SharedPrefixCache` (each prompt's keys and values once for its rows) gives the logits
+    of the same step over per-row caches within float32 rounding, over left padding, step after step: while the
+    groups stay equal (rows finishing in every group, a whole prompt finishing), and after rows left in unequal
+    groups turn it into per-row caches (`materialize`), which then hold the per-row run's keys and values."""
+    from transformers import DynamicCache
+
+    from grpokit.rollout import decode
+
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    model, tokenizer = _model(kind, tied=kind == "qwen3")
+    ids = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    width, group = max(map(len, ids)), 3
+    input_ids = torch.tensor([[0] * (width - len(p)) + p for p in ids])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    gen = torch.Generator().manual_seed(1)
+    caches = []
+    with torch.no_grad(), decode.decode_attention(model):
+        for _ in range(2):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache)
+            caches.append(cache)
+        assert decode.SharedPrefixCache.applies(caches[0])
+        shared = decode.SharedPrefixCache(caches[0], group, 8, attention == 0)
+        rows = caches[1]
+        rows.batch_repeat_interleave(group)
+        decode.preallocate(rows, 8)
+        pad = (attention == 0).repeat_interleave(group, dim=0)[:, None, None]
+        lean = decoder.LeanDecoder(model, bf16=False, mkl_rows=9)
+        attends = []
+        real = decode.SharedPrefixCache.attend
+        monkeypatch.setattr(decode.SharedPrefixCache, "attend", lambda self, *a: attends.append(1) or real(self, *a))
+        position = positions[:, -1].repeat_interleave(group) + 1
+        # (rows kept after the step, None: all): 9 rows -> 6 (one finished in every group) -> 4 (a whole prompt
+        # finished: 2 prompts x 2) -> 3 (unequal groups: per-row caches from then on)
+        for keep in (None, [0, 1, 3, 4, 6, 7], None, [0, 1, 4, 5], None, [0, 2, 3], None):
+            token = torch.randint(0, len(tokenizer), (position.shape[0],), generator=gen)
+            got = lean.step(token, position, shared, None if getattr(shared, "shared", False) else pad)
+            want = lean.step(token, position, rows, pad)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            position = position + 1
+            if keep is not None:
+                keep = torch.tensor(keep)
+                shared.batch_select_indices(keep)
+                rows.batch_select_indices(keep)
+                lean.fit(len(keep))
+                position, pad = position[keep], pad[keep]
+                if not shared.regular:
+                    assert len(keep) == 3
+                    calls = len(attends)
+                    shared = shared.materialize()
+                    for mine, theirs in zip(shared.layers, rows.layers, strict=True):
+                        assert type(mine) is decode._PreallocatedLayer
+                        assert mine._key_buffer.shape == theirs._key_buffer.shape  # the same room left
+                        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                            assert a.shape == b.shape
+                            assert torch.equal(a[:, :, :width], b[:, :, :width])  # the prompts': copied
+                            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # generated: rounded apart
+                else:
+                    assert shared.group == len(keep) // len(shared.prefix_keys[0])
+        assert calls == 6 * 2 and len(attends) == calls  # 6 steps x 2 layers shared, none after materialize
+
+
+@MKL
+@pytest.mark.parametrize("samples", [None, [range(1, 4)] * 3])
+def test_generation_reads_each_prompts_keys_once_and_samples_what_per_row_caches_sample(samples, monkeypatch):
+    """`TorchEngine.generate` on the fused float32 step (cpu_linear auto on an Intel CPU) holds each prompt's keys
+    and values once for its rows, through rows finishing at EOS (the batch compacts, then falls below the fused
+    path's minimum): the same completions as with per-row caches, log-probs within float32 rounding. Also for a
+    call that draws some samples of each group."""
+    from grpokit.rollout import decode
+
+    monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    model, tokenizer = _model("qwen2")
+    prompts = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=5, stop_token_ids=list(range(20, 40)))
+    made, materialized = [], []
+    real_init, real_materialize = decode.SharedPrefixCache.__init__, decode.SharedPrefixCache.materialize
+    monkeypatch.setattr(decode.SharedPrefixCache, "__init__", lambda self, *a: made.append(a[1]) or
+                        real_init(self, *a))
+    monkeypatch.setattr(decode.SharedPrefixCache, "materialize", lambda self: materialized.append(len(self.keys[0]))
+                        or real_materialize(self))
+    shared = TorchEngine(model, 0, cpu_linear="auto").generate(prompts, 4, params, samples=samples)
+    assert made == [4 if samples is None else 3] and materialized, (made, materialized)
+    lengths = [len(c) for c in shared.completion_ids]
+    assert min(lengths) < max(lengths), lengths  # rows finished apart: the batch compacted
+    with mock.patch.object(decode.SharedPrefixCache, "applies", lambda cache: False):
+        rows = TorchEngine(model, 0, cpu_linear="auto").generate(prompts, 4, params, samples=samples)
+    assert len(made) == 1
+    assert shared.completion_ids == rows.completion_ids and shared.finish_reasons == rows.finish_reasons
+    for a, b in zip(shared.sampler_logps, rows.sampler_logps, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+
+
 def test_rotation_with_a_signed_sine_is_the_fast_rotation_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     angles = torch.rand(5, 1, 32, generator=gen) * 100
