@@ -219,7 +219,17 @@ def prepare_policy(model: torch.nn.Module, cfg, device: torch.device, *, peft_co
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if peft_config is not None:
+    adapted = _is_peft_model(policy)
+    if adapted:  # LoRA already on (get_peft_model, Unsloth's FastLanguageModel.get_peft_model): train its adapters
+        if peft_config is not None:
+            raise ConfigError("GRPOTrainer: the model already has LoRA adapters (a PeftModel) and a peft_config was "
+                              "passed too; pass the PeftModel without peft_config to train its adapters, or merge "
+                              "them (merge_and_unload()) and pass the merged model with the peft_config")
+        if not any(p.requires_grad for p in policy.parameters()):
+            raise ConfigError("GRPOTrainer: the PeftModel passed as the model has no trainable parameters "
+                              "(PeftModel.from_pretrained loads adapters frozen); load it with "
+                              "PeftModel.from_pretrained(base, path, is_trainable=True)")
+    elif peft_config is not None:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, peft_config)
@@ -227,7 +237,17 @@ def prepare_policy(model: torch.nn.Module, cfg, device: torch.device, *, peft_co
         policy = add_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     policy.train()
     onednn = cpu_linear.apply(policy, cfg.cpu_linear, device)  # before any frozen copy: the reference gets it too
-    return TrainablePolicy(module=policy, uses_adapters=peft_config is not None or cfg.use_peft, onednn_linear=onednn)
+    return TrainablePolicy(module=policy, uses_adapters=adapted or peft_config is not None or cfg.use_peft,
+                           onednn_linear=onednn)
+
+
+def _is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a peft model already (its adapters on); peft is imported only if it is installed."""
+    if importlib.util.find_spec("peft") is None:
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:

@@ -105,6 +105,53 @@ def test_reference_002_trains_every_lora_parameter(tmp_path):
     assert not unchanged, f"LoRA parameters not updated: {unchanged}"
 
 
+def test_a_peft_model_trains_its_own_adapters_and_saves_them_loadable(tmp_path, tiny_model_dir):
+    """Reference 002 with Unsloth's `FastLanguageModel.get_peft_model` (here peft's `get_peft_model`): the model
+    passed already has LoRA adapters. They train as they are (not wrapped again, not re-initialised), and the saved
+    adapter loads onto the base model with the trained values."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():  # an adapter already trained (by SFT, say): lora_B away from peft's zero start
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.25)
+    names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    trainer = GRPOTrainer(model=model, reward_funcs=text_hash_reward, args=_config(tmp_path, learning_rate=1e-3),
+                          train_dataset=[{"prompt": q} for q in QUESTIONS])
+    assert trainer.model is model and sorted(n for n, p in model.named_parameters() if p.requires_grad) == names
+    assert all((p - 0.25).abs().max() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+    trainer.train()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    assert all(0 < (p - 0.25).abs().max() < 0.1 for p in trained.values()), "adapters kept and trained from 0.25"
+    assert yaml.safe_load((Path(trainer.args.output_dir) / "config.yaml").read_text())["lora_r"] == 4
+    for saved in (Path(trainer.args.output_dir) / "final_model", tmp_path / "saved"):
+        if saved.name == "saved":
+            trainer.save_model(str(saved))
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), saved)
+        got = {n: p for n, p in loaded.named_parameters() if "lora_B" in n}
+        assert sorted(got) == sorted(trained)
+        assert all(torch.equal(got[n], trained[n]) for n in trained), saved
+
+
+def test_a_peft_model_with_a_peft_config_or_frozen_adapters_is_refused(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
+    with pytest.raises(ConfigError, match="already has LoRA adapters .*merge_and_unload"):
+        GRPOTrainer(model=model, reward_funcs=text_hash_reward, args=_config(tmp_path), peft_config=lora,
+                    train_dataset=[{"prompt": q} for q in QUESTIONS])
+    model.save_pretrained(tmp_path / "adapter")
+    frozen = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    with pytest.raises(ConfigError, match="no trainable parameters .* is_trainable=True"):
+        GRPOTrainer(model=frozen, reward_funcs=text_hash_reward, args=_config(tmp_path),
+                    train_dataset=[{"prompt": q} for q in QUESTIONS])
+
+
 def test_list_of_dicts_model_by_path_and_epochs(tmp_path, tiny_model_dir):
     rows = [{"prompt": q, "answer": "x"} for q in QUESTIONS]
     args = _config(tmp_path, max_steps=-1, num_train_epochs=1, beta=0.0, reward_weights=[1.0, 2.0])
