@@ -326,8 +326,9 @@ def _train(args) -> int:
     cfg = _load(args)
     if args.dry_run:  # the trainer's early checks and one call of each reward; nothing else
         from grpokit.evaluation.preflight import early_checks, probe_rewards
+        from grpokit.models.loading import check_model_name
 
-        inputs = early_checks(cfg)
+        inputs = early_checks(cfg, check_model=False)  # the model's path is checked after the rewards' report
         funcs = [f.name for f in inputs.reward_funcs]
         print(inputs.cfg.to_yaml(), end="")
         probe = probe_rewards(inputs, rows=2, other_forms=False)
@@ -340,6 +341,7 @@ def _train(args) -> int:
             logging.getLogger("grpokit.cli").warning(
                 "dry run: %d reward call(s) failed on some probe completions (above); training counts such failures "
                 "against reward_error_rate_limit", probe.problems)
+        check_model_name(inputs.cfg.model)  # a local model directory that is not there: the run would stop at it
         validation = f", {len(inputs.validation_records)} validation" if inputs.validation_records else ""
         print(f"dry run: {len(inputs.train_records)} train prompts, {len(inputs.eval_records)} held-out{validation}, "
               f"rewards {funcs}; nothing trained")

@@ -31,7 +31,7 @@ from grpokit.config import GRPOConfig
 from grpokit.data import loading as data_mod
 from grpokit.errors import ConfigError, RewardError
 from grpokit.evaluation.evaluate import check_best_metric
-from grpokit.models.loading import check_quantization
+from grpokit.models.loading import check_model_name, check_quantization
 from grpokit.observe.metrics import check_sinks
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rewards.contract import REFERENCE_ALIASES
@@ -54,13 +54,15 @@ class RunInputs:
 
 
 def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, eval_records: list[dict] | None = None,
-                 reward_funcs: list | None = None, check_columns: bool = True, settle_cuda: bool = True) -> RunInputs:
+                 reward_funcs: list | None = None, check_columns: bool = True, settle_cuda: bool = True,
+                 check_model: bool = True) -> RunInputs:
     """Load what a run needs before its model and check every setting that can be checked without it.
 
     The Python API hands in records and reward callables already made; else the config names them.
     `check_columns` False leaves each reward's arguments against the columns to the caller (`preflight` reports
     every reward's instead of stopping at the first). `settle_cuda` False leaves `bf16: auto` on a CUDA GPU for the
-    trainer to settle once its reward workers have forked (`GRPOConfig.settle_auto`)."""
+    trainer to settle once its reward workers have forked (`GRPOConfig.settle_auto`). `check_model` False leaves a
+    local model directory that does not exist to the caller (`preflight` reports it with the rewards)."""
     cfg.settle_auto(cuda=settle_cuda)  # bf16: auto -> true or false on this machine, before anything reads it
     check_quantization(cfg)  # load_in_4bit without a CUDA GPU or bitsandbytes: fail before data and model
     funcs = resolve_rewards(reward_funcs or cfg.reward_funcs)
@@ -86,6 +88,8 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
     if cfg.use_vllm and world_size() > 1:
         raise ConfigError(f"use_vllm with {world_size()} processes is not supported yet: each process generates "
                           "with the in-process sampler; drop use_vllm, or run one process with vLLM")
+    if check_model and isinstance(cfg.model, str):  # a local model directory that is not there fails now
+        check_model_name(cfg.model)
     return RunInputs(cfg=cfg, reward_funcs=funcs, train_records=train, eval_records=held,
                      validation_records=validation)
 
@@ -136,8 +140,16 @@ def _values(values: list[float]) -> str:
 
 
 def preflight(cfg: GRPOConfig, rows: int = 3) -> PreflightReport:
-    """The early checks (their errors are raised), then every reward on the first `rows` train rows."""
-    return probe_rewards(early_checks(cfg, check_columns=False), rows)
+    """The early checks (their errors are raised), then every reward on the first `rows` train rows; a local model
+    directory that does not exist is one more problem of the report."""
+    report = probe_rewards(early_checks(cfg, check_columns=False, check_model=False), rows)
+    try:
+        check_model_name(cfg.model)
+    except ConfigError as exc:
+        report.problems += 1
+        report.lines.insert(-1, f"FAIL {exc}")
+        report.lines[-1] = f"pre-flight: FAILED, {report.problems} problem(s) above"
+    return report
 
 
 def probe_rewards(inputs: RunInputs, rows: int = 3, *, other_forms: bool = True) -> PreflightReport:

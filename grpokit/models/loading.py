@@ -40,14 +40,27 @@ def resolve_model_path(name: str) -> str:
     """Map ``name`` to something ``from_pretrained`` accepts; builds the embedded model once."""
     if name.lower() == DEFAULT_MODEL:
         return str(_embedded_model_dir())
+    return check_model_name(name)
+
+
+def check_model_name(name: str) -> str:
+    """``name`` as a local model directory (checked: it exists and holds a config.json) or a hub id; the embedded
+    model's name as it is (not built here). A name that cannot be a hub id (`name` or `namespace/name`) is a path:
+    one that does not exist is an error now, not a failed download later."""
+    if name.lower() == DEFAULT_MODEL:
+        return name
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model: '{name}' is a path but holds no config.json; "
                               "give a Hugging Face model directory or a hub id")
         return str(path)
-    if name.startswith((".", "/", "~")):
-        raise ConfigError(f"model: directory '{name}' does not exist")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith((".", "/", "~")) or "\\" in name or len(parts) > 2 or "" in parts or (
+            len(parts) == 2 and Path(parts[0]).is_dir()):
+        raise ConfigError(f"model: directory '{name}' does not exist (read as a path: a hub id is 'name' or "
+                          f"'namespace/name'). `grpokit sft` writes its model to OUTPUT_DIR/final_model "
+                          "(outputs/sft/final_model by default)")
     return name  # a hub id; transformers reports it clearly if it cannot be fetched
 
 

@@ -65,7 +65,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         # data, rewards and every setting checked without a model first: their errors come before the (slow) load
         inputs = early_checks(cfg, train_records=train_records, eval_records=eval_records, reward_funcs=reward_funcs,
-                              settle_cuda=False)  # asking a GPU starts CUDA, which the workers' fork must precede
+                              settle_cuda=False,  # asking a GPU starts CUDA, which the workers' fork must precede
+                              check_model=model is None)  # a model object given: cfg.model only names it
         self.cfg = cfg = inputs.cfg
         self.reward_funcs: list[RewardFunction] = inputs.reward_funcs
         self.train_records, self.eval_records = inputs.train_records, inputs.eval_records

@@ -123,7 +123,7 @@ def _arith(tmp_path, model, funcs):
 
 
 def test_dry_run_calls_every_reward_and_fails_on_one_that_cannot_be_called(tmp_path):
-    _arith(tmp_path, "does/not/exist", ["number_correct", "broken.positional"])  # no model: nothing may load one
+    _arith(tmp_path, "nobody/not-downloaded", ["number_correct", "broken.positional"])  # never loaded: a hub id
     result = run_cli("train", "cfg.yaml", "--dry-run", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "FAIL reference answer (answer): 2 of 2 failed" in result.stdout
@@ -134,7 +134,7 @@ def test_dry_run_calls_every_reward_and_fails_on_one_that_cannot_be_called(tmp_p
 
 
 def test_dry_run_warns_of_a_reward_that_fails_on_some_completions_only(tmp_path):
-    _arith(tmp_path, "does/not/exist", ["broken.only_short"])
+    _arith(tmp_path, "nobody/not-downloaded", ["broken.only_short"])
     result = run_cli("train", "cfg.yaml", "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL empty completion: 2 of 2 failed: error on completion 0: ZeroDivisionError" in result.stdout
@@ -259,6 +259,37 @@ def test_003_004_sft_takes_the_math_qa_options_its_own_batch_and_the_worked_solu
     assert recorded["per_device_train_batch_size"] == 3 and recorded["num_generations"] == 2
     assert recorded["dataset"] == "gsm.jsonl" and recorded["use_peft"] is True and recorded["load_in_4bit"] is False
     assert (tmp_path / "sft_out" / "final_model" / "config.json").exists()
+
+
+def test_003_command_lines_as_written_score_free_text_answers_and_name_a_missing_sft_model(tmp_path, tiny_model_dir):
+    """Reference 003's GRPO commands on its data format (question, free-text answer, source). Without
+    --reward-model its default, the heuristic reward model, scores the answers (a reward that found no number in
+    them would give every completion None: no signal), with its default KL 0.1. Its from-SFT command names
+    `output/sft/final_model`: where that directory does not exist, the dry run says so, as the run would."""
+    rows = [{"question": q, "answer": a, "source": "Leon-Garcia Chapter 2.4"} for q, a in [
+        ("What is conditional probability?", "Conditional probability is the probability of A given B, P(A|B) = "
+                                             "P(A and B) / P(B)."),
+        ("What is a random variable?", "A random variable maps each outcome of an experiment to a number."),
+        ("State Bayes' rule.", "P(A|B) = P(B|A) P(A) / P(B), for P(B) > 0.")]]
+    (tmp_path / "grpo_train.json").write_text(json.dumps(rows))
+    for preset in ("default", "fast_test"):
+        result = run_cli("train", "--config", preset, "--model-name", str(tiny_model_dir), "--train-data",
+                         "grpo_train.json", "--dry-run", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "reward_funcs:\n- heuristic_math_qa" in result.stdout and "beta: 0.1" in result.stdout
+        probe = result.stdout[result.stdout.index("reward 'heuristic_math_qa'"):]
+        reference = probe.splitlines()[1]
+        assert reference.startswith("  reference answer (answer)") and "None" not in reference, probe
+    for command in (["train", "--dry-run"], ["train"]):
+        result = run_cli(*command, "--config", "from_sft", "--sft-model", "output/sft/final_model",
+                         "--train-data", "grpo_train.json", cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert ("model: directory 'output/sft/final_model' does not exist (read as a path: a hub id is 'name' or "
+                "'namespace/name'). `grpokit sft` writes its model to OUTPUT_DIR/final_model") in result.stderr
+        assert "Traceback" not in result.stderr and "Repo id" not in result.stderr
+    result = run_cli("check", "--preset", "from_sft", "--set", "sft_model=output/sft/final_model", "--set",
+                     "dataset=grpo_train.json", "--quiet-config", cwd=tmp_path)
+    assert result.returncode == 1 and "FAIL model: directory 'output/sft/final_model' does not exist" in result.stdout
 
 
 def test_003_grpo_trainer_with_config_and_a_reward_model_subclass(tmp_path, tiny_model_dir, monkeypatch):

@@ -16,9 +16,10 @@ def test_every_preset_file_is_shipped_and_loads():
 
 # reference 003's documented presets: (epochs, samples per question, questions per step, KL, learning rate); None:
 # the reference gives no number (grpokit's choice, in the preset's comment)
-DOCUMENTED_PRESETS = {"default": (3, 4, 2, 0.1, None), "fast_test": (1, 2, 1, None, None),
-                      "full_training": (5, 8, 4, None, None), "from_sft": (None, 4, None, None, 5e-6),
-                      "low_memory": (None, 2, 1, None, None)}
+# KL: 0.1 in each, the reference's default kl_coef ("Default: 0.1"), which it overrides for no preset
+DOCUMENTED_PRESETS = {"default": (3, 4, 2, 0.1, None), "fast_test": (1, 2, 1, 0.1, None),
+                      "full_training": (5, 8, 4, 0.1, None), "from_sft": (None, 4, None, 0.1, 5e-6),
+                      "low_memory": (None, 2, 1, 0.1, None)}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -31,6 +32,7 @@ def test_the_math_qa_presets_carry_the_documented_numbers_with_lora(name, caplog
     for documented, value in zip((epochs, samples, questions, kl, lr), got, strict=True):
         assert documented is None or value == documented, (name, got)
     assert cfg.use_peft is True
+    assert cfg.reward_funcs == ["heuristic_math_qa"]  # "Heuristic Reward Model (Default)"
     # 4-bit where a CUDA GPU and bitsandbytes are present; on this machine (no bitsandbytes or no GPU) off, said
     import importlib.util
 
