@@ -90,6 +90,10 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
                           "with the in-process sampler; drop use_vllm, or run one process with vLLM")
     if check_model and isinstance(cfg.model, str):  # a local model directory that is not there fails now
         check_model_name(cfg.model)
+    if cfg.use_vllm:  # in server mode, a server that does not answer, or serves another model, fails now
+        from grpokit.rollout.vllm_engine import check_server
+
+        check_server(cfg)
     return RunInputs(cfg=cfg, reward_funcs=funcs, train_records=train, eval_records=held,
                      validation_records=validation)
 

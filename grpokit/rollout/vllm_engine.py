@@ -476,13 +476,27 @@ class VLLMColocateEngine:
         self.llm = None
 
 
+def check_server(cfg: Any) -> None:
+    """use_vllm in server mode: the server answers /health at vllm_host:vllm_port and serves `cfg.model`, or an
+    `EngineError` says what to start (the early checks call it, so a dry run finds what the run would stop at after
+    loading its model)."""
+    if cfg.use_vllm and cfg.vllm_mode == "server":
+        VLLMServerEngine(f"http://{cfg.vllm_host}:{cfg.vllm_port}", model=cfg.model).session.close()
+
+
+# what sizes a vLLM engine -> its `grpokit vllm-serve` flag: in server mode the server's, set when it starts
+_SERVER_SIZING = {"vllm_gpu_memory_utilization": "--gpu-memory-utilization",
+                  "vllm_tensor_parallel_size": "--tensor-parallel-size", "vllm_max_model_len": "--max-model-len"}
+
+
 def make_engine(cfg: Any, model_path: str, policy: torch.nn.Module | None = None):
     """The vLLM engine the config asks for, or None when `cfg.use_vllm` is false (keep the in-process engine).
 
     Reads use_vllm, vllm_mode, vllm_host, vllm_port, vllm_gpu_memory_utilization, vllm_tensor_parallel_size,
     vllm_max_model_len, seed, model (server mode compares it with the server's --model), torch_dtype,
     vllm_dtype, vllm_enable_prefix_caching and vllm_enable_sleep_mode (each when present; a server has its own
-    dtype and prefix caching, set by `grpokit vllm-serve`, so here they only get a warning). With `policy`, its
+    dtype, prefix caching, memory share, tensor parallelism and context length, set by `grpokit vllm-serve`, so in
+    server mode each of them the run sets gets a warning naming the server's flag). With `policy`, its
     weights are synced (and verified) at once, so generation starts from the trainer's weights even when they
     differ from `model_path`'s.
     """
@@ -490,9 +504,13 @@ def make_engine(cfg: Any, model_path: str, policy: torch.nn.Module | None = None
         return None
     server_side = {key: getattr(cfg, key, None) for key in ("vllm_dtype", "vllm_enable_prefix_caching")}
     if cfg.vllm_mode == "server":
-        for key, value in server_side.items():
+        given = getattr(cfg, "model_fields_set", None)  # a GRPOConfig: the keys the run set (preset, file, --set)
+        sizing = {key: getattr(cfg, key) for key in _SERVER_SIZING
+                  if hasattr(cfg, key) and (key in given if given is not None else getattr(cfg, key) is not None)}
+        for key, value in {**server_side, **sizing}.items():
             if value is not None:
-                flag = {"vllm_dtype": f"--dtype {value}"}.get(key) or (
+                flag = _SERVER_SIZING.get(key) or {"vllm_dtype": "--dtype"}.get(key)
+                flag = f"{flag} {value}" if flag else (
                     "--enable-prefix-caching" if value else "--no-enable-prefix-caching")
                 log.warning("%s: %s is the server's setting in vllm_mode: server; start it with "
                             "`grpokit vllm-serve ... %s` (this run cannot change it)", key, value, flag)

@@ -457,3 +457,46 @@ def test_make_engine_server_mode_names_the_server_flag_for_dtype(serve, caplog):
         assert isinstance(make_engine(cfg, "/unused"), VLLMServerEngine)
     assert "grpokit vllm-serve ... --dtype bfloat16" in caplog.text
     assert "grpokit vllm-serve ... --enable-prefix-caching" in caplog.text
+
+
+def test_make_engine_server_mode_names_the_server_flags_of_the_sizes_the_run_set(serve, caplog):
+    """Axolotl's `vllm:` block (gpu_memory_utilization, max_model_len, tensor_parallel_size) in server mode: the
+    server's settings, which the run cannot change; each one the config sets is a warning with its flag, the
+    schema's defaults are not."""
+    from grpokit.config import validate_config
+
+    server = serve(FakeBackend(model="m"))
+    host, port = server.server_address[:2]
+    common = {"use_vllm": True, "vllm_mode": "server", "vllm_host": host, "vllm_port": port, "model": "m"}
+    with caplog.at_level("WARNING", logger="grpokit"):
+        make_engine(validate_config(common), "/unused")
+    assert "server's setting" not in caplog.text
+    cfg = validate_config({**common, "vllm_gpu_memory_utilization": 0.7, "vllm_max_model_len": 2048,
+                           "vllm_tensor_parallel_size": 2})
+    with caplog.at_level("WARNING", logger="grpokit"):
+        assert isinstance(make_engine(cfg, "/unused"), VLLMServerEngine)
+    for flag in ("--gpu-memory-utilization 0.7", "--max-model-len 2048", "--tensor-parallel-size 2"):
+        assert f"`grpokit vllm-serve ... {flag}` (this run cannot change it)" in caplog.text
+
+
+def test_the_early_checks_find_a_missing_or_wrong_server_before_any_model_loads(serve, tmp_path, monkeypatch):
+    """use_vllm in server mode (Axolotl's `vllm:` block with `trl.use_vllm: true`): the checks every run makes first
+    (the dry run's, check's, and the trainer's before its model load) ask the server: none answering, or one serving
+    another model, stops there with what to start; the right one passes."""
+    import json
+
+    from grpokit.config import validate_config
+    from grpokit.evaluation.preflight import early_checks
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1"}) + "\n"
+                                                  for i in range(4)))
+    common = {"use_vllm": True, "vllm_mode": "server", "vllm_host": "127.0.0.1", "model": "gpt2",
+              "dataset": "train.jsonl", "num_generations": 2, "per_device_train_batch_size": 2}
+    with pytest.raises(EngineError, match="no vLLM server answered at http://127.0.0.1:.*/health"):
+        early_checks(validate_config({**common, "vllm_port": free_port()}))
+    other = serve(FakeBackend(model="Qwen/Qwen2.5-0.5B"))
+    with pytest.raises(EngineError, match="serves model 'Qwen/Qwen2.5-0.5B', but this run trains 'gpt2'"):
+        early_checks(validate_config({**common, "vllm_port": other.server_address[1]}))
+    right = serve(FakeBackend(model="gpt2"))
+    assert early_checks(validate_config({**common, "vllm_port": right.server_address[1]})).train_records
