@@ -154,9 +154,10 @@ def attend_one(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
 
 class LeanDecoder:
     """Decode steps of a supported model: in float32 over a `DynamicCache` whose layers
-    `grpokit.rollout.decode.preallocate` gave in-place buffers (the model prefills), in bf16 over the `BF16Cache` its
-    own `prefill` returns. Build it inside the model's no-grad, eval-mode generation; the weights must not change
-    while it is used."""
+    `grpokit.rollout.decode.preallocate` gave in-place buffers (the model prefills), or, on the fused MKL products,
+    over a `grpokit.rollout.decode.SharedPrefixCache` (each prompt's keys and values once for its rows); in bf16
+    over the `BF16Cache` its own `prefill` returns. Build it inside the model's no-grad, eval-mode generation; the
+    weights must not change while it is used."""
 
     def __init__(self, model: torch.nn.Module, *, bf16: bool, rows: int = 64, mkl_rows: int | None = None):
         self.model = model
