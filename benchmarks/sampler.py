@@ -23,6 +23,8 @@ seconds are wall time of the whole call (prefill + decode + sampling).
                         share of the difference from the sampler's)
   grpokit-bf16          grpokit under bf16 autocast, as a `bf16: true` run generates: linear layers on bf16
                         weight copies packed once per call for oneDNN (cpu_linear.packed_weights)
+  grpokit-bf16-per-row-prompts  grpokit-bf16 with each row's copy of its prompt's keys and values instead of
+                        each prompt's once for its rows (the bf16 step's SharedBF16Cache)
   grpokit-bf16-autocast the same with autocast's own per-call bf16 linears (no packed bf16 copies: before)
   hf-bf16               model.generate under bf16 autocast
 
@@ -127,7 +129,7 @@ def main() -> None:
                              "run asks where silent rows take theirs from the sampler), grpokit-torch-linear, "
                              "grpokit-unfused, "
                              "grpokit-cat-cache, grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear, grpokit-bf16, "
-                             "grpokit-bf16-autocast, hf-bf16")
+                             "grpokit-bf16-per-row-prompts, grpokit-bf16-autocast, hf-bf16")
     parser.add_argument("--floor", action="store_true", help="print the weight-read floor per decode step")
     parser.add_argument("--system-words", type=int, default=0,
                         help="a system message of this many words before each question (longer prompts)")
@@ -169,9 +171,13 @@ def main() -> None:
                                                  mkl_shape_stand_in_works=lambda: False),  # no fused MKL copies
                  "unfused": mock.patch.object(decoder.LeanDecoder, "_mkl_applies", lambda self: False),
                  "per-row-prompts": mock.patch.object(decode.SharedPrefixCache, "applies",
-                                                      staticmethod(lambda cache: False))}[name]
+                                                      staticmethod(lambda cache: False)),
+                 "bf16-per-row-prompts": mock.patch.object(decode.SharedBF16Cache, "applies",
+                                                           staticmethod(lambda cache: False))}[name]
         linears(grpokit_onednn)
         with patch:
+            if name.startswith("bf16"):
+                return bf16(lambda: run_grpokit(engine, prompts, args, stop_ids, seed))
             return run_grpokit(engine, prompts, args, stop_ids, seed)
 
     def bf16(run, packed: bool = True):  # under bf16 autocast, as the trainer generates with `bf16: true`
@@ -198,6 +204,7 @@ def main() -> None:
         "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
         "hf-onednn-linear": lambda seed: linears(True) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),
         "grpokit-bf16": lambda seed: bf16(lambda: run_grpokit(engine, prompts, args, stop_ids, seed)),
+        "grpokit-bf16-per-row-prompts": lambda seed: without("bf16-per-row-prompts", seed),
         "grpokit-bf16-autocast": lambda seed: bf16(lambda: run_grpokit(engine, prompts, args, stop_ids, seed),
                                                    packed=False),
         "hf-bf16": lambda seed: linears(False) or bf16(lambda: run_hf(model, tokenizer, prompts, args, stop_ids,

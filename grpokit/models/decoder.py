@@ -156,8 +156,8 @@ class LeanDecoder:
     """Decode steps of a supported model: in float32 over a `DynamicCache` whose layers
     `grpokit.rollout.decode.preallocate` gave in-place buffers (the model prefills), or, on the fused MKL products,
     over a `grpokit.rollout.decode.SharedPrefixCache` (each prompt's keys and values once for its rows); in bf16
-    over the `BF16Cache` its own `prefill` returns. Build it inside the model's no-grad, eval-mode generation; the
-    weights must not change while it is used."""
+    over the `BF16Cache` its own `prefill` returns, or over a `grpokit.rollout.decode.SharedBF16Cache` made of it.
+    Build it inside the model's no-grad, eval-mode generation; the weights must not change while it is used."""
 
     def __init__(self, model: torch.nn.Module, *, bf16: bool, rows: int = 64, mkl_rows: int | None = None):
         self.model = model

@@ -139,11 +139,17 @@ class SharedPrefixCache:
         keys, values = self.keys[i], self.values[i]
         keys.select(2, position).copy_(key)
         values.select(2, position).copy_(value)
+        return self._attend(i, query, keys[:, :, :self.length], values[:, :, :self.length], None)
+
+    def _attend(self, i: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                unfilled: torch.Tensor | None) -> torch.Tensor:
+        """Layer i's attention of query [N, H, D] (scaled) over each row's prompt (`prefix_keys[i]`, its padding
+        masked) and its own positions keys / values [N, Hkv, L, D] (unfilled [L]: True at positions that weigh 0, or
+        None) -> [N, H * D] in the query's dtype; softmax in float32."""
         prefix_keys, prefix_values = self.prefix_keys[i], self.prefix_values[i]
         prompts, kv_heads, width, dim = prefix_keys.shape
         rows, heads, _ = query.shape
-        group, per_kv = self.group, heads // kv_heads
-        length = position + 1
+        group, per_kv, length = self.group, heads // kv_heads, keys.shape[2]
         # a prompt's rows against its keys: [P * Hkv, G * g, W]
         grouped = query.view(prompts, group, kv_heads, per_kv, dim).transpose(1, 2).reshape(
             prompts * kv_heads, group * per_kv, dim)
@@ -151,15 +157,16 @@ class SharedPrefixCache:
         if self.padding is not None:
             prompt_scores.view(prompts, kv_heads, group * per_kv, width).masked_fill_(self.padding, float("-inf"))
         # each row against its own generated positions: [N * Hkv, g, L]
-        own_scores = torch.bmm(query.view(rows * kv_heads, per_kv, dim),
-                               keys[:, :, :length].flatten(0, 1).transpose(1, 2))
+        own_scores = torch.bmm(query.reshape(rows * kv_heads, per_kv, dim), keys.flatten(0, 1).transpose(1, 2))
+        if unfilled is not None:
+            own_scores.masked_fill_(unfilled, float("-inf"))
         scores = torch.cat((prompt_scores.view(prompts, kv_heads, group, per_kv, width).transpose(1, 2),
                             own_scores.view(prompts, group, kv_heads, per_kv, length)), dim=-1)  # [P, G, Hkv, g, W+L]
-        probs = scores.softmax(dim=-1)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
         from_prompt = torch.bmm(probs[..., :width].transpose(1, 2).reshape(prompts * kv_heads, group * per_kv, width),
                                 prefix_values.view(prompts * kv_heads, width, dim))  # [P * Hkv, G * g, D]
         out = torch.bmm(probs[..., width:].reshape(rows * kv_heads, per_kv, length),
-                        values[:, :, :length].flatten(0, 1))  # [N * Hkv, g, D]
+                        values.flatten(0, 1))  # [N * Hkv, g, D]
         out = out.view(prompts, group, kv_heads, per_kv, dim).add_(
             from_prompt.view(prompts, kv_heads, group, per_kv, dim).transpose(1, 2))
         return out.view(rows, heads * dim)
@@ -199,6 +206,72 @@ class SharedPrefixCache:
             layer.__class__ = _PreallocatedLayer
         self.keys = self.values = self.prefix_keys = self.prefix_values = []
         return self.prefill
+
+
+class SharedBF16Cache(SharedPrefixCache):
+    """`SharedPrefixCache` for the bf16 decode step (`LeanDecoder` under bf16 autocast), in the layout of its
+    `decoder.BF16Cache`: each prompt's bf16 keys and values once ([P, Hkv, W, D] a layer), each row's generated
+    positions in bf16 buffers ([N, Hkv, C, D]) that grow by `BF16Cache.CHUNK` positions and are read whole (a
+    filled prefix would be a strided view, which torch's bf16 batched product copies every call), the positions not
+    yet filled masked. The step writes `keys[i][:, :, advance()]` and calls `attend(i, query)`, as on a
+    `BF16Cache`. Scores as `BF16Cache.attend` computes them (each a bf16 product over D), softmax in float32 over
+    the prompt's and the row's positions together; the two weighted sums of values are rounded to bf16 apart and
+    added, where the per-row cache rounds one."""
+
+    def __init__(self, prefill: decoder.BF16Cache, group: int):
+        """prefill: the bf16 prefill's cache of the P prompts (`LeanDecoder.prefill`); group: rows a prompt."""
+        width = prefill.length
+        self.prefill = None
+        self.prefix_keys = [k[:, :, :width].contiguous() for k in prefill.keys]  # [P, Hkv, W, D]
+        self.prefix_values = [v[:, :, :width].contiguous() for v in prefill.values]
+        prompts, kv_heads, _, dim = self.prefix_keys[0].shape
+        padding = prefill.masked[..., :width]  # [P, 1, 1, W]
+        self.padding = padding if bool(padding.any()) else None
+        self.group = group
+        chunk = decoder.BF16Cache.CHUNK
+        self.keys = [k.new_zeros(prompts * group, kv_heads, chunk, dim) for k in self.prefix_keys]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.unfilled = torch.ones(chunk, dtype=torch.bool, device=self.keys[0].device)  # shared by every row
+        self.prompt_of_row = torch.arange(prompts, device=self.keys[0].device).repeat_interleave(group)
+        self.regular = True
+        self.length = 0
+
+    @staticmethod
+    def applies(cache) -> bool:
+        """Whether a prefill cache can be shared: the bf16 prefill's own."""
+        return type(cache) is decoder.BF16Cache
+
+    def advance(self) -> int:
+        """Open the next generated position (growing the buffers when full); returns its index in `keys`."""
+        if self.length == self.unfilled.shape[0]:
+            chunk = decoder.BF16Cache.CHUNK
+            self.keys = [torch.cat((k, k.new_zeros(*k.shape[:2], chunk, k.shape[3])), 2) for k in self.keys]
+            self.values = [torch.cat((v, v.new_zeros(*v.shape[:2], chunk, v.shape[3])), 2) for v in self.values]
+            self.unfilled = torch.cat((self.unfilled, self.unfilled.new_ones(chunk)))
+        self.unfilled[self.length] = False
+        self.length += 1
+        return self.length - 1
+
+    def attend(self, i: int, query: torch.Tensor) -> torch.Tensor:
+        """Layer i's single-token attention: query [N, H, D] bf16, already scaled -> [N, H * D] bf16."""
+        return self._attend(i, query, self.keys[i], self.values[i], self.unfilled)
+
+    def materialize(self) -> decoder.BF16Cache:
+        """The same keys and values per row, as a `decoder.BF16Cache` (the prompt's positions first, padding and
+        unfilled positions masked) with the same room left."""
+        rows = self.prompt_of_row
+        width = self.prefix_keys[0].shape[2]
+        cache = decoder.BF16Cache.__new__(decoder.BF16Cache)
+        cache.keys = [torch.cat((prefix[rows], own), 2)
+                      for prefix, own in zip(self.prefix_keys, self.keys, strict=True)]
+        cache.values = [torch.cat((prefix[rows], own), 2)
+                        for prefix, own in zip(self.prefix_values, self.values, strict=True)]
+        padding = (self.padding[rows] if self.padding is not None
+                   else self.unfilled.new_zeros(len(rows), 1, 1, width))
+        cache.masked = torch.cat((padding, self.unfilled.expand(len(rows), 1, 1, -1)), -1)
+        cache.length = width + self.length
+        self.keys = self.values = self.prefix_keys = self.prefix_values = []
+        return cache
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -1,8 +1,8 @@
 """In-process sampler on the policy module itself (CPU or CUDA).
 
-Each prompt is prefilled once and its KV cache repeated for its n samples (on the fused float32 step, held once
-and read once for its rows instead: `decode.SharedPrefixCache`); decoding is batched over all B*n rows with left
-padding. Sampled tokens and log-probs go into preallocated [B*n, T]
+Each prompt is prefilled once and its KV cache repeated for its n samples (on the fused float32 step and the bf16
+step, held once and read once for its rows instead: `decode.SharedPrefixCache`, `decode.SharedBF16Cache`);
+decoding is batched over all B*n rows with left padding. Sampled tokens and log-probs go into preallocated [B*n, T]
 tensors, copied to Python lists once at the end. Finished rows stay in the batch (their outputs
 ignored) until at least `_COMPACT_FRACTION` of the batch has finished; then they are dropped from
 the batch and the KV cache in one copy. Because the engine runs on the policy module, there are no
@@ -145,8 +145,10 @@ class TorchEngine:
                              use_cache=True, logits_to_keep=1, **with_cache(self.model, cache))
             cache, logits = returned_cache(out), out.logits[:, -1].float()
         repeats = torch.tensor(counts, device=device)
-        if (lean is not None and lean.mkl is not None and counts[0] > 1 and len(set(counts)) == 1
-                and decode.SharedPrefixCache.applies(cache)):  # the fused step reads each prompt's keys once
+        groups = lean is not None and counts[0] > 1 and len(set(counts)) == 1  # rows in equal groups of a prompt
+        if groups and lean.bf16 and decode.SharedBF16Cache.applies(cache):  # the bf16 step reads each prompt once
+            cache = decode.SharedBF16Cache(cache, counts[0])
+        elif groups and lean.mkl is not None and decode.SharedPrefixCache.applies(cache):  # the fused step: the same
             padding = None if bool(attention[:, :width].all()) else attention[:, :width] == 0
             cache = decode.SharedPrefixCache(cache, counts[0], steps, padding)
         elif samples is not None:
@@ -204,7 +206,7 @@ class TorchEngine:
                     cpu_linear.fit_packed(self.model, len(keep))
                 if lean is not None:
                     lean.fit(len(keep))
-                if getattr(cache, "shared", False) and (not cache.regular or lean.mkl is None):
+                if getattr(cache, "shared", False) and (not cache.regular or not (lean.bf16 or lean.mkl is not None)):
                     cache = cache.materialize()  # groups of unequal size, or off the fused step: keys per row
                 rows, token, attention = rows[keep], token[keep], attention[keep]
                 next_pos, live = next_pos[keep], live[keep]
