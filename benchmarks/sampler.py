@@ -14,6 +14,8 @@ seconds are wall time of the whole call (prefill + decode + sampling).
                         own (what cpu_linear auto did on Intel CPUs before the lean decoder fused its products)
   grpokit-per-row-prompts  grpokit with each row's copy of its prompt's keys and values, read by every row, instead
                         of each prompt's once for its rows (the fused float32 step's SharedPrefixCache)
+  grpokit-model-forward grpokit decoding on the model's own forward instead of its lean decoder (what a LoRA model
+                        did before the lean decoder merged adapters: see --lora)
   grpokit-cat-cache     grpokit without its in-place KV cache (transformers' cache, grown by torch.cat)
   grpokit-sdpa          grpokit with torch's SDPA for single-token attention instead of its two matmuls
   grpokit-unpacked      grpokit with its linears on the plain weights (none reordered for oneDNN or packed for MKL
@@ -127,7 +129,7 @@ def main() -> None:
     parser.add_argument("--variants", default="grpokit,hf",
                         help="comma-separated subset of grpokit, grpokit-entropies (each token's entropy too, as a "
                              "run asks where silent rows take theirs from the sampler), grpokit-torch-linear, "
-                             "grpokit-unfused, "
+                             "grpokit-unfused, grpokit-model-forward, "
                              "grpokit-cat-cache, grpokit-sdpa, grpokit-unpacked, hf, hf-onednn-linear, grpokit-bf16, "
                              "grpokit-bf16-per-row-prompts, grpokit-bf16-autocast, hf-bf16")
     parser.add_argument("--floor", action="store_true", help="print the weight-read floor per decode step")
@@ -135,6 +137,9 @@ def main() -> None:
                         help="a system message of this many words before each question (longer prompts)")
     parser.add_argument("--cpu-linear", default="auto", choices=["auto", "onednn", "torch"],
                         help="grpokit's cpu_linear setting for the 'grpokit' variant (auto: as a run here chooses)")
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="wrap the model in LoRA adapters of rank R on every linear layer (grpokit's LoRA "
+                             "default, lora_B drawn at random so the adapters count), as a LoRA run generates")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -146,6 +151,15 @@ def main() -> None:
 
     path = resolve_model_path(args.model)
     model = load_policy(path).eval()
+    if args.lora:
+        from grpokit.models.loading import add_lora
+
+        model = add_lora(model, args.lora, 2 * args.lora, 0.0, "all-linear").eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.01)
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompts = _prompt_ids(tokenizer, args.prompts, args.system_words)
     stop_ids = [] if args.no_stop else [tokenizer.eos_token_id]
@@ -164,6 +178,7 @@ def main() -> None:
 
         from grpokit.models import decoder
         from grpokit.rollout import decode
+        from grpokit.rollout import torch_engine as torch_engine_module
 
         patch = {"cat-cache": mock.patch.object(decode, "preallocate", lambda cache, extra: 0),
                  "sdpa": mock.patch.object(decode, "decode_attention", lambda model: nullcontext(False)),
@@ -173,7 +188,8 @@ def main() -> None:
                  "per-row-prompts": mock.patch.object(decode.SharedPrefixCache, "applies",
                                                       staticmethod(lambda cache: False)),
                  "bf16-per-row-prompts": mock.patch.object(decode.SharedBF16Cache, "applies",
-                                                           staticmethod(lambda cache: False))}[name]
+                                                           staticmethod(lambda cache: False)),
+                 "model-forward": mock.patch.object(torch_engine_module, "lean_mode", lambda model: None)}[name]
         linears(grpokit_onednn)
         with patch:
             if name.startswith("bf16"):
@@ -199,6 +215,7 @@ def main() -> None:
         "grpokit-unpacked": lambda seed: without("unpacked", seed),
         "grpokit-unfused": lambda seed: without("unfused", seed),
         "grpokit-per-row-prompts": lambda seed: without("per-row-prompts", seed),
+        "grpokit-model-forward": lambda seed: without("model-forward", seed),
         "grpokit-torch-linear": lambda seed: linears(False) or run_grpokit(torch_engine, prompts, args, stop_ids,
                                                                            seed),
         "hf": lambda seed: linears(False) or run_hf(model, tokenizer, prompts, args, stop_ids, seed),

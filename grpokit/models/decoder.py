@@ -37,8 +37,60 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _LINEARS = (torch.nn.Linear, cpu_linear.OneDNNLinear, cpu_linear.PackedMKLLinear)
 
 
+def _peft_unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft `PeftModel` (its LoRA layers in place); any other model as it is."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) and type(model).__module__.startswith("peft.") else model
+
+
+def _is_lora(module: torch.nn.Module) -> bool:
+    return type(module).__name__ == "Linear" and type(module).__module__ == "peft.tuners.lora.layer"
+
+
+def _lora_unmergeable(module: torch.nn.Module) -> str | None:
+    """Why a peft LoRA linear layer cannot decode on its weight with its active adapters merged in (None if it can):
+    plain LoRA only (no DoRA or other variant, no lora_bias), on a plain linear base layer, adapters not merged
+    into it already."""
+    if not _is_lora(module):
+        return f"{type(module).__name__} is not a peft LoRA linear layer"
+    if type(module.base_layer) not in _LINEARS:
+        return f"its base layer is a {type(module.base_layer).__name__}"
+    if module.merged or module.fan_in_fan_out:
+        return "adapters merged into the base layer" if module.merged else "fan_in_fan_out"
+    for name in _active_adapters(module):
+        if name in module.lora_variant or module.lora_bias.get(name):
+            return f"adapter {name!r} is not plain LoRA (DoRA or another variant, or lora_bias)"
+    return None
+
+
+def _active_adapters(module: torch.nn.Module) -> list[str]:
+    """The adapters a LoRA layer's forward adds (none while adapters are disabled)."""
+    if module.disable_adapters:
+        return []
+    return [name for name in module.active_adapters if name in module.lora_A]
+
+
+def _base_linear(module: torch.nn.Module) -> torch.nn.Module:
+    """The linear layer holding a projection's own weight and bias: a LoRA layer's base layer, else itself."""
+    return module.base_layer if _is_lora(module) else module
+
+
+def _merged_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A projection's weight as its forward applies it: a LoRA layer's base weight plus each active adapter's
+    scaled product (peft's `get_delta_weight`, what `merge` adds), in a new tensor; a plain layer's own weight."""
+    if not _is_lora(module):
+        return module.weight
+    weight = module.base_layer.weight
+    for name in _active_adapters(module):
+        weight = weight + module.get_delta_weight(name)
+    return weight
+
+
 def unsupported(model: torch.nn.Module) -> str | None:
-    """Why `model` cannot run on `LeanDecoder` (None if it can)."""
+    """Why `model` cannot run on `LeanDecoder` (None if it can). A peft model with plain LoRA adapters on its
+    linear layers can: the float32 step calls its layers, the fused steps pack their weights with the active
+    adapters merged in (`_merged_weight`)."""
+    model = _peft_unwrapped(model)
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in ARCHITECTURES or not type(model).__name__.endswith("ForCausalLM"):
@@ -61,8 +113,9 @@ def unsupported(model: torch.nn.Module) -> str | None:
     for layer in base.layers:
         attn, mlp = layer.self_attn, layer.mlp
         projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if any(type(p) not in _LINEARS for p in projections):
-            return "linear layers wrapped (LoRA adapters, quantization)"
+        for p in projections:
+            if type(p) not in _LINEARS and _lora_unmergeable(p) is not None:
+                return f"linear layers wrapped ({_lora_unmergeable(p)})"
     if type(model.lm_head) not in _LINEARS:
         return "the LM head is wrapped"
     if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -160,7 +213,7 @@ class LeanDecoder:
     Build it inside the model's no-grad, eval-mode generation; the weights must not change while it is used."""
 
     def __init__(self, model: torch.nn.Module, *, bf16: bool, rows: int = 64, mkl_rows: int | None = None):
-        self.model = model
+        self.model = model = _peft_unwrapped(model)
         self.base = model.model
         self.layers = list(self.base.layers)
         config = model.config
@@ -206,7 +259,7 @@ class LeanDecoder:
         weights (the layers `cpu_linear.packed_weights` packs for MKL, so the plan's count holds), and MKL's op here
         taking a stand-in for the plain weight (`_pack_mkl`)."""
         return cpu_linear.mkl_shape_stand_in_works() and all(
-            type(m) is torch.nn.Linear and m.weight.numel() >= cpu_linear.AUTO_MIN_WEIGHT
+            type(_base_linear(m)) is torch.nn.Linear and _base_linear(m).weight.numel() >= cpu_linear.AUTO_MIN_WEIGHT
             for group in self._groups() for m in group)
 
     def _pack_mkl(self, rows: int) -> None:
@@ -216,11 +269,8 @@ class LeanDecoder:
         with torch.no_grad():
             for i, group in enumerate(self._groups()):
                 self.mkl[i] = None
-                weight = torch.cat([m.weight for m in group]) if len(group) > 1 else group[0].weight
-                bias = None
-                if any(m.bias is not None for m in group):
-                    bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                                      for m in group])
+                weight = torch.cat([_merged_weight(m) for m in group]) if len(group) > 1 else _merged_weight(group[0])
+                bias = _fused_bias([_base_linear(m) for m in group])
                 # MKL's packed product reads only the shape of the plain weight (every call has the packed rows):
                 # a zero-stride view stands in for it, so no concatenated float32 weights are held beside the copies
                 self.mkl[i] = (cpu_linear._mkl_pack(weight, rows), weight.new_zeros(()).expand(weight.shape), bias)
@@ -247,13 +297,10 @@ class LeanDecoder:
 
     @staticmethod
     def _pack_bf16(linears: list[torch.nn.Module], rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = torch.cat([m.weight.detach() for m in linears]).to(torch.bfloat16)
-        biases = [m.bias for m in linears]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else m.weight.new_zeros(m.out_features)
-                              for b, m in zip(biases, linears, strict=True)]).to(torch.bfloat16)
-        return torch.ops.mkldnn._reorder_linear_weight(weight, rows), bias
+        weight = torch.cat([_merged_weight(m).detach() for m in linears]).to(torch.bfloat16)
+        bias = _fused_bias([_base_linear(m) for m in linears])
+        return (torch.ops.mkldnn._reorder_linear_weight(weight, rows),
+                None if bias is None else bias.detach().to(torch.bfloat16))
 
     @staticmethod
     def _mm(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
@@ -392,6 +439,14 @@ class LeanDecoder:
             h = h + out.view(batch, width, -1)
         logits = self._mm(_rms_norm(h[:, -1], self.base.norm).to(torch.bfloat16), self.head).float()
         return logits, kv
+
+
+def _fused_bias(linears: list[torch.nn.Module]) -> torch.Tensor | None:
+    """The biases of linear layers whose weights are concatenated into one product (zeros for a layer without);
+    None if none has one."""
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
 
 
 class BF16Cache:

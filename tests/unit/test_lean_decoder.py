@@ -556,14 +556,84 @@ def test_bf16_generation_reads_each_prompts_keys_once_through_rows_finishing(sam
     assert _worst_bf16_logp_gap(model, [p for p in prompts for _ in range(per_prompt)], rollout, 1.0) < 0.02
 
 
+def _lora(kind: str):
+    """A tiny model with plain LoRA adapters on every linear layer, lora_B random (not peft's zeros), so that the
+    adapters change the logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = _model(kind, tied=kind == "qwen3")
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+    return lora.eval(), tokenizer
+
+
+@pytest.mark.parametrize("path", ["layers", "fused"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_lora_models_decode_on_the_lean_path_with_their_adapters(kind, path, monkeypatch):
+    """A peft model with plain LoRA adapters decodes on the lean path: on its LoRA layers ("layers": the float32
+    step, bit for bit the model's own forward), or fused on MKL's packed products of each weight with its adapters
+    merged in ("fused": rounded differently, log-probs within 1e-5). With the adapters disabled, the base model's
+    generation; the adapters change it."""
+    if path == "fused":
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            pytest.skip("MKL's packed GEMM is only required of torch's x86-64 builds")
+        monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
+        monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
+    else:
+        monkeypatch.setattr(cpu_linear, "mkl_rows", lambda *a: None)
+    lora, tokenizer = _lora(kind)
+    assert decoder.unsupported(lora) is None and torch_engine.lean_mode(lora) == "float32"
+    params = SamplingParams(max_tokens=12, temperature=0.9, seed=7, stop_token_ids=[tokenizer.eos_token_id])
+    fused, steps = [], []
+    real_step = decoder.LeanDecoder.step
+    monkeypatch.setattr(decoder.LeanDecoder, "step",
+                        lambda self, *a: steps.append(1) or fused.append(self.mkl is not None) or real_step(self, *a))
+    _, lean, plain = _rollouts(lora, tokenizer, params)
+    assert steps and all(fused) == (path == "fused") and any(fused) == (path == "fused")
+    assert lean.completion_ids == plain.completion_ids and lean.finish_reasons == plain.finish_reasons
+    if path == "layers":
+        assert lean.sampler_logps == plain.sampler_logps
+    for a, b in zip(lean.sampler_logps, plain.sampler_logps, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+    with lora.disable_adapter():
+        _, base_lean, base_plain = _rollouts(lora, tokenizer, params)
+    assert base_lean.completion_ids == base_plain.completion_ids
+    for a, b in zip(base_lean.sampler_logps, base_plain.sampler_logps, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-5)
+    assert base_lean.sampler_logps != lean.sampler_logps
+
+
+@BF16
+def test_bf16_lora_generation_logps_match_the_trainers_autocast_recompute():
+    """Under bf16 autocast a LoRA model decodes on the bf16 path with its adapters merged into the bf16 weights:
+    the trainer's autocast recompute (adapters as peft runs them) gives its log-probs within 0.02 nats."""
+    lora, tokenizer = _lora("qwen2")
+    steps = []
+    real_step = decoder.LeanDecoder.step
+    prompts = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=3)
+    with (torch.autocast("cpu", dtype=torch.bfloat16),
+          mock.patch.object(decoder.LeanDecoder, "step", lambda self, *a: steps.append(self.bf16) or
+                            real_step(self, *a))):
+        rollout = TorchEngine(lora, 0).generate(prompts, 2, params)
+    assert steps and all(steps)
+    assert _worst_bf16_logp_gap(lora, [p for p in prompts for _ in range(2)], rollout, 1.0) < 0.02
+
+
 def test_unsupported_models_say_why_and_generate_on_their_own_forward():
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = _model("llama")
     assert decoder.unsupported(model) is None
-    lora = get_peft_model(_model("llama")[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert "wrapped" in decoder.unsupported(lora.get_base_model())
+    lora = get_peft_model(_model("llama")[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert "wrapped" in decoder.unsupported(lora.get_base_model()) and "DoRA" in decoder.unsupported(lora)
     assert torch_engine.lean_mode(lora) is None
+    merged, _ = _lora("llama")
+    merged.merge_adapter()  # the base weights hold the adapters already: not merged in again
+    assert "merged" in decoder.unsupported(merged) and torch_engine.lean_mode(merged) is None
     hooked, _ = _model("llama")
     hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)
     assert "hook" in decoder.unsupported(hooked)
