@@ -14,6 +14,7 @@ from typing import Any
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _ANSWER_LINE = re.compile(rf"answer\s*[:=]\s*\**\s*({_NUMBER})", re.IGNORECASE)
 _ANY_NUMBER = re.compile(_NUMBER)
+_GSM8K_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")  # GSM8K's reference solutions end '#### 72'
 
 
 def completion_text(completion: Any) -> str:
@@ -42,14 +43,23 @@ def extract_final_number(text: str) -> float | None:
     return _to_number(numbers[-1]) if numbers else None
 
 
+def gsm8k_final(reference: str) -> str | None:
+    """The number after a reference's last GSM8K '####' mark, as written; None without one."""
+    marked = _GSM8K_FINAL.findall(reference)
+    return marked[-1] if marked else None
+
+
 def number_correct(completions: list, answer: list, **kwargs) -> list[float | None]:
     """1.0 when the completion's final number equals the `answer` column, else 0.0.
 
-    None (not applicable) where the reference itself is not a number.
+    The reference is a number (`72`, `1,234.5`) or a GSM8K solution ending '#### 72' (the `answer` column of
+    openai/gsm8k as published). None (not applicable) where it is neither.
     """
     scores: list[float | None] = []
     for completion, reference in zip(completions, answer, strict=True):
-        expected = _to_number(str(reference))
+        text = str(reference)
+        final = gsm8k_final(text)
+        expected = _to_number(final if final is not None else text.strip())
         if expected is None:
             scores.append(None)
             continue

@@ -29,11 +29,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from grpokit.rewards.builtin import _to_number, completion_text, extract_final_number
+from grpokit.rewards.builtin import _to_number, completion_text, extract_final_number, gsm8k_final
 
 WEIGHTS = {"length": 0.2, "formulas": 0.3, "concepts": 0.3, "structure": 0.2}
 RIGHT_FLOOR, QUALITY_SHARE = 0.55, 0.45  # right: 0.55 + 0.45 q in [0.55, 1]; wrong: 0.45 q in [0, 0.45]
-_GSM8K_FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 _NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
@@ -141,8 +140,8 @@ def heuristic_parts(text: str, reference: str) -> HeuristicParts:
 
 def final_answer(reference: str) -> float | None:
     """The reference's final number: after GSM8K's '####', else its last number; None without one."""
-    marked = _GSM8K_FINAL.findall(reference)
-    return _to_number(marked[-1]) if marked else extract_final_number(_CALCULATOR_NOTE.sub("", reference))
+    final = gsm8k_final(reference)
+    return _to_number(final) if final is not None else extract_final_number(_CALCULATOR_NOTE.sub("", reference))
 
 
 def heuristic_score(text: str, reference: str) -> float:

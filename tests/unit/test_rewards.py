@@ -110,6 +110,17 @@ def test_chat_completions_arrive_as_message_lists():
     assert number_correct(chat, answer=["12", "2"]) == [0.0, 0.0]
 
 
+def test_number_correct_reads_gsm8k_solutions_as_published():
+    """openai/gsm8k's `answer` column is a worked solution ending '#### N': its N is the reference (it used to be
+    None, not applicable, for every row, so a GSM8K run trained on its format reward alone)."""
+    solution = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+                "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+    completions = ["She sold 48 + 24 clips, so 72.", "In May she sold 24.", "Answer: 72", "no number"]
+    assert number_correct(completions, answer=[solution] * 4) == [1.0, 0.0, 1.0, 0.0]
+    assert number_correct(["so 1234", "so 1234"], answer=["x #### 1,234", "1,234"]) == [1.0, 1.0]
+    assert number_correct(["7", "7"], answer=["seven", "#### seven"]) == [None, None]  # not a number
+
+
 def test_class_with_config_parameters_from_a_config_entry(tmp_path):
     (tmp_path / "spec_rewards.py").write_text(
         "class KeywordReward:\n"
