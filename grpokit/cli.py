@@ -215,8 +215,10 @@ def cli_config(args: argparse.Namespace) -> dict:
         if not args.reward_model_path:
             raise ConfigError("--reward-model learned needs --reward-model-path PATH (a sequence-classification model)")
         out["reward_funcs"] = [{"func": "reward_model", "args": {"model": args.reward_model_path}}]
-    if getattr(args, "batch_size", None) is not None:
-        out["per_device_train_batch_size"] = ("questions", args.batch_size)  # resolved by _load once G is known
+    if getattr(args, "batch_size", None) is not None:  # resolved by load_config once num_generations is known
+        from grpokit.config.loading import QUESTIONS
+
+        out["per_device_train_batch_size"] = (QUESTIONS, args.batch_size)
     return out
 
 
@@ -241,18 +243,8 @@ def _load(args: argparse.Namespace):
     from grpokit.config import load_config
 
     _config_option(args)
-    cli = cli_config(args)
     command = "sft" if args.command == "sft" else "train"
-    questions = cli.pop("per_device_train_batch_size", None)
-    if questions is not None and command == "sft":  # SFT's batch is rows: no completions per question
-        cli["per_device_train_batch_size"] = questions[1]
-        questions = None
-    cfg = load_config(args.config, args.overrides, preset=args.preset, cli=cli, command=command)
-    if questions is not None:
-        cfg = load_config(args.config, args.overrides, preset=args.preset,
-                          cli={**cli, "per_device_train_batch_size": questions[1] * cfg.num_generations},
-                          command=command)
-    return cfg
+    return load_config(args.config, args.overrides, preset=args.preset, cli=cli_config(args), command=command)
 
 
 # commands that load a model restart once on tcmalloc where glibc would hold freed tensor memory

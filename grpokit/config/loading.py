@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -30,7 +30,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: s
     """Merge preset < file < `key=value` overrides < `cli` options, translate other tools' keys, validate.
 
     `command` "sft": checked for `grpokit sft`, without GRPO's generation-batch rules."""
-    source = str(path) if path else "--set"
     file_data = read_file(Path(path)) if path is not None else {}
     file_preset = file_data.pop("preset", None)
     set_data: dict[str, Any] = {}
@@ -43,9 +42,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: s
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {key}: cannot parse '{raw}' as a value ({exc.problem})") from None
     name = preset or set_data.pop("preset", None) or file_preset
-    layers = [(f"preset '{name}'", load_preset(name) if name else {}), (source, file_data), ("--set", set_data),
-              ("command line", dict(cli or {}))]
-    layers = [translate_keys(layer, where) for where, layer in layers]
+    named = [(f"preset '{name}'", load_preset(name) if name else {}), (str(path), file_data), ("--set", set_data),
+             ("command line", dict(cli or {}))]
+    # invalid values are reported under the file, or else the layers that gave the config
+    source = str(path) if path else " + ".join(where for where, layer in named if layer) or "config"
+    layers = [translate_keys(layer, where) for where, layer in named]
+    if command == "sft" and layers[0]:
+        layers[0] = _preset_for_sft(layers[0])
     data: dict[str, Any] = {}
     for layer in layers:
         if "max_steps" in layer and "num_train_epochs" not in layer:  # the higher layer's length wins
@@ -53,10 +56,48 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, preset: s
         if "num_train_epochs" in layer and "max_steps" not in layer:
             data.pop("max_steps", None)
         data.update(layer)
+    _batch_in_questions(data, layers, command)
     if name == "from_sft" and not any("model" in layer for layer in layers[1:]):
         raise ConfigError("preset 'from_sft' starts from a fine-tuned model: give --sft-model PATH "
                           "(or `sft_model: PATH` in the config)")
     return validate_config(data, source=source, command=command)
+
+
+# a preset's keys that configure GRPO alone: `grpokit sft --config PRESET` takes SFT's own values for them (the
+# math-QA trainer's SFT learns at 2e-4, its GRPO at 1e-5 to 5e-6; GRPO's 16-token completions would drop SFT targets)
+_PRESET_GRPO_ONLY = ("learning_rate", "max_completion_length", "max_prompt_length", "eval_limit")
+
+
+def _preset_for_sft(preset: dict[str, Any]) -> dict[str, Any]:
+    """A preset's layer as `grpokit sft` takes it: without its GRPO-only keys, and writing beside its GRPO run
+    (`output/grpo` -> `output/sft`, the math-QA trainer's layout) rather than into it."""
+    preset = {key: value for key, value in preset.items() if key not in _PRESET_GRPO_ONLY}
+    if isinstance(preset.get("output_dir"), str):
+        preset["output_dir"] = str(PurePosixPath(preset["output_dir"]).parent / "sft")
+    return preset
+
+
+QUESTIONS = "questions"  # `cli={"per_device_train_batch_size": (QUESTIONS, N)}`: N prompts a micro-batch
+
+
+def _batch_in_questions(data: dict[str, Any], layers: list[dict[str, Any]], command: str) -> None:
+    """Resolve batch sizes given in questions (prompts), as the math-QA trainer counts them, into
+    `per_device_train_batch_size` (completions) once `num_generations` is known from every layer:
+    - the command line's `--batch-size N` (`(QUESTIONS, N)`): N x num_generations (N rows for `sft`);
+    - a preset's batch, written for its own num_generations, when no higher layer sets the batch: the same number
+      of questions at the num_generations a higher layer sets (`--num-samples 16` on a preset of 2 questions x 4).
+    """
+    generations = data.get("num_generations", GRPOConfig.model_fields["num_generations"].default)
+    batch = data.get("per_device_train_batch_size")
+    if isinstance(batch, tuple) and batch[0] == QUESTIONS:
+        data["per_device_train_batch_size"] = batch[1] if command == "sft" else batch[1] * generations
+        return
+    preset = layers[0]
+    if (command != "sft" and isinstance(preset.get("per_device_train_batch_size"), int)
+            and isinstance(preset.get("num_generations"), int) and isinstance(generations, int)
+            and not any("per_device_train_batch_size" in layer for layer in layers[1:])):
+        questions = max(1, preset["per_device_train_batch_size"] // preset["num_generations"])
+        data["per_device_train_batch_size"] = questions * generations
 
 
 def validate_config(data: dict[str, Any], source: str = "config", command: str = "train") -> GRPOConfig:

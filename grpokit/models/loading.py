@@ -60,7 +60,7 @@ def check_model_name(name: str) -> str:
             len(parts) == 2 and Path(parts[0]).is_dir()):
         raise ConfigError(f"model: directory '{name}' does not exist (read as a path: a hub id is 'name' or "
                           f"'namespace/name'). `grpokit sft` writes its model to OUTPUT_DIR/final_model "
-                          "(outputs/sft/final_model by default)")
+                          "(outputs/sft/final_model by default, output/sft/final_model under a --config preset)")
     return name  # a hub id; transformers reports it clearly if it cannot be fetched
 
 

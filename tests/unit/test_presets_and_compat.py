@@ -96,6 +96,48 @@ def test_math_qa_options_set_their_config_field(argv, field, value):
     assert getattr(cfg, field) == value
 
 
+@pytest.mark.parametrize(("preset", "argv", "questions", "samples"), [
+    ("default", ["--num-samples", "16"], 2, 16),  # the reference's 8-16 samples: its 2 questions a step kept
+    ("default", ["--num-samples", "16", "--batch-size", "2"], 2, 16),
+    ("default", ["--num-samples", "8"], 2, 8),  # was 8 completions: 1 question, dropped in silence
+    ("fast_test", ["--num-samples", "4"], 1, 4),
+    ("full_training", ["--num-samples", "4", "--batch-size", "3"], 3, 4),
+    ("low_memory", ["--batch-size", "2"], 2, 2),
+    ("default", ["--set", "num_generations=16"], 2, 16),
+])
+def test_math_qa_presets_count_their_batch_in_questions(preset, argv, questions, samples):
+    """Reference 003 gives each preset's batch in questions and lets `--num-samples` change the samples per
+    question: a preset's batch keeps its questions at any num_generations, and `--batch-size` counts questions."""
+    cfg = _load(_parser().parse_args(["train", "--config", preset, *argv]))
+    assert (cfg.per_device_train_batch_size, cfg.num_generations) == (questions * samples, samples)
+
+
+def test_a_batch_set_above_the_preset_counts_completions_and_errors_name_their_layers():
+    cfg = _load(_parser().parse_args(["train", "--config", "default", "--set", "per_device_train_batch_size=16"]))
+    assert (cfg.per_device_train_batch_size, cfg.num_generations) == (16, 4)  # the user's own completions
+    with pytest.raises(ConfigError, match=r"^preset 'default' \+ --set \+ command line: invalid config:\n.* = 6 "
+                                          r"completions per generation is not divisible by num_generations = 4"):
+        _load(_parser().parse_args(["train", "--config", "default", "--set", "per_device_train_batch_size=6",
+                                    "--num-samples", "4"]))
+
+
+def test_sft_under_a_preset_keeps_its_own_learning_rate_and_lengths_and_writes_beside_grpo():
+    """`grpokit sft --config PRESET` (reference 003's `train_sft.py --config default`) learns at SFT's rate (the
+    reference's 2e-4 with LoRA), not the preset's GRPO rate, keeps SFT's lengths, and writes output/sft, the path
+    the reference's GRPO command reads (`--sft-model output/sft/final_model`); GRPO under it writes output/grpo."""
+    from grpokit.train.sft import sft_defaults
+
+    for preset in ("default", "fast_test", "full_training", "low_memory"):
+        grpo = _load(_parser().parse_args(["train", "--config", preset]))
+        sft = sft_defaults(_load(_parser().parse_args(["sft", "--config", preset])))
+        assert (grpo.output_dir, sft.output_dir) == ("output/grpo", "output/sft")
+        assert grpo.learning_rate == 1e-5 and sft.learning_rate == 2e-4 and sft.use_peft
+        assert sft.max_completion_length == GRPOConfig.model_fields["max_completion_length"].default
+    mine = sft_defaults(_load(_parser().parse_args(["sft", "--config", "fast_test", "--lr", "1e-4", "--output-dir",
+                                                    "o"])))
+    assert (mine.learning_rate, mine.output_dir) == (1e-4, "o")
+
+
 def test_config_flag_takes_a_preset_name_or_a_file(tmp_path):
     """Reference 003 spells the preset `--config fast_test`; a file path there works as the positional CONFIG."""
     assert _load(_parser().parse_args(["train", "--config", "fast_test"])).num_generations == 2
