@@ -213,10 +213,17 @@ CALL_FIX = ("rewards are called with keyword arguments bound by parameter name: 
             "or a class's compute_reward(self, prompts, completions, **kwargs); README, 'Reward functions'")
 
 
+CHAT_FIX = ("chat prompts give completions (and prompts) as message lists, [{'role': 'assistant', 'content': ...}], "
+            "as TRL does; annotate the parameter for texts (`completions: List[str]`, a per-sample `completion: str`) "
+            "to get strings, or read each one's [-1]['content']")
+
+
 def _problem(report: PreflightReport, used: bool, form: str, detail: str) -> None:
     if used:
         report.problems += 1
         fix = f"\n       fix: {CALL_FIX}" if "TypeError" in detail and "argument" in detail else ""
+        if "'list' object has no attribute" in detail:
+            fix = f"\n       fix: {CHAT_FIX}"
         report.lines.append(f"  FAIL {form}: {detail}{fix}")
     else:
         report.lines.append(f"  note {form}: {detail} (this data does not produce that form)")

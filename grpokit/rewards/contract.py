@@ -7,7 +7,10 @@ bring from other tools run unchanged:
 
 - batch functions without `**kwargs` get just the arguments they name; `answer`, `answers`,
   `labels`, `references`, `ground_truth` and `solution` also bind to the dataset's reference
-  column under another name, and `questions` to the prompts;
+  column under another name, `questions` to the prompts, and `context` to the run context as a dict;
+- a `prompts` / `completions` (or per-sample `completion`, ...) parameter annotated for strings (`List[str]`,
+  `list[str]`, `Sequence[str]`; `str` per sample) gets the texts (a chat message list's last content), as
+  written for it; unannotated, chat prompts and completions come as message lists (TRL's conversational form);
 - per-sample functions, marked with `@per_sample`: `f(completion, answer) -> float`, one call
   per completion with each column's value for that row (`generated`, `response` and `output`
   also name the completion, `question` the prompt);
@@ -38,7 +41,8 @@ import asyncio
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -95,6 +99,23 @@ def text_of(message_or_text: Any) -> str:
     if isinstance(message_or_text, list) and message_or_text and isinstance(message_or_text[-1], dict):
         return str(message_or_text[-1].get("content", ""))
     return str(message_or_text)
+
+
+_TEXT_PARAMS = ("prompts", "completions", "questions", "prompt", "question", *SAMPLE_COMPLETION_ALIASES)
+_TEXT_LISTS = ("List[str]", "list[str]", "Sequence[str]", "Iterable[str]", "typing.List[str]",
+               "collections.abc.Sequence[str]", "collections.abc.Iterable[str]")
+
+
+def _annotated_text(annotation: Any) -> Literal["one", "list"] | None:
+    """What a parameter's annotation asks for: "one" string (`str`), a "list" of strings (`List[str]`,
+    `list[str]`, `Sequence[str]`, `Iterable[str]`; also as the strings postponed annotations leave), or None."""
+    if isinstance(annotation, str):
+        written = annotation.replace(" ", "")
+        return "one" if written == "str" else "list" if written in _TEXT_LISTS else None
+    if annotation is str:
+        return "one"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    return "list" if origin in (list, Sequence, Iterable) and args == (str,) else None
 
 
 def _completion_first(fn: Callable) -> bool:
@@ -169,7 +190,7 @@ class RewardFunction:
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             bound = dict(available)
             bound.update({name: aliases[name] for name in params if name not in bound and name in aliases})
-            return bound
+            return self._as_annotated(bound, params)
         bound = {}
         for name, p in params.items():
             if name in available:
@@ -179,13 +200,28 @@ class RewardFunction:
             elif p.default is inspect.Parameter.empty:
                 raise RewardError(f"reward function '{self.name}' needs argument '{name}', which matches no dataset "
                                   f"column; columns: {sorted(k for k in available if k not in CONTEXT_KEYS)}")
+        return self._as_annotated(bound, params)
+
+    @staticmethod
+    def _as_annotated(bound: dict[str, Any], params: dict[str, inspect.Parameter]) -> dict[str, Any]:
+        """Prompts and completions as texts where the function's annotation asks for strings (`completions:
+        List[str]`, a per-sample `completion: str`): chat prompts and completions arrive as message lists (TRL's
+        conversational form) otherwise, and a function written for strings would fail on them."""
+        for name in _TEXT_PARAMS:
+            if name not in bound or name not in params:
+                continue
+            wanted = _annotated_text(params[name].annotation)
+            if wanted == "list" and isinstance(bound[name], list):
+                bound[name] = [text_of(value) for value in bound[name]]
+            elif wanted == "one":
+                bound[name] = text_of(bound[name])
         return bound
 
     def bind(self, batch: RewardBatch) -> dict[str, Any]:
         available = {"prompts": batch.prompts, "completions": batch.completions,
                      "completion_ids": batch.completion_ids, **batch.context}
         available.update({k: v for k, v in batch.columns.items() if k != "prompt"})
-        aliases: dict[str, Any] = {"questions": batch.prompts}
+        aliases: dict[str, Any] = {"questions": batch.prompts, "context": dict(batch.context)}
         reference = batch.reference()
         if reference is not None:
             aliases.update(dict.fromkeys(REFERENCE_ALIASES, reference))
@@ -202,6 +238,7 @@ class RewardFunction:
         available.update({k: v[i] for k, v in batch.columns.items() if k != "prompt"})
         aliases: dict[str, Any] = dict.fromkeys(SAMPLE_COMPLETION_ALIASES, batch.completions[i])
         aliases["question"] = batch.prompts[i]
+        aliases["context"] = dict(batch.context)
         reference = batch.reference()
         if reference is not None:
             aliases.update(dict.fromkeys(SAMPLE_REFERENCE_ALIASES, reference[i]))

@@ -53,7 +53,7 @@ def test_binding_by_parameter_name():
         return [1.0, 0.0]
 
     def axolotl_style(prompts, completions, labels, context=None):
-        assert labels == ["1", "1"] and context is None  # labels bound to the answer column under another name
+        assert labels == ["1", "1"] and context == {}  # labels: the answer column; context: the run's (none here)
         return [0.5, 0.5]
 
     def minimal(completions, prompts=None):
@@ -108,6 +108,34 @@ def test_chat_completions_arrive_as_message_lists():
     chat = [[{"role": "assistant", "content": "abc"}], [{"role": "assistant", "content": "de"}]]
     assert _call(needs_messages, completions=chat) == [3.0, 2.0]
     assert number_correct(chat, answer=["12", "2"]) == [0.0, 0.0]
+
+
+def test_reference_000s_signature_gets_texts_and_the_run_context():
+    """Reference 000's reward, `f(prompts: List[str], completions: List[str], labels: List[str], context: Dict =
+    None)`, on chat prompts: the annotations ask for strings, so the texts come (the message lists made it fail on
+    `completion.split()`), and `context` is the run context (it was always None). Unannotated, message lists."""
+    from typing import Dict, List  # noqa: UP035 - as the reference writes them
+
+    seen = {}
+
+    def my_reward_func(prompts: List[str], completions: List[str], labels: List[str],  # noqa: UP006
+                       context: Dict = None) -> List[float]:  # noqa: UP006
+        seen.update(prompts=prompts, context=context)
+        return [float(len(c.split()) == int(label)) for c, label in zip(completions, labels, strict=True)]
+
+    def per_row(completion: str, answer):
+        return float(completion.startswith("two"))
+
+    def untyped(prompts, completions, **kwargs):
+        return [float(isinstance(c, list)) for c in completions]
+
+    chat = [[{"role": "assistant", "content": "two words"}], [{"role": "assistant", "content": "three words here"}]]
+    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say two words."}]] * 2
+    batch = _batch(chat, answers=["2", "2"], prompts=prompts)
+    assert RewardFunction.wrap("my", my_reward_func).invoke(batch) == [1.0, 0.0]
+    assert seen == {"prompts": ["Say two words."] * 2, "context": {"max_completion_length": 16, "step": 3}}
+    assert RewardFunction.wrap("row", per_row).invoke(batch) == [1.0, 0.0]
+    assert RewardFunction.wrap("untyped", untyped).invoke(batch) == [1.0, 1.0]
 
 
 def test_number_correct_reads_gsm8k_solutions_as_published():
@@ -507,3 +535,13 @@ def test_a_reward_class_refusing_its_settings_is_a_clear_error():
     with pytest.raises(RewardError,
                        match=r"reward 'length': Length\(\*\*\{\}\) failed: ValueError: length: give a target"):
         resolve_reward("length")
+
+
+def test_a_reward_that_treats_chat_completions_as_strings_gets_a_fix_in_the_dry_run():
+    from grpokit.evaluation.preflight import PreflightReport, _problem
+
+    report = PreflightReport()
+    _problem(report, True, "chat", "2 of 2 failed: reward function 'f' raised AttributeError: 'list' object has no "
+                                   "attribute 'split'")
+    assert report.problems == 1 and "fix: chat prompts give completions (and prompts) as message lists" in \
+        report.lines[0] and "`completions: List[str]`" in report.lines[0]
