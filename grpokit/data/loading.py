@@ -69,16 +69,18 @@ RG_VALIDATION_OFFSET = 2_000_000_000  # and the validation items' meet neither
 _GSM8K_SEED = 20240521  # fixed forever: changing it would mix the held-out rows into training
 
 
-def dataset_records(cfg, which: str = "train", *, prompt_fallbacks: tuple[str, ...] = PROMPT_FALLBACKS
-                    ) -> list[dict[str, Any]] | None:
+def dataset_records(cfg, which: str = "train", *, prompt_fallbacks: tuple[str, ...] = PROMPT_FALLBACKS,
+                    tokenizer=None) -> list[dict[str, Any]] | None:
     """The train (`dataset`), held-out (`eval_dataset`, which 'eval') or validation (`validation_dataset`) records a
     config names; None when it names none.
-    `prompt_fallbacks`: columns tried when `prompt_column` is absent (`grpokit sft` adds 'messages')."""
+    `prompt_fallbacks`: columns tried when `prompt_column` is absent (`grpokit sft` adds 'messages'). `tokenizer`:
+    the model's, for a `transform(example, tokenizer=None)` (Axolotl's signature)."""
     spec = {"train": cfg.dataset, "eval": cfg.eval_dataset, "validation": cfg.validation_dataset}[which]
     if spec is None:
         return None
     return load_records(spec, cfg.prompt_column, cfg.system_prompt, prompt_template=cfg.prompt_template,
-                        transform=cfg.transform, column_mapping=cfg.column_mapping, prompt_fallbacks=prompt_fallbacks)
+                        transform=cfg.transform, column_mapping=cfg.column_mapping, prompt_fallbacks=prompt_fallbacks,
+                        tokenizer=tokenizer)
 
 
 def load_records(spec: str, prompt_column: str = "prompt", system_prompt: str | None = None, *,
@@ -331,8 +333,11 @@ def _apply_transform(rows: list[dict[str, Any]], transform: str | Callable, toke
         try:
             new = fn(dict(row), tokenizer=tokenizer)
         except Exception as exc:  # user code on untrusted rows: name the row and the function
+            note = ("; it was called with tokenizer=None: the model's tokenizer is not on this machine yet (a hub "
+                    "model not downloaded, or the embedded model not built)"
+                    if tokenizer is None and "NoneType" in str(exc) else "")
             raise DataError(f"dataset '{spec}', row {i}: transform {fn_name} raised {type(exc).__name__}: {exc}; "
-                            f"the row's columns are {list(row)}") from exc
+                            f"the row's columns are {list(row)}{note}") from exc
         if not isinstance(new, dict):
             raise DataError(f"dataset '{spec}', row {i}: transform {fn_name} returned {type(new).__name__}; "
                             "it must return a dict of columns (with a prompt)")
@@ -410,8 +415,10 @@ class TokenisedPrompts:
 
 
 def tokenise_prompts(records: list[dict[str, Any]], tokenizer, max_prompt_length: int | None,
-                     spec: str) -> TokenisedPrompts:
-    """Render and tokenise every prompt; drop (and count) those over `max_prompt_length` tokens."""
+                     spec: str, *, log_drops: bool = True) -> TokenisedPrompts:
+    """Render and tokenise every prompt; drop (and count) those over `max_prompt_length` tokens. A string prompt
+    that starts with the tokenizer's BOS token already (a chat template applied with tokenize=False) gets no
+    second one."""
     conversational = isinstance(records[0]["prompt"], list)
     if conversational and not tokenizer.chat_template:
         raise DataError(f"dataset '{spec}' has chat-message prompts but the tokenizer has no chat template; "
@@ -422,13 +429,15 @@ def tokenise_prompts(records: list[dict[str, Any]], tokenizer, max_prompt_length
             text = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=False)
             tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            tokens = tokenizer(record["prompt"])["input_ids"]
+            bos = tokenizer.bos_token
+            tokens = tokenizer(record["prompt"], add_special_tokens=not (bos and record["prompt"].startswith(bos))
+                               )["input_ids"]
         if max_prompt_length is not None and len(tokens) > max_prompt_length:
             dropped += 1
             continue
         kept.append(record)
         ids.append(tokens)
-    if dropped:
+    if dropped and log_drops:
         log.warning("dataset '%s': dropped %d of %d prompts longer than max_prompt_length=%s tokens",
                     spec, dropped, len(records), max_prompt_length)
     if not kept:

@@ -27,7 +27,7 @@ from grpokit.evaluation.evaluate import (
     sample_and_score,
 )
 from grpokit.models import cpu_linear
-from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path, stop_token_ids
+from grpokit.models.loading import load_policy, load_tokenizer, resolve_model_path, stop_token_ids, transform_tokenizer
 from grpokit.rewards import RewardRunner, resolve_rewards
 from grpokit.rewards.contract import decode_completions
 from grpokit.rollout.torch_engine import TorchEngine
@@ -82,7 +82,7 @@ def evaluate_models(cfg: GRPOConfig, models: Sequence[str]) -> list[EvalResult]:
     if cfg.eval_dataset is None:
         raise ConfigError("eval needs eval_dataset: set it in the config or with --set eval_dataset=PATH")
     funcs = resolve_rewards(cfg.reward_funcs)
-    records = data_mod.dataset_records(cfg, "eval")[:cfg.eval_limit]
+    records = data_mod.dataset_records(cfg, "eval", tokenizer=transform_tokenizer(cfg))[:cfg.eval_limit]
     runner = _runner(cfg, funcs, records, "eval_reward_errors.jsonl")
     limit = cfg.eval_max_completion_length or cfg.max_completion_length
     results, kept = [], None
@@ -129,7 +129,7 @@ def filter_by_pass_rate(cfg: GRPOConfig, samples: int, limit: int | None = None,
     the output works as `dataset:` with the same config. Prompts over max_prompt_length are dropped.
     """
     raw_rows = data_mod.read_rows(cfg.dataset)[:limit]
-    records = data_mod.dataset_records(cfg, "train")[:limit]
+    records = data_mod.dataset_records(cfg, "train", tokenizer=transform_tokenizer(cfg))[:limit]
     funcs = resolve_rewards(cfg.reward_funcs)
     name = cfg.eval_accuracy_reward or funcs[0].name
     funcs = [f for f in funcs if f.name == name]
@@ -160,7 +160,7 @@ def filter_by_pass_rate(cfg: GRPOConfig, samples: int, limit: int | None = None,
 
 def generate(cfg: GRPOConfig, n: int, limit: int | None, which: str = "train") -> list[dict]:
     """`n` sampled completions (the config's sampling settings) for the first `limit` prompts of the dataset."""
-    records = data_mod.dataset_records(cfg, which)
+    records = data_mod.dataset_records(cfg, which, tokenizer=transform_tokenizer(cfg))
     if records is None:
         raise ConfigError("generate: the config names no eval_dataset; set one or use --split train")
     records = records[:limit]

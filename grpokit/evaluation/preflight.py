@@ -31,7 +31,7 @@ from grpokit.config import GRPOConfig
 from grpokit.data import loading as data_mod
 from grpokit.errors import ConfigError, RewardError
 from grpokit.evaluation.evaluate import check_best_metric
-from grpokit.models.loading import check_model_name, check_quantization
+from grpokit.models.loading import check_model_name, check_quantization, local_tokenizer
 from grpokit.observe.metrics import check_sinks
 from grpokit.rewards import RewardBatch, RewardFunction, RewardRunner, resolve_rewards
 from grpokit.rewards.contract import REFERENCE_ALIASES
@@ -55,23 +55,29 @@ class RunInputs:
 
 def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, eval_records: list[dict] | None = None,
                  reward_funcs: list | None = None, check_columns: bool = True, settle_cuda: bool = True,
-                 check_model: bool = True) -> RunInputs:
+                 check_model: bool = True, tokenizer=None, check_prompts: bool = True) -> RunInputs:
     """Load what a run needs before its model and check every setting that can be checked without it.
 
     The Python API hands in records and reward callables already made; else the config names them.
     `check_columns` False leaves each reward's arguments against the columns to the caller (`preflight` reports
     every reward's instead of stopping at the first). `settle_cuda` False leaves `bf16: auto` on a CUDA GPU for the
     trainer to settle once its reward workers have forked (`GRPOConfig.settle_auto`). `check_model` False leaves a
-    local model directory that does not exist to the caller (`preflight` reports it with the rewards)."""
+    local model directory that does not exist to the caller (`preflight` reports it with the rewards).
+    `tokenizer`: the run's (else the model's, where it is on this machine: `local_tokenizer`), passed to a dataset
+    `transform` and, with `check_prompts`, used to tokenise every prompt as the run will: chat prompts without a chat
+    template, and data whose every prompt is over max_prompt_length, fail now rather than after the model loads."""
     cfg.settle_auto(cuda=settle_cuda)  # bf16: auto -> true or false on this machine, before anything reads it
     check_quantization(cfg)  # load_in_4bit without a CUDA GPU or bitsandbytes: fail before data and model
     funcs = resolve_rewards(reward_funcs or cfg.reward_funcs)
-    train = train_records if train_records is not None else data_mod.dataset_records(cfg, "train")
-    held = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval")
+    if tokenizer is None and isinstance(cfg.model, str):
+        tokenizer = local_tokenizer(cfg.model)
+    train = (train_records if train_records is not None
+             else data_mod.dataset_records(cfg, "train", tokenizer=tokenizer))
+    held = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval", tokenizer=tokenizer)
     held = data_mod.without_train_prompts(held, train, cfg.eval_dataset or "eval_dataset") if held else []
     if held and cfg.eval_limit:
         held = held[:cfg.eval_limit]
-    validation = data_mod.dataset_records(cfg, "validation") or []
+    validation = data_mod.dataset_records(cfg, "validation", tokenizer=tokenizer) or []
     if validation:  # choosing a model on prompts it trained on, or on those it is reported on, would flatter it
         validation = data_mod.without_train_prompts(validation, train + held, cfg.validation_dataset,
                                                     "validation_dataset", "training or held-out")
@@ -80,6 +86,10 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
         steps = cfg.steps_for_epochs(len(train))
         log.info("%g epoch(s) over %d prompts = %d optimizer steps", cfg.num_train_epochs, len(train), steps)
         cfg = cfg.model_copy(update={"max_steps": steps, "num_train_epochs": None})
+    if check_prompts and tokenizer is not None:  # chat prompts without a chat template, every prompt too long
+        for records, spec in ((train, cfg.dataset), (held, cfg.eval_dataset), (validation, cfg.validation_dataset)):
+            if records:
+                data_mod.tokenise_prompts(records, tokenizer, cfg.max_prompt_length, spec, log_drops=False)
     if check_columns:  # a reward argument that matches no column fails now, not at step 1
         for f in funcs:
             f.check_columns(train[0].keys())

@@ -121,6 +121,28 @@ def load_tokenizer(path: str):
     return prepare_tokenizer(tokenizer, path)
 
 
+def local_tokenizer(name: str):
+    """The tokenizer of a model already on this machine (a local directory, the embedded model once built, a hub id
+    in the cache), prepared as the trainer's; None where it is not (loading it would need the network or the
+    embedded model's build), or cannot be loaded: the run's own load reports that."""
+    from transformers import AutoTokenizer
+
+    path = cache_dir() / "models" / DEFAULT_MODEL if name.lower() == DEFAULT_MODEL else Path(name).expanduser()
+    if name.lower() == DEFAULT_MODEL and not (path / "config.json").is_file():
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name, local_files_only=True)
+        return prepare_tokenizer(tokenizer, name)
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
+def transform_tokenizer(cfg):
+    """What a config's dataset `transform(example, tokenizer=None)` gets: the model's tokenizer where it is on this
+    machine (`local_tokenizer`); None without a transform or a model name."""
+    return local_tokenizer(cfg.model) if cfg.transform is not None and isinstance(cfg.model, str) else None
+
+
 def prepare_tokenizer(tokenizer, path: str = "the given tokenizer"):
     """Pad token from eos when missing (with a note); left padding, so completions line up."""
     if tokenizer.pad_token is None:

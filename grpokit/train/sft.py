@@ -46,6 +46,7 @@ from grpokit.models.loading import (
     optimizer_and_schedule,
     prepare_policy,
     resolve_model_path,
+    transform_tokenizer,
 )
 from grpokit.models.logprobs import completion_logps
 from grpokit.observe.metrics import check_sinks
@@ -107,7 +108,8 @@ def sft_defaults(cfg: GRPOConfig) -> GRPOConfig:
 
 def load_sft_records(cfg: GRPOConfig) -> list[dict[str, Any]]:
     """The train records, checked to have a target; a dataset whose only chat column is 'messages' loads too."""
-    records = data.dataset_records(cfg, "train", prompt_fallbacks=(*data.PROMPT_FALLBACKS, "messages"))
+    records = data.dataset_records(cfg, "train", prompt_fallbacks=(*data.PROMPT_FALLBACKS, "messages"),
+                                   tokenizer=transform_tokenizer(cfg))
     sft_source(records, cfg)
     return records
 

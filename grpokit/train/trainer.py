@@ -66,7 +66,8 @@ class Trainer:
         # data, rewards and every setting checked without a model first: their errors come before the (slow) load
         inputs = early_checks(cfg, train_records=train_records, eval_records=eval_records, reward_funcs=reward_funcs,
                               settle_cuda=False,  # asking a GPU starts CUDA, which the workers' fork must precede
-                              check_model=model is None)  # a model object given: cfg.model only names it
+                              check_model=model is None,  # a model object given: cfg.model only names it
+                              tokenizer=tokenizer, check_prompts=model is None or tokenizer is not None)
         self.cfg = cfg = inputs.cfg
         self.reward_funcs: list[RewardFunction] = inputs.reward_funcs
         self.train_records, self.eval_records = inputs.train_records, inputs.eval_records

@@ -311,3 +311,66 @@ def test_held_out_prompts_that_are_training_prompts_are_left_out(caplog):
     assert "2 of 3 prompts are also training prompts" in caplog.text
     with pytest.raises(DataError, match="all 2 prompts are also in the training data"):
         without_train_prompts(held[:2], train, "held.jsonl")
+
+
+def test_a_pre_templated_string_prompt_gets_one_bos():
+    """A string prompt made with apply_chat_template(tokenize=False) holds its BOS already (TRL's 002 snippet): a
+    tokenizer that adds one (Llama 3, Gemma) must not add a second; a plain prompt still gets it."""
+    from tokenizers import processors
+
+    tokenizer = build_tokenizer()
+    tokenizer.bos_token = "<|im_start|>"
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                        special_tokens=[("<|im_start|>", bos)])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.startswith("<|im_start|>") and tokenizer(text)["input_ids"][:2] == [bos, bos]
+    ids = tokenise_prompts([{"prompt": text}, {"prompt": "Hi"}], tokenizer, None, "d").prompt_ids
+    assert ids[0] == tokenizer(text, add_special_tokens=False)["input_ids"] and ids[0][:2] != [bos, bos]
+    assert ids[1] == [bos, *tokenizer("Hi", add_special_tokens=False)["input_ids"]]
+
+
+AXOLOTL_TRANSFORM = '''
+def transform_fn(example, tokenizer=None):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": example["question"]}], tokenize=False,
+                                         add_generation_prompt=True)
+    return {"prompt": text, "answer": example["reference_answer"]}
+
+
+def chat_fn(example, tokenizer=None):
+    return {"prompt": [{"role": "user", "content": example["question"]}], "answer": example["reference_answer"]}
+'''
+
+
+def test_early_checks_give_a_transform_the_tokenizer_and_tokenise_every_prompt(tmp_path, tiny_model_dir,
+                                                                              monkeypatch):
+    """Reference 000's `transform_fn(example, tokenizer=None)` gets the model's tokenizer (it got None); and what
+    the run would stop at once the model has loaded (chat prompts without a chat template, every prompt over
+    max_prompt_length) stops the early checks, so the dry run, instead."""
+    import shutil
+
+    from grpokit.evaluation.preflight import early_checks
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "axo_tf.py").write_text(AXOLOTL_TRANSFORM)
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What is {i} + 1?", "reference_answer": str(i + 1)}
+                                        for i in range(4)])
+    base = {"dataset": "qa.jsonl", "num_generations": 2, "per_device_train_batch_size": 2, "max_steps": 1}
+    cfg = validate_config({**base, "model": str(tiny_model_dir), "transform": "axo_tf.transform_fn"})
+    inputs = early_checks(cfg)
+    assert inputs.train_records[0]["prompt"] == "<|im_start|>user\nWhat is 0 + 1?<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(DataError, match="every prompt is longer than max_prompt_length=8 tokens"):
+        early_checks(cfg.model_copy(update={"max_prompt_length": 8}))
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = validate_config({**base, "model": str(plain), "transform": "axo_tf.chat_fn"})
+    with pytest.raises(DataError, match="chat-message prompts but the tokenizer has no chat template"):
+        early_checks(chat)
+    with pytest.raises(DataError, match="called with tokenizer=None: the model's tokenizer is not on this machine"):
+        early_checks(validate_config({**base, "model": "nobody/not-downloaded", "transform": "axo_tf.transform_fn"}))
