@@ -14,10 +14,13 @@ score = 0.2 length + 0.3 formulas + 0.3 concepts + 0.2 structure, each part in [
 A part the reference gives nothing to cover (no math items, no content words) scores 1.
 
 The reward gates that quality score on the final answer, so it cannot be gamed by style: where the
-reference has a final number (after GSM8K's '####', else its last number), a completion whose final
-number (its last 'Answer: N', else its last number) equals it scores 0.55 + 0.45 q, any other 0.45 q,
-with q the score above: every right answer ranks above every wrong one, and among either the better
-explained ranks higher. An empty or white-space-only completion scores 0.
+reference commits to a final number (after GSM8K's '####', in a '\\boxed{}' or an 'Answer: N' line, or a
+reference that is just a number), a completion whose final number (its last 'Answer: N', else its last
+number) equals it scores 0.55 + 0.45 q, any other 0.45 q, with q the score above: every right answer ranks
+above every wrong one, and among either the better explained ranks higher. A free-text reference (the
+math-QA trainer's own data: 'Conditional probability is ...') is scored by q alone, as that trainer defines
+the reward: its numbers ('for P(B) > 0', 'Chapter 2.4') are not an answer to match, and gating on its last
+one ranked a bare '0' above a right explanation. An empty or white-space-only completion scores 0.
 
 Choices the source leaves open: lengths are in words; GSM8K calculator notes `<<9*2=18>>` are
 dropped before scoring; matching is exact (no stemming, no synonyms). The reference comes from the
@@ -29,12 +32,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from grpokit.rewards.builtin import _to_number, completion_text, extract_final_number, gsm8k_final
+from grpokit.rewards.builtin import _ANSWER_LINE, _to_number, completion_text, extract_final_number, gsm8k_final
 
 WEIGHTS = {"length": 0.2, "formulas": 0.3, "concepts": 0.3, "structure": 0.2}
 RIGHT_FLOOR, QUALITY_SHARE = 0.55, 0.45  # right: 0.55 + 0.45 q in [0.55, 1]; wrong: 0.45 q in [0, 0.45]
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+_BOXED_NUMBER = re.compile(r"\\boxed\{\s*(-?[\d,]*\.?\d+)\s*\}")
 _NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
 # Equations are read by a linear scan over these tokens (a single regex for them backtracks
 # quadratically on degenerate text such as ' -a -a -a ...').
@@ -139,9 +143,14 @@ def heuristic_parts(text: str, reference: str) -> HeuristicParts:
 
 
 def final_answer(reference: str) -> float | None:
-    """The reference's final number: after GSM8K's '####', else its last number; None without one."""
+    """The final number a reference commits to: after GSM8K's last '####', else in its last '\\boxed{}' or
+    'Answer: N' line, else the reference itself where it is a number; None for free text (module docstring)."""
     final = gsm8k_final(reference)
-    return _to_number(final) if final is not None else extract_final_number(_CALCULATOR_NOTE.sub("", reference))
+    if final is not None:
+        return _to_number(final)
+    text = _CALCULATOR_NOTE.sub("", reference)
+    marked = _BOXED_NUMBER.findall(text) or _ANSWER_LINE.findall(text)
+    return _to_number(marked[-1] if marked else text.strip().rstrip("."))
 
 
 def heuristic_score(text: str, reference: str) -> float:

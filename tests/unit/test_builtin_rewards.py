@@ -276,10 +276,22 @@ def test_heuristic_parts_hand_computed():
     assert parts.concepts == pytest.approx(1 / 3)  # of {area, circle, radius}: area
     assert parts.structure == 1.0  # two sentences, two lines, ends with 'So ...'
     total = 0.2 * (5 / 6) + 0.3 * (2 / 3) + 0.3 * (1 / 3) + 0.2 * 1.0
-    assert heuristic_math_qa([COMPLETION], answer=[REFERENCE]) == [pytest.approx(0.45 * total)]  # 12.6 != 12.57
+    assert heuristic_math_qa([COMPLETION], answer=[REFERENCE]) == [pytest.approx(total)]  # free text: no gate
     right = COMPLETION.replace("12.6", "12.57")
-    assert heuristic_math_qa([right], answer=[REFERENCE]) == [pytest.approx(0.55 + 0.45 * heuristic_parts(
-        right, REFERENCE).total)]
+    for marked in (REFERENCE + "\nAnswer: 12.57", REFERENCE + " \\boxed{12.57}", "12.57", "#### 12.57"):
+        assert heuristic_math_qa([COMPLETION, right], answer=[marked] * 2) == [  # 12.6 != 12.57
+            pytest.approx(0.45 * heuristic_parts(COMPLETION, marked).total),
+            pytest.approx(0.55 + 0.45 * heuristic_parts(right, marked).total)]
+
+
+def test_heuristic_scores_a_free_text_reference_by_its_four_parts_alone():
+    """Reference 003's data are free-text answers whose numbers are no final answer ('for P(B) > 0'): gated on the
+    last one, a bare '0' outscored a right explanation (0.76 against 0.34)."""
+    reference = "P(A|B) = P(B|A) P(A) / P(B), for P(B) > 0."
+    completions = ["0", "Bayes rule: P(A|B) = P(B|A) P(A) / P(B), for P(B) > 0. It has 2 sides."]
+    scores = heuristic_math_qa(completions, answer=[reference] * 2)
+    assert scores == [pytest.approx(heuristic_parts(c, reference).total) for c in completions]
+    assert scores[1] > scores[0]
 
 
 GSM8K_REFERENCE = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
