@@ -33,6 +33,7 @@ def test_the_math_qa_presets_carry_the_documented_numbers_with_lora(name, caplog
         assert documented is None or value == documented, (name, got)
     assert cfg.use_peft is True
     assert cfg.reward_funcs == ["heuristic_math_qa"]  # "Heuristic Reward Model (Default)"
+    assert (cfg.output_dir, cfg.save_steps) == ("output/grpo", 100)  # its layout: output/grpo/checkpoint-100/
     # 4-bit where a CUDA GPU and bitsandbytes are present; on this machine (no bitsandbytes or no GPU) off, said
     import importlib.util
 
