@@ -311,7 +311,13 @@ def test_bf16_generation_packs_weights_once_and_its_logps_match_the_trainers_bf1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = TorchEngine(model, 0).generate(prompts, 4, params)
     assert not packed_calls
-    assert plain.completion_ids == rollout.completion_ids  # same draws: the rounding did not move a sample here
+    # the two paths round apart, so a near tie may draw another token (it did once each prompt's keys were read
+    # once for its rows): what holds is that each path's log-probs are its recompute's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_logps, _ = _recompute(model, prompts, plain, temperature=0.7, entropy=True)
+    assert max((plain_logps[i, :len(s)].float() - torch.tensor(s)).abs().max().item()
+               for i, s in enumerate(plain.sampler_logps)) < 0.02
+    assert sum(a == b for a, b in zip(plain.completion_ids, rollout.completion_ids, strict=True)) >= 10  # of 12
 
 
 def test_fp32_generation_never_packs_bf16(tiny_model, monkeypatch):
