@@ -88,13 +88,18 @@ def _batch_in_questions(data: dict[str, Any], layers: list[dict[str, Any]], comm
       of questions at the num_generations a higher layer sets (`--num-samples 16` on a preset of 2 questions x 4).
     """
     generations = data.get("num_generations", GRPOConfig.model_fields["num_generations"].default)
+    if isinstance(generations, str) and generations.strip().isdigit():  # YAML's "8": the value validation will take
+        generations = int(generations)
+    if not isinstance(generations, int) or isinstance(generations, bool):
+        generations = None  # invalid: validation reports it under its key
     batch = data.get("per_device_train_batch_size")
     if isinstance(batch, tuple) and batch[0] == QUESTIONS:
-        data["per_device_train_batch_size"] = batch[1] if command == "sft" else batch[1] * generations
+        per_question = 1 if command == "sft" or generations is None else generations
+        data["per_device_train_batch_size"] = batch[1] * per_question
         return
     preset = layers[0]
     if (command != "sft" and isinstance(preset.get("per_device_train_batch_size"), int)
-            and isinstance(preset.get("num_generations"), int) and isinstance(generations, int)
+            and isinstance(preset.get("num_generations"), int) and generations is not None
             and not any("per_device_train_batch_size" in layer for layer in layers[1:])):
         questions = max(1, preset["per_device_train_batch_size"] // preset["num_generations"])
         data["per_device_train_batch_size"] = questions * generations

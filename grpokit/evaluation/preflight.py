@@ -71,6 +71,10 @@ def early_checks(cfg: GRPOConfig, *, train_records: list[dict] | None = None, ev
     funcs = resolve_rewards(reward_funcs or cfg.reward_funcs)
     if tokenizer is None and isinstance(cfg.model, str):
         tokenizer = local_tokenizer(cfg.model)
+        if tokenizer is None and cfg.transform is not None:
+            log.warning("transform %s is called with tokenizer=None here: the tokenizer of '%s' is not on this "
+                        "machine yet (a hub model not downloaded, or the embedded model not built); the run loads "
+                        "it first and passes it", cfg.transform, cfg.model)
     train = (train_records if train_records is not None
              else data_mod.dataset_records(cfg, "train", tokenizer=tokenizer))
     held = eval_records if eval_records is not None else data_mod.dataset_records(cfg, "eval", tokenizer=tokenizer)

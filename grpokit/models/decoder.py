@@ -57,8 +57,9 @@ def _lora_unmergeable(module: torch.nn.Module) -> str | None:
         return f"its base layer is a {type(module.base_layer).__name__}"
     if module.merged or module.fan_in_fan_out:
         return "adapters merged into the base layer" if module.merged else "fan_in_fan_out"
-    for name in _active_adapters(module):
-        if name in module.lora_variant or module.lora_bias.get(name):
+    variants, biases, dora = (getattr(module, key, {}) for key in ("lora_variant", "lora_bias", "use_dora"))
+    for name in _active_adapters(module):  # (older peft has no lora_variant / lora_bias: DoRA shows in use_dora)
+        if name in variants or biases.get(name) or dora.get(name):
             return f"adapter {name!r} is not plain LoRA (DoRA or another variant, or lora_bias)"
     return None
 
@@ -90,6 +91,9 @@ def unsupported(model: torch.nn.Module) -> str | None:
     """Why `model` cannot run on `LeanDecoder` (None if it can). A peft model with plain LoRA adapters on its
     linear layers can: the float32 step calls its layers, the fused steps pack their weights with the active
     adapters merged in (`_merged_weight`)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):  # virtual tokens the lean forward would leave out
+        return f"a peft prompt-learning model ({peft_config.peft_type})"
     model = _peft_unwrapped(model)
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)

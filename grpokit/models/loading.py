@@ -123,7 +123,7 @@ def load_tokenizer(path: str):
 
 def local_tokenizer(name: str):
     """The tokenizer of a model already on this machine (a local directory, the embedded model once built, a hub id
-    in the cache), prepared as the trainer's; None where it is not (loading it would need the network or the
+    in the cache), as saved; None where it is not (loading it would need the network or the
     embedded model's build), or cannot be loaded: the run's own load reports that."""
     from transformers import AutoTokenizer
 
@@ -131,16 +131,17 @@ def local_tokenizer(name: str):
     if name.lower() == DEFAULT_MODEL and not (path / "config.json").is_file():
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name, local_files_only=True)
-        return prepare_tokenizer(tokenizer, name)
-    except (OSError, ValueError, ConfigError):
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else name, local_files_only=True)
+    except (OSError, ValueError):
         return None
 
 
 def transform_tokenizer(cfg):
-    """What a config's dataset `transform(example, tokenizer=None)` gets: the model's tokenizer where it is on this
-    machine (`local_tokenizer`); None without a transform or a model name."""
-    return local_tokenizer(cfg.model) if cfg.transform is not None and isinstance(cfg.model, str) else None
+    """What a config's dataset `transform(example, tokenizer=None)` gets in a run: the run's tokenizer, loaded as
+    the run loads it (so the same config builds the same prompts whatever is cached); None without a transform or
+    a model name. (The dry run's early checks take `local_tokenizer` instead: no download, no build.)"""
+    return (load_tokenizer(resolve_model_path(cfg.model))
+            if cfg.transform is not None and isinstance(cfg.model, str) else None)
 
 
 def prepare_tokenizer(tokenizer, path: str = "the given tokenizer"):

@@ -41,6 +41,7 @@ import asyncio
 import inspect
 import math
 import numbers
+import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -109,12 +110,16 @@ _TEXT_LISTS = ("List[str]", "list[str]", "Sequence[str]", "Iterable[str]", "typi
 def _annotated_text(annotation: Any) -> Literal["one", "list"] | None:
     """What a parameter's annotation asks for: "one" string (`str`), a "list" of strings (`List[str]`,
     `list[str]`, `Sequence[str]`, `Iterable[str]`; also as the strings postponed annotations leave), or None."""
-    if isinstance(annotation, str):
-        written = annotation.replace(" ", "")
+    if isinstance(annotation, str):  # 'Optional[X]', 'X | None' and 'None | X' read as X
+        written = annotation.replace(" ", "").replace("|None", "").replace("None|", "")
+        if written.startswith(("Optional[", "typing.Optional[")) and written.endswith("]"):
+            written = written[written.index("[") + 1:-1]
         return "one" if written == "str" else "list" if written in _TEXT_LISTS else None
     if annotation is str:
         return "one"
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+        return _annotated_text(next(a for a in args if a is not type(None)))
     return "list" if origin in (list, Sequence, Iterable) and args == (str,) else None
 
 

@@ -14,13 +14,14 @@ score = 0.2 length + 0.3 formulas + 0.3 concepts + 0.2 structure, each part in [
 A part the reference gives nothing to cover (no math items, no content words) scores 1.
 
 The reward gates that quality score on the final answer, so it cannot be gamed by style: where the
-reference commits to a final number (after GSM8K's '####', in a '\\boxed{}' or an 'Answer: N' line, or a
-reference that is just a number), a completion whose final number (its last 'Answer: N', else its last
-number) equals it scores 0.55 + 0.45 q, any other 0.45 q, with q the score above: every right answer ranks
-above every wrong one, and among either the better explained ranks higher. A free-text reference (the
-math-QA trainer's own data: 'Conditional probability is ...') is scored by q alone, as that trainer defines
-the reward: its numbers ('for P(B) > 0', 'Chapter 2.4') are not an answer to match, and gating on its last
-one ranked a bare '0' above a right explanation. An empty or white-space-only completion scores 0.
+reference commits to a final number (after GSM8K's '####', in a '\\boxed{}' or an 'Answer: N' line, or the
+one number of a short reference of at most 6 words: '18', '$18', '5 apples', 'The answer is 18.'), a
+completion whose final number (its last 'Answer: N', else its last number) equals it scores 0.55 + 0.45 q,
+any other 0.45 q, with q the score above: every right answer ranks above every wrong one, and among either
+the better explained ranks higher. A free-text reference (the math-QA trainer's own data: 'Conditional
+probability is ...') is scored by q alone, as that trainer defines the reward: its numbers ('for P(B) > 0',
+'Chapter 2.4') are not an answer to match, and gating on its last one ranked a bare '0' above a right
+explanation. An empty or white-space-only completion scores 0.
 
 Choices the source leaves open: lengths are in words; GSM8K calculator notes `<<9*2=18>>` are
 dropped before scoring; matching is exact (no stemming, no synonyms). The reference comes from the
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from grpokit.rewards.builtin import _ANSWER_LINE, _to_number, completion_text, extract_final_number, gsm8k_final
 
 WEIGHTS = {"length": 0.2, "formulas": 0.3, "concepts": 0.3, "structure": 0.2}
+SHORT_ANSWER_WORDS = 6  # a reference of at most this many words holding one number commits to it
 RIGHT_FLOOR, QUALITY_SHARE = 0.55, 0.45  # right: 0.55 + 0.45 q in [0.55, 1]; wrong: 0.45 q in [0, 0.45]
 
 _CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
@@ -144,13 +146,17 @@ def heuristic_parts(text: str, reference: str) -> HeuristicParts:
 
 def final_answer(reference: str) -> float | None:
     """The final number a reference commits to: after GSM8K's last '####', else in its last '\\boxed{}' or
-    'Answer: N' line, else the reference itself where it is a number; None for free text (module docstring)."""
+    'Answer: N' line, else the one number of a short reference (at most SHORT_ANSWER_WORDS words: '18', '$18', '5
+    apples', 'The answer is 18.'); None for free text (module docstring)."""
     final = gsm8k_final(reference)
     if final is not None:
         return _to_number(final)
     text = _CALCULATOR_NOTE.sub("", reference)
     marked = _BOXED_NUMBER.findall(text) or _ANSWER_LINE.findall(text)
-    return _to_number(marked[-1] if marked else text.strip().rstrip("."))
+    if marked:
+        return _to_number(marked[-1])
+    numbers = _NUMBER.findall(text)  # a short answer with one number: '18', '$18', '5 apples', 'The answer is 18.'
+    return _to_number(numbers[0]) if len(numbers) == 1 and len(text.split()) <= SHORT_ANSWER_WORDS else None
 
 
 def heuristic_score(text: str, reference: str) -> float:

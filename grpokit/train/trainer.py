@@ -63,6 +63,8 @@ class Trainer:
         self.device = torch.device(run_device(cfg.device))
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if tokenizer is None and model is None and cfg.transform is not None:  # the transform gets the run's own
+            tokenizer = models.transform_tokenizer(cfg)
         # data, rewards and every setting checked without a model first: their errors come before the (slow) load
         inputs = early_checks(cfg, train_records=train_records, eval_records=eval_records, reward_funcs=reward_funcs,
                               settle_cuda=False,  # asking a GPU starts CUDA, which the workers' fork must precede

@@ -292,6 +292,9 @@ def test_heuristic_scores_a_free_text_reference_by_its_four_parts_alone():
     scores = heuristic_math_qa(completions, answer=[reference] * 2)
     assert scores == [pytest.approx(heuristic_parts(c, reference).total) for c in completions]
     assert scores[1] > scores[0]
+    for short in ("18", "$18", "18%", "18 apples", "The answer is 18.", "x = 18"):  # these commit to 18
+        right, wrong = heuristic_math_qa(["So it is 18.", "So it is 17."], answer=[short] * 2)
+        assert right >= 0.55 > 0.45 >= wrong, short
 
 
 GSM8K_REFERENCE = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "

@@ -344,7 +344,7 @@ def chat_fn(example, tokenizer=None):
 
 
 def test_early_checks_give_a_transform_the_tokenizer_and_tokenise_every_prompt(tmp_path, tiny_model_dir,
-                                                                              monkeypatch):
+                                                                              monkeypatch, caplog):
     """Reference 000's `transform_fn(example, tokenizer=None)` gets the model's tokenizer (it got None); and what
     the run would stop at once the model has loaded (chat prompts without a chat template, every prompt over
     max_prompt_length) stops the early checks, so the dry run, instead."""
@@ -374,3 +374,9 @@ def test_early_checks_give_a_transform_the_tokenizer_and_tokenise_every_prompt(t
         early_checks(chat)
     with pytest.raises(DataError, match="called with tokenizer=None: the model's tokenizer is not on this machine"):
         early_checks(validate_config({**base, "model": "nobody/not-downloaded", "transform": "axo_tf.transform_fn"}))
+    assert "transform axo_tf.transform_fn is called with tokenizer=None here" in caplog.text
+    # a run loads its tokenizer before the data, so its transform never gets None for a model not cached yet
+    from grpokit.models.loading import transform_tokenizer
+
+    assert transform_tokenizer(cfg).chat_template and transform_tokenizer(cfg.model_copy(update={"transform": None})
+                                                                          ) is None

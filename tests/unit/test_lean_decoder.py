@@ -634,6 +634,10 @@ def test_unsupported_models_say_why_and_generate_on_their_own_forward():
     merged, _ = _lora("llama")
     merged.merge_adapter()  # the base weights hold the adapters already: not merged in again
     assert "merged" in decoder.unsupported(merged) and torch_engine.lean_mode(merged) is None
+    from peft import PromptTuningConfig
+
+    prompted = get_peft_model(_model("llama")[0], PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert "prompt-learning" in decoder.unsupported(prompted)  # its virtual tokens are the model's forward's
     hooked, _ = _model("llama")
     hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)
     assert "hook" in decoder.unsupported(hooked)

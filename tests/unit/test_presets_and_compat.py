@@ -122,6 +122,17 @@ def test_a_batch_set_above_the_preset_counts_completions_and_errors_name_their_l
                                     "--num-samples", "4"]))
 
 
+def test_batch_size_in_questions_with_a_num_generations_from_a_file(tmp_path):
+    """--batch-size counts questions against the num_generations the layers give: YAML's string "8" as validation
+    reads it, and an invalid one reported under its own key, not as a failed multiplication."""
+    (tmp_path / "c.yaml").write_text('num_generations: "8"\n')
+    cfg = _load(_parser().parse_args(["train", str(tmp_path / "c.yaml"), "--batch-size", "2"]))
+    assert (cfg.per_device_train_batch_size, cfg.num_generations) == (16, 8)
+    (tmp_path / "c.yaml").write_text("num_generations: null\n")
+    with pytest.raises(ConfigError, match="num_generations"):
+        _load(_parser().parse_args(["train", str(tmp_path / "c.yaml"), "--batch-size", "2"]))
+
+
 def test_sft_under_a_preset_keeps_its_own_learning_rate_and_lengths_and_writes_beside_grpo():
     """`grpokit sft --config PRESET` (reference 003's `train_sft.py --config default`) learns at SFT's rate (the
     reference's 2e-4 with LoRA), not the preset's GRPO rate, keeps SFT's lengths, and writes output/sft, the path

@@ -114,7 +114,7 @@ def test_reference_000s_signature_gets_texts_and_the_run_context():
     """Reference 000's reward, `f(prompts: List[str], completions: List[str], labels: List[str], context: Dict =
     None)`, on chat prompts: the annotations ask for strings, so the texts come (the message lists made it fail on
     `completion.split()`), and `context` is the run context (it was always None). Unannotated, message lists."""
-    from typing import Dict, List  # noqa: UP035 - as the reference writes them
+    from typing import Dict, List, Optional  # noqa: UP035 - as the reference writes them
 
     seen = {}
 
@@ -126,6 +126,12 @@ def test_reference_000s_signature_gets_texts_and_the_run_context():
     def per_row(completion: str, answer):
         return float(completion.startswith("two"))
 
+    def optional(completions: Optional[List[str]] = None, **kwargs):  # noqa: UP006, UP045
+        return [float(c.startswith("two")) for c in completions]
+
+    def union(completions: list[str] | None = None, **kwargs):
+        return [float(c.startswith("two")) for c in completions]
+
     def untyped(prompts, completions, **kwargs):
         return [float(isinstance(c, list)) for c in completions]
 
@@ -135,6 +141,12 @@ def test_reference_000s_signature_gets_texts_and_the_run_context():
     assert RewardFunction.wrap("my", my_reward_func).invoke(batch) == [1.0, 0.0]
     assert seen == {"prompts": ["Say two words."] * 2, "context": {"max_completion_length": 16, "step": 3}}
     assert RewardFunction.wrap("row", per_row).invoke(batch) == [1.0, 0.0]
+    assert RewardFunction.wrap("optional", optional).invoke(batch) == [1.0, 0.0]
+    assert RewardFunction.wrap("union", union).invoke(batch) == [1.0, 0.0]
+    from grpokit.rewards.contract import _annotated_text  # as `from __future__ import annotations` leaves them
+
+    assert [_annotated_text(a) for a in ("List[str]", "Optional[List[str]]", "list[str] | None", "str", "int")] == [
+        "list", "list", "list", "one", None]
     assert RewardFunction.wrap("untyped", untyped).invoke(batch) == [1.0, 1.0]
 
 
