@@ -118,8 +118,9 @@ def unsupported(model: torch.nn.Module) -> str | None:
         attn, mlp = layer.self_attn, layer.mlp
         projections = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         for p in projections:
-            if type(p) not in _LINEARS and _lora_unmergeable(p) is not None:
-                return f"linear layers wrapped ({_lora_unmergeable(p)})"
+            reason = None if type(p) in _LINEARS else _lora_unmergeable(p)
+            if reason is not None:
+                return f"linear layers wrapped ({reason})"
     if type(model.lm_head) not in _LINEARS:
         return "the LM head is wrapped"
     if any(p.dtype != torch.float32 for p in model.parameters()):

@@ -570,7 +570,7 @@ def _lora(kind: str):
     return lora.eval(), tokenizer
 
 
-@pytest.mark.parametrize("path", ["layers", "fused"])
+@pytest.mark.parametrize("path", ["layers", pytest.param("fused", marks=MKL)])
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_lora_models_decode_on_the_lean_path_with_their_adapters(kind, path, monkeypatch):
     """A peft model with plain LoRA adapters decodes on the lean path: on its LoRA layers ("layers": the float32
@@ -578,8 +578,6 @@ def test_lora_models_decode_on_the_lean_path_with_their_adapters(kind, path, mon
     merged in ("fused": rounded differently, log-probs within 1e-5). With the adapters disabled, the base model's
     generation; the adapters change it."""
     if path == "fused":
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            pytest.skip("MKL's packed GEMM is only required of torch's x86-64 builds")
         monkeypatch.setattr(cpu_linear, "AUTO_MIN_WEIGHT", 0)
         monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: "GenuineIntel")
     else:
